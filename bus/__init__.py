@@ -1,0 +1,56 @@
+"""The trainbus event bus: events, delivery policies, subscribers, control and callbacks.
+
+``bus`` imports nothing else of the project.
+"""
+
+from __future__ import annotations
+
+from ._bus import EventBus as EventBus
+from ._callbacks import Callback as Callback
+from ._callbacks import CallbackRegistry as CallbackRegistry
+from ._control import Command as Command
+from ._control import CommandKind as CommandKind
+from ._control import ControlChannel as ControlChannel
+from ._delivery import BusStatistics as BusStatistics
+from ._delivery import DeliveryPolicy as DeliveryPolicy
+from ._delivery import SubscriptionStatistics as SubscriptionStatistics
+from ._errors import BusClosed as BusClosed
+from ._errors import BusError as BusError
+from ._errors import ControlError as ControlError
+from ._errors import UnknownEventName as UnknownEventName
+from ._errors import WouldBlock as WouldBlock
+from ._events import BATCH_EVENT_TYPES as BATCH_EVENT_TYPES
+from ._events import CALLBACK_EVENT_TYPES as CALLBACK_EVENT_TYPES
+from ._events import TERMINAL_JOB_EVENT_TYPES as TERMINAL_JOB_EVENT_TYPES
+from ._events import Event as Event
+from ._events import EventType as EventType
+from ._events import event_type_for as event_type_for
+from ._subscriber import Subscriber as Subscriber
+from ._subscriber import SubscriberHandle as SubscriberHandle
+from ._subscription import Subscription as Subscription
+
+__all__ = [
+    "BATCH_EVENT_TYPES",
+    "CALLBACK_EVENT_TYPES",
+    "TERMINAL_JOB_EVENT_TYPES",
+    "BusClosed",
+    "BusError",
+    "BusStatistics",
+    "Callback",
+    "CallbackRegistry",
+    "Command",
+    "CommandKind",
+    "ControlChannel",
+    "ControlError",
+    "DeliveryPolicy",
+    "Event",
+    "EventBus",
+    "EventType",
+    "Subscriber",
+    "SubscriberHandle",
+    "Subscription",
+    "SubscriptionStatistics",
+    "UnknownEventName",
+    "WouldBlock",
+    "event_type_for",
+]

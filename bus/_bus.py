@@ -1,0 +1,431 @@
+"""The event bus: per-job sequencing, fan-out into subscriber buffers, batched wake-ups."""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType, TracebackType
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from ._delivery import BusStatistics, DeliveryPolicy
+from ._errors import BusClosed, BusError, WouldBlock
+from ._events import Event, EventType, event_type_for, event_types
+from ._subscription import Subscription
+from ._wakeup import LoopNotifier
+
+if TYPE_CHECKING:
+    from ._subscriber import Subscriber, SubscriberHandle
+
+__all__ = ["EventBus"]
+
+_new_event = tuple.__new__
+_now = time.time
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+_Route = tuple[tuple[Subscription, ...], tuple[Subscription, ...]]
+_NO_ROUTE: _Route = ((), ())
+
+# The subscription whose handler is running in this task. A subscriber that publishes into
+# its own full lossless buffer would wait for itself forever; its own buffer may overflow.
+current_subscription: contextvars.ContextVar[Subscription | None] = contextvars.ContextVar(
+    "trainbus_current_subscription", default=None
+)
+
+
+class EventBus:
+    """An in-process, thread-safe event bus that fans events out to async subscribers.
+
+    Use it as an async context manager; it owns the tasks of attached subscribers::
+
+        async with EventBus() as bus:
+            bus.attach(MySubscriber())
+            bus.publish("job-1", EventType.TRAIN_START, {"epochs": 3})
+
+    :meth:`publish` may be called from any thread. The fast path takes one lock, appends to
+    each matching buffer and wakes the event loop at most once per batch of events.
+    """
+
+    def __init__(self, *, drain_timeout: float = 10.0) -> None:
+        self.drain_timeout = drain_timeout
+        self._lock = threading.Lock()
+        self._space = threading.Condition(self._lock)
+        self._subscriptions: list[Subscription] = []
+        self._routes: dict[tuple[str, EventType], _Route] = {}
+        self._seqs: dict[str, int] = {}
+        self._published_by_type: dict[EventType, int] = dict.fromkeys(EventType, 0)
+        self._closed = False
+        self._notifier: LoopNotifier | None = None
+        self._pending_wake: list[Subscription] = []
+        self._wake_scheduled = False
+        self._blocked_publishers = 0
+        self._async_space_waiters: list[anyio.Event] = []
+        self._task_group: TaskGroup | None = None
+        self._handles: list[SubscriberHandle] = []
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def __aenter__(self) -> EventBus:
+        self._notifier = LoopNotifier()
+        self._task_group = anyio.create_task_group()
+        await self._task_group.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool | None:
+        with anyio.CancelScope(shield=True):
+            await self.aclose()
+        assert self._task_group is not None
+        return await self._task_group.__aexit__(exc_type, exc, traceback)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def aclose(self, timeout: float | None = None) -> None:
+        """Close the bus: refuse new events, let subscribers drain, then stop their tasks.
+
+        Lossless subscribers receive everything published before the close; attached
+        subscribers get ``timeout`` seconds (default ``drain_timeout``) to handle it.
+        """
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                waiters = [s._mark_closed() for s in self._subscriptions]
+                self._space.notify_all()
+                waiters.extend(self._async_space_waiters)
+                self._async_space_waiters = []
+            else:
+                waiters = []
+        for waiter in waiters:
+            if waiter is not None:
+                waiter.set()
+        with anyio.move_on_after(self.drain_timeout if timeout is None else timeout):
+            for handle in list(self._handles):
+                await handle.finished.wait()
+        if self._task_group is not None:
+            self._task_group.cancel_scope.cancel()
+
+    # -- sequencing -------------------------------------------------------------------------
+
+    def last_seq(self, job_id: str) -> int:
+        """The ``seq`` of the last event published for ``job_id`` (0 if none)."""
+        with self._lock:
+            return self._seqs.get(job_id, 0)
+
+    def restore_sequence(self, job_id: str, last_seq: int) -> None:
+        """Continue ``job_id``'s numbering after ``last_seq`` (for a job restored from a store)."""
+        with self._lock:
+            if last_seq < self._seqs.get(job_id, 0):
+                raise BusError(
+                    f"cannot move job {job_id!r} back to seq {last_seq}: "
+                    f"seq {self._seqs[job_id]} was already published"
+                )
+            self._seqs[job_id] = last_seq
+
+    def forget(self, job_id: str) -> None:
+        """Drop what the bus remembers of ``job_id`` (its seq counter and routes)."""
+        with self._lock:
+            self._seqs.pop(job_id, None)
+            for key in [key for key in self._routes if key[0] == job_id]:
+                del self._routes[key]
+
+    # -- publishing -------------------------------------------------------------------------
+
+    def publish(
+        self, job_id: str, type: EventType | str, data: Mapping[str, Any] | None = None
+    ) -> Event:
+        """Publish an event from any thread and return it (with its ``seq``).
+
+        From a plain thread this waits while a lossless subscriber's buffer is full. On the
+        event-loop thread it cannot wait without deadlocking the loop, so it never does; use
+        :meth:`publish_async` there when backpressure matters.
+
+        ``data`` must be JSON-serialisable and must not be mutated afterwards.
+
+        :raises BusClosed: if the bus is closed.
+        :raises UnknownEventName: if ``type`` is not an event type.
+        """
+        if type.__class__ is not EventType:
+            type = event_type_for(type)
+        notifier = self._notifier
+        on_loop = notifier is not None and notifier.in_loop_thread()
+        with self._lock:
+            if self._closed:
+                raise BusClosed("the bus is closed")
+            route = self._routes.get((job_id, type)) or self._route(job_id, type)
+            if not on_loop:
+                for subscription in route[1]:
+                    if len(subscription._items) >= subscription.buffer_size:
+                        route = self._wait_for_space(job_id, type)
+                        break
+            event = self._append(job_id, type, data, route[0])
+            wake = self._pending_wake and not self._wake_scheduled
+            if wake:
+                self._wake_scheduled = True
+        if wake:
+            self._schedule_wake(on_loop)
+        return event
+
+    def publish_nowait(
+        self, job_id: str, type: EventType | str, data: Mapping[str, Any] | None = None
+    ) -> Event:
+        """Publish without ever waiting.
+
+        :raises WouldBlock: if a lossless subscriber's buffer is full (nothing is published).
+        :raises BusClosed: if the bus is closed.
+        """
+        event = self._try_publish(job_id, type, data, None)
+        if event is None:
+            raise WouldBlock(f"a lossless subscriber of job {job_id!r} has a full buffer")
+        return event
+
+    async def publish_async(
+        self, job_id: str, type: EventType | str, data: Mapping[str, Any] | None = None
+    ) -> Event:
+        """Publish from async code, waiting (without blocking the loop) for buffer room.
+
+        :raises BusClosed: if the bus is closed.
+        """
+        while True:
+            waiter = anyio.Event()
+            started = time.perf_counter()
+            event = self._try_publish(job_id, type, data, waiter)
+            if event is not None:
+                return event
+            await waiter.wait()
+            self._charge_wait(job_id, event_type_for(type), time.perf_counter() - started)
+
+    def _try_publish(
+        self,
+        job_id: str,
+        type: EventType | str,
+        data: Mapping[str, Any] | None,
+        waiter: anyio.Event | None,
+    ) -> Event | None:
+        if type.__class__ is not EventType:
+            type = event_type_for(type)
+        me = current_subscription.get()
+        with self._lock:
+            if self._closed:
+                raise BusClosed("the bus is closed")
+            route = self._routes.get((job_id, type)) or self._route(job_id, type)
+            for subscription in route[1]:
+                if subscription is not me and subscription._is_full():
+                    if waiter is not None:
+                        self._async_space_waiters.append(waiter)
+                    return None
+            event = self._append(job_id, type, data, route[0])
+            wake = self._pending_wake and not self._wake_scheduled
+            if wake:
+                self._wake_scheduled = True
+        if wake:
+            self._schedule_wake(self._notifier is not None and self._notifier.in_loop_thread())
+        return event
+
+    def _append(
+        self,
+        job_id: str,
+        type: EventType,
+        data: Mapping[str, Any] | None,
+        subscriptions: tuple[Subscription, ...],
+    ) -> Event:
+        seqs = self._seqs
+        seq = seqs[job_id] = seqs.get(job_id, 0) + 1
+        event = _new_event(Event, (job_id, seq, type, _now(), _EMPTY if data is None else data))
+        self._published_by_type[type] += 1
+        for subscription in subscriptions:
+            items = subscription._items
+            if subscription._lossy and len(items) >= subscription.buffer_size:
+                subscription._overflow()
+            items.append(event)
+            if subscription._waiter is not None and not subscription._wake_pending:
+                subscription._wake_pending = True
+                self._pending_wake.append(subscription)
+        return event
+
+    def _wait_for_space(self, job_id: str, type: EventType) -> _Route:
+        """With the lock held, wait until every lossless buffer on the route has room."""
+        started = time.perf_counter()
+        full: set[Subscription] = set()
+        self._blocked_publishers += 1
+        try:
+            while True:
+                if self._closed:
+                    raise BusClosed("the bus was closed while waiting for buffer room")
+                route = self._routes.get((job_id, type)) or self._route(job_id, type)
+                blocking = [s for s in route[1] if s._is_full()]
+                if not blocking:
+                    return route
+                full.update(blocking)
+                self._space.wait(timeout=1.0)
+        finally:
+            self._blocked_publishers -= 1
+            waited = time.perf_counter() - started
+            for subscription in full:
+                subscription._add_wait(waited)
+
+    def _charge_wait(self, job_id: str, type: EventType, seconds: float) -> None:
+        with self._lock:
+            route = self._routes.get((job_id, type)) or self._route(job_id, type)
+            for subscription in route[1]:
+                subscription._add_wait(seconds / max(1, len(route[1])))
+
+    def _route(self, job_id: str, type: EventType) -> _Route:
+        every = tuple(s for s in self._subscriptions if s.matches(job_id, type))
+        lossless = tuple(s for s in every if s.policy is DeliveryPolicy.LOSSLESS)
+        route = (every, lossless) if every else _NO_ROUTE
+        self._routes[(job_id, type)] = route
+        return route
+
+    # -- wake-ups ---------------------------------------------------------------------------
+
+    def _schedule_wake(self, on_loop: bool) -> None:
+        if on_loop:
+            self._wake_waiters()
+        elif self._notifier is None or not self._notifier.call_soon(self._wake_waiters):
+            with self._lock:
+                self._wake_scheduled = False
+
+    def _wake_waiters(self) -> None:
+        with self._lock:
+            pending, self._pending_wake = self._pending_wake, []
+            self._wake_scheduled = False
+            waiters = []
+            for subscription in pending:
+                subscription._wake_pending = False
+                if subscription._waiter is not None:
+                    waiters.append(subscription._waiter)
+        for waiter in waiters:
+            waiter.set()
+
+    def _space_freed(self, subscription: Subscription) -> None:
+        """Called with the lock held when a consumer took events out of ``subscription``."""
+        if subscription.policy is DeliveryPolicy.LOSSLESS:
+            if self._blocked_publishers:
+                self._space.notify_all()
+            if self._async_space_waiters:
+                waiters, self._async_space_waiters = self._async_space_waiters, []
+                for waiter in waiters:
+                    waiter.set()
+
+    # -- subscribing ------------------------------------------------------------------------
+
+    def subscribe(
+        self,
+        name: str,
+        *,
+        job_id: str | None = None,
+        types: Iterable[EventType | str] | None = None,
+        buffer_size: int = 1024,
+        policy: DeliveryPolicy | str = DeliveryPolicy.LOSSLESS,
+    ) -> Subscription:
+        """Subscribe to events; every event published after this call returns is offered.
+
+        :param name: shown in statistics and metrics.
+        :param job_id: only this job's events (default: every job).
+        :param types: only these event types or callback names (default: every type).
+        :param buffer_size: events buffered before the policy applies.
+        :param policy: ``lossless``, ``drop_oldest`` or ``latest``.
+        :raises BusClosed: if the bus is closed.
+        :raises UnknownEventName: if ``types`` names an unknown event type.
+        """
+        subscription = Subscription(
+            self,
+            name,
+            job_id=job_id,
+            types=event_types(types),
+            buffer_size=buffer_size,
+            policy=DeliveryPolicy(policy),
+        )
+        if self._notifier is None:
+            self._notifier = LoopNotifier()
+        with self._lock:
+            if self._closed:
+                raise BusClosed("the bus is closed")
+            self._subscriptions.append(subscription)
+            self._routes.clear()
+        return subscription
+
+    def _unsubscribe(self, subscription: Subscription) -> None:
+        with self._lock:
+            if subscription in self._subscriptions:
+                self._subscriptions.remove(subscription)
+                self._routes.clear()
+            waiter = subscription._mark_closed()
+            self._space_freed(subscription)
+        if waiter is not None:
+            waiter.set()
+
+    def attach(self, subscriber: Subscriber) -> SubscriberHandle:
+        """Run ``subscriber`` in its own task on this bus until it is detached or the bus closes.
+
+        :raises BusError: if the bus was not entered with ``async with``.
+        """
+        from ._subscriber import SubscriberHandle, run_subscriber
+
+        if self._task_group is None:
+            raise BusError("enter the bus with 'async with EventBus() as bus' before attaching")
+        subscription = self.subscribe(
+            subscriber.name,
+            job_id=subscriber.job_id,
+            types=subscriber.subscribed_types(),
+            buffer_size=subscriber.buffer_size,
+            policy=subscriber.policy,
+        )
+        handle = SubscriberHandle(subscriber, subscription)
+        self._handles.append(handle)
+        self._task_group.start_soon(run_subscriber, self, handle, name=f"subscriber {subscriber.name}")
+        return handle
+
+    def _handle_finished(self, handle: SubscriberHandle) -> None:
+        if handle in self._handles:
+            self._handles.remove(handle)
+
+    def wait_processed(self, event: Event, timeout: float | None = None) -> bool:
+        """From a non-loop thread, wait until every attached lossless subscriber that receives
+        ``event`` has handled it. Returns False on timeout.
+
+        Trainers use this at epoch ends so that controllers decide before the next epoch.
+        """
+        handles = [
+            h
+            for h in list(self._handles)
+            if h.subscription.policy is DeliveryPolicy.LOSSLESS
+            and h.subscription.matches(event.job_id, event.type)
+        ]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for handle in handles:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not handle.wait_processed(event.job_id, event.seq, remaining):
+                return False
+        return True
+
+    # -- introspection ----------------------------------------------------------------------
+
+    @property
+    def subscriptions(self) -> tuple[Subscription, ...]:
+        with self._lock:
+            return tuple(self._subscriptions)
+
+    def statistics(self) -> BusStatistics:
+        """A snapshot of the bus's counters and of every subscription's statistics."""
+        subscriptions = self.subscriptions
+        with self._lock:
+            published = sum(self._published_by_type.values())
+            by_type = {t.value: n for t, n in self._published_by_type.items() if n}
+            closed = self._closed
+        return BusStatistics(
+            published=published,
+            published_by_type=by_type,
+            subscriptions=tuple(s.statistics() for s in subscriptions),
+            closed=closed,
+        )

@@ -1,0 +1,199 @@
+"""The subscriber base class and the task that runs one subscriber."""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, ClassVar
+
+import anyio
+
+from ._delivery import DeliveryPolicy
+from ._errors import BusClosed
+from ._events import Event, EventType, event_types
+from ._subscription import Subscription
+
+if TYPE_CHECKING:
+    from ._bus import EventBus
+
+__all__ = ["Subscriber", "SubscriberHandle"]
+
+logger = logging.getLogger("trainbus.bus")
+
+_Handler = Callable[[Event], Awaitable[None]]
+
+
+def _snake_case(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+class Subscriber:
+    """Base class for bus subscribers.
+
+    Write per-type handlers named after the event type (``async def on_train_epoch_end(self,
+    event)``), or override :meth:`on_event` for every event, or :meth:`on_events` to handle
+    whole batches (an event store writes one transaction per batch). When only per-type
+    handlers exist, the subscription is filtered to those types.
+
+    Class attributes (overridable per instance) choose the delivery: ``policy``,
+    ``buffer_size``, ``max_batch``, and the filters ``job_id`` and ``types``.
+    A handler that raises is reported as a ``subscriber_error`` event; the subscriber keeps
+    running and neither the job nor other subscribers notice.
+    """
+
+    policy: ClassVar[DeliveryPolicy] = DeliveryPolicy.LOSSLESS
+    buffer_size: int = 1024
+    max_batch: int = 512
+    job_id: str | None = None
+    types: Iterable[EventType | str] | None = None
+
+    @property
+    def name(self) -> str:
+        """The name shown in statistics and metrics (default: the class name in snake case)."""
+        return _snake_case(type(self).__name__)
+
+    async def on_start(self) -> None:
+        """Called in the subscriber's task before the first event."""
+
+    async def on_stop(self) -> None:
+        """Called in the subscriber's task after the last event (the bus closed or detached)."""
+
+    async def on_event(self, event: Event) -> None:
+        """Called for each event that has no ``on_<type>`` handler."""
+
+    async def on_events(self, events: Sequence[Event]) -> None:
+        """Called with each batch when overridden; by default each event goes to its
+        ``on_<type>`` handler or :meth:`on_event`, each failure reported on its own."""
+        handlers = self._handlers()
+        for event in events:
+            await handlers.get(event.type, self.on_event)(event)
+
+    def _handlers(self) -> dict[EventType, _Handler]:
+        handlers: dict[EventType, _Handler] = {}
+        for event_type in EventType:
+            method = getattr(type(self), f"on_{event_type.value}", None)
+            if method is not None:
+                handlers[event_type] = getattr(self, f"on_{event_type.value}")
+        return handlers
+
+    def _overrides(self, method: str) -> bool:
+        return getattr(type(self), method) is not getattr(Subscriber, method)
+
+    def subscribed_types(self) -> frozenset[EventType] | None:
+        """The type filter: ``types`` if given, else the handled types when only per-type
+        handlers are written, else every type."""
+        if self.types is not None:
+            return event_types(self.types)
+        if self._overrides("on_event") or self._overrides("on_events"):
+            return None
+        return frozenset(self._handlers())
+
+
+class SubscriberHandle:
+    """The running side of an attached subscriber: its subscription and its progress."""
+
+    def __init__(self, subscriber: Subscriber, subscription: Subscription) -> None:
+        self.subscriber = subscriber
+        self.subscription = subscription
+        self.finished = anyio.Event()
+        self._processed: dict[str, int] = {}
+        self._progress = threading.Condition()
+        self._done = False
+
+    def statistics(self) -> object:
+        return self.subscription.statistics()
+
+    def processed_seq(self, job_id: str) -> int:
+        """The highest ``seq`` of ``job_id`` this subscriber has finished handling."""
+        with self._progress:
+            return self._processed.get(job_id, 0)
+
+    def _mark_processed(self, events: Sequence[Event]) -> None:
+        with self._progress:
+            for event in events:
+                self._processed[event.job_id] = event.seq
+            self._progress.notify_all()
+
+    def _mark_done(self) -> None:
+        with self._progress:
+            self._done = True
+            self._progress.notify_all()
+
+    def wait_processed(self, job_id: str, seq: int, timeout: float | None = None) -> bool:
+        """From a thread, wait until this subscriber handled ``seq`` of ``job_id`` (or ended)."""
+        with self._progress:
+            return self._progress.wait_for(
+                lambda: self._done or self._processed.get(job_id, 0) >= seq, timeout
+            )
+
+    async def detach(self) -> None:
+        """Stop new events reaching the subscriber, let it handle what is buffered, wait."""
+        self.subscription.close()
+        await self.finished.wait()
+
+
+async def run_subscriber(bus: EventBus, handle: SubscriberHandle) -> None:
+    """The task body of one attached subscriber."""
+    from ._bus import current_subscription
+
+    subscriber = handle.subscriber
+    subscription = handle.subscription
+    current_subscription.set(subscription)
+    handlers = subscriber._handlers()
+    fallback = subscriber.on_event
+    batch_handler = subscriber.on_events if subscriber._overrides("on_events") else None
+
+    async def report(event: Event | None, error: Exception) -> None:
+        subscription.errors += 1
+        where = "starting" if event is None else f"{event.type.value} #{event.seq}"
+        logger.error("subscriber %s failed on %s: %r", subscriber.name, where, error)
+        if event is not None and event.type is EventType.SUBSCRIBER_ERROR:
+            return  # reporting an error about an error report could loop forever
+        data = {
+            "subscriber": subscriber.name,
+            "event_type": None if event is None else event.type.value,
+            "event_seq": None if event is None else event.seq,
+            "error_type": type(error).__name__,
+            "message": str(error),
+        }
+        job_id = subscriber.job_id or "" if event is None else event.job_id
+        try:
+            await bus.publish_async(job_id, EventType.SUBSCRIBER_ERROR, data)
+        except BusClosed:
+            pass
+
+    try:
+        try:
+            await subscriber.on_start()
+        except Exception as error:
+            await report(None, error)
+        while True:
+            try:
+                batch = await subscription.receive_batch(subscriber.max_batch)
+            except anyio.EndOfStream:
+                break
+            if batch_handler is not None:
+                try:
+                    await batch_handler(batch)
+                except Exception as error:
+                    await report(batch[0], error)
+            else:
+                for event in batch:
+                    try:
+                        await handlers.get(event.type, fallback)(event)
+                    except Exception as error:
+                        await report(event, error)
+            handle._mark_processed(batch)
+    finally:
+        handle._mark_done()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(bus.drain_timeout):
+            try:
+                await subscriber.on_stop()
+            except Exception:
+                logger.exception("subscriber %s failed while stopping", subscriber.name)
+                subscription.errors += 1
+        subscription.close()
+        bus._handle_finished(handle)
+        handle.finished.set()
