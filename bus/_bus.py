@@ -23,12 +23,36 @@ if TYPE_CHECKING:
 
 __all__ = ["EventBus"]
 
+
 _new_event = tuple.__new__
 _now = time.time
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
-_Route = tuple[tuple[Subscription, ...], tuple[Subscription, ...]]
-_NO_ROUTE: _Route = ((), ())
+
+class _Route:
+    """The subscriptions that receive one (job, event type), precomputed for the fast path."""
+
+    __slots__ = ("appends", "every", "lossless", "lossless_bounds", "lossy", "lossy_bounds")
+
+    def __init__(self, every: tuple[Subscription, ...]) -> None:
+        self.every = every
+        self.lossless = tuple(s for s in every if not s._lossy)
+        self.lossy = tuple(s for s in every if s._lossy)
+        # (buffer, size[, subscription]) triples: local unpacking beats attribute lookups
+        self.lossless_bounds = tuple((s._items, s.buffer_size) for s in self.lossless)
+        self.lossy_bounds = tuple((s._items, s.buffer_size, s) for s in self.lossy)
+        self.appends = tuple(s._items.append for s in every)
+
+
+class _Job:
+    """What the bus keeps per job: its last ``seq`` and its routes by event type."""
+
+    __slots__ = ("routes", "seq")
+
+    def __init__(self, seq: int = 0) -> None:
+        self.seq = seq
+        self.routes: dict[EventType, _Route] = {}
+
 
 # The subscription whose handler is running in this task. A subscriber that publishes into
 # its own full lossless buffer would wait for itself forever; its own buffer may overflow.
@@ -55,11 +79,12 @@ class EventBus:
         self._lock = threading.Lock()
         self._space = threading.Condition(self._lock)
         self._subscriptions: list[Subscription] = []
-        self._routes: dict[tuple[str, EventType], _Route] = {}
-        self._seqs: dict[str, int] = {}
+        self._jobs: dict[str, _Job] = {}
         self._published_by_type: dict[EventType, int] = dict.fromkeys(EventType, 0)
         self._closed = False
+        self._draining = False  # closed, but subscribers may still report their errors
         self._notifier: LoopNotifier | None = None
+        self._waiting = 0  # subscriptions whose consumer waits for events
         self._pending_wake: list[Subscription] = []
         self._wake_scheduled = False
         self._blocked_publishers = 0
@@ -97,46 +122,57 @@ class EventBus:
         subscribers get ``timeout`` seconds (default ``drain_timeout``) to handle it.
         """
         with self._lock:
+            waiters: list[anyio.Event | None] = []
             if not self._closed:
                 self._closed = True
-                waiters = [s._mark_closed() for s in self._subscriptions]
+                waiters.extend(s._mark_closed() for s in self._subscriptions)
                 self._space.notify_all()
                 waiters.extend(self._async_space_waiters)
                 self._async_space_waiters = []
-            else:
-                waiters = []
         for waiter in waiters:
             if waiter is not None:
                 waiter.set()
-        with anyio.move_on_after(self.drain_timeout if timeout is None else timeout):
-            for handle in list(self._handles):
-                await handle.finished.wait()
-        if self._task_group is not None:
-            self._task_group.cancel_scope.cancel()
+        self._draining = True
+        try:
+            with anyio.move_on_after(self.drain_timeout if timeout is None else timeout):
+                for handle in list(self._handles):
+                    await handle.finished.wait()
+        finally:
+            self._draining = False
+        # Cancel only the subscriber tasks that did not drain in time: the task group's own
+        # scope also encloses the body of ``async with EventBus()``.
+        for handle in list(self._handles):
+            handle.cancel_scope.cancel()
 
     # -- sequencing -------------------------------------------------------------------------
 
     def last_seq(self, job_id: str) -> int:
         """The ``seq`` of the last event published for ``job_id`` (0 if none)."""
         with self._lock:
-            return self._seqs.get(job_id, 0)
+            job = self._jobs.get(job_id)
+            return 0 if job is None else job.seq
 
     def restore_sequence(self, job_id: str, last_seq: int) -> None:
-        """Continue ``job_id``'s numbering after ``last_seq`` (for a job restored from a store)."""
+        """Continue ``job_id``'s numbering after ``last_seq`` (for a job restored from a store).
+
+        :raises BusError: if events after ``last_seq`` were already published.
+        """
         with self._lock:
-            if last_seq < self._seqs.get(job_id, 0):
+            job = self._jobs.get(job_id)
+            if job is None:
+                self._jobs[job_id] = _Job(last_seq)
+            elif last_seq < job.seq:
                 raise BusError(
                     f"cannot move job {job_id!r} back to seq {last_seq}: "
-                    f"seq {self._seqs[job_id]} was already published"
+                    f"seq {job.seq} was already published"
                 )
-            self._seqs[job_id] = last_seq
+            else:
+                job.seq = last_seq
 
     def forget(self, job_id: str) -> None:
         """Drop what the bus remembers of ``job_id`` (its seq counter and routes)."""
         with self._lock:
-            self._seqs.pop(job_id, None)
-            for key in [key for key in self._routes if key[0] == job_id]:
-                del self._routes[key]
+            self._jobs.pop(job_id, None)
 
     # -- publishing -------------------------------------------------------------------------
 
@@ -146,8 +182,9 @@ class EventBus:
         """Publish an event from any thread and return it (with its ``seq``).
 
         From a plain thread this waits while a lossless subscriber's buffer is full. On the
-        event-loop thread it cannot wait without deadlocking the loop, so it never does; use
-        :meth:`publish_async` there when backpressure matters.
+        event-loop thread it cannot wait without deadlocking the loop, so it never does (the
+        buffer may briefly exceed its size); use :meth:`publish_async` there when
+        backpressure matters.
 
         ``data`` must be JSON-serialisable and must not be mutated afterwards.
 
@@ -156,23 +193,35 @@ class EventBus:
         """
         if type.__class__ is not EventType:
             type = event_type_for(type)
-        notifier = self._notifier
-        on_loop = notifier is not None and notifier.in_loop_thread()
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             if self._closed:
                 raise BusClosed("the bus is closed")
-            route = self._routes.get((job_id, type)) or self._route(job_id, type)
-            if not on_loop:
-                for subscription in route[1]:
-                    if len(subscription._items) >= subscription.buffer_size:
-                        route = self._wait_for_space(job_id, type)
-                        break
-            event = self._append(job_id, type, data, route[0])
-            wake = self._pending_wake and not self._wake_scheduled
-            if wake:
-                self._wake_scheduled = True
+            job = self._jobs.get(job_id)
+            if job is None:
+                job = self._jobs[job_id] = _Job()
+            route = job.routes.get(type)
+            if route is None:
+                route = self._route(job, job_id, type)
+            for items, size in route.lossless_bounds:
+                if len(items) >= size:
+                    if self._notifier is None or not self._notifier.in_loop_thread():
+                        route = self._wait_for_space(job, job_id, type)
+                    break
+            seq = job.seq = job.seq + 1
+            event = _new_event(Event, (job_id, seq, type, _now(), data or _EMPTY))
+            self._published_by_type[type] += 1
+            for items, size, subscription in route.lossy_bounds:
+                if len(items) >= size:
+                    subscription._overflow()
+            for append in route.appends:
+                append(event)
+            wake = self._waiting and self._collect_wake(route)
+        finally:
+            lock.release()
         if wake:
-            self._schedule_wake(on_loop)
+            self._schedule_wake()
         return event
 
     def publish_nowait(
@@ -183,7 +232,7 @@ class EventBus:
         :raises WouldBlock: if a lossless subscriber's buffer is full (nothing is published).
         :raises BusClosed: if the bus is closed.
         """
-        event = self._try_publish(job_id, type, data, None)
+        event = self._try_publish(job_id, event_type_for(type), data, None)
         if event is None:
             raise WouldBlock(f"a lossless subscriber of job {job_id!r} has a full buffer")
         return event
@@ -195,64 +244,92 @@ class EventBus:
 
         :raises BusClosed: if the bus is closed.
         """
+        event_type = event_type_for(type)
         while True:
             waiter = anyio.Event()
             started = time.perf_counter()
-            event = self._try_publish(job_id, type, data, waiter)
+            event = self._try_publish(job_id, event_type, data, waiter)
             if event is not None:
                 return event
             await waiter.wait()
-            self._charge_wait(job_id, event_type_for(type), time.perf_counter() - started)
+            self._charge_wait(job_id, event_type, time.perf_counter() - started)
 
     def _try_publish(
         self,
         job_id: str,
-        type: EventType | str,
+        type: EventType,
         data: Mapping[str, Any] | None,
         waiter: anyio.Event | None,
+        *,
+        during_drain: bool = False,
     ) -> Event | None:
-        if type.__class__ is not EventType:
-            type = event_type_for(type)
         me = current_subscription.get()
         with self._lock:
-            if self._closed:
+            if self._closed and not (during_drain and self._draining):
                 raise BusClosed("the bus is closed")
-            route = self._routes.get((job_id, type)) or self._route(job_id, type)
-            for subscription in route[1]:
+            job = self._jobs.get(job_id)
+            if job is None:
+                job = self._jobs[job_id] = _Job()
+            route = job.routes.get(type) or self._route(job, job_id, type)
+            for subscription in route.lossless:
                 if subscription is not me and subscription._is_full():
                     if waiter is not None:
                         self._async_space_waiters.append(waiter)
                     return None
-            event = self._append(job_id, type, data, route[0])
-            wake = self._pending_wake and not self._wake_scheduled
-            if wake:
-                self._wake_scheduled = True
+            seq = job.seq = job.seq + 1
+            event = _new_event(Event, (job_id, seq, type, _now(), data or _EMPTY))
+            self._published_by_type[type] += 1
+            for subscription in route.lossy:
+                if subscription._is_full():
+                    subscription._overflow()
+            for append in route.appends:
+                append(event)
+            wake = self._waiting and self._collect_wake(route)
         if wake:
-            self._schedule_wake(self._notifier is not None and self._notifier.in_loop_thread())
+            self._schedule_wake()
         return event
 
-    def _append(
-        self,
-        job_id: str,
-        type: EventType,
-        data: Mapping[str, Any] | None,
-        subscriptions: tuple[Subscription, ...],
+    def _publish_report(self, job_id: str, data: Mapping[str, Any]) -> None:
+        """Publish a ``subscriber_error``, also while the bus drains after being closed."""
+        if self._try_publish(job_id, EventType.SUBSCRIBER_ERROR, data, None, during_drain=True):
+            return
+        # A full lossless buffer: the report must not wait inside a handler; buffers may
+        # briefly exceed their size rather than lose an error report.
+        with self._lock:
+            job = self._jobs.setdefault(job_id, _Job())
+            route = job.routes.get(EventType.SUBSCRIBER_ERROR) or self._route(
+                job, job_id, EventType.SUBSCRIBER_ERROR
+            )
+            self._append_unchecked(job, job_id, EventType.SUBSCRIBER_ERROR, data, route)
+            wake = self._waiting and self._collect_wake(route)
+        if wake:
+            self._schedule_wake()
+
+    def _append_unchecked(
+        self, job: _Job, job_id: str, type: EventType, data: Mapping[str, Any], route: _Route
     ) -> Event:
-        seqs = self._seqs
-        seq = seqs[job_id] = seqs.get(job_id, 0) + 1
-        event = _new_event(Event, (job_id, seq, type, _now(), _EMPTY if data is None else data))
+        seq = job.seq = job.seq + 1
+        event = _new_event(Event, (job_id, seq, type, _now(), data))
         self._published_by_type[type] += 1
-        for subscription in subscriptions:
-            items = subscription._items
-            if subscription._lossy and len(items) >= subscription.buffer_size:
+        for items, size, subscription in route.lossy_bounds:
+            if len(items) >= size:
                 subscription._overflow()
-            items.append(event)
+        for append in route.appends:
+            append(event)
+        return event
+
+    def _collect_wake(self, route: _Route) -> bool:
+        """With the lock held: queue waiting consumers on ``route``; True to schedule a wake."""
+        for subscription in route.every:
             if subscription._waiter is not None and not subscription._wake_pending:
                 subscription._wake_pending = True
                 self._pending_wake.append(subscription)
-        return event
+        if self._pending_wake and not self._wake_scheduled:
+            self._wake_scheduled = True
+            return True
+        return False
 
-    def _wait_for_space(self, job_id: str, type: EventType) -> _Route:
+    def _wait_for_space(self, job: _Job, job_id: str, type: EventType) -> _Route:
         """With the lock held, wait until every lossless buffer on the route has room."""
         started = time.perf_counter()
         full: set[Subscription] = set()
@@ -261,8 +338,8 @@ class EventBus:
             while True:
                 if self._closed:
                     raise BusClosed("the bus was closed while waiting for buffer room")
-                route = self._routes.get((job_id, type)) or self._route(job_id, type)
-                blocking = [s for s in route[1] if s._is_full()]
+                route = job.routes.get(type) or self._route(job, job_id, type)
+                blocking = [s for s in route.lossless if s._is_full()]
                 if not blocking:
                     return route
                 full.update(blocking)
@@ -275,23 +352,28 @@ class EventBus:
 
     def _charge_wait(self, job_id: str, type: EventType, seconds: float) -> None:
         with self._lock:
-            route = self._routes.get((job_id, type)) or self._route(job_id, type)
-            for subscription in route[1]:
-                subscription._add_wait(seconds / max(1, len(route[1])))
+            job = self._jobs.get(job_id)
+            route = None if job is None else job.routes.get(type)
+            if route is not None:
+                for subscription in route.lossless:
+                    subscription._add_wait(seconds)
 
-    def _route(self, job_id: str, type: EventType) -> _Route:
-        every = tuple(s for s in self._subscriptions if s.matches(job_id, type))
-        lossless = tuple(s for s in every if s.policy is DeliveryPolicy.LOSSLESS)
-        route = (every, lossless) if every else _NO_ROUTE
-        self._routes[(job_id, type)] = route
+    def _route(self, job: _Job, job_id: str, type: EventType) -> _Route:
+        route = _Route(tuple(s for s in self._subscriptions if s.matches(job_id, type)))
+        job.routes[type] = route
         return route
+
+    def _invalidate_routes(self) -> None:
+        for job in self._jobs.values():
+            job.routes.clear()
 
     # -- wake-ups ---------------------------------------------------------------------------
 
-    def _schedule_wake(self, on_loop: bool) -> None:
-        if on_loop:
+    def _schedule_wake(self) -> None:
+        notifier = self._notifier
+        if notifier is not None and notifier.in_loop_thread():
             self._wake_waiters()
-        elif self._notifier is None or not self._notifier.call_soon(self._wake_waiters):
+        elif notifier is None or not notifier.call_soon(self._wake_waiters):
             with self._lock:
                 self._wake_scheduled = False
 
@@ -302,14 +384,15 @@ class EventBus:
             waiters = []
             for subscription in pending:
                 subscription._wake_pending = False
-                if subscription._waiter is not None:
-                    waiters.append(subscription._waiter)
+                waiter = subscription._clear_waiter()
+                if waiter is not None:
+                    waiters.append(waiter)
         for waiter in waiters:
             waiter.set()
 
     def _space_freed(self, subscription: Subscription) -> None:
         """Called with the lock held when a consumer took events out of ``subscription``."""
-        if subscription.policy is DeliveryPolicy.LOSSLESS:
+        if not subscription._lossy:
             if self._blocked_publishers:
                 self._space.notify_all()
             if self._async_space_waiters:
@@ -352,14 +435,14 @@ class EventBus:
             if self._closed:
                 raise BusClosed("the bus is closed")
             self._subscriptions.append(subscription)
-            self._routes.clear()
+            self._invalidate_routes()
         return subscription
 
     def _unsubscribe(self, subscription: Subscription) -> None:
         with self._lock:
             if subscription in self._subscriptions:
                 self._subscriptions.remove(subscription)
-                self._routes.clear()
+                self._invalidate_routes()
             waiter = subscription._mark_closed()
             self._space_freed(subscription)
         if waiter is not None:
@@ -383,7 +466,9 @@ class EventBus:
         )
         handle = SubscriberHandle(subscriber, subscription)
         self._handles.append(handle)
-        self._task_group.start_soon(run_subscriber, self, handle, name=f"subscriber {subscriber.name}")
+        self._task_group.start_soon(
+            run_subscriber, self, handle, name=f"subscriber {subscriber.name}"
+        )
         return handle
 
     def _handle_finished(self, handle: SubscriberHandle) -> None:

@@ -6,8 +6,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from ._events import CALLBACK_EVENT_TYPES, EventType, event_type_for
 from ._errors import UnknownEventName
+from ._events import CALLBACK_EVENT_TYPES, EventType, event_type_for
 
 __all__ = ["Callback", "CallbackRegistry"]
 

@@ -66,12 +66,26 @@ class EventType(StrEnum):
 
 CALLBACK_EVENT_TYPES: frozenset[EventType] = frozenset(
     EventType(name)
-    for name in (
-        "pretrain_routine_start pretrain_routine_end train_start train_epoch_start "
-        "train_batch_start optimizer_step before_zero_grad train_batch_end train_epoch_end "
-        "fit_epoch_end model_save train_end params_update teardown "
-        "val_start val_batch_start val_batch_end val_end"
-    ).split()
+    for name in [
+        "pretrain_routine_start",
+        "pretrain_routine_end",
+        "train_start",
+        "train_epoch_start",
+        "train_batch_start",
+        "optimizer_step",
+        "before_zero_grad",
+        "train_batch_end",
+        "train_epoch_end",
+        "fit_epoch_end",
+        "model_save",
+        "train_end",
+        "params_update",
+        "teardown",
+        "val_start",
+        "val_batch_start",
+        "val_batch_end",
+        "val_end",
+    ]
 )
 """Event types that correspond to an Ultralytics callback (``on_<type>``)."""
 

@@ -98,6 +98,7 @@ class SubscriberHandle:
         self.subscriber = subscriber
         self.subscription = subscription
         self.finished = anyio.Event()
+        self.cancel_scope = anyio.CancelScope()
         self._processed: dict[str, int] = {}
         self._progress = threading.Condition()
         self._done = False
@@ -145,30 +146,24 @@ async def run_subscriber(bus: EventBus, handle: SubscriberHandle) -> None:
     fallback = subscriber.on_event
     batch_handler = subscriber.on_events if subscriber._overrides("on_events") else None
 
-    async def report(event: Event | None, error: Exception) -> None:
-        subscription.errors += 1
-        where = "starting" if event is None else f"{event.type.value} #{event.seq}"
-        logger.error("subscriber %s failed on %s: %r", subscriber.name, where, error)
-        if event is not None and event.type is EventType.SUBSCRIBER_ERROR:
-            return  # reporting an error about an error report could loop forever
-        data = {
-            "subscriber": subscriber.name,
-            "event_type": None if event is None else event.type.value,
-            "event_seq": None if event is None else event.seq,
-            "error_type": type(error).__name__,
-            "message": str(error),
-        }
-        job_id = subscriber.job_id or "" if event is None else event.job_id
-        try:
-            await bus.publish_async(job_id, EventType.SUBSCRIBER_ERROR, data)
-        except BusClosed:
-            pass
+    with handle.cancel_scope:
+        await _consume(bus, handle, subscriber, subscription, handlers, fallback, batch_handler)
 
+
+async def _consume(
+    bus: EventBus,
+    handle: SubscriberHandle,
+    subscriber: Subscriber,
+    subscription: Subscription,
+    handlers: dict[EventType, _Handler],
+    fallback: _Handler,
+    batch_handler: Callable[[Sequence[Event]], Awaitable[None]] | None,
+) -> None:
     try:
         try:
             await subscriber.on_start()
         except Exception as error:
-            await report(None, error)
+            await _report(bus, subscriber, subscription, None, error)
         while True:
             try:
                 batch = await subscription.receive_batch(subscriber.max_batch)
@@ -178,13 +173,13 @@ async def run_subscriber(bus: EventBus, handle: SubscriberHandle) -> None:
                 try:
                     await batch_handler(batch)
                 except Exception as error:
-                    await report(batch[0], error)
+                    await _report(bus, subscriber, subscription, batch[0], error)
             else:
                 for event in batch:
                     try:
                         await handlers.get(event.type, fallback)(event)
                     except Exception as error:
-                        await report(event, error)
+                        await _report(bus, subscriber, subscription, event, error)
             handle._mark_processed(batch)
     finally:
         handle._mark_done()
@@ -197,3 +192,30 @@ async def run_subscriber(bus: EventBus, handle: SubscriberHandle) -> None:
         subscription.close()
         bus._handle_finished(handle)
         handle.finished.set()
+
+
+async def _report(
+    bus: EventBus,
+    subscriber: Subscriber,
+    subscription: Subscription,
+    event: Event | None,
+    error: Exception,
+) -> None:
+    """Count a handler failure and publish it as a ``subscriber_error`` event."""
+    subscription.errors += 1
+    where = "starting" if event is None else f"{event.type.value} #{event.seq}"
+    logger.error("subscriber %s failed on %s: %r", subscriber.name, where, error)
+    if event is not None and event.type is EventType.SUBSCRIBER_ERROR:
+        return  # reporting an error about an error report could loop forever
+    data = {
+        "subscriber": subscriber.name,
+        "event_type": None if event is None else event.type.value,
+        "event_seq": None if event is None else event.seq,
+        "error_type": type(error).__name__,
+        "message": str(error),
+    }
+    job_id = subscriber.job_id or "" if event is None else event.job_id
+    try:
+        bus._publish_report(job_id, data)
+    except BusClosed:
+        logger.warning("subscriber %s error not published: the bus is closed", subscriber.name)

@@ -67,7 +67,7 @@ class Subscription:
         return f"<Subscription {self.name!r} policy={self.policy.value} size={self.buffer_size}>"
 
     def matches(self, job_id: str, event_type: EventType) -> bool:
-        """True when an event of ``job_id`` and ``event_type`` passes this subscription's filters."""
+        """True when an event of ``job_id`` and ``event_type`` passes the filters."""
         return (self.job_id is None or self.job_id == job_id) and (
             self.types is None or event_type in self.types
         )
@@ -112,7 +112,12 @@ class Subscription:
                         last,
                         EventType.GAP,
                         now,
-                        {"from_seq": first, "to_seq": last, "missed": count, "subscriber": self.name},
+                        {
+                            "from_seq": first,
+                            "to_seq": last,
+                            "missed": count,
+                            "subscriber": self.name,
+                        },
                     )
                 )
             self._gaps += len(self._missed)
@@ -127,7 +132,6 @@ class Subscription:
             for _ in range(taken):
                 batch.append(items.popleft())
         self._delivered += taken
-        self._waiter = None
         if taken:
             self._bus._space_freed(self)
         return batch
@@ -159,7 +163,11 @@ class Subscription:
                     return self._take(limit)
                 if self._closed:
                     raise anyio.EndOfStream
-                waiter = self._waiter = anyio.Event()
+                waiter = self._waiter
+                if waiter is None or waiter.is_set():
+                    if waiter is None:
+                        self._bus._waiting += 1
+                    waiter = self._waiter = anyio.Event()
             await waiter.wait()
 
     async def receive(self) -> Event:
@@ -199,11 +207,18 @@ class Subscription:
         """Stop receiving new events; what is buffered can still be consumed."""
         self._bus._unsubscribe(self)
 
+    def _clear_waiter(self) -> anyio.Event | None:
+        """With the bus lock held: forget the consumer's waiter and return it for waking."""
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            self._bus._waiting -= 1
+        return waiter
+
     def _mark_closed(self) -> anyio.Event | None:
         """Mark closed with the bus lock held; returns a waiter the caller must wake."""
         self._closed = True
-        waiter, self._waiter = self._waiter, None
-        return waiter
+        return self._clear_waiter()
 
     async def __aenter__(self) -> Subscription:
         return self

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,11 +15,11 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
-def data_dir(tmp_path: Path) -> Iterator[Path]:
+def data_dir(tmp_path: Path) -> Path:
     """A fresh trainbus data folder."""
     path = tmp_path / "data"
     path.mkdir()
-    yield path
+    return path
 
 
 def free_port() -> int:

@@ -1,0 +1,160 @@
+"""Per-subscriber buffers: ordering, lossless backpressure, lossy policies with gaps."""
+
+from __future__ import annotations
+
+import threading
+
+import anyio
+import pytest
+
+from bus import DeliveryPolicy, Event, EventBus, EventType, WouldBlock
+
+BATCH_END = EventType.TRAIN_BATCH_END
+
+
+def publish_in_thread(bus: EventBus, job_id: str, count: int) -> None:
+    for step in range(count):
+        bus.publish(job_id, BATCH_END, {"step": step})
+
+
+async def collect(subscription: object, until_closed: bool = True) -> list[Event]:
+    events: list[Event] = []
+    async for event in subscription:  # type: ignore[attr-defined]
+        events.append(event)
+    return events
+
+
+async def test_each_subscriber_sees_its_events_in_seq_order() -> None:
+    async with EventBus() as bus:
+        everything = bus.subscribe("all")
+        only_a = bus.subscribe("a", job_id="a")
+        only_epochs = bus.subscribe("epochs", types=["on_train_epoch_end"])
+        for i in range(50):
+            bus.publish("a" if i % 2 else "b", BATCH_END, {"i": i})
+        bus.publish("a", EventType.TRAIN_EPOCH_END, {})
+        await bus.aclose()
+        seen = await collect(everything)
+        seen_a = await collect(only_a)
+        seen_epochs = await collect(only_epochs)
+    assert [e.data.get("i") for e in seen[:50]] == list(range(50))
+    for job in ("a", "b"):
+        seqs = [e.seq for e in seen if e.job_id == job]
+        assert seqs == list(range(1, len(seqs) + 1))
+    assert {e.job_id for e in seen_a} == {"a"}
+    assert [e.seq for e in seen_a] == list(range(1, 27))
+    assert [e.type for e in seen_epochs] == [EventType.TRAIN_EPOCH_END]
+
+
+async def test_lossless_slow_consumer_loses_nothing_and_publisher_waits() -> None:
+    count = 3_000
+    async with EventBus() as bus:
+        subscription = bus.subscribe("slow", buffer_size=16, policy=DeliveryPolicy.LOSSLESS)
+        received: list[int] = []
+
+        async def slow_consumer() -> None:
+            while True:
+                try:
+                    batch = await subscription.receive_batch(max_items=8)
+                except anyio.EndOfStream:
+                    return
+                received.extend(e.seq for e in batch)
+                await anyio.sleep(0.0005)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(slow_consumer)
+            await anyio.to_thread.run_sync(publish_in_thread, bus, "job", count)
+            await bus.aclose()
+        statistics = subscription.statistics()
+    assert received == list(range(1, count + 1))
+    assert statistics.dropped == 0
+    assert statistics.delivered == count
+    assert statistics.publisher_wait_seconds > 0
+
+
+async def test_drop_oldest_announces_every_hole_with_a_gap_event() -> None:
+    async with EventBus() as bus:
+        subscription = bus.subscribe("lossy", buffer_size=4, policy="drop_oldest")
+        for _ in range(10):
+            bus.publish("job", BATCH_END)
+        batch = subscription.receive_batch_nowait()
+        statistics = subscription.statistics()
+    assert batch[0].type is EventType.GAP
+    assert batch[0].data == {"from_seq": 1, "to_seq": 6, "missed": 6, "subscriber": "lossy"}
+    assert [e.seq for e in batch[1:]] == [7, 8, 9, 10]
+    assert statistics.dropped == 6
+    assert statistics.gaps == 1
+
+
+async def test_latest_keeps_only_the_newest_event_once_full() -> None:
+    async with EventBus() as bus:
+        subscription = bus.subscribe("latest", buffer_size=3, policy=DeliveryPolicy.LATEST)
+        for _ in range(7):
+            bus.publish("job", BATCH_END)
+        batch = subscription.receive_batch_nowait()
+    assert batch[0].type is EventType.GAP
+    assert batch[0].data["from_seq"] == 1 and batch[0].data["to_seq"] == 6
+    assert [e.seq for e in batch[1:]] == [7]
+
+
+async def test_publish_nowait_refuses_instead_of_waiting_and_publishes_nothing() -> None:
+    async with EventBus() as bus:
+        subscription = bus.subscribe("tiny", buffer_size=2)
+        bus.publish_nowait("job", BATCH_END)
+        bus.publish_nowait("job", BATCH_END)
+        with pytest.raises(WouldBlock):
+            bus.publish_nowait("job", BATCH_END)
+        assert bus.last_seq("job") == 2
+        assert [e.seq for e in subscription.receive_batch_nowait()] == [1, 2]
+        assert bus.publish_nowait("job", BATCH_END).seq == 3
+
+
+async def test_publish_async_waits_for_room_without_blocking_the_loop() -> None:
+    async with EventBus() as bus:
+        subscription = bus.subscribe("tiny", buffer_size=1)
+        bus.publish("job", BATCH_END)
+        published = anyio.Event()
+
+        async def publisher() -> None:
+            await bus.publish_async("job", BATCH_END)
+            published.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(publisher)
+            await anyio.wait_all_tasks_blocked()
+            assert not published.is_set()  # the loop is free: we are running
+            assert (await subscription.receive()).seq == 1
+            with anyio.fail_after(5):
+                await published.wait()
+        assert (await subscription.receive()).seq == 2
+
+
+async def test_a_thread_blocked_on_a_full_buffer_is_released_by_close() -> None:
+    async with EventBus() as bus:
+        bus.subscribe("never-read", buffer_size=1)
+        bus.publish("job", BATCH_END)
+        outcome: list[str] = []
+
+        def blocked_publisher() -> None:
+            try:
+                bus.publish("job", BATCH_END)
+                outcome.append("published")
+            except Exception as error:
+                outcome.append(type(error).__name__)
+
+        thread = threading.Thread(target=blocked_publisher)
+        thread.start()
+        await bus.aclose(timeout=0.1)
+        await anyio.to_thread.run_sync(thread.join, 5)
+    assert outcome == ["BusClosed"]
+
+
+async def test_batches_respect_max_items_and_iteration_ends_after_close() -> None:
+    async with EventBus() as bus:
+        subscription = bus.subscribe("s")
+        for _ in range(5):
+            bus.publish("job", BATCH_END)
+        assert len(await subscription.receive_batch(max_items=2)) == 2
+        await bus.aclose()
+        assert [e.seq for e in await collect(subscription)] == [3, 4, 5]
+        with pytest.raises(anyio.EndOfStream):
+            await subscription.receive()
