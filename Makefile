@@ -1,0 +1,50 @@
+# The two quick-start commands: `make demo` and `make test`. Each one sets up what it needs.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+
+.PHONY: demo serve test lint typecheck unit system-deps bench soak clean
+
+$(INSTALLED): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --constraint constraints.txt --editable '.[dev]'
+	touch $(INSTALLED)
+
+## Install, then start the service on the embedded default with a demo job to watch.
+demo: $(INSTALLED)
+	$(BIN)/trainbus demo
+
+serve: $(INSTALLED)
+	$(BIN)/trainbus serve
+
+## Install (Python packages, and Debian's prometheus for promtool when run as root), then lint,
+## type-check and run the whole test suite.
+test: $(INSTALLED) system-deps lint typecheck unit
+
+lint: $(INSTALLED)
+	$(BIN)/ruff check .
+
+typecheck: $(INSTALLED)
+	$(BIN)/mypy
+
+unit: $(INSTALLED)
+	$(BIN)/python -m pytest
+
+system-deps:
+	@if ! command -v promtool >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
+		else \
+			echo "promtool is missing: run 'sudo apt-get install prometheus' (Debian/Ubuntu)"; exit 1; \
+		fi; \
+	fi
+
+bench: $(INSTALLED)
+	$(BIN)/python bench/bus.py
+	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/checkpoint.py
+	$(BIN)/python bench/fanout.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .mypy_cache .ruff_cache
