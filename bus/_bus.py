@@ -84,7 +84,7 @@ class EventBus:
         self._closed = False
         self._draining = False  # closed, but subscribers may still report their errors
         self._notifier: LoopNotifier | None = None
-        self._waiting = 0  # subscriptions whose consumer waits for events
+        self._waiting = 0  # consumers waiting for events and not yet queued for a wake-up
         self._pending_wake: list[Subscription] = []
         self._wake_scheduled = False
         self._blocked_publishers = 0
@@ -319,10 +319,15 @@ class EventBus:
         return event
 
     def _collect_wake(self, route: _Route) -> bool:
-        """With the lock held: queue waiting consumers on ``route``; True to schedule a wake."""
+        """With the lock held: queue waiting consumers on ``route``; True to schedule a wake.
+
+        ``_waiting`` counts consumers that wait and are not queued yet, so once they are
+        queued, further publishes skip this until a consumer waits again.
+        """
         for subscription in route.every:
             if subscription._waiter is not None and not subscription._wake_pending:
                 subscription._wake_pending = True
+                self._waiting -= 1
                 self._pending_wake.append(subscription)
         if self._pending_wake and not self._wake_scheduled:
             self._wake_scheduled = True
@@ -383,8 +388,8 @@ class EventBus:
             self._wake_scheduled = False
             waiters = []
             for subscription in pending:
+                waiter = subscription._clear_waiter()  # queued: not counted in _waiting
                 subscription._wake_pending = False
-                waiter = subscription._clear_waiter()
                 if waiter is not None:
                     waiters.append(waiter)
         for waiter in waiters:

@@ -212,7 +212,8 @@ class Subscription:
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
-            self._bus._waiting -= 1
+            if not self._wake_pending:
+                self._bus._waiting -= 1
         return waiter
 
     def _mark_closed(self) -> anyio.Event | None:
