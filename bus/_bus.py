@@ -32,9 +32,18 @@ _EMPTY: Mapping[str, Any] = MappingProxyType({})
 class _Route:
     """The subscriptions that receive one (job, event type), precomputed for the fast path."""
 
-    __slots__ = ("appends", "every", "lossless", "lossless_bounds", "lossy", "lossy_bounds")
+    __slots__ = (
+        "appends",
+        "every",
+        "lossless",
+        "lossless_bounds",
+        "lossy",
+        "lossy_bounds",
+        "published",
+    )
 
     def __init__(self, every: tuple[Subscription, ...]) -> None:
+        self.published = 0  # events published on this route (folded into the bus's totals)
         self.every = every
         self.lossless = tuple(s for s in every if not s._lossy)
         self.lossy = tuple(s for s in every if s._lossy)
@@ -172,7 +181,9 @@ class EventBus:
     def forget(self, job_id: str) -> None:
         """Drop what the bus remembers of ``job_id`` (its seq counter and routes)."""
         with self._lock:
-            self._jobs.pop(job_id, None)
+            job = self._jobs.pop(job_id, None)
+            if job is not None:
+                self._fold_counts(job)
 
     # -- publishing -------------------------------------------------------------------------
 
@@ -210,8 +221,8 @@ class EventBus:
                         route = self._wait_for_space(job, job_id, type)
                     break
             seq = job.seq = job.seq + 1
-            event = _new_event(Event, (job_id, seq, type, _now(), data or _EMPTY))
-            self._published_by_type[type] += 1
+            event = _new_event(Event, (job_id, seq, type, _now(), _EMPTY if data is None else data))
+            route.published += 1
             for items, size, subscription in route.lossy_bounds:
                 if len(items) >= size:
                     subscription._overflow()
@@ -277,8 +288,8 @@ class EventBus:
                         self._async_space_waiters.append(waiter)
                     return None
             seq = job.seq = job.seq + 1
-            event = _new_event(Event, (job_id, seq, type, _now(), data or _EMPTY))
-            self._published_by_type[type] += 1
+            event = _new_event(Event, (job_id, seq, type, _now(), _EMPTY if data is None else data))
+            route.published += 1
             for subscription in route.lossy:
                 if subscription._is_full():
                     subscription._overflow()
@@ -310,7 +321,7 @@ class EventBus:
     ) -> Event:
         seq = job.seq = job.seq + 1
         event = _new_event(Event, (job_id, seq, type, _now(), data))
-        self._published_by_type[type] += 1
+        route.published += 1
         for items, size, subscription in route.lossy_bounds:
             if len(items) >= size:
                 subscription._overflow()
@@ -370,7 +381,13 @@ class EventBus:
 
     def _invalidate_routes(self) -> None:
         for job in self._jobs.values():
+            self._fold_counts(job)
             job.routes.clear()
+
+    def _fold_counts(self, job: _Job) -> None:
+        for event_type, route in job.routes.items():
+            self._published_by_type[event_type] += route.published
+            route.published = 0
 
     # -- wake-ups ---------------------------------------------------------------------------
 
@@ -510,8 +527,12 @@ class EventBus:
         """A snapshot of the bus's counters and of every subscription's statistics."""
         subscriptions = self.subscriptions
         with self._lock:
-            published = sum(self._published_by_type.values())
-            by_type = {t.value: n for t, n in self._published_by_type.items() if n}
+            counts = dict(self._published_by_type)
+            for job in self._jobs.values():
+                for event_type, route in job.routes.items():
+                    counts[event_type] += route.published
+            published = sum(counts.values())
+            by_type = {t.value: n for t, n in counts.items() if n}
             closed = self._closed
         return BusStatistics(
             published=published,
