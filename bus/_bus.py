@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any
@@ -15,6 +16,7 @@ from anyio.abc import TaskGroup
 from ._delivery import BusStatistics, DeliveryPolicy
 from ._errors import BusClosed, BusError, WouldBlock
 from ._events import Event, EventType, event_type_for, event_types
+from ._log import JobLog
 from ._subscription import Subscription
 from ._wakeup import LoopNotifier
 
@@ -27,40 +29,6 @@ __all__ = ["EventBus"]
 _new_event = tuple.__new__
 _now = time.time
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
-
-
-class _Route:
-    """The subscriptions that receive one (job, event type), precomputed for the fast path."""
-
-    __slots__ = (
-        "appends",
-        "every",
-        "lossless",
-        "lossless_bounds",
-        "lossy",
-        "lossy_bounds",
-        "published",
-    )
-
-    def __init__(self, every: tuple[Subscription, ...]) -> None:
-        self.published = 0  # events published on this route (folded into the bus's totals)
-        self.every = every
-        self.lossless = tuple(s for s in every if not s._lossy)
-        self.lossy = tuple(s for s in every if s._lossy)
-        # (buffer, size[, subscription]) triples: local unpacking beats attribute lookups
-        self.lossless_bounds = tuple((s._items, s.buffer_size) for s in self.lossless)
-        self.lossy_bounds = tuple((s._items, s.buffer_size, s) for s in self.lossy)
-        self.appends = tuple(s._items.append for s in every)
-
-
-class _Job:
-    """What the bus keeps per job: its last ``seq`` and its routes by event type."""
-
-    __slots__ = ("routes", "seq")
-
-    def __init__(self, seq: int = 0) -> None:
-        self.seq = seq
-        self.routes: dict[EventType, _Route] = {}
 
 
 # The subscription whose handler is running in this task. A subscriber that publishes into
@@ -79,8 +47,9 @@ class EventBus:
             bus.attach(MySubscriber())
             bus.publish("job-1", EventType.TRAIN_START, {"epochs": 3})
 
-    :meth:`publish` may be called from any thread. The fast path takes one lock, appends to
-    each matching buffer and wakes the event loop at most once per batch of events.
+    :meth:`publish` may be called from any thread. Each event is appended once to its job's
+    log (see ``bus/_log.py``), whatever the number of subscribers; the fast path takes one
+    lock and wakes the event loop at most once per batch of events.
     """
 
     def __init__(self, *, drain_timeout: float = 10.0) -> None:
@@ -88,8 +57,8 @@ class EventBus:
         self._lock = threading.Lock()
         self._space = threading.Condition(self._lock)
         self._subscriptions: list[Subscription] = []
-        self._jobs: dict[str, _Job] = {}
-        self._published_by_type: dict[EventType, int] = dict.fromkeys(EventType, 0)
+        self._logs: dict[str, JobLog] = {}
+        self._trimmed_counts: Counter[EventType] = Counter()
         self._closed = False
         self._draining = False  # closed, but subscribers may still report their errors
         self._notifier: LoopNotifier | None = None
@@ -158,32 +127,50 @@ class EventBus:
     def last_seq(self, job_id: str) -> int:
         """The ``seq`` of the last event published for ``job_id`` (0 if none)."""
         with self._lock:
-            job = self._jobs.get(job_id)
-            return 0 if job is None else job.seq
+            log = self._logs.get(job_id)
+            return 0 if log is None else log.seq
 
     def restore_sequence(self, job_id: str, last_seq: int) -> None:
         """Continue ``job_id``'s numbering after ``last_seq`` (for a job restored from a store).
 
-        :raises BusError: if events after ``last_seq`` were already published.
+        :raises BusError: if events after ``last_seq`` were already published, or events of
+            the job are still waiting to be read.
         """
         with self._lock:
-            job = self._jobs.get(job_id)
-            if job is None:
-                self._jobs[job_id] = _Job(last_seq)
-            elif last_seq < job.seq:
+            log = self._logs.get(job_id) or self._new_log(job_id)
+            if last_seq < log.seq:
                 raise BusError(
                     f"cannot move job {job_id!r} back to seq {last_seq}: "
-                    f"seq {job.seq} was already published"
+                    f"seq {log.seq} was already published"
                 )
-            else:
-                job.seq = last_seq
+            log.trim(self._trimmed_counts)
+            if log.events:
+                raise BusError(f"cannot renumber job {job_id!r} while its events are unread")
+            log.seq = last_seq
+            log.base = last_seq + 1
+            for cursor in log.cursors:
+                cursor.next_seq = last_seq + 1
+            log.refresh_limit()
 
     def forget(self, job_id: str) -> None:
-        """Drop what the bus remembers of ``job_id`` (its seq counter and routes)."""
+        """Drop what the bus holds of ``job_id``: its seq counter and unread events."""
         with self._lock:
-            job = self._jobs.pop(job_id, None)
-            if job is not None:
-                self._fold_counts(job)
+            log = self._logs.pop(job_id, None)
+            if log is None:
+                return
+            self._trimmed_counts.update(event.type for event in log.events)
+            for cursor in list(log.cursors):
+                cursor.subscription._unfollow(job_id)
+            self._space.notify_all()
+
+    def _new_log(self, job_id: str) -> JobLog:
+        """With the lock held: start ``job_id``'s log, followed by every matching subscription."""
+        log = self._logs[job_id] = JobLog(job_id)
+        for subscription in self._subscriptions:
+            if subscription.job_id is None or subscription.job_id == job_id:
+                subscription._follow(log)
+        log.refresh_limit()
+        return log
 
     # -- publishing -------------------------------------------------------------------------
 
@@ -192,10 +179,10 @@ class EventBus:
     ) -> Event:
         """Publish an event from any thread and return it (with its ``seq``).
 
-        From a plain thread this waits while a lossless subscriber's buffer is full. On the
-        event-loop thread it cannot wait without deadlocking the loop, so it never does (the
-        buffer may briefly exceed its size); use :meth:`publish_async` there when
-        backpressure matters.
+        From a plain thread this waits while a lossless subscriber is ``buffer_size`` events
+        behind. On the event-loop thread it cannot wait without deadlocking the loop, so it
+        never does (the subscriber may briefly fall further behind); use
+        :meth:`publish_async` there when backpressure matters.
 
         ``data`` must be JSON-serialisable and must not be mutated afterwards.
 
@@ -209,26 +196,15 @@ class EventBus:
         try:
             if self._closed:
                 raise BusClosed("the bus is closed")
-            job = self._jobs.get(job_id)
-            if job is None:
-                job = self._jobs[job_id] = _Job()
-            route = job.routes.get(type)
-            if route is None:
-                route = self._route(job, job_id, type)
-            for items, size in route.lossless_bounds:
-                if len(items) >= size:
-                    if self._notifier is None or not self._notifier.in_loop_thread():
-                        route = self._wait_for_space(job, job_id, type)
-                    break
-            seq = job.seq = job.seq + 1
+            log = self._logs.get(job_id)
+            if log is None:
+                log = self._new_log(job_id)
+            if log.seq >= log.limit:
+                self._make_room(log, wait=True, exempt=None)
+            seq = log.seq = log.seq + 1
             event = _new_event(Event, (job_id, seq, type, _now(), _EMPTY if data is None else data))
-            route.published += 1
-            for items, size, subscription in route.lossy_bounds:
-                if len(items) >= size:
-                    subscription._overflow()
-            for append in route.appends:
-                append(event)
-            wake = self._waiting and self._collect_wake(route)
+            log.events.append(event)
+            wake = self._waiting and self._collect_wake(log)
         finally:
             lock.release()
         if wake:
@@ -240,7 +216,7 @@ class EventBus:
     ) -> Event:
         """Publish without ever waiting.
 
-        :raises WouldBlock: if a lossless subscriber's buffer is full (nothing is published).
+        :raises WouldBlock: if a lossless subscriber has no room (nothing is published).
         :raises BusClosed: if the bus is closed.
         """
         event = self._try_publish(job_id, event_type_for(type), data, None)
@@ -262,8 +238,11 @@ class EventBus:
             event = self._try_publish(job_id, event_type, data, waiter)
             if event is not None:
                 return event
+            with self._lock:
+                log = self._logs.get(job_id)
+                holding_back = [] if log is None else self._full_readers(log)
             await waiter.wait()
-            self._charge_wait(job_id, event_type, time.perf_counter() - started)
+            self._charge_wait(holding_back, time.perf_counter() - started)
 
     def _try_publish(
         self,
@@ -273,69 +252,98 @@ class EventBus:
         waiter: anyio.Event | None,
         *,
         during_drain: bool = False,
+        force: bool = False,
     ) -> Event | None:
+        """Publish unless a lossless reader lacks room (then register ``waiter``, give None).
+
+        The subscription running the calling handler is exempt: waiting for itself would
+        never end. ``force`` publishes regardless of room.
+        """
         me = current_subscription.get()
         with self._lock:
             if self._closed and not (during_drain and self._draining):
                 raise BusClosed("the bus is closed")
-            job = self._jobs.get(job_id)
-            if job is None:
-                job = self._jobs[job_id] = _Job()
-            route = job.routes.get(type) or self._route(job, job_id, type)
-            for subscription in route.lossless:
-                if subscription is not me and subscription._is_full():
-                    if waiter is not None:
-                        self._async_space_waiters.append(waiter)
-                    return None
-            seq = job.seq = job.seq + 1
+            log = self._logs.get(job_id) or self._new_log(job_id)
+            if (
+                log.seq >= log.limit
+                and not self._make_room(log, wait=False, exempt=me)
+                and not force
+            ):
+                if waiter is not None:
+                    self._async_space_waiters.append(waiter)
+                return None
+            seq = log.seq = log.seq + 1
             event = _new_event(Event, (job_id, seq, type, _now(), _EMPTY if data is None else data))
-            route.published += 1
-            for subscription in route.lossy:
-                if subscription._is_full():
-                    subscription._overflow()
-            for append in route.appends:
-                append(event)
-            wake = self._waiting and self._collect_wake(route)
+            log.events.append(event)
+            wake = self._waiting and self._collect_wake(log)
         if wake:
             self._schedule_wake()
         return event
 
     def _publish_report(self, job_id: str, data: Mapping[str, Any]) -> None:
-        """Publish a ``subscriber_error``, also while the bus drains after being closed."""
-        if self._try_publish(job_id, EventType.SUBSCRIBER_ERROR, data, None, during_drain=True):
-            return
-        # A full lossless buffer: the report must not wait inside a handler; buffers may
-        # briefly exceed their size rather than lose an error report.
+        """Publish a ``subscriber_error``, also while the bus drains after being closed.
+
+        A report never waits for room (it is published from inside a handler): a lossless
+        reader may briefly fall further behind rather than an error report be lost.
+        """
+        self._try_publish(
+            job_id, EventType.SUBSCRIBER_ERROR, data, None, during_drain=True, force=True
+        )
+
+    def _make_room(self, log: JobLog, *, wait: bool, exempt: Subscription | None) -> bool:
+        """With the lock held (the slow path): trim ``log`` and apply lossless backpressure.
+
+        Returns True when the next event fits. With ``wait``, a plain thread waits for room;
+        the event-loop thread never waits.
+        """
+        log.trim(self._trimmed_counts)
+        log.refresh_limit()
+        if log.seq < log.lossless_bound(exempt):
+            return True
+        if not wait or (self._notifier is not None and self._notifier.in_loop_thread()):
+            return False
+        started = time.perf_counter()
+        holding_back: set[Subscription] = set()
+        self._blocked_publishers += 1
+        try:
+            while log.seq >= log.lossless_bound():
+                if self._closed:
+                    raise BusClosed("the bus was closed while waiting for buffer room")
+                holding_back.update(self._full_readers(log))
+                self._space.wait(timeout=1.0)
+        finally:
+            self._blocked_publishers -= 1
+            waited = time.perf_counter() - started
+            for subscription in holding_back:
+                subscription._add_wait(waited)
+        log.trim(self._trimmed_counts)
+        log.refresh_limit()
+        return True
+
+    @staticmethod
+    def _full_readers(log: JobLog) -> list[Subscription]:
+        """The lossless readers of ``log`` that have no room for its next event."""
+        return [
+            cursor.subscription
+            for cursor in log.cursors
+            if not cursor.subscription._lossy
+            and cursor.end_seq is None
+            and cursor.backlog() >= cursor.subscription.buffer_size
+        ]
+
+    def _charge_wait(self, subscriptions: list[Subscription], seconds: float) -> None:
         with self._lock:
-            job = self._jobs.setdefault(job_id, _Job())
-            route = job.routes.get(EventType.SUBSCRIBER_ERROR) or self._route(
-                job, job_id, EventType.SUBSCRIBER_ERROR
-            )
-            self._append_unchecked(job, job_id, EventType.SUBSCRIBER_ERROR, data, route)
-            wake = self._waiting and self._collect_wake(route)
-        if wake:
-            self._schedule_wake()
+            for subscription in subscriptions:
+                subscription._add_wait(seconds)
 
-    def _append_unchecked(
-        self, job: _Job, job_id: str, type: EventType, data: Mapping[str, Any], route: _Route
-    ) -> Event:
-        seq = job.seq = job.seq + 1
-        event = _new_event(Event, (job_id, seq, type, _now(), data))
-        route.published += 1
-        for items, size, subscription in route.lossy_bounds:
-            if len(items) >= size:
-                subscription._overflow()
-        for append in route.appends:
-            append(event)
-        return event
-
-    def _collect_wake(self, route: _Route) -> bool:
-        """With the lock held: queue waiting consumers on ``route``; True to schedule a wake.
+    def _collect_wake(self, log: JobLog) -> bool:
+        """With the lock held: queue waiting readers of ``log``; True to schedule a wake.
 
         ``_waiting`` counts consumers that wait and are not queued yet, so once they are
         queued, further publishes skip this until a consumer waits again.
         """
-        for subscription in route.every:
+        for cursor in log.cursors:
+            subscription = cursor.subscription
             if subscription._waiter is not None and not subscription._wake_pending:
                 subscription._wake_pending = True
                 self._waiting -= 1
@@ -344,50 +352,6 @@ class EventBus:
             self._wake_scheduled = True
             return True
         return False
-
-    def _wait_for_space(self, job: _Job, job_id: str, type: EventType) -> _Route:
-        """With the lock held, wait until every lossless buffer on the route has room."""
-        started = time.perf_counter()
-        full: set[Subscription] = set()
-        self._blocked_publishers += 1
-        try:
-            while True:
-                if self._closed:
-                    raise BusClosed("the bus was closed while waiting for buffer room")
-                route = job.routes.get(type) or self._route(job, job_id, type)
-                blocking = [s for s in route.lossless if s._is_full()]
-                if not blocking:
-                    return route
-                full.update(blocking)
-                self._space.wait(timeout=1.0)
-        finally:
-            self._blocked_publishers -= 1
-            waited = time.perf_counter() - started
-            for subscription in full:
-                subscription._add_wait(waited)
-
-    def _charge_wait(self, job_id: str, type: EventType, seconds: float) -> None:
-        with self._lock:
-            job = self._jobs.get(job_id)
-            route = None if job is None else job.routes.get(type)
-            if route is not None:
-                for subscription in route.lossless:
-                    subscription._add_wait(seconds)
-
-    def _route(self, job: _Job, job_id: str, type: EventType) -> _Route:
-        route = _Route(tuple(s for s in self._subscriptions if s.matches(job_id, type)))
-        job.routes[type] = route
-        return route
-
-    def _invalidate_routes(self) -> None:
-        for job in self._jobs.values():
-            self._fold_counts(job)
-            job.routes.clear()
-
-    def _fold_counts(self, job: _Job) -> None:
-        for event_type, route in job.routes.items():
-            self._published_by_type[event_type] += route.published
-            route.published = 0
 
     # -- wake-ups ---------------------------------------------------------------------------
 
@@ -413,14 +377,13 @@ class EventBus:
             waiter.set()
 
     def _space_freed(self, subscription: Subscription) -> None:
-        """Called with the lock held when a consumer took events out of ``subscription``."""
-        if not subscription._lossy:
-            if self._blocked_publishers:
-                self._space.notify_all()
-            if self._async_space_waiters:
-                waiters, self._async_space_waiters = self._async_space_waiters, []
-                for waiter in waiters:
-                    waiter.set()
+        """Called with the lock held when a lossless reader moved on."""
+        if self._blocked_publishers:
+            self._space.notify_all()
+        if self._async_space_waiters:
+            waiters, self._async_space_waiters = self._async_space_waiters, []
+            for waiter in waiters:
+                waiter.set()
 
     # -- subscribing ------------------------------------------------------------------------
 
@@ -438,7 +401,8 @@ class EventBus:
         :param name: shown in statistics and metrics.
         :param job_id: only this job's events (default: every job).
         :param types: only these event types or callback names (default: every type).
-        :param buffer_size: events buffered before the policy applies.
+        :param buffer_size: how many events of a job the subscriber may fall behind
+            before its policy applies.
         :param policy: ``lossless``, ``drop_oldest`` or ``latest``.
         :raises BusClosed: if the bus is closed.
         :raises UnknownEventName: if ``types`` names an unknown event type.
@@ -457,14 +421,25 @@ class EventBus:
             if self._closed:
                 raise BusClosed("the bus is closed")
             self._subscriptions.append(subscription)
-            self._invalidate_routes()
+            if job_id is None:
+                logs = list(self._logs.values())
+            else:
+                logs = [self._logs.get(job_id) or self._new_log(job_id)]
+            for log in logs:
+                subscription._follow(log)
+                log.refresh_limit()
         return subscription
 
-    def _unsubscribe(self, subscription: Subscription) -> None:
+    def _unsubscribe(self, subscription: Subscription, *, keep_buffered: bool) -> None:
         with self._lock:
             if subscription in self._subscriptions:
                 self._subscriptions.remove(subscription)
-                self._invalidate_routes()
+            for job_id, cursor in list(subscription._cursors.items()):
+                if keep_buffered and cursor.backlog() > 0:
+                    cursor.end_seq = cursor.log.seq
+                else:
+                    subscription._unfollow(job_id)
+                cursor.log.refresh_limit()
             waiter = subscription._mark_closed()
             self._space_freed(subscription)
         if waiter is not None:
@@ -527,16 +502,13 @@ class EventBus:
         """A snapshot of the bus's counters and of every subscription's statistics."""
         subscriptions = self.subscriptions
         with self._lock:
-            counts = dict(self._published_by_type)
-            for job in self._jobs.values():
-                for event_type, route in job.routes.items():
-                    counts[event_type] += route.published
-            published = sum(counts.values())
-            by_type = {t.value: n for t, n in counts.items() if n}
+            counts = Counter(self._trimmed_counts)
+            for log in self._logs.values():
+                counts.update(event.type for event in log.events)
             closed = self._closed
         return BusStatistics(
-            published=published,
-            published_by_type=by_type,
+            published=sum(counts.values()),
+            published_by_type={t.value: n for t, n in counts.items() if n},
             subscriptions=tuple(s.statistics() for s in subscriptions),
             closed=closed,
         )

@@ -1,11 +1,10 @@
-"""A subscription: one subscriber's bounded buffer, its policy, and the consuming side."""
+"""A subscription: one subscriber's cursors into the job logs, its policy, and its reading side."""
 
 from __future__ import annotations
 
 import math
 import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -15,6 +14,7 @@ import anyio
 from ._delivery import DeliveryPolicy, SubscriptionStatistics
 from ._errors import WouldBlock
 from ._events import Event, EventType
+from ._log import Cursor, JobLog
 
 if TYPE_CHECKING:
     from ._bus import EventBus
@@ -27,8 +27,14 @@ class Subscription:
 
     Use it as an async context manager (closing it unsubscribes) and consume it one event at
     a time (``async for event in subscription``, :meth:`receive`) or in batches
-    (:meth:`receive_batch`). Iteration ends once the bus is closed and the buffer is drained.
-    Events of each job arrive in ``seq`` order.
+    (:meth:`receive_batch`). Iteration ends once the subscription or the bus is closed and
+    everything buffered has been read. Events of each job arrive in ``seq`` order; a lossy
+    subscription receives a ``gap`` event (``seq`` = the last missed one) before the first
+    event after a hole.
+
+    ``buffer_size`` bounds how far, in events of a job, the subscription may fall behind the
+    publishers: a lossless one holds them back, a lossy one loses the oldest. With a type
+    filter, events of other types count too, since they are published in between.
     """
 
     def __init__(
@@ -51,9 +57,7 @@ class Subscription:
         self._lossy = policy is not DeliveryPolicy.LOSSLESS
         self._bus = bus
         self._lock: threading.Lock = bus._lock
-        self._items: deque[Event] = deque()
-        # job_id -> [first missed seq, last missed seq, count], reported as one gap event
-        self._missed: dict[str, list[int]] = {}
+        self._cursors: dict[str, Cursor] = {}
         self._waiter: anyio.Event | None = None
         self._wake_pending = False
         self._closed = False
@@ -72,46 +76,46 @@ class Subscription:
             self.types is None or event_type in self.types
         )
 
-    # -- publisher side (called with the bus lock held) -------------------------------------
+    # -- bookkeeping (the bus lock is held) -------------------------------------------------
 
-    def _is_full(self) -> bool:
-        return len(self._items) >= self.buffer_size
+    def _follow(self, log: JobLog) -> None:
+        if log.job_id not in self._cursors:
+            cursor = Cursor(self, log)
+            self._cursors[log.job_id] = cursor
+            log.cursors.append(cursor)
 
-    def _overflow(self) -> None:
-        """Make room in a full lossy buffer (the bus appends the new event right after)."""
-        items = self._items
-        if self.policy is DeliveryPolicy.LATEST:
-            while items:
-                self._record_missed(items.popleft())
-        else:
-            self._record_missed(items.popleft())
+    def _unfollow(self, job_id: str) -> None:
+        cursor = self._cursors.pop(job_id, None)
+        if cursor is not None and cursor in cursor.log.cursors:
+            cursor.log.cursors.remove(cursor)
 
-    def _record_missed(self, event: Event) -> None:
-        self._dropped += 1
-        missed = self._missed.get(event.job_id)
-        if missed is None:
-            self._missed[event.job_id] = [event.seq, event.seq, 1]
-        else:
-            missed[1] = event.seq
-            missed[2] += 1
+    def _has_pending(self) -> bool:
+        return any(c.next_seq <= c.last_readable() for c in self._cursors.values())
 
     def _add_wait(self, seconds: float) -> None:
         self._wait_seconds += seconds
 
-    # -- consumer side ----------------------------------------------------------------------
-
     def _take(self, limit: float) -> list[Event]:
-        """Take up to ``limit`` events (gap notices first), with the bus lock held."""
+        """Read up to ``limit`` events (each hole announced first), with the bus lock held."""
         batch: list[Event] = []
-        if self._missed:
-            now = time.time()
-            for job_id, (first, last, count) in self._missed.items():
+        advanced_lossless = False
+        for cursor in list(self._cursors.values()):
+            if cursor.next_seq > cursor.last_readable():
+                if cursor.end_seq is not None:  # closed and drained: stop holding the log
+                    self._unfollow(cursor.log.job_id)
+                continue
+            missed, events = cursor.log.read(cursor, limit - len(batch))
+            if missed is not None:
+                first, last = missed
+                count = last - first + 1
+                self._dropped += count
+                self._gaps += 1
                 batch.append(
                     Event(
-                        job_id,
+                        cursor.log.job_id,
                         last,
                         EventType.GAP,
-                        now,
+                        time.time(),
                         {
                             "from_seq": first,
                             "to_seq": last,
@@ -120,21 +124,19 @@ class Subscription:
                         },
                     )
                 )
-            self._gaps += len(self._missed)
-            self._missed.clear()
-        items = self._items
-        if limit >= len(items):
-            batch.extend(items)
-            taken = len(items)
-            items.clear()
-        else:
-            taken = int(limit)
-            for _ in range(taken):
-                batch.append(items.popleft())
-        self._delivered += taken
-        if taken:
+            if events:
+                batch.extend(events)
+                self._delivered += len(events)
+            advanced_lossless = advanced_lossless or not self._lossy
+            if cursor.end_seq is not None and cursor.next_seq > cursor.end_seq:
+                self._unfollow(cursor.log.job_id)
+            if len(batch) >= limit:
+                break
+        if advanced_lossless:
             self._bus._space_freed(self)
         return batch
+
+    # -- reading ----------------------------------------------------------------------------
 
     def receive_batch_nowait(self, max_items: int | None = None) -> list[Event]:
         """Return every buffered event (at most ``max_items``) without waiting.
@@ -143,8 +145,10 @@ class Subscription:
         :raises anyio.EndOfStream: if the subscription or bus is closed and drained.
         """
         with self._lock:
-            if self._items or self._missed:
-                return self._take(math.inf if max_items is None else max_items)
+            if self._has_pending():
+                batch = self._take(math.inf if max_items is None else max_items)
+                if batch:
+                    return batch
             if self._closed:
                 raise anyio.EndOfStream
         raise WouldBlock
@@ -159,8 +163,10 @@ class Subscription:
             raise ValueError("max_items must be at least 1")
         while True:
             with self._lock:
-                if self._items or self._missed:
-                    return self._take(limit)
+                if self._has_pending():
+                    batch = self._take(limit)
+                    if batch:
+                        return batch
                 if self._closed:
                     raise anyio.EndOfStream
                 waiter = self._waiter
@@ -204,8 +210,8 @@ class Subscription:
         return self._closed
 
     def close(self) -> None:
-        """Stop receiving new events; what is buffered can still be consumed."""
-        self._bus._unsubscribe(self)
+        """Stop receiving new events; what is already buffered can still be read."""
+        self._bus._unsubscribe(self, keep_buffered=True)
 
     def _clear_waiter(self) -> anyio.Event | None:
         """With the bus lock held: forget the consumer's waiter and return it for waking."""
@@ -230,22 +236,26 @@ class Subscription:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        self.close()
-        with self._lock:
-            if self._items:
-                self._items.clear()
-                self._bus._space_freed(self)
+        self._bus._unsubscribe(self, keep_buffered=False)
 
     def statistics(self) -> SubscriptionStatistics:
         """A snapshot of this subscription's counters."""
         with self._lock:
+            buffered = 0
+            pending_drops = 0
+            for cursor in self._cursors.values():
+                backlog = max(0, cursor.backlog())
+                if self._lossy and backlog > self.buffer_size:
+                    pending_drops += backlog - self.buffer_size
+                    backlog = self.buffer_size
+                buffered += backlog
             return SubscriptionStatistics(
                 name=self.name,
                 policy=self.policy,
                 buffer_size=self.buffer_size,
-                buffered=len(self._items),
+                buffered=buffered,
                 delivered=self._delivered,
-                dropped=self._dropped,
+                dropped=self._dropped + pending_drops,
                 gaps=self._gaps,
                 errors=self.errors,
                 publisher_wait_seconds=self._wait_seconds,

@@ -36,7 +36,8 @@ async def test_each_subscriber_sees_its_events_in_seq_order() -> None:
         seen = await collect(everything)
         seen_a = await collect(only_a)
         seen_epochs = await collect(only_epochs)
-    assert [e.data.get("i") for e in seen[:50]] == list(range(50))
+    # Order is per job (each job's seq); jobs interleave as the bus pleases.
+    assert [e.data["i"] for e in seen if e.job_id == "b"] == list(range(0, 50, 2))
     for job in ("a", "b"):
         seqs = [e.seq for e in seen if e.job_id == job]
         assert seqs == list(range(1, len(seqs) + 1))
