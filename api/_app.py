@@ -1,0 +1,197 @@
+"""The app factory: ``create_app(settings)`` wires the bus, the live hub, the job manager and
+the default subscribers together, and shuts them down in order.
+
+Start-up: the bus, the WebSocket hub, then the runtime (event store, Prometheus exporter,
+resource monitor, job manager). Shutdown (also on SIGTERM, through uvicorn): stop accepting
+jobs, let the runtime checkpoint and pause running jobs (they come back ``interrupted``) and
+flush the store, close the WebSocket streams, close the bus.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import anyio
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from bus import EventBus
+
+from ._auth import OriginPolicy, TokenMiddleware, ensure_token
+from ._errors import install_error_handlers
+from ._history import EventHistory, EventSource
+from ._hub import EventHub
+from ._routes_jobs import router as jobs_router
+from ._routes_system import router as system_router
+from ._services import JobService, Services
+from ._settings import Settings, is_loopback_host
+from ._websocket import router as websocket_router
+
+__all__ = ["Runtime", "RuntimeFactory", "create_app"]
+
+logger = logging.getLogger("trainbus.api")
+
+DESCRIPTION = """\
+Run, watch and steer PyTorch training jobs.
+
+Every endpoint but `/healthz` (and `/metrics`, unless configured otherwise) needs the API
+token: `Authorization: Bearer <token>`. WebSocket clients send the same header, or (browsers)
+offer the subprotocols `trainbus` and `trainbus.bearer.<token>`.
+
+Live events: `ws://HOST/jobs/{id}/events/ws?after_seq=N&types=a,b` (replay from the store,
+then live; neither gap nor duplicate) and `ws://HOST/events/ws` (every job, live). Each message
+is one JSON event `{"job_id", "seq", "type", "time", "data"}` or an array of them. A client
+that falls too far behind is closed with code 4008; the reason names the `after_seq` to
+reconnect with.
+"""
+
+
+@dataclass
+class Runtime:
+    """What the job side of the server provides to the routes."""
+
+    jobs: JobService
+    history: EventSource | None = None
+    render_metrics: Callable[[], bytes] | None = None
+    ready_checks: dict[str, Callable[[], Any]] = field(default_factory=dict)
+    exception_statuses: dict[type[BaseException], int] = field(default_factory=dict)
+
+
+RuntimeFactory = Callable[[Settings, EventBus], AbstractAsyncContextManager[Runtime]]
+"""Builds the runtime on a running bus and tears it down on exit (dependency injection)."""
+
+
+def _default_runtime(settings: Settings, bus: EventBus) -> AbstractAsyncContextManager[Runtime]:
+    from ._runtime import default_runtime
+
+    return default_runtime(settings, bus)
+
+
+def _exception_statuses() -> dict[type[BaseException], int]:
+    from ._runtime import exception_statuses
+
+    return exception_statuses()
+
+
+def create_app(
+    settings: Settings | None = None, *, runtime: RuntimeFactory | None = None
+) -> FastAPI:
+    """Build the trainbus FastAPI app.
+
+    :param settings: the configuration (default: read from the environment now). Without a
+        token one is generated and printed once at start-up.
+    :param runtime: builds the job side on the bus (default: the worker's job manager with
+        the event store, Prometheus exporter and resource monitor).
+    :raises ValueError: for a non-loopback host without an explicit token.
+    """
+    settings, generated = ensure_token(settings if settings is not None else Settings())
+    assert settings.token is not None
+    factory = runtime or _default_runtime
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if generated:
+            assert settings.token is not None
+            print(
+                f"trainbus: generated API token (shown once): {settings.token.get_secret_value()}",
+                file=sys.stderr,
+                flush=True,
+            )
+        async with EventBus() as bus, anyio.create_task_group() as group:
+            hub = EventHub(bus, buffer_size=settings.hub_buffer_size)
+            await group.start(hub.run)
+            try:
+                async with factory(settings, bus) as built:
+                    services = Services(
+                        settings=settings,
+                        bus=bus,
+                        hub=hub,
+                        jobs=built.jobs,
+                        history=None
+                        if built.history is None
+                        else EventHistory(
+                            built.history, catch_up_timeout=settings.store_catch_up_timeout
+                        ),
+                        render_metrics=built.render_metrics,
+                        ready_checks=built.ready_checks,
+                    )
+                    app.state.services = services
+                    try:
+                        yield
+                    finally:
+                        services.accepting = False
+                        services.shutting_down = True
+                        logger.info("trainbus: shutting down")
+            finally:
+                hub.close()
+        app.state.services = None
+
+    app = FastAPI(
+        title="trainbus",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.services = None
+    statuses = dict(_exception_statuses()) if runtime is None else {}
+    install_error_handlers(app, statuses)
+    app.include_router(system_router)
+    app.include_router(jobs_router)
+    app.include_router(websocket_router)
+    origins = OriginPolicy(settings.allowed_origins)
+    exempt = ["/healthz"] if settings.metrics_require_token else ["/healthz", "/metrics"]
+    app.add_middleware(TokenMiddleware, token=settings.token, origins=origins, exempt_paths=exempt)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=["*"] if origins.allow_any else list(origins.origins),
+        # allowed loopback origins match on any port, as for WebSockets
+        allow_origin_regex=_loopback_origin_regex(origins),
+        allow_methods=["GET", "POST", "DELETE"],
+        allow_headers=["Authorization", "Content-Type"],
+        expose_headers=["Location"],
+    )
+    _add_security_scheme(app)
+    return app
+
+
+def _loopback_origin_regex(origins: OriginPolicy) -> str | None:
+    hosts = sorted(
+        {
+            re.escape(urlsplit(origin).netloc)
+            for origin in origins.origins
+            if is_loopback_host(urlsplit(origin).hostname or "") and urlsplit(origin).port is None
+        }
+    )
+    return rf"https?://({'|'.join(hosts)})(:\d+)?" if hosts else None
+
+
+def _add_security_scheme(app: FastAPI) -> None:
+    """Document the bearer token in the OpenAPI document (the middleware enforces it)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        components = schema.setdefault("components", {})
+        components.setdefault("securitySchemes", {})["bearer"] = {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "The API token printed at start-up (or TRAINBUS_TOKEN)",
+        }
+        schema["security"] = [{"bearer": []}]
+        for path in ("/healthz", "/metrics"):
+            for operation in schema.get("paths", {}).get(path, {}).values():
+                operation["security"] = [] if path == "/healthz" else [{}, {"bearer": []}]
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

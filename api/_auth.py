@@ -1,0 +1,228 @@
+"""The API token: bearer headers on HTTP and WebSocket handshakes, a subprotocol for browsers,
+and the Origin allowlist for WebSocket handshakes.
+
+Browsers cannot set ``Authorization`` on a WebSocket, and a token in the URL would land in
+access logs. They offer two subprotocols instead, ``trainbus`` and ``trainbus.bearer.<token>``;
+the server checks the second and echoes only ``trainbus``.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import SecretStr
+from starlette.requests import HTTPConnection
+
+from ._settings import Settings, is_loopback_host
+
+__all__ = [
+    "BEARER_SUBPROTOCOL_PREFIX",
+    "MISSING_TOKEN",
+    "SUBPROTOCOL",
+    "OriginPolicy",
+    "TokenCheck",
+    "TokenMiddleware",
+    "ensure_token",
+    "offered_subprotocols",
+]
+
+SUBPROTOCOL = "trainbus"
+BEARER_SUBPROTOCOL_PREFIX = "trainbus.bearer."
+
+
+def ensure_token(settings: Settings) -> tuple[Settings, bool]:
+    """Return settings that carry a token, and whether it was generated just now.
+
+    :raises ValueError: when a non-loopback address would be bound without an explicit token.
+    """
+    if settings.token is not None:
+        return settings, False
+    if not settings.loopback_only:
+        raise ValueError(
+            f"refusing to bind {settings.host!r} without an explicit token: set TRAINBUS_TOKEN "
+            "(or --token), or bind 127.0.0.1"
+        )
+    token = SecretStr(secrets.token_urlsafe(32))
+    return settings.model_copy(update={"token": token}), True
+
+
+def offered_subprotocols(connection: HTTPConnection) -> list[str]:
+    """The subprotocols a WebSocket client offered in ``Sec-WebSocket-Protocol``."""
+    offered: list[str] = []
+    for value in connection.headers.getlist("sec-websocket-protocol"):
+        offered.extend(part.strip() for part in value.split(",") if part.strip())
+    return offered
+
+
+class TokenCheck:
+    """Checks the credentials of a request or WebSocket handshake against the token."""
+
+    def __init__(self, token: SecretStr) -> None:
+        self._token = token.get_secret_value().encode()
+
+    def matches(self, candidate: str) -> bool:
+        # compare_digest: the time taken does not reveal how much of the token matched
+        return secrets.compare_digest(candidate.encode(), self._token)
+
+    def bearer(self, connection: HTTPConnection) -> str | None:
+        """The token presented in ``Authorization: Bearer <token>``, if any."""
+        header = connection.headers.get("authorization")
+        if header is None:
+            return None
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            return None
+        return value.strip()
+
+    def authorized(self, connection: HTTPConnection, *, websocket: bool = False) -> bool:
+        """True when ``connection`` presents the token (for WebSockets, also as subprotocol)."""
+        presented = self.bearer(connection)
+        if presented is not None and self.matches(presented):
+            return True
+        if websocket:
+            for protocol in offered_subprotocols(connection):
+                if protocol.startswith(BEARER_SUBPROTOCOL_PREFIX) and self.matches(
+                    protocol[len(BEARER_SUBPROTOCOL_PREFIX) :]
+                ):
+                    return True
+        return False
+
+
+def _origin_parts(origin: str) -> tuple[str, str, int | None] | None:
+    try:
+        parts = urlsplit(origin.strip().lower())
+        port = parts.port
+    except ValueError:
+        return None
+    if not parts.scheme or not parts.hostname:
+        return None
+    return parts.scheme, parts.hostname, port
+
+
+class OriginPolicy:
+    """Which ``Origin`` headers may open a WebSocket.
+
+    A handshake without ``Origin`` comes from a non-browser client (the CLI, a notebook) and is
+    allowed; the token still guards it. Allowed loopback origins match on any port, since
+    local dashboards run on ports of their own.
+    """
+
+    def __init__(self, allowed: Iterable[str]) -> None:
+        self.allow_any = False
+        self._allowed: list[tuple[str, str, int | None]] = []
+        for origin in allowed:
+            if origin.strip() == "*":
+                self.allow_any = True
+                continue
+            parts = _origin_parts(origin)
+            if parts is not None:
+                self._allowed.append(parts)
+
+    def allows(self, origin: str | None) -> bool:
+        if origin is None or self.allow_any:
+            return True
+        parts = _origin_parts(origin)
+        if parts is None:
+            return False
+        scheme, host, port = parts
+        for allowed_scheme, allowed_host, allowed_port in self._allowed:
+            if scheme != allowed_scheme or host != allowed_host:
+                continue
+            if allowed_port is None and is_loopback_host(host):
+                return True
+            if allowed_port == port:
+                return True
+        return False
+
+    @property
+    def origins(self) -> Sequence[str]:
+        return [
+            f"{scheme}://{host}" + ("" if port is None else f":{port}")
+            for scheme, host, port in self._allowed
+        ]
+
+
+def _json_denial(status: int, detail: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    import json
+
+    body = json.dumps({"detail": detail}).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    if status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    return headers, body
+
+
+MISSING_TOKEN = (
+    "missing or wrong API token: send 'Authorization: Bearer <token>' (the token is printed "
+    "when the server starts, or set with TRAINBUS_TOKEN)"
+)
+MISSING_TOKEN_WS = (
+    MISSING_TOKEN + "; browsers may offer the WebSocket subprotocols 'trainbus' and "
+    "'trainbus.bearer.<token>' instead"
+)
+
+
+class TokenMiddleware:
+    """Refuses HTTP requests and WebSocket handshakes without the token (ASGI middleware).
+
+    It sits in front of every route, so a route cannot be added without protection; the
+    exempt paths are listed here and nowhere else. WebSocket handshakes from an ``Origin``
+    outside the allowlist are refused with 403 before they are accepted.
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        token: SecretStr,
+        origins: OriginPolicy,
+        exempt_paths: Iterable[str] = ("/healthz",),
+    ) -> None:
+        self.app = app
+        self.check = TokenCheck(token)
+        self.origins = origins
+        self.exempt_paths = frozenset(exempt_paths)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            connection = HTTPConnection(scope)
+            if scope["method"] == "OPTIONS" or scope["path"] in self.exempt_paths:
+                await self.app(scope, receive, send)
+            elif not self.check.authorized(connection):
+                headers, body = _json_denial(401, MISSING_TOKEN)
+                await send({"type": "http.response.start", "status": 401, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+            else:
+                await self.app(scope, receive, send)
+        elif kind == "websocket":
+            connection = HTTPConnection(scope)
+            if not self.origins.allows(connection.headers.get("origin")):
+                await _deny_websocket(
+                    scope,
+                    send,
+                    403,
+                    "this Origin may not open WebSockets: add it to TRAINBUS_ALLOWED_ORIGINS",
+                )
+            elif not self.check.authorized(connection, websocket=True):
+                await _deny_websocket(scope, send, 401, MISSING_TOKEN_WS)
+            else:
+                await self.app(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+async def _deny_websocket(scope: Any, send: Any, status: int, detail: str) -> None:
+    """Refuse a handshake: an HTTP error response where the server supports it, else close."""
+    if "websocket.http.response" in scope.get("extensions", {}):
+        headers, body = _json_denial(status, detail)
+        await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:
+        await send({"type": "websocket.close", "code": 1008, "reason": detail[:120]})

@@ -1,0 +1,147 @@
+"""The one place that maps exceptions to HTTP statuses; every error body is
+``{"detail": "<what went wrong and what to fix>"}`` (422s keep FastAPI's field list).
+
+Hierarchy of the API's own errors::
+
+    ApiError
+    ├── NotFound            an id or name the server does not know (404)
+    ├── Conflict            the job's state does not allow the request (409)
+    ├── InvalidRequest      a request that is well-formed JSON but cannot be honoured (422)
+    └── ServiceUnavailable  the server is starting or shutting down (503)
+
+Exceptions of the other packages are mapped by class in :func:`install_error_handlers`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from bus import BusClosed, ControlError, UnknownEventName
+
+__all__ = [
+    "ApiError",
+    "Conflict",
+    "InvalidRequest",
+    "NotFound",
+    "ServiceUnavailable",
+    "install_error_handlers",
+    "status_for",
+]
+
+logger = logging.getLogger("trainbus.api")
+
+
+class ApiError(Exception):
+    """Base class of the API's own errors; ``status`` is the HTTP status it maps to."""
+
+    status = 500
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class NotFound(ApiError):
+    """Raised when a job id, checkpoint name or other identifier is unknown."""
+
+    status = 404
+
+
+class Conflict(ApiError):
+    """Raised when the job's state does not allow the request (pause a completed job)."""
+
+    status = 409
+
+
+class InvalidRequest(ApiError):
+    """Raised when a request is well-formed but cannot be honoured as asked."""
+
+    status = 422
+
+
+class ServiceUnavailable(ApiError):
+    """Raised while the server is starting up or shutting down."""
+
+    status = 503
+
+
+_BASE_STATUSES: dict[type[BaseException], int] = {
+    ApiError: 500,
+    BusClosed: 503,
+    ControlError: 409,
+    UnknownEventName: 422,
+}
+
+
+def status_for(error: BaseException, statuses: Mapping[type[BaseException], int]) -> int | None:
+    """The status for ``error``: its most specific class listed in ``statuses``."""
+    if isinstance(error, ApiError):
+        return error.status
+    for cls in type(error).__mro__:
+        if cls in statuses:
+            return statuses[cls]
+    return None
+
+
+def _detail(error: BaseException) -> str:
+    detail = getattr(error, "detail", None)
+    if isinstance(detail, str) and detail:
+        return detail
+    text = str(error)
+    if len(error.args) == 1 and isinstance(error.args[0], str):
+        text = error.args[0]
+    return text or type(error).__name__
+
+
+def install_error_handlers(
+    app: FastAPI, statuses: Mapping[type[BaseException], int] | None = None
+) -> None:
+    """Install the handlers; ``statuses`` adds the other packages' exception classes."""
+    table = {**_BASE_STATUSES, **(statuses or {})}
+
+    async def mapped(request: Request, error: Exception) -> JSONResponse:
+        status = status_for(error, table) or 500
+        if status >= 500 and status != 503:
+            logger.error("%s %s failed: %r", request.method, request.url.path, error)
+            return JSONResponse(
+                {"detail": "internal error; the server log has the details"}, status_code=500
+            )
+        headers = {"Retry-After": "5"} if status == 503 else None
+        return JSONResponse({"detail": _detail(error)}, status_code=status, headers=headers)
+
+    for cls in table:
+        if issubclass(cls, Exception):
+            app.add_exception_handler(cls, mapped)
+
+    async def validation(request: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, RequestValidationError)
+        errors = jsonable_encoder(error.errors(), custom_encoder={Exception: str})
+        fields = ", ".join(
+            ".".join(str(part) for part in item.get("loc", ())) for item in errors[:5]
+        )
+        return JSONResponse(
+            {"detail": errors, "message": f"invalid request: fix {fields}"}, status_code=422
+        )
+
+    app.add_exception_handler(RequestValidationError, validation)
+
+    async def http_error(request: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, StarletteHTTPException)
+        detail: Any = error.detail
+        if error.status_code == 404 and detail == "Not Found":
+            detail = f"no such endpoint: {request.method} {request.url.path} (see /docs)"
+        elif error.status_code == 405:
+            detail = f"{request.method} is not allowed on {request.url.path}"
+        return JSONResponse(
+            {"detail": detail}, status_code=error.status_code, headers=error.headers
+        )
+
+    app.add_exception_handler(StarletteHTTPException, http_error)

@@ -1,0 +1,323 @@
+"""Live fan-out of bus events to WebSocket clients: one bus subscription per server.
+
+The hub reads the bus through one ``drop_oldest`` subscription (it never makes the bus wait),
+encodes each event to JSON once, and appends the same encoded string to the bounded buffer of
+every interested client. A client whose buffer overflows loses its oldest events and is told
+so with a ``gap`` notice; one that has missed more than ``max_lag`` events is marked too slow
+and its connection is closed (code 4008). Everything here runs on the event loop's thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import anyio
+from anyio.abc import TaskStatus
+
+from bus import DeliveryPolicy, Event, EventBus, EventType
+
+__all__ = ["ClientBuffer", "EventHub", "HubStatistics", "encode_event", "gap_notice"]
+
+logger = logging.getLogger("trainbus.api")
+
+Item = tuple[str, int, str]
+"""What a client buffer holds: ``(job_id, seq, encoded JSON)``, shared by every client."""
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def encode_event(event: Event) -> str:
+    """The event as compact JSON; NaN and infinities (a diverging loss) become ``null``."""
+    payload = event.to_dict()
+    try:
+        return json.dumps(payload, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(payload), separators=(",", ":"), allow_nan=False)
+
+
+def gap_notice(job_id: str, from_seq: int, to_seq: int, missed: int, subscriber: str) -> Item:
+    """A ``gap`` event telling a client which ``seq`` range of ``job_id`` it missed."""
+    event = Event(
+        job_id,
+        to_seq,
+        EventType.GAP,
+        time.time(),
+        {"from_seq": from_seq, "to_seq": to_seq, "missed": missed, "subscriber": subscriber},
+    )
+    return (job_id, to_seq, encode_event(event))
+
+
+class ClientBuffer:
+    """One WebSocket client's bounded buffer of encoded events, filled by the hub.
+
+    :param job_id: only this job's events (``None``: every job).
+    :param types: only these event types (``None``: every type); gaps always pass.
+    :param buffer_size: events kept; past it the oldest are dropped and reported as a gap.
+    :param max_lag: events the client may miss before it is marked :attr:`too_slow`.
+    """
+
+    def __init__(
+        self,
+        *,
+        job_id: str | None,
+        types: frozenset[EventType] | None,
+        buffer_size: int,
+        max_lag: int,
+        on_too_slow: Iterable[Callable[[], None]] = (),
+    ) -> None:
+        self.job_id = job_id
+        self.types = types
+        self.buffer_size = buffer_size
+        self.max_lag = max_lag
+        self.too_slow = False
+        self.closed = False
+        self.first_seq: dict[str, int] = {}  # first seq the hub handled per job, filtered or not
+        self._items: deque[Item] = deque()
+        self._missed: dict[str, list[int]] = {}  # job -> [from_seq, to_seq, count]
+        self._lag = 0  # events missed since the client last emptied its buffer
+        self._wake = anyio.Event()
+        self.on_too_slow = list(on_too_slow)
+        self.delivered = 0
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    # -- hub side ---------------------------------------------------------------------------
+
+    def _extend(self, job_id: str, first_seq: int, items: list[Item]) -> None:
+        if self.closed or self.too_slow:
+            return
+        self.first_seq.setdefault(job_id, first_seq)
+        if not items:
+            return
+        self._items.extend(items)
+        excess = len(self._items) - self.buffer_size
+        if excess > 0:
+            self._drop(excess)
+        self._wake.set()
+
+    def _drop(self, count: int) -> None:
+        popleft = self._items.popleft
+        for _ in range(count):
+            job_id, seq, _encoded = popleft()
+            self._record_missed(job_id, seq, seq, 1)
+
+    def _record_missed(self, job_id: str, from_seq: int, to_seq: int, count: int) -> None:
+        self.dropped += count
+        self._lag += count
+        missed = self._missed.get(job_id)
+        if missed is None:
+            self._missed[job_id] = [from_seq, to_seq, count]
+        else:
+            missed[1] = to_seq
+            missed[2] += count
+        if self._lag > self.max_lag and not self.too_slow:
+            self.too_slow = True
+            self._items.clear()
+            self._wake.set()
+            for callback in self.on_too_slow:
+                callback()
+
+    def _gap(self, job_id: str, from_seq: int, to_seq: int, count: int) -> None:
+        """The hub itself missed events (its bus buffer overflowed)."""
+        if self.closed or self.too_slow:
+            return
+        self.first_seq.setdefault(job_id, from_seq)
+        self._record_missed(job_id, from_seq, to_seq, count)
+        self._wake.set()
+
+    # -- connection side --------------------------------------------------------------------
+
+    async def wait(self) -> None:
+        """Wait until there is something to take, the client is too slow, or it closed."""
+        if self._items or self._missed or self.too_slow or self.closed:
+            return
+        self._wake = anyio.Event()
+        await self._wake.wait()
+
+    def take(self, max_items: int) -> tuple[list[tuple[str, int, int, int]], list[Item]]:
+        """Take the missed ranges (``job, from_seq, to_seq, count``) and up to ``max_items``
+        buffered events, oldest first."""
+        missed = [(job, lo, hi, n) for job, (lo, hi, n) in self._missed.items()]
+        self._missed.clear()
+        items = self._items
+        if len(items) <= max_items:
+            batch = list(items)
+            items.clear()
+        else:
+            batch = [items.popleft() for _ in range(max_items)]
+        if not items:
+            self._lag = 0
+        self.delivered += len(batch)
+        return missed, batch
+
+    def close(self) -> None:
+        self.closed = True
+        self._items.clear()
+        self._wake.set()
+
+
+class HubStatistics:
+    """A snapshot of the hub: clients, events fanned out, drops and slow clients closed."""
+
+    __slots__ = ("clients", "dropped", "events", "hub_missed", "too_slow")
+
+    def __init__(
+        self, clients: int, events: int, dropped: int, hub_missed: int, too_slow: int
+    ) -> None:
+        self.clients = clients
+        self.events = events
+        self.dropped = dropped
+        self.hub_missed = hub_missed
+        self.too_slow = too_slow
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class EventHub:
+    """Reads the bus once and fans encoded events out to :class:`ClientBuffer` instances."""
+
+    def __init__(self, bus: EventBus, *, buffer_size: int = 65_536) -> None:
+        self._bus = bus
+        self._buffer_size = buffer_size
+        self._by_job: dict[str, set[ClientBuffer]] = {}
+        self._every_job: set[ClientBuffer] = set()
+        self._events = 0
+        self._hub_missed = 0
+        self._dropped_by_closed = 0
+        self._too_slow = 0
+        self._subscription = bus.subscribe(
+            "websocket_hub", buffer_size=buffer_size, policy=DeliveryPolicy.DROP_OLDEST
+        )
+
+    def add(
+        self,
+        *,
+        job_id: str | None,
+        types: Iterable[EventType] | None,
+        buffer_size: int,
+        max_lag: int,
+    ) -> ClientBuffer:
+        """Register a client; it receives every matching event the hub handles from now on."""
+        client = ClientBuffer(
+            job_id=job_id,
+            types=None if types is None else frozenset(types),
+            buffer_size=buffer_size,
+            max_lag=max_lag,
+            on_too_slow=[self._count_too_slow],
+        )
+        if job_id is None:
+            self._every_job.add(client)
+        else:
+            self._by_job.setdefault(job_id, set()).add(client)
+        return client
+
+    def remove(self, client: ClientBuffer) -> None:
+        client.close()
+        self._dropped_by_closed += client.dropped
+        if client.job_id is None:
+            self._every_job.discard(client)
+        else:
+            clients = self._by_job.get(client.job_id)
+            if clients is not None:
+                clients.discard(client)
+                if not clients:
+                    del self._by_job[client.job_id]
+
+    def _count_too_slow(self) -> None:
+        self._too_slow += 1
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Fan events out until the bus closes."""
+        task_status.started()
+        subscription = self._subscription
+        async with subscription:
+            while True:
+                try:
+                    batch = await subscription.receive_batch()
+                except anyio.EndOfStream:
+                    break
+                try:
+                    self._fan_out(batch)
+                except Exception:  # a bug here must not end live streaming for everyone
+                    logger.exception("websocket hub failed to fan out %d events", len(batch))
+        for client in self.clients():
+            client.close()
+
+    def clients(self) -> list[ClientBuffer]:
+        clients = list(self._every_job)
+        for job_clients in self._by_job.values():
+            clients.extend(job_clients)
+        return clients
+
+    def _fan_out(self, batch: list[Event]) -> None:
+        by_job: dict[str, list[Event]] = {}
+        for event in batch:
+            events = by_job.get(event.job_id)
+            if events is None:
+                by_job[event.job_id] = [event]
+            else:
+                events.append(event)
+        gap = EventType.GAP
+        for job_id, events in by_job.items():
+            clients = list(self._by_job.get(job_id, ()))
+            clients.extend(self._every_job)
+            # Gap notices from the bus mean the hub itself fell behind: every client missed them.
+            notices = [e for e in events if e.type is gap]
+            if notices:
+                events = [e for e in events if e.type is not gap]
+                for notice in notices:
+                    self._hub_missed += int(notice.data["missed"])
+                    for client in clients:
+                        client._gap(
+                            job_id,
+                            int(notice.data["from_seq"]),
+                            int(notice.data["to_seq"]),
+                            int(notice.data["missed"]),
+                        )
+            if not events:
+                continue
+            self._events += len(events)
+            if not clients:
+                continue
+            items = [(job_id, e.seq, encode_event(e)) for e in events]
+            first_seq = events[0].seq
+            for client in clients:
+                types = client.types
+                if types is None:
+                    client._extend(job_id, first_seq, items)
+                else:
+                    client._extend(
+                        job_id,
+                        first_seq,
+                        [item for item, e in zip(items, events, strict=True) if e.type in types],
+                    )
+
+    def statistics(self) -> HubStatistics:
+        clients = self.clients()
+        return HubStatistics(
+            clients=len(clients),
+            events=self._events,
+            dropped=self._dropped_by_closed + sum(c.dropped for c in clients),
+            hub_missed=self._hub_missed,
+            too_slow=self._too_slow,
+        )
+
+    def close(self) -> None:
+        self._subscription.close()

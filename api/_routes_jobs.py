@@ -1,0 +1,223 @@
+"""REST routes for jobs: submit, list, inspect, control, delete, events and checkpoints."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Body, Path, Query, Request, Response
+from fastapi.responses import FileResponse
+
+from bus import event_type_for
+
+from ._errors import ServiceUnavailable
+from ._schemas import (
+    JOB_ID_PATTERN,
+    NAME_PATTERN,
+    CheckpointInfo,
+    CommandAccepted,
+    ErrorBody,
+    EventBody,
+    JobList,
+    JobRecord,
+    ValidationErrorBody,
+)
+from ._services import services_of
+
+__all__ = ["SPEC_EXAMPLE", "router"]
+
+SPEC_EXAMPLE: dict[str, Any] = {
+    "model": {"name": "mlp", "params": {"hidden": [64]}},
+    "dataset": {"name": "digits"},
+    "epochs": 3,
+    "batch_size": 32,
+    "seed": 0,
+}
+
+JobId = Annotated[
+    str,
+    Path(pattern=JOB_ID_PATTERN, description="The job's id", examples=["j-3f2a9c1d"]),
+]
+
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorBody, "description": "No job with this id"}
+}
+_UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "Missing or wrong API token"}
+}
+_INVALID: dict[int | str, dict[str, Any]] = {
+    422: {"model": ValidationErrorBody, "description": "Invalid parameters"}
+}
+_CONFLICT: dict[int | str, dict[str, Any]] = {
+    409: {"model": ErrorBody, "description": "The job's state does not allow it"}
+}
+_UNAVAILABLE: dict[int | str, dict[str, Any]] = {
+    503: {"model": ErrorBody, "description": "The server is shutting down"}
+}
+
+router = APIRouter(responses={**_UNAUTHORIZED, **_INVALID}, tags=["jobs"])
+
+
+@router.post(
+    "/jobs",
+    status_code=201,
+    response_model=JobRecord,
+    responses={**_UNAVAILABLE},
+    summary="Submit a job",
+)
+async def submit_job(
+    request: Request,
+    response: Response,
+    spec: Annotated[dict[str, Any], Body(examples=[SPEC_EXAMPLE])],
+) -> dict[str, Any]:
+    """Validate the job spec and queue the job; it starts when a slot is free."""
+    services = services_of(request)
+    if not services.accepting:
+        raise ServiceUnavailable("the server is shutting down and accepts no new jobs")
+    record = await services.jobs.submit(spec)
+    response.headers["Location"] = f"/jobs/{record['id']}"
+    return record
+
+
+@router.get("/jobs", response_model=JobList, summary="List jobs")
+async def list_jobs(
+    request: Request,
+    state: Annotated[
+        Literal["queued", "running", "paused", "completed", "stopped", "failed", "interrupted"]
+        | None,
+        Query(description="Only jobs in this state"),
+    ] = None,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> dict[str, Any]:
+    """Jobs, newest first, one page at a time."""
+    items, total = await services_of(request).jobs.list_jobs(
+        state=state, offset=offset, limit=limit
+    )
+    return {"items": items, "total": total, "offset": offset, "limit": limit}
+
+
+@router.get("/jobs/{job_id}", response_model=JobRecord, responses=_NOT_FOUND, summary="Get a job")
+async def get_job(request: Request, job_id: JobId) -> dict[str, Any]:
+    """The job's record: state, epoch, step, latest metrics, stop reason and error."""
+    return await services_of(request).jobs.get(job_id)
+
+
+async def _command(request: Request, job_id: str, kind: str) -> dict[str, Any]:
+    return await services_of(request).jobs.command(job_id, kind)
+
+
+_COMMAND_RESPONSES: dict[int | str, dict[str, Any]] = {**_NOT_FOUND, **_CONFLICT, **_UNAVAILABLE}
+
+
+@router.post(
+    "/jobs/{job_id}/pause",
+    status_code=202,
+    response_model=CommandAccepted,
+    responses=_COMMAND_RESPONSES,
+    summary="Pause a running job",
+)
+async def pause_job(request: Request, job_id: JobId) -> dict[str, Any]:
+    """Ask the trainer to checkpoint and hold at the next batch boundary."""
+    return await _command(request, job_id, "pause")
+
+
+@router.post(
+    "/jobs/{job_id}/resume",
+    status_code=202,
+    response_model=CommandAccepted,
+    responses=_COMMAND_RESPONSES,
+    summary="Resume a paused, stopped or interrupted job",
+)
+async def resume_job(request: Request, job_id: JobId) -> dict[str, Any]:
+    """Continue a paused job, or restart a stopped or interrupted one from its checkpoint."""
+    return await _command(request, job_id, "resume")
+
+
+@router.post(
+    "/jobs/{job_id}/stop",
+    status_code=202,
+    response_model=CommandAccepted,
+    responses=_COMMAND_RESPONSES,
+    summary="Stop a job",
+)
+async def stop_job(request: Request, job_id: JobId) -> dict[str, Any]:
+    """Ask the trainer to finish the current batch, checkpoint and end the job (``stopped``)."""
+    return await _command(request, job_id, "stop")
+
+
+@router.delete(
+    "/jobs/{job_id}",
+    status_code=204,
+    response_class=Response,
+    responses={**_NOT_FOUND, **_CONFLICT},
+    summary="Delete an ended job",
+)
+async def delete_job(request: Request, job_id: JobId) -> Response:
+    """Remove an ended job's record, stored events and files."""
+    await services_of(request).jobs.delete(job_id)
+    return Response(status_code=204)
+
+
+@router.get(
+    "/jobs/{job_id}/events",
+    response_model=list[EventBody],
+    responses=_NOT_FOUND,
+    summary="Stored events of a job",
+)
+async def job_events(
+    request: Request,
+    job_id: JobId,
+    after_seq: Annotated[int, Query(ge=0, le=2**62, description="Only events after this seq")] = 0,
+    types: Annotated[
+        str | None,
+        Query(
+            max_length=2000,
+            description="Comma-separated event types (or callback names) to keep",
+            examples=["fit_epoch_end,job_completed"],
+        ),
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> list[dict[str, Any]]:
+    """The job's stored events, in ``seq`` order."""
+    services = services_of(request)
+    selected = (
+        None
+        if types is None or not types.strip()
+        else frozenset(event_type_for(name.strip()) for name in types.split(",") if name.strip())
+    )
+    if not await services.jobs.exists(job_id):
+        await services.jobs.get(job_id)  # raises the job-not-found error
+    if services.history is None:
+        raise ServiceUnavailable("the event store is not running")
+    events = await services.history.read(job_id, after_seq=after_seq, types=selected, limit=limit)
+    return [event.to_dict() for event in events]
+
+
+@router.get(
+    "/jobs/{job_id}/checkpoints",
+    response_model=list[CheckpointInfo],
+    responses=_NOT_FOUND,
+    summary="List a job's checkpoints",
+)
+async def list_checkpoints(request: Request, job_id: JobId) -> list[dict[str, Any]]:
+    """The job's checkpoints, newest first."""
+    return await services_of(request).jobs.checkpoints(job_id)
+
+
+@router.get(
+    "/jobs/{job_id}/checkpoints/{name}",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "The state file"},
+        **_NOT_FOUND,
+    },
+    summary="Download a checkpoint",
+)
+async def download_checkpoint(
+    request: Request,
+    job_id: JobId,
+    name: Annotated[str, Path(pattern=NAME_PATTERN, description="A name from the listing")],
+) -> FileResponse:
+    """The checkpoint's state file (load it with ``torch.load(..., weights_only=True)``)."""
+    path = await services_of(request).jobs.checkpoint_file(job_id, name)
+    return FileResponse(path, media_type="application/octet-stream", filename=f"{job_id}-{name}.pt")

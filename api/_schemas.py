@@ -1,0 +1,166 @@
+"""Request and response bodies of the REST API (what the OpenAPI document shows)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "JOB_ID_PATTERN",
+    "NAME_PATTERN",
+    "CheckpointInfo",
+    "CommandAccepted",
+    "ErrorBody",
+    "EventBody",
+    "Health",
+    "JobList",
+    "JobRecord",
+    "Readiness",
+    "RegistryBody",
+    "ValidationErrorBody",
+]
+
+JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+"""Job ids in paths: letters, digits, ``_`` and ``-`` only, so never a path."""
+NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,128}$"
+"""Checkpoint names in paths (looked up in the listing, never joined to a path)."""
+
+_JOB_EXAMPLE: dict[str, Any] = {
+    "id": "j-3f2a9c1d",
+    "state": "running",
+    "spec": {"model": {"name": "mlp"}, "dataset": {"name": "digits"}, "epochs": 3},
+    "created_at": 1764340000.0,
+    "started_at": 1764340001.2,
+    "ended_at": None,
+    "epoch": 1,
+    "step": 57,
+    "metrics": {"train_loss": 0.41, "val_loss": 0.38, "val_accuracy": 0.91},
+    "stop_reason": None,
+    "error": None,
+}
+
+
+class ErrorBody(BaseModel):
+    """Every error: what went wrong and what to fix."""
+
+    detail: str = Field(examples=["job 'j-404' does not exist: list jobs with GET /jobs"])
+
+
+class ValidationErrorBody(BaseModel):
+    """A request that does not validate: FastAPI's list of errors, each naming its field."""
+
+    detail: list[dict[str, Any]] = Field(
+        examples=[[{"type": "missing", "loc": ["body", "dataset"], "msg": "Field required"}]]
+    )
+    message: str = Field(examples=["invalid request: fix body.dataset"])
+
+
+class JobRecord(BaseModel):
+    """A job: its spec, state and progress."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [_JOB_EXAMPLE]})
+
+    id: str
+    state: str = Field(
+        description="queued, running, paused, completed, stopped, failed or interrupted"
+    )
+    spec: dict[str, Any]
+    created_at: float | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    epoch: int | None = Field(None, description="0-based index of the current or last epoch")
+    step: int | None = Field(None, description="optimizer steps done")
+    metrics: dict[str, Any] = Field(default_factory=dict, description="latest metrics")
+    stop_reason: str | None = None
+    error: str | None = None
+
+
+class JobList(BaseModel):
+    """One page of jobs, newest first."""
+
+    items: list[JobRecord]
+    total: int = Field(description="jobs matching the filter, on every page")
+    offset: int
+    limit: int
+
+
+class CommandAccepted(BaseModel):
+    """A control command queued for the trainer; its effect shows up as an event."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"command_id": "9c1d3f2a5b6e7f80", "job_id": "j-3f2a9c1d", "command": "pause"}
+            ]
+        }
+    )
+
+    command_id: str
+    job_id: str
+    command: Literal["pause", "resume", "stop"]
+
+
+class EventBody(BaseModel):
+    """One event: per job, ``seq`` runs from 1 without gaps."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "job_id": "j-3f2a9c1d",
+                    "seq": 42,
+                    "type": "fit_epoch_end",
+                    "time": 1764340012.5,
+                    "data": {"epoch": 0, "metrics": {"val_loss": 0.38}},
+                }
+            ]
+        }
+    )
+
+    job_id: str
+    seq: int
+    type: str
+    time: float
+    data: dict[str, Any]
+
+
+class CheckpointInfo(BaseModel):
+    """A checkpoint of a job, as listed; download it by ``name``."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "epoch-0002-step-000114",
+                    "epoch": 2,
+                    "step": 114,
+                    "reason": "epoch_end",
+                    "metrics": {"val_loss": 0.31},
+                }
+            ]
+        },
+    )
+
+    name: str
+
+
+class RegistryBody(BaseModel):
+    """The models and datasets a job spec may name, with their parameter schemas."""
+
+    model_config = ConfigDict(extra="allow")
+
+    models: Any
+    datasets: Any
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    """Whether the server accepts jobs now, and the state of its parts."""
+
+    status: Literal["ready", "starting", "shutting_down"]
+    checks: dict[str, Any] = Field(default_factory=dict)

@@ -1,0 +1,41 @@
+"""Running the app under uvicorn with the settings' host, port, keep-alive and log level."""
+
+from __future__ import annotations
+
+import uvicorn
+from fastapi import FastAPI
+
+from ._app import create_app
+from ._settings import Settings
+
+__all__ = ["serve", "uvicorn_config"]
+
+
+def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
+    """The uvicorn configuration for ``app`` (WebSocket pings, no token in access logs)."""
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        ws="websockets-sansio",
+        ws_ping_interval=settings.ws_ping_interval,
+        ws_ping_timeout=settings.ws_ping_timeout,
+        lifespan="on",
+        timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout)),
+        server_header=False,
+        # one encoding per event for every client: per-client compression would undo that
+        ws_per_message_deflate=False,
+    )
+
+
+def serve(settings: Settings) -> None:
+    """Run the service until SIGINT/SIGTERM (then shut down gracefully).
+
+    :raises ValueError: for a non-loopback host without an explicit token.
+    """
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn_config(app, settings))
+    server.run()
+    if server.started is False:
+        raise SystemExit(1)

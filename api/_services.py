@@ -1,0 +1,73 @@
+"""What the routes use, built by the app's lifespan and kept on ``app.state.services``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from fastapi import Request
+from starlette.requests import HTTPConnection
+
+from bus import EventBus
+
+from ._errors import ServiceUnavailable
+from ._history import EventHistory
+from ._hub import EventHub
+from ._settings import Settings
+
+__all__ = ["JobService", "Services", "services_of"]
+
+
+class JobService(Protocol):
+    """The job operations the REST routes need (implemented over ``worker.JobManager``).
+
+    Records are plain JSON-ready mappings (see :class:`api._schemas.JobRecord`).
+    """
+
+    async def submit(self, spec: Mapping[str, Any]) -> dict[str, Any]: ...
+
+    async def get(self, job_id: str) -> dict[str, Any]: ...
+
+    async def exists(self, job_id: str) -> bool: ...
+
+    async def list_jobs(
+        self, *, state: str | None, offset: int, limit: int
+    ) -> tuple[list[dict[str, Any]], int]: ...
+
+    async def command(self, job_id: str, kind: str) -> dict[str, Any]: ...
+
+    async def delete(self, job_id: str) -> None: ...
+
+    async def checkpoints(self, job_id: str) -> list[dict[str, Any]]: ...
+
+    async def checkpoint_file(self, job_id: str, name: str) -> Path: ...
+
+    def registry(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class Services:
+    """The server's running parts."""
+
+    settings: Settings
+    bus: EventBus
+    hub: EventHub
+    jobs: JobService
+    history: EventHistory | None = None
+    render_metrics: Callable[[], bytes] | None = None
+    ready_checks: dict[str, Callable[[], Any]] = field(default_factory=dict)
+    accepting: bool = True
+    shutting_down: bool = False
+
+
+def services_of(connection: HTTPConnection | Request) -> Services:
+    """The services of the app serving ``connection``.
+
+    :raises ServiceUnavailable: before start-up finished or after shutdown began.
+    """
+    services: Services | None = getattr(connection.app.state, "services", None)
+    if services is None:
+        raise ServiceUnavailable("the server is starting; retry in a moment")
+    return services

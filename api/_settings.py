@@ -1,0 +1,129 @@
+"""The service's settings: read once at start-up (``TRAINBUS_`` variables), passed down."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "default_data_dir", "is_loopback_host"]
+
+
+def default_data_dir() -> Path:
+    """The platform's per-user data folder for trainbus (``~/.local/share/trainbus`` on Linux)."""
+    home = Path.home()
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA") or home / "AppData" / "Local")
+    elif sys.platform == "darwin":
+        base = home / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_DATA_HOME") or home / ".local" / "share")
+    return base / "trainbus"
+
+
+def is_loopback_host(host: str) -> bool:
+    """True when ``host`` only listens on the loopback interface."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _default_origins() -> list[str]:
+    return [
+        "http://127.0.0.1",
+        "http://localhost",
+        "http://[::1]",
+        "https://127.0.0.1",
+        "https://localhost",
+        "https://[::1]",
+    ]
+
+
+class Settings(BaseSettings):
+    """Everything the service can be configured with.
+
+    Each field can be set in the environment as ``TRAINBUS_<FIELD>`` (for example
+    ``TRAINBUS_TOKEN``, ``TRAINBUS_MAX_RUNNING_JOBS``; lists as JSON). The settings are read
+    once, at start-up; no other module reads the environment.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="TRAINBUS_", extra="ignore")
+
+    host: str = Field(
+        default="127.0.0.1", description="Address to bind; loopback unless a token is set."
+    )
+    port: int = Field(default=8000, ge=0, le=65535, description="TCP port (0: any free port).")
+    data_dir: Path = Field(
+        default_factory=default_data_dir,
+        description="Folder for the SQLite database and the checkpoints.",
+    )
+    token: SecretStr | None = Field(
+        default=None,
+        description="API token. Generated and printed once at start when absent; required "
+        "to bind a non-loopback address.",
+    )
+    max_running_jobs: int = Field(default=1, ge=1, description="Jobs that train at the same time.")
+    metrics_require_token: bool = Field(
+        default=False, description="Guard /metrics with the token too."
+    )
+    allowed_origins: list[str] = Field(
+        default_factory=_default_origins,
+        description="Origins allowed to open WebSockets (and CORS). Ports are ignored for "
+        "loopback origins; '*' allows any origin.",
+    )
+    ws_buffer_size: int = Field(
+        default=2048, ge=1, description="Events buffered per WebSocket client before it gets a gap."
+    )
+    ws_max_lag: int = Field(
+        default=20_000,
+        ge=1,
+        description="Events a WebSocket client may miss before the server closes it with "
+        "code 4008 (the reason names the seq to resume after).",
+    )
+    ws_max_message_events: int = Field(
+        default=1000, ge=1, description="Most events sent in one WebSocket message (a JSON array)."
+    )
+    ws_ping_interval: float | None = Field(
+        default=20.0, description="Seconds between WebSocket keep-alive pings (none: off)."
+    )
+    ws_ping_timeout: float | None = Field(
+        default=20.0, description="Seconds to wait for a pong before dropping the connection."
+    )
+    ws_close_timeout: float = Field(
+        default=5.0, gt=0, description="Seconds to wait for a slow client to take a close frame."
+    )
+    hub_buffer_size: int = Field(
+        default=65_536, ge=1, description="Events the server's live fan-out buffers off the bus."
+    )
+    store_catch_up_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds a WebSocket replay waits for the store to catch up.",
+    )
+    metrics_retention_seconds: float = Field(
+        default=3600.0, gt=0, description="How long metrics of ended jobs stay on /metrics."
+    )
+    shutdown_timeout: float = Field(
+        default=30.0, gt=0, description="Seconds to checkpoint and pause running jobs at shutdown."
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
+
+    @field_validator("token")
+    @classmethod
+    def _token_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 8:
+            raise ValueError("the token must be at least 8 characters long")
+        return value
+
+    @property
+    def loopback_only(self) -> bool:
+        """True when the server binds the loopback interface only."""
+        return is_loopback_host(self.host)

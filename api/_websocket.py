@@ -1,0 +1,249 @@
+"""WebSocket streaming: ``/jobs/{id}/events/ws`` (replay, then live) and ``/events/ws`` (live).
+
+Each message is one JSON event, or a JSON array of events when several are pending. For one
+job, the connection joins the live hub first, then replays the store from ``after_seq`` up to
+the bus's last ``seq`` at joining, then forwards live events it has not sent yet: neither a
+gap nor a duplicate at the seam. Events the client's buffer dropped are refetched from the
+store; where the store cannot supply them the client gets a ``gap`` event.
+
+Handshakes are refused before they are accepted (an HTTP 401/403/404/422 response with a JSON
+``detail``). Close codes after accepting: 1001 the server is shutting down; 4008 too slow
+(the client missed more than ``ws_max_lag`` events; the reason reads
+``too slow; resume with after_seq=<n>``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+
+import anyio
+from fastapi import APIRouter, Path, Query, WebSocket
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from bus import EventType, UnknownEventName, event_type_for
+
+from ._auth import SUBPROTOCOL, offered_subprotocols
+from ._history import EventHistory
+from ._hub import ClientBuffer, encode_event, gap_notice
+from ._schemas import JOB_ID_PATTERN
+from ._services import Services, services_of
+
+__all__ = ["CLOSE_TOO_SLOW", "router"]
+
+logger = logging.getLogger("trainbus.api")
+
+CLOSE_TOO_SLOW = 4008
+"""Close code for a client that fell too far behind; the reason names the seq to resume after."""
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008
+
+router = APIRouter()
+
+
+def _parse_types(raw: str | None) -> frozenset[EventType] | None:
+    if raw is None or not raw.strip():
+        return None
+    return frozenset(event_type_for(name.strip()) for name in raw.split(",") if name.strip())
+
+
+def _message(encoded: Sequence[str]) -> str:
+    return encoded[0] if len(encoded) == 1 else "[" + ",".join(encoded) + "]"
+
+
+async def _refuse(websocket: WebSocket, status: int, detail: str) -> None:
+    from fastapi.responses import JSONResponse
+
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        await websocket.send_denial_response(JSONResponse({"detail": detail}, status_code=status))
+    else:
+        await websocket.close(CLOSE_POLICY, detail[:120])
+
+
+class _Stream:
+    """One connection's sending side."""
+
+    def __init__(
+        self,
+        websocket: WebSocket,
+        services: Services,
+        client: ClientBuffer,
+        job_id: str | None,
+        types: frozenset[EventType] | None,
+        last_sent: int,
+    ) -> None:
+        self.websocket = websocket
+        self.services = services
+        self.client = client
+        self.job_id = job_id
+        self.types = types
+        self.last_sent = last_sent
+        self.max_events = services.settings.ws_max_message_events
+        self.history: EventHistory | None = services.history if job_id is not None else None
+
+    async def send(self, encoded: list[str]) -> None:
+        for start in range(0, len(encoded), self.max_events):
+            await self.websocket.send_text(_message(encoded[start : start + self.max_events]))
+
+    async def replay(self, job_id: str, after_seq: int, upto: int) -> None:
+        """Send the stored events in ``(after_seq, upto]``, in pages."""
+        history = self.history
+        if history is None or upto <= after_seq:
+            return
+        if not await history.wait_for(job_id, upto):
+            logger.warning("event store behind for job %s; replay may show a gap", job_id)
+        cursor = after_seq
+        while cursor < upto:
+            events = await history.read(
+                job_id, after_seq=cursor, types=self.types, limit=self.max_events
+            )
+            events = [e for e in events if e.seq <= upto]
+            if not events:
+                break
+            await self.send([encode_event(e) for e in events])
+            cursor = events[-1].seq
+            self.last_sent = max(self.last_sent, cursor)
+            if len(events) < self.max_events:
+                break
+        if self.types is None and self.last_sent < upto:
+            # the store did not have everything: say so rather than skip it silently
+            await self.send(
+                [
+                    gap_notice(
+                        job_id, self.last_sent + 1, upto, upto - self.last_sent, "event_store"
+                    )[2]
+                ]
+            )
+        self.last_sent = max(self.last_sent, upto)
+
+    async def live(self) -> None:
+        client = self.client
+        while True:
+            await client.wait()
+            if client.too_slow or client.closed:
+                return
+            missed, items = client.take(self.max_events)
+            encoded: list[str] = []
+            for job_id, from_seq, to_seq, count in missed:
+                encoded.extend(await self._refill(job_id, from_seq, to_seq, count))
+            if self.job_id is None:
+                encoded.extend(item[2] for item in items)
+            else:
+                last = self.last_sent
+                for _job, seq, text in items:
+                    if seq > last:
+                        encoded.append(text)
+                        last = seq
+                self.last_sent = last
+            if encoded:
+                await self.send(encoded)
+
+    async def _refill(self, job_id: str, from_seq: int, to_seq: int, count: int) -> list[str]:
+        """Events this client's buffer dropped: from the store when possible, else a gap."""
+        if self.history is None:
+            return [gap_notice(job_id, from_seq, to_seq, count, "websocket")[2]]
+        start = max(from_seq - 1, self.last_sent)
+        if to_seq <= start:
+            return []
+        await self.history.wait_for(job_id, to_seq)
+        events = await self.history.read(
+            job_id, after_seq=start, types=self.types, limit=to_seq - start
+        )
+        events = [e for e in events if e.seq <= to_seq]
+        encoded = [encode_event(e) for e in events]
+        have = events[-1].seq if events else start
+        if self.types is None and have < to_seq:
+            encoded.append(gap_notice(job_id, have + 1, to_seq, to_seq - have, "websocket")[2])
+        self.last_sent = max(self.last_sent, to_seq)
+        return encoded
+
+
+async def _serve(
+    websocket: WebSocket, job_id: str | None, after_seq: int, types_raw: str | None
+) -> None:
+    try:
+        services = services_of(websocket)
+    except Exception:
+        await _refuse(websocket, 503, "the server is starting; retry in a moment")
+        return
+    try:
+        types = _parse_types(types_raw)
+    except UnknownEventName as error:
+        await _refuse(websocket, 422, str(error))
+        return
+    if job_id is not None and not await services.jobs.exists(job_id):
+        await _refuse(websocket, 404, f"job {job_id!r} does not exist: list jobs with GET /jobs")
+        return
+    if services.shutting_down:
+        await _refuse(websocket, 503, "the server is shutting down")
+        return
+    subprotocol = SUBPROTOCOL if SUBPROTOCOL in offered_subprotocols(websocket) else None
+    settings = services.settings
+    cancel = anyio.CancelScope()
+    client = services.hub.add(
+        job_id=job_id,
+        types=types,
+        buffer_size=settings.ws_buffer_size,
+        max_lag=settings.ws_max_lag,
+    )
+    client.on_too_slow.append(cancel.cancel)
+    stream = _Stream(websocket, services, client, job_id, types, after_seq)
+    try:
+        await websocket.accept(subprotocol=subprotocol)
+        upto = services.bus.last_seq(job_id) if job_id is not None else 0
+        async with anyio.create_task_group() as group:
+
+            async def watch_disconnect() -> None:
+                while True:
+                    message = await websocket.receive()
+                    if message["type"] == "websocket.disconnect":
+                        group.cancel_scope.cancel()
+                        return
+
+            group.start_soon(watch_disconnect)
+            with cancel:
+                if job_id is not None:
+                    await stream.replay(job_id, after_seq, upto)
+                await stream.live()
+            group.cancel_scope.cancel()
+    except (WebSocketDisconnect, OSError):
+        return
+    finally:
+        services.hub.remove(client)
+    if (
+        websocket.application_state is not WebSocketState.CONNECTED
+        or websocket.client_state is not WebSocketState.CONNECTED
+    ):
+        return
+    if client.too_slow:
+        code, reason = (
+            CLOSE_TOO_SLOW,
+            (
+                f"too slow; resume with after_seq={stream.last_sent}"
+                if job_id is not None
+                else "too slow; reconnect"
+            ),
+        )
+    else:
+        code, reason = CLOSE_GOING_AWAY, "the server is shutting down"
+    with anyio.move_on_after(settings.ws_close_timeout):
+        with contextlib.suppress(WebSocketDisconnect, OSError, RuntimeError):
+            await websocket.close(code, reason)
+
+
+@router.websocket("/jobs/{job_id}/events/ws", name="job_events_ws")
+async def job_events_ws(
+    websocket: WebSocket,
+    job_id: str = Path(pattern=JOB_ID_PATTERN),
+    after_seq: int = Query(0, ge=0),
+    types: str | None = Query(None),
+) -> None:
+    """Stream one job's events: stored ones after ``after_seq``, then live ones."""
+    await _serve(websocket, job_id, after_seq, types)
+
+
+@router.websocket("/events/ws", name="events_ws")
+async def events_ws(websocket: WebSocket, types: str | None = Query(None)) -> None:
+    """Stream the live events of every job (no replay: use the per-job stream for that)."""
+    await _serve(websocket, None, 0, types)
