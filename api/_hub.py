@@ -116,6 +116,8 @@ class ClientBuffer:
         for _ in range(count):
             job_id, seq, _encoded = popleft()
             self._record_missed(job_id, seq, seq, 1)
+            if self.too_slow:  # the buffer was emptied: the connection is being closed
+                return
 
     def _record_missed(self, job_id: str, from_seq: int, to_seq: int, count: int) -> None:
         self.dropped += count

@@ -79,6 +79,11 @@ def _decode(message: str | bytes) -> list[dict[str, Any]]:
     return payload if isinstance(payload, list) else [payload]
 
 
+def _close_of(error: ConnectionClosed) -> tuple[int, str]:
+    frame = error.rcvd or error.sent
+    return (1006, "connection lost") if frame is None else (frame.code, frame.reason)
+
+
 def _types(types: Iterable[str] | str | None) -> str | None:
     if types is None:
         return None
@@ -274,8 +279,9 @@ class TrainbusClient(_Common):
                 status = error.response.status_code
                 raise StreamClosed(status, error.response.body.decode(errors="replace")) from None
             except ConnectionClosed as error:
-                if error.code in _NO_RETRY_CLOSE_CODES or not reconnect:
-                    raise StreamClosed(error.code, error.reason) from None
+                code, reason = _close_of(error)
+                if code in _NO_RETRY_CLOSE_CODES or not reconnect:
+                    raise StreamClosed(code, reason) from None
             except (OSError, InvalidHandshake, TimeoutError):
                 if not reconnect:
                     raise
@@ -436,8 +442,9 @@ class AsyncTrainbusClient(_Common):
                 status = error.response.status_code
                 raise StreamClosed(status, error.response.body.decode(errors="replace")) from None
             except ConnectionClosed as error:
-                if error.code in _NO_RETRY_CLOSE_CODES or not reconnect:
-                    raise StreamClosed(error.code, error.reason) from None
+                code, reason = _close_of(error)
+                if code in _NO_RETRY_CLOSE_CODES or not reconnect:
+                    raise StreamClosed(code, reason) from None
             except (OSError, InvalidHandshake, TimeoutError):
                 if not reconnect:
                     raise

@@ -1,0 +1,168 @@
+"""WebSocket streaming through the hub: order, seams, filters, slow clients."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from typing import Any
+
+import anyio
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from api import CLOSE_TOO_SLOW
+from bus import EventType
+
+from .fakes import FakeJobs
+from .server import LiveServer
+
+
+def _publish(
+    server: LiveServer,
+    job_id: str,
+    n: int,
+    type: EventType = EventType.TRAIN_BATCH_END,
+    done: threading.Event | None = None,
+) -> threading.Thread:
+    bus = server.services.bus
+
+    def run() -> None:
+        for i in range(n):
+            bus.publish(job_id, type, {"i": i})
+        if done is not None:
+            done.set()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+async def _receive(socket: Any, timeout: float = 10.0) -> list[dict[str, Any]]:
+    with anyio.fail_after(timeout):
+        payload = json.loads(await socket.recv())
+    return payload if isinstance(payload, list) else [payload]
+
+
+async def _collect_until(socket: Any, last_seq: int, timeout: float = 30.0) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    with anyio.fail_after(timeout):
+        while not events or events[-1]["seq"] < last_seq:
+            events.extend(await _receive(socket, timeout))
+    return events
+
+
+def _connect(server: LiveServer, path: str, **kwargs: Any) -> Any:
+    return connect(
+        server.ws_url + path,
+        additional_headers=server.headers,
+        compression=None,
+        proxy=None,
+        **kwargs,
+    )
+
+
+async def test_live_events_arrive_in_order_without_gaps(
+    transport_server: LiveServer, fake_jobs: FakeJobs
+) -> None:
+    fake_jobs.add("live-1")
+    async with _connect(transport_server, "/jobs/live-1/events/ws") as socket:
+        thread = _publish(transport_server, "live-1", 500)
+        events = await _collect_until(socket, 500)
+        thread.join()
+    assert [e["seq"] for e in events] == list(range(1, 501))
+    assert {e["type"] for e in events} == {"train_batch_end"}
+
+
+async def test_replay_then_live_has_no_gap_or_duplicate_at_the_seam(
+    transport_server: LiveServer, fake_jobs: FakeJobs
+) -> None:
+    fake_jobs.add("seam-1")
+    _publish(transport_server, "seam-1", 300).join()
+    done = threading.Event()
+    thread = _publish(transport_server, "seam-1", 300, done=done)
+    async with _connect(transport_server, "/jobs/seam-1/events/ws?after_seq=100") as socket:
+        events = await _collect_until(socket, 600)
+    thread.join()
+    assert [e["seq"] for e in events] == list(range(101, 601))
+
+
+async def test_types_filter(transport_server: LiveServer, fake_jobs: FakeJobs) -> None:
+    fake_jobs.add("types-1")
+    async with _connect(
+        transport_server, "/jobs/types-1/events/ws?types=fit_epoch_end,on_train_end"
+    ) as socket:
+        bus = transport_server.services.bus
+        for _ in range(3):
+            bus.publish("types-1", EventType.TRAIN_BATCH_END, {})
+        bus.publish("types-1", EventType.FIT_EPOCH_END, {"epoch": 0})
+        bus.publish("types-1", EventType.TRAIN_END, {})
+        events = await _collect_until(socket, 5)
+    assert [(e["seq"], e["type"]) for e in events] == [(4, "fit_epoch_end"), (5, "train_end")]
+
+
+async def test_reconnecting_client_sees_each_event_once_in_order(
+    transport_server: LiveServer, fake_jobs: FakeJobs
+) -> None:
+    fake_jobs.add("flaky-1")
+    total = 3000
+    rng = random.Random(7)
+    done = threading.Event()
+    thread = _publish(transport_server, "flaky-1", total, done=done)
+    seen: list[int] = []
+    with anyio.fail_after(60):
+        while not seen or seen[-1] < total:
+            after = seen[-1] if seen else 0
+            async with _connect(
+                transport_server, f"/jobs/flaky-1/events/ws?after_seq={after}"
+            ) as s:
+                for _ in range(rng.randint(1, 6)):
+                    for event in await _receive(s):
+                        seen.append(event["seq"])
+                    if seen[-1] >= total:
+                        break
+    thread.join()
+    assert seen == list(range(1, total + 1))
+
+
+async def test_unknown_job_and_bad_types_are_refused(transport_server: LiveServer) -> None:
+    from websockets.exceptions import InvalidStatus
+
+    with pytest.raises(InvalidStatus) as missing:
+        async with _connect(transport_server, "/jobs/nope/events/ws"):
+            pass
+    assert missing.value.response.status_code == 404
+    with pytest.raises(InvalidStatus) as bad:
+        async with _connect(transport_server, "/events/ws?types=not_a_type"):
+            pass
+    assert bad.value.response.status_code == 422
+    assert b"not_a_type" in bad.value.response.body
+
+
+async def test_slow_client_is_closed_with_the_seq_to_resume_from_others_unaffected(
+    transport_server: LiveServer, fake_jobs: FakeJobs
+) -> None:
+    fake_jobs.add("slow-1")
+    bus = transport_server.services.bus
+    padding = "x" * 1000  # big events fill the socket buffers of the client that never reads
+    chunk, rounds = 50, 400  # chunks smaller than the 64-event client buffer
+    received: list[dict[str, Any]] = []
+    async with (
+        _connect(transport_server, "/jobs/slow-1/events/ws", max_queue=1) as slow,
+        _connect(transport_server, "/events/ws") as healthy,
+    ):
+        for round_ in range(rounds):
+            for _ in range(chunk):
+                bus.publish("slow-1", EventType.TRAIN_BATCH_END, {"pad": padding})
+            # a healthy client keeps up: it reads each chunk before the next one comes
+            received.extend(await _collect_until(healthy, (round_ + 1) * chunk))
+        # the slow client (it has read nothing) is closed with 4008 and a resume point
+        with anyio.fail_after(30), pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await slow.recv()
+    assert [e["seq"] for e in received] == list(range(1, chunk * rounds + 1))
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == CLOSE_TOO_SLOW
+    assert "after_seq=" in closed.value.rcvd.reason
+    assert transport_server.services.hub.statistics().too_slow >= 1
