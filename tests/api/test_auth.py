@@ -148,7 +148,7 @@ def test_non_loopback_bind_needs_an_explicit_token() -> None:
     settings, generated = ensure_token(Settings(host="127.0.0.1"))
     assert generated and settings.token is not None
     assert len(settings.token.get_secret_value()) >= 32
-    explicit, generated = ensure_token(Settings(host="0.0.0.0", token="s3cret-token-value"))
+    _, generated = ensure_token(Settings(host="0.0.0.0", token="s3cret-token-value"))
     assert not generated
 
 

@@ -53,6 +53,11 @@ async def _collect_until(socket: Any, last_seq: int, timeout: float = 30.0) -> l
     return events
 
 
+async def _drain(socket: Any) -> None:
+    while True:
+        await socket.recv()
+
+
 def _connect(server: LiveServer, path: str, **kwargs: Any) -> Any:
     return connect(
         server.ws_url + path,
@@ -159,8 +164,7 @@ async def test_slow_client_is_closed_with_the_seq_to_resume_from_others_unaffect
             received.extend(await _collect_until(healthy, (round_ + 1) * chunk))
         # the slow client (it has read nothing) is closed with 4008 and a resume point
         with anyio.fail_after(30), pytest.raises(ConnectionClosed) as closed:
-            while True:
-                await slow.recv()
+            await _drain(slow)
     assert [e["seq"] for e in received] == list(range(1, chunk * rounds + 1))
     assert closed.value.rcvd is not None
     assert closed.value.rcvd.code == CLOSE_TOO_SLOW
