@@ -24,7 +24,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from bus import EventBus
 
-from ._auth import OriginPolicy, TokenMiddleware, ensure_token
+from ._auth import OriginPolicy, TokenMiddleware, ensure_token, write_token_file
 from ._errors import install_error_handlers
 from ._history import EventHistory, EventSource
 from ._hub import EventHub
@@ -99,8 +99,10 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if generated:
             assert settings.token is not None
+            path = write_token_file(settings.data_dir, settings.token)
             print(
-                f"trainbus: generated API token (shown once): {settings.token.get_secret_value()}",
+                f"trainbus: generated API token (shown once): {settings.token.get_secret_value()}"
+                f"\ntrainbus: local CLI commands read it from {path}",
                 file=sys.stderr,
                 flush=True,
             )

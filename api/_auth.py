@@ -8,8 +8,10 @@ the server checks the second and echoes only ``trainbus``.
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -27,6 +29,9 @@ __all__ = [
     "TokenMiddleware",
     "ensure_token",
     "offered_subprotocols",
+    "read_token_file",
+    "token_file",
+    "write_token_file",
 ]
 
 SUBPROTOCOL = "trainbus"
@@ -47,6 +52,30 @@ def ensure_token(settings: Settings) -> tuple[Settings, bool]:
         )
     token = SecretStr(secrets.token_urlsafe(32))
     return settings.model_copy(update={"token": token}), True
+
+
+def token_file(data_dir: Path) -> Path:
+    """Where a server that generated its token leaves it for local CLI use (mode 0600)."""
+    return data_dir / "token"
+
+
+def write_token_file(data_dir: Path, token: SecretStr) -> Path:
+    """Write ``token`` readable by its owner only."""
+    path = token_file(data_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(token.get_secret_value() + "\n")
+    os.chmod(path, 0o600)
+    return path
+
+
+def read_token_file(data_dir: Path) -> str | None:
+    """The token a local server generated, if its data folder holds one."""
+    try:
+        return token_file(data_dir).read_text().strip() or None
+    except OSError:
+        return None
 
 
 def offered_subprotocols(connection: HTTPConnection) -> list[str]:
