@@ -107,7 +107,11 @@ def create_app(
                 flush=True,
             )
         async with EventBus() as bus, anyio.create_task_group() as group:
-            hub = EventHub(bus, buffer_size=settings.hub_buffer_size)
+            hub = EventHub(
+                bus,
+                buffer_size=settings.hub_buffer_size,
+                batch_interval=settings.ws_batch_interval,
+            )
             await group.start(hub.run)
             try:
                 async with factory(settings, bus) as built:

@@ -195,8 +195,11 @@ class HubStatistics:
 class EventHub:
     """Reads the bus once and fans encoded events out to :class:`ClientBuffer` instances."""
 
-    def __init__(self, bus: EventBus, *, buffer_size: int = 65_536) -> None:
+    def __init__(
+        self, bus: EventBus, *, buffer_size: int = 65_536, batch_interval: float = 0.005
+    ) -> None:
         self._bus = bus
+        self._batch_interval = batch_interval
         self._buffer_size = buffer_size
         self._by_job: dict[str, set[ClientBuffer]] = {}
         self._every_job: set[ClientBuffer] = set()
@@ -249,16 +252,25 @@ class EventHub:
         """Fan events out until the bus closes."""
         task_status.started()
         subscription = self._subscription
+        interval = self._batch_interval
+        clock = time.monotonic
         async with subscription:
             while True:
                 try:
                     batch = await subscription.receive_batch()
                 except anyio.EndOfStream:
                     break
+                started = clock()
                 try:
                     self._fan_out(batch)
                 except Exception:  # a bug here must not end live streaming for everyone
                     logger.exception("websocket hub failed to fan out %d events", len(batch))
+                # Under load, gather events for a few milliseconds before the next round:
+                # each round wakes every client's sender once, so fewer, fuller rounds cost far
+                # less than one round per event. An idle hub still forwards the first at once.
+                rest = started + interval - clock()
+                if rest > 0:
+                    await anyio.sleep(rest)
         for client in self.clients():
             client.close()
 

@@ -83,7 +83,7 @@ class Settings(BaseSettings):
         default=2048, ge=1, description="Events buffered per WebSocket client before it gets a gap."
     )
     ws_max_lag: int = Field(
-        default=20_000,
+        default=10_000,
         ge=1,
         description="Events a WebSocket client may miss before the server closes it with "
         "code 4008 (the reason names the seq to resume after).",
@@ -99,6 +99,12 @@ class Settings(BaseSettings):
     )
     ws_close_timeout: float = Field(
         default=5.0, gt=0, description="Seconds to wait for a slow client to take a close frame."
+    )
+    ws_batch_interval: float = Field(
+        default=0.005,
+        ge=0,
+        description="Seconds the live fan-out gathers events under load before a round of "
+        "sends (at most this much added latency; far fewer messages).",
     )
     hub_buffer_size: int = Field(
         default=65_536, ge=1, description="Events the server's live fan-out buffers off the bus."
