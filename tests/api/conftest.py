@@ -26,7 +26,7 @@ def transport_server(
         tmp_path_factory.mktemp("data"),
         ws_buffer_size=64,
         ws_max_lag=2000,
-        ws_close_timeout=1.0,
+        ws_close_timeout=20.0,
     )
     app = create_app(settings, runtime=fake_runtime(fake_jobs, MemoryHistory()))
     with run_server(app, settings) as server:
