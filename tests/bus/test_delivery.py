@@ -159,3 +159,26 @@ async def test_batches_respect_max_items_and_iteration_ends_after_close() -> Non
         assert [e.seq for e in await collect(subscription)] == [3, 4, 5]
         with pytest.raises(anyio.EndOfStream):
             await subscription.receive()
+
+
+async def test_a_stalled_lossless_subscriber_of_one_job_never_holds_back_another_job() -> None:
+    async with EventBus() as bus:
+        bus.subscribe("stalled-on-a", job_id="a", buffer_size=4)
+        for _ in range(4):
+            bus.publish_nowait("a", BATCH_END)
+        with pytest.raises(WouldBlock):
+            bus.publish_nowait("a", BATCH_END)
+        # Job b is unaffected: thousands of events go through without waiting.
+        await anyio.to_thread.run_sync(publish_in_thread, bus, "b", 5_000)
+        assert bus.last_seq("b") == 5_000
+
+
+async def test_close_keeps_what_was_buffered_but_takes_nothing_new() -> None:
+    async with EventBus() as bus:
+        subscription = bus.subscribe("closing")
+        for _ in range(3):
+            bus.publish("job", BATCH_END)
+        subscription.close()
+        bus.publish("job", BATCH_END)
+        assert [e.seq for e in await collect(subscription)] == [1, 2, 3]
+        assert subscription.closed
