@@ -207,6 +207,8 @@ class EventHub:
         self._hub_missed = 0
         self._dropped_by_closed = 0
         self._too_slow = 0
+        self.too_slow_listeners: list[Callable[[], None]] = []
+        """Called on the event loop each time a client is marked too slow."""
         self._subscription = bus.subscribe(
             "websocket_hub", buffer_size=buffer_size, policy=DeliveryPolicy.DROP_OLDEST
         )
@@ -247,6 +249,9 @@ class EventHub:
 
     def _count_too_slow(self) -> None:
         self._too_slow += 1
+        logger.info("a WebSocket client fell more than its allowed lag behind; closing it")
+        for listener in self.too_slow_listeners:
+            listener()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Fan events out until the bus closes."""
