@@ -1,0 +1,52 @@
+"""Start-up and shutdown of the app: readiness, refusing work while stopping, closing streams."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from api import Runtime, Settings, create_app
+from bus import EventBus
+
+from .fakes import FakeJobs
+from .server import make_settings, run_server
+
+
+async def test_shutdown_stops_accepting_then_tears_the_runtime_down(data_dir: Path) -> None:
+    seen: dict[str, object] = {}
+    jobs = FakeJobs()
+    jobs.add("j1")
+
+    @asynccontextmanager
+    async def runtime(settings: Settings, bus: EventBus) -> AsyncIterator[Runtime]:
+        yield Runtime(jobs=jobs)
+        # the runtime is torn down after the app stopped accepting jobs, bus still open
+        seen["bus_open_at_teardown"] = not bus.closed
+
+    settings = make_settings(data_dir)
+    app = create_app(settings, runtime=runtime)
+    with run_server(app, settings) as server:
+        async with httpx.AsyncClient(base_url=server.url, headers=server.headers) as client:
+            ready = await client.get("/readyz")
+            assert ready.status_code == 200 and ready.json()["status"] == "ready"
+        socket = await connect(
+            server.ws_url + "/jobs/j1/events/ws", additional_headers=server.headers, proxy=None
+        )
+        server.server.should_exit = True
+        with anyio.fail_after(30), pytest.raises(ConnectionClosed):
+            await socket.recv()
+    assert seen["bus_open_at_teardown"] is True
+
+
+def test_a_token_is_generated_when_none_is_set(data_dir: Path) -> None:
+    settings = Settings(port=0, data_dir=data_dir)
+    assert settings.token is None
+    app = create_app(settings, runtime=lambda s, b: None)  # type: ignore[arg-type,return-value]
+    assert app.state.settings.token is not None
