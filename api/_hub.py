@@ -85,7 +85,6 @@ class ClientBuffer:
         self.max_lag = max_lag
         self.too_slow = False
         self.closed = False
-        self.first_seq: dict[str, int] = {}  # first seq the hub handled per job, filtered or not
         self._items: deque[Item] = deque()
         self._missed: dict[str, list[int]] = {}  # job -> [from_seq, to_seq, count]
         self._lag = 0  # events missed since the client last emptied its buffer
@@ -99,11 +98,8 @@ class ClientBuffer:
 
     # -- hub side ---------------------------------------------------------------------------
 
-    def _extend(self, job_id: str, first_seq: int, items: list[Item]) -> None:
-        if self.closed or self.too_slow:
-            return
-        self.first_seq.setdefault(job_id, first_seq)
-        if not items:
+    def _extend(self, items: list[Item]) -> None:
+        if self.closed or self.too_slow or not items:
             return
         self._items.extend(items)
         excess = len(self._items) - self.buffer_size
@@ -139,7 +135,6 @@ class ClientBuffer:
         """The hub itself missed events (its bus buffer overflowed)."""
         if self.closed or self.too_slow:
             return
-        self.first_seq.setdefault(job_id, from_seq)
         self._record_missed(job_id, from_seq, to_seq, count)
         self._wake.set()
 
@@ -316,16 +311,13 @@ class EventHub:
             if not clients:
                 continue
             items = [(job_id, e.seq, encode_event(e)) for e in events]
-            first_seq = events[0].seq
             for client in clients:
                 types = client.types
                 if types is None:
-                    client._extend(job_id, first_seq, items)
+                    client._extend(items)
                 else:
                     client._extend(
-                        job_id,
-                        first_seq,
-                        [item for item, e in zip(items, events, strict=True) if e.type in types],
+                        [item for item, e in zip(items, events, strict=True) if e.type in types]
                     )
 
     def statistics(self) -> HubStatistics:
