@@ -1,5 +1,45 @@
-"""trainbus subscribers package."""
+"""trainbus subscribers: checkpoints, early stopping, LR plateau, Prometheus, resources, store.
+
+Per job: :class:`CheckpointWriter`, :class:`EarlyStopController`, :class:`LRPlateauController`.
+One per server: :class:`PrometheusExporter`, :class:`ResourceMonitor`, :class:`EventStore`.
+``subscribers`` imports only ``bus`` of the project; it sees trainers through
+:class:`TrainerLike`.
+"""
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from ._checkpoint_files import CheckpointInfo as CheckpointInfo
+from ._checkpoint_files import checkpoint_path as checkpoint_path
+from ._checkpoint_files import clean_orphans as clean_orphans
+from ._checkpoint_files import latest_valid_state as latest_valid_state
+from ._checkpoint_files import list_checkpoints as list_checkpoints
+from ._checkpoint_files import load_checkpoint as load_checkpoint
+from ._checkpoint_files import verify_checkpoint as verify_checkpoint
+from ._checkpoint_writer import CheckpointWriter as CheckpointWriter
+from ._checkpoint_writer import CheckpointWriterStatistics as CheckpointWriterStatistics
+from ._errors import CheckpointCorrupt as CheckpointCorrupt
+from ._errors import CheckpointError as CheckpointError
+from ._errors import CheckpointNotFound as CheckpointNotFound
+from ._errors import SubscribersError as SubscribersError
+from ._errors import UnsafeCheckpoint as UnsafeCheckpoint
+from ._trainer import Stateful as Stateful
+from ._trainer import TrainerLike as TrainerLike
+
+__all__ = [
+    "CheckpointCorrupt",
+    "CheckpointError",
+    "CheckpointInfo",
+    "CheckpointNotFound",
+    "CheckpointWriter",
+    "CheckpointWriterStatistics",
+    "Stateful",
+    "SubscribersError",
+    "TrainerLike",
+    "UnsafeCheckpoint",
+    "checkpoint_path",
+    "clean_orphans",
+    "latest_valid_state",
+    "list_checkpoints",
+    "load_checkpoint",
+    "verify_checkpoint",
+]
