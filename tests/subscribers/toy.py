@@ -66,9 +66,9 @@ class ToyTrainer:
         loss.backward()
         self.optimizer.step()
         self.step += 1
-        self.metrics["train_loss"] = float(loss)
+        self.metrics["train_loss"] = loss.item()
         self.run_callbacks("on_train_batch_end")
-        return float(loss)
+        return loss.item()
 
     def save(self, reason: str) -> None:
         self.save_reason = reason

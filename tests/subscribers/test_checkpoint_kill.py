@@ -1,0 +1,95 @@
+"""Checkpoints survive a process killed (SIGKILL) at random moments while writing them."""
+
+from __future__ import annotations
+
+import os
+import queue
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from subscribers import (
+    clean_orphans,
+    latest_valid_state,
+    list_checkpoints,
+    load_checkpoint,
+    verify_checkpoint,
+)
+
+KILLS = 25
+CHILD = Path(__file__).with_name("checkpoint_child.py")
+
+
+def _lines(stream: object, sink: queue.Queue[str]) -> None:
+    for line in stream:  # type: ignore[attr-defined]
+        sink.put(line.strip())
+
+
+def _wait_for(lines: queue.Queue[str], prefix: str, committed: list[int]) -> str:
+    deadline = time.monotonic() + 60
+    while True:
+        line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+        if line.startswith("committed "):
+            committed.append(int(line.split()[3]))
+        if line.startswith(prefix):
+            return line
+
+
+def test_sigkill_during_writes_never_loses_the_newest_committed(tmp_path: Path) -> None:
+    job_dir = tmp_path / "jobs" / "kill"
+    rng = random.Random(4)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    zygote = subprocess.Popen(
+        [sys.executable, str(CHILD), str(job_dir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert zygote.stdin is not None and zygote.stdout is not None
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=_lines, args=(zygote.stdout, lines), daemon=True).start()
+    committed: list[int] = []
+    seen: dict[str, str] = {}  # checkpoint name -> its state hash, once verified
+    interrupted = 0
+    try:
+        for _ in range(KILLS):
+            zygote.stdin.write("go\n")
+            zygote.stdin.flush()
+            pid = int(_wait_for(lines, "started ", committed).split()[1])
+            time.sleep(rng.uniform(0.0, 0.06))  # a random moment, not a wait for a condition
+            os.kill(pid, signal.SIGKILL)
+            _wait_for(lines, f"exited {pid}", committed)
+
+            newest = latest_valid_state("kill", job_dir)
+            if newest is None:  # killed before its first write was durable
+                assert not committed
+            else:
+                step = int(newest["step"])
+                assert step >= max(committed, default=0)
+                assert torch.all(newest["weights"] == step)
+                assert torch.all(newest["moments"] == -step)
+            for info in list_checkpoints(job_dir):
+                verified = verify_checkpoint(job_dir, info.name)
+                digest = str(verified.files["state.pt"]["sha256"])
+                assert seen.setdefault(info.name, digest) == digest  # never rewritten
+                state = load_checkpoint(job_dir, info.name)
+                assert torch.all(state["weights"] == int(state["step"]))
+            if clean_orphans(job_dir):
+                interrupted += 1
+            leftovers = [p.name for p in (job_dir / "checkpoints").iterdir()]
+            assert not [name for name in leftovers if name.startswith(".")]
+            # keep_last=2 + keep_best=1, plus one when killed before retention ran
+            assert len(list_checkpoints(job_dir)) <= 4
+    finally:
+        zygote.stdin.close()
+        zygote.wait(timeout=30)
+        zygote.stdout.close()
+    assert len(committed) > KILLS  # the children did write between kills
+    assert interrupted > 0  # some kills landed in the middle of a write
