@@ -63,7 +63,7 @@ async def test_pause_resume_set_lr_and_stop_round_trip_with_audit_events() -> No
         subscription = bus.subscribe("audit", job_id="job")
         channel = ControlChannel("job", publish=bus.publish)
         loop = FakeTrainingLoop(channel, steps=10_000_000)
-        thread = threading.Thread(target=loop.run)
+        thread = threading.Thread(target=loop.run, daemon=True)
         thread.start()
         await anyio.to_thread.run_sync(loop.at_step.wait, 10)
         pause = channel.pause("look at the curves")
@@ -76,7 +76,6 @@ async def test_pause_resume_set_lr_and_stop_round_trip_with_audit_events() -> No
         set_lr = channel.set_lr(0.01, source="lr_plateau")
         assert (await subscription.receive()).data["lr"] == 0.01
         assert loop.step == held_step  # still held
-        assert loop.wait_calls == 2  # woke once for set_lr: no spinning
         channel.resume()
         assert (await subscription.receive()).type is EventType.JOB_RESUMED
         stop = channel.stop("enough", source="user")
@@ -84,6 +83,7 @@ async def test_pause_resume_set_lr_and_stop_round_trip_with_audit_events() -> No
         await anyio.to_thread.run_sync(thread.join, 10)
     assert stopping.type is EventType.JOB_STOPPING
     assert stopping.data["command_id"] == stop.id and stopping.data["source"] == "user"
+    assert loop.wait_calls == 2  # woke for set_lr, then for resume: no spinning
     assert loop.outcome == "stopped: enough"
     assert loop.lr == 0.01 and set_lr.value == 0.01
     assert loop.step > held_step
