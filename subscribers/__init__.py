@@ -17,11 +17,17 @@ from ._checkpoint_files import load_checkpoint as load_checkpoint
 from ._checkpoint_files import verify_checkpoint as verify_checkpoint
 from ._checkpoint_writer import CheckpointWriter as CheckpointWriter
 from ._checkpoint_writer import CheckpointWriterStatistics as CheckpointWriterStatistics
+from ._early_stop import EarlyStopController as EarlyStopController
+from ._early_stop import EarlyStopDecision as EarlyStopDecision
+from ._early_stop import EarlyStopping as EarlyStopping
+from ._early_stop import EarlyStopReason as EarlyStopReason
 from ._errors import CheckpointCorrupt as CheckpointCorrupt
 from ._errors import CheckpointError as CheckpointError
 from ._errors import CheckpointNotFound as CheckpointNotFound
 from ._errors import SubscribersError as SubscribersError
 from ._errors import UnsafeCheckpoint as UnsafeCheckpoint
+from ._lr_plateau import LRPlateau as LRPlateau
+from ._lr_plateau import LRPlateauController as LRPlateauController
 from ._trainer import Stateful as Stateful
 from ._trainer import TrainerLike as TrainerLike
 
@@ -32,6 +38,12 @@ __all__ = [
     "CheckpointNotFound",
     "CheckpointWriter",
     "CheckpointWriterStatistics",
+    "EarlyStopController",
+    "EarlyStopDecision",
+    "EarlyStopReason",
+    "EarlyStopping",
+    "LRPlateau",
+    "LRPlateauController",
     "Stateful",
     "SubscribersError",
     "TrainerLike",

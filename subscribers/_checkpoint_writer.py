@@ -191,9 +191,9 @@ class CheckpointWriter(Subscriber):
             and is_better(value, self._best_value, self.mode)
         )
         if reason == "epoch_end":
-            periodic = bool(self.every_n_epochs) and (trainer.epoch + 1) % (
-                self.every_n_epochs or 1
-            ) == 0
+            periodic = (
+                bool(self.every_n_epochs) and (trainer.epoch + 1) % (self.every_n_epochs or 1) == 0
+            )
             if not (periodic or improved):
                 return
             essential = improved
