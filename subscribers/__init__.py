@@ -28,6 +28,7 @@ from ._errors import SubscribersError as SubscribersError
 from ._errors import UnsafeCheckpoint as UnsafeCheckpoint
 from ._lr_plateau import LRPlateau as LRPlateau
 from ._lr_plateau import LRPlateauController as LRPlateauController
+from ._store import EventStore as EventStore
 from ._trainer import Stateful as Stateful
 from ._trainer import TrainerLike as TrainerLike
 
@@ -42,6 +43,7 @@ __all__ = [
     "EarlyStopDecision",
     "EarlyStopReason",
     "EarlyStopping",
+    "EventStore",
     "LRPlateau",
     "LRPlateauController",
     "Stateful",

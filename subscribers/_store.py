@@ -1,0 +1,282 @@
+"""The event store: every event in SQLite (WAL), written in batched transactions."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+import anyio
+
+from bus import (
+    BATCH_EVENT_TYPES,
+    TERMINAL_JOB_EVENT_TYPES,
+    DeliveryPolicy,
+    Event,
+    EventType,
+    Subscriber,
+    event_type_for,
+)
+
+__all__ = ["EventStore"]
+
+KeepBatchEvents = Literal["all", "every_n", "none_after_end"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    job_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    time REAL NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (job_id, seq)
+) WITHOUT ROWID
+"""
+_BATCH_TYPES = tuple(sorted(t.value for t in BATCH_EVENT_TYPES))
+_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
+
+class EventStore(Subscriber):
+    """Keeps every event of every job in SQLite; the API replays history from it.
+
+    Attach it to the bus (lossless, large batches): each batch the bus hands over is written
+    in one transaction on a worker thread, never on the event loop. ``gap`` events are not
+    stored. The database is ``<data>/trainbus.db`` (shared with the job manager's ``jobs``
+    table), opened in WAL mode with a busy timeout so that both connections coexist.
+
+    Reads (:meth:`read`, :meth:`last_seq`) and :meth:`delete_job` are synchronous and do
+    SQLite I/O: call them from a thread (``anyio.to_thread.run_sync``) in async code.
+    :meth:`flush` waits until everything handed to the store so far is committed.
+
+    Batch-level events (``train_batch_end`` and the like, see ``bus.BATCH_EVENT_TYPES``) can
+    be thinned: ``keep_batch_events="all"`` keeps them; ``"every_n"`` keeps the first and
+    then every ``batch_event_every``-th of each type per job; ``"none_after_end"`` keeps
+    them while a job runs and deletes them when its terminal event (``job_completed``,
+    ``job_stopped``, ``job_failed``) arrives. :meth:`last_seq` counts skipped events too, so
+    that a reader waiting for a ``seq`` is not kept waiting.
+
+    :param path: the SQLite database file.
+    :param keep_batch_events: ``all``, ``every_n`` or ``none_after_end``.
+    :param batch_event_every: N for ``every_n``.
+    :param busy_timeout: seconds to wait for another connection's write lock.
+    """
+
+    policy = DeliveryPolicy.LOSSLESS
+    buffer_size = 16384
+    max_batch = 4096
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        keep_batch_events: KeepBatchEvents = "all",
+        batch_event_every: int = 10,
+        busy_timeout: float = 10.0,
+    ) -> None:
+        if keep_batch_events not in ("all", "every_n", "none_after_end"):
+            raise ValueError(f"unknown keep_batch_events {keep_batch_events!r}")
+        if batch_event_every < 1:
+            raise ValueError(f"batch_event_every must be >= 1, got {batch_event_every}")
+        self.path = Path(path)
+        self.keep_batch_events = keep_batch_events
+        self.batch_event_every = batch_event_every
+        self.busy_timeout = busy_timeout
+        self._write_lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        self._writer: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._seen: dict[str, int] = {}  # job -> highest seq handled (stored or skipped)
+        self._batch_counts: Counter[tuple[str, EventType]] = Counter()
+        self._received = 0
+        self._committed = 0
+        self._progress: anyio.Event | None = None
+
+    # -- connections ------------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        connection = sqlite3.connect(
+            self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
+        )
+        connection.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+        connection.execute("PRAGMA journal_mode = WAL")
+        connection.execute("PRAGMA synchronous = NORMAL")
+        return connection
+
+    def open(self) -> None:
+        """Open the database and create the table (done on first use otherwise)."""
+        self._write_connection()
+        self._read_connection()
+
+    def _write_connection(self) -> sqlite3.Connection:
+        if self._writer is None:
+            self._writer = self._connect()
+            self._writer.execute(_SCHEMA)
+        return self._writer
+
+    def _read_connection(self) -> sqlite3.Connection:
+        if self._reader is None:
+            with self._write_lock:
+                self._write_connection()  # the table exists before the first read
+            self._reader = self._connect()
+        return self._reader
+
+    def close(self) -> None:
+        """Close the database connections (a later call reopens them)."""
+        with self._write_lock:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+        with self._read_lock:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
+
+    def __enter__(self) -> EventStore:
+        self.open()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def write(self, events: Sequence[Event]) -> int:
+        """Store ``events`` in one transaction (applying the retention); return rows written.
+
+        Synchronous: blocks on SQLite. The subscriber calls it on a worker thread.
+        """
+        rows: list[tuple[str, int, str, float, str]] = []
+        ended: list[str] = []
+        keep = self.keep_batch_events
+        every = self.batch_event_every
+        seen: dict[str, int] = {}
+        for event in events:
+            event_type = event.type
+            if event_type is EventType.GAP:
+                continue
+            job_id = event.job_id
+            if seen.get(job_id, 0) < event.seq:
+                seen[job_id] = event.seq
+            if keep == "every_n" and event_type in BATCH_EVENT_TYPES:
+                key = (job_id, event_type)
+                count = self._batch_counts[key]
+                self._batch_counts[key] = count + 1
+                if count % every:
+                    continue
+            elif keep == "none_after_end" and event_type in TERMINAL_JOB_EVENT_TYPES:
+                ended.append(job_id)
+            rows.append((job_id, event.seq, event_type.value, event.time, _encode(event.data)))
+        if rows:
+            self._commit(rows, ended)
+        # Only now, so that a reader never sees a seq as handled before it is readable.
+        for job_id, seq in seen.items():
+            if self._seen.get(job_id, 0) < seq:
+                self._seen[job_id] = seq
+        return len(rows)
+
+    def _commit(self, rows: list[tuple[str, int, str, float, str]], ended: list[str]) -> None:
+        with self._write_lock:
+            connection = self._write_connection()
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                connection.executemany("INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?, ?)", rows)
+                marks = ",".join("?" * len(_BATCH_TYPES))
+                for job_id in ended:
+                    connection.execute(
+                        f"DELETE FROM events WHERE job_id = ? AND type IN ({marks})",
+                        (job_id, *_BATCH_TYPES),
+                    )
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+            connection.execute("COMMIT")
+
+    async def on_events(self, events: Sequence[Event]) -> None:
+        self._received += len(events)
+        target = self._received
+        try:
+            await anyio.to_thread.run_sync(self.write, events)
+        finally:
+            self._committed = max(self._committed, target)
+            if self._progress is not None:
+                self._progress.set()
+                self._progress = None
+
+    async def flush(self) -> None:
+        """Wait until every event handed to the store so far is committed."""
+        target = self._received
+        while self._committed < target:
+            if self._progress is None:
+                self._progress = anyio.Event()
+            await self._progress.wait()
+
+    async def on_start(self) -> None:
+        await anyio.to_thread.run_sync(self.open)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def read(
+        self,
+        job_id: str,
+        after_seq: int = 0,
+        types: Iterable[EventType | str] | None = None,
+        limit: int | None = None,
+    ) -> list[Event]:
+        """Stored events of ``job_id`` with ``seq`` > ``after_seq``, in ``seq`` order,
+        optionally only of ``types`` and at most ``limit`` of them."""
+        query = "SELECT job_id, seq, type, time, data FROM events WHERE job_id = ? AND seq > ?"
+        params: list[Any] = [job_id, after_seq]
+        if types is not None:
+            names = sorted({event_type_for(t).value for t in types})
+            if not names:
+                return []
+            query += f" AND type IN ({','.join('?' * len(names))})"
+            params.extend(names)
+        query += " ORDER BY seq"
+        if limit is not None:
+            query += " LIMIT ?"
+            params.append(max(int(limit), 0))
+        with self._read_lock:
+            rows = self._read_connection().execute(query, params).fetchall()
+        return [
+            Event(row[0], row[1], EventType(row[2]), row[3], json.loads(row[4])) for row in rows
+        ]
+
+    def last_seq(self, job_id: str) -> int:
+        """The highest ``seq`` of ``job_id`` the store has handled (0 if none)."""
+        with self._read_lock:
+            row = (
+                self._read_connection()
+                .execute("SELECT MAX(seq) FROM events WHERE job_id = ?", (job_id,))
+                .fetchone()
+            )
+        stored = int(row[0]) if row and row[0] is not None else 0
+        return max(stored, self._seen.get(job_id, 0))
+
+    def job_ids(self) -> list[str]:
+        """Every job with stored events."""
+        with self._read_lock:
+            rows = self._read_connection().execute("SELECT DISTINCT job_id FROM events").fetchall()
+        return sorted(str(row[0]) for row in rows)
+
+    def delete_job(self, job_id: str) -> int:
+        """Delete every stored event of ``job_id``; return how many."""
+        with self._write_lock:
+            cursor = self._write_connection().execute(
+                "DELETE FROM events WHERE job_id = ?", (job_id,)
+            )
+        self._seen.pop(job_id, None)
+        for key in [key for key in self._batch_counts if key[0] == job_id]:
+            del self._batch_counts[key]
+        return cursor.rowcount

@@ -1,0 +1,142 @@
+"""The event store: exactly what was written, in order; filters; retention; restart."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import anyio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bus import Event, EventBus, EventType
+from subscribers import EventStore
+
+KINDS = [EventType.TRAIN_BATCH_END, EventType.FIT_EPOCH_END, EventType.MODEL_SAVE]
+
+
+def _event(job_id: str, seq: int, kind: EventType = EventType.TRAIN_BATCH_END) -> Event:
+    return Event(job_id, seq, kind, 1000.0 + seq, {"step": seq, "loss": 1.0 / seq, "m": [1, "x"]})
+
+
+async def test_store_returns_exactly_what_the_bus_delivered(data_dir: Path) -> None:
+    store = EventStore(data_dir / "trainbus.db")
+    published: list[Event] = []
+    async with EventBus() as bus:
+        handle = bus.attach(store)
+
+        def publish() -> None:
+            for i in range(3000):
+                job = f"job-{i % 3}"
+                kind = KINDS[i % len(KINDS)]
+                published.append(bus.publish(job, kind, {"i": i, "nested": {"v": [i, 0.5]}}))
+
+        await anyio.to_thread.run_sync(publish)
+        for last in published[-3:]:
+            assert await anyio.to_thread.run_sync(bus.wait_processed, last, 10.0)
+        await store.flush()
+        for job in ("job-0", "job-1", "job-2"):
+            expected = [e for e in published if e.job_id == job]
+            assert store.last_seq(job) == expected[-1].seq
+            assert store.read(job) == expected
+        await handle.detach()
+    store.close()
+
+
+def test_filters_and_limits(data_dir: Path) -> None:
+    with EventStore(data_dir / "trainbus.db") as store:
+        events = [_event("a", seq, KINDS[seq % 3]) for seq in range(1, 31)]
+        store.write(events)
+        assert store.read("a", after_seq=25) == events[25:]
+        assert store.read("a", limit=4) == events[:4]
+        assert store.read("a", types=["on_fit_epoch_end"]) == [
+            e for e in events if e.type is EventType.FIT_EPOCH_END
+        ]
+        assert store.read("a", types=[EventType.MODEL_SAVE], after_seq=10, limit=2) == [
+            events[10],
+            events[13],
+        ]
+        assert store.read("a", types=[]) == []
+        assert store.read("nobody") == [] and store.last_seq("nobody") == 0
+        assert store.job_ids() == ["a"]
+        assert store.delete_job("a") == 30
+        assert store.read("a") == [] and store.last_seq("a") == 0
+
+
+def test_gaps_are_not_stored(data_dir: Path) -> None:
+    with EventStore(data_dir / "trainbus.db") as store:
+        gap = Event("a", 5, EventType.GAP, 1.0, {"from_seq": 1, "to_seq": 5})
+        assert store.write([gap, _event("a", 6)]) == 1
+        assert [e.seq for e in store.read("a")] == [6]
+
+
+def test_survives_restart_next_to_another_table(data_dir: Path) -> None:
+    path = data_dir / "trainbus.db"
+    jobs = sqlite3.connect(path, isolation_level=None)  # the job manager's connection
+    jobs.execute("PRAGMA journal_mode = WAL")
+    jobs.execute("CREATE TABLE jobs (id TEXT PRIMARY KEY, state TEXT)")
+    events = [_event("a", seq) for seq in range(1, 101)]
+    with EventStore(path) as store:
+        store.write(events[:50])
+        jobs.execute("INSERT INTO jobs VALUES ('a', 'running')")
+        store.write(events[50:])
+    with EventStore(path) as reopened:
+        assert reopened.read("a") == events
+        assert reopened.last_seq("a") == 100
+    assert jobs.execute("SELECT state FROM jobs").fetchone() == ("running",)
+    jobs.close()
+
+
+def test_keep_every_nth_batch_event(data_dir: Path) -> None:
+    with EventStore(
+        data_dir / "trainbus.db", keep_batch_events="every_n", batch_event_every=4
+    ) as store:
+        events = [_event("a", seq) for seq in range(1, 11)]
+        events.append(_event("a", 11, EventType.FIT_EPOCH_END))
+        events.append(_event("a", 12))
+        store.write(events)
+        assert [e.seq for e in store.read("a")] == [1, 5, 9, 11]
+        assert store.last_seq("a") == 12  # skipped events count as handled
+
+
+def test_drop_batch_events_after_the_end(data_dir: Path) -> None:
+    with EventStore(data_dir / "trainbus.db", keep_batch_events="none_after_end") as store:
+        store.write([_event("a", 1), _event("a", 2, EventType.FIT_EPOCH_END), _event("a", 3)])
+        store.write([_event("b", 1)])
+        assert len(store.read("a")) == 3
+        store.write([_event("a", 4, EventType.JOB_COMPLETED)])
+        assert [e.seq for e in store.read("a")] == [2, 4]
+        assert len(store.read("b")) == 1
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["a", "b"]),
+            st.sampled_from(KINDS),
+            st.dictionaries(
+                st.text(max_size=5),
+                st.one_of(st.integers(-(2**53), 2**53), st.text(max_size=8), st.booleans()),
+                max_size=3,
+            ),
+        ),
+        max_size=40,
+    ),
+    st.integers(1, 7),
+)
+def test_round_trip_property(
+    tmp_path_factory: object, rows: list[tuple[str, EventType, dict[str, object]]], chunk: int
+) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder, EventStore(Path(folder) / "t.db") as store:
+        seqs = {"a": 0, "b": 0}
+        events = []
+        for job, kind, data in rows:
+            seqs[job] += 1
+            events.append(Event(job, seqs[job], kind, 1.5, data))
+        for start in range(0, len(events), chunk):
+            store.write(events[start : start + chunk])
+        for job in ("a", "b"):
+            assert store.read(job) == [e for e in events if e.job_id == job]
