@@ -37,8 +37,30 @@ CREATE TABLE IF NOT EXISTS events (
     PRIMARY KEY (job_id, seq)
 ) WITHOUT ROWID
 """
+_INSERT = "INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?, ?)"
 _BATCH_TYPES = tuple(sorted(t.value for t in BATCH_EVENT_TYPES))
-_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+_json_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
+try:
+    import orjson
+except ImportError:  # pragma: no cover - orjson is optional: the standard library is slower
+    orjson = None  # type: ignore[assignment]
+
+
+def _encode(data: Any) -> str:
+    """``data`` as compact JSON, exactly as ``json.dumps`` would read back.
+
+    orjson is several times faster, but writes NaN and infinities as ``null`` and refuses
+    non-string keys and unknown types; then the standard library encodes the event.
+    """
+    if orjson is not None:
+        try:
+            encoded = orjson.dumps(data)
+        except TypeError:
+            return _json_encode(data)
+        if b"null" not in encoded:
+            return encoded.decode()
+    return _json_encode(data)
 
 
 class EventStore(Subscriber):
@@ -98,32 +120,39 @@ class EventStore(Subscriber):
 
     # -- connections ------------------------------------------------------------------------
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, *, writer: bool) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         connection = sqlite3.connect(
             self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
         )
         connection.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-        connection.execute("PRAGMA journal_mode = WAL")
-        connection.execute("PRAGMA synchronous = NORMAL")
+        if writer:
+            # Switching the journal mode needs the database to itself: only when not WAL yet.
+            if connection.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                connection.execute("PRAGMA journal_mode = WAL")
+            connection.execute("PRAGMA synchronous = NORMAL")
+            connection.execute(_SCHEMA)
         return connection
 
     def open(self) -> None:
         """Open the database and create the table (done on first use otherwise)."""
-        self._write_connection()
-        self._read_connection()
+        with self._write_lock:
+            self._write_connection()
+        with self._read_lock:
+            self._read_connection()
 
     def _write_connection(self) -> sqlite3.Connection:
+        """With the write lock held."""
         if self._writer is None:
-            self._writer = self._connect()
-            self._writer.execute(_SCHEMA)
+            self._writer = self._connect(writer=True)
         return self._writer
 
     def _read_connection(self) -> sqlite3.Connection:
+        """With the read lock held."""
         if self._reader is None:
             with self._write_lock:
                 self._write_connection()  # the table exists before the first read
-            self._reader = self._connect()
+            self._reader = self._connect(writer=False)
         return self._reader
 
     def close(self) -> None:
@@ -156,18 +185,37 @@ class EventStore(Subscriber):
 
         Synchronous: blocks on SQLite. The subscriber calls it on a worker thread.
         """
-        rows: list[tuple[str, int, str, float, str]] = []
+        seen: dict[str, int] = {}
         ended: list[str] = []
+        if self.keep_batch_events == "all":
+            gap = EventType.GAP
+            # The hot path: one tuple per event, no per-event branching beyond gaps.
+            rows = [(e[0], e[1], e[2], e[3], _encode(e[4])) for e in events if e[2] is not gap]
+            for row in rows:
+                seen[row[0]] = row[1]
+        else:
+            rows = self._thinned_rows(events, seen, ended)
+        if rows:
+            self._commit(rows, ended)
+        # Only now, so that a reader never sees a seq as handled before it is readable.
+        # (Per job, events arrive in seq order: the last one seen is the highest.)
+        for job_id, seq in seen.items():
+            if self._seen.get(job_id, 0) < seq:
+                self._seen[job_id] = seq
+        return len(rows)
+
+    def _thinned_rows(
+        self, events: Sequence[Event], seen: dict[str, int], ended: list[str]
+    ) -> list[tuple[str, int, EventType, float, str]]:
+        rows: list[tuple[str, int, EventType, float, str]] = []
         keep = self.keep_batch_events
         every = self.batch_event_every
-        seen: dict[str, int] = {}
         for event in events:
             event_type = event.type
             if event_type is EventType.GAP:
                 continue
             job_id = event.job_id
-            if seen.get(job_id, 0) < event.seq:
-                seen[job_id] = event.seq
+            seen[job_id] = event.seq
             if keep == "every_n" and event_type in BATCH_EVENT_TYPES:
                 key = (job_id, event_type)
                 count = self._batch_counts[key]
@@ -176,16 +224,12 @@ class EventStore(Subscriber):
                     continue
             elif keep == "none_after_end" and event_type in TERMINAL_JOB_EVENT_TYPES:
                 ended.append(job_id)
-            rows.append((job_id, event.seq, event_type.value, event.time, _encode(event.data)))
-        if rows:
-            self._commit(rows, ended)
-        # Only now, so that a reader never sees a seq as handled before it is readable.
-        for job_id, seq in seen.items():
-            if self._seen.get(job_id, 0) < seq:
-                self._seen[job_id] = seq
-        return len(rows)
+            rows.append((job_id, event.seq, event_type, event.time, _encode(event.data)))
+        return rows
 
-    def _commit(self, rows: list[tuple[str, int, str, float, str]], ended: list[str]) -> None:
+    def _commit(
+        self, rows: Sequence[tuple[str, int, EventType, float, str]], ended: list[str]
+    ) -> None:
         with self._write_lock:
             connection = self._write_connection()
             connection.execute("BEGIN IMMEDIATE")
