@@ -28,6 +28,8 @@ from ._errors import SubscribersError as SubscribersError
 from ._errors import UnsafeCheckpoint as UnsafeCheckpoint
 from ._lr_plateau import LRPlateau as LRPlateau
 from ._lr_plateau import LRPlateauController as LRPlateauController
+from ._prometheus import PrometheusExporter as PrometheusExporter
+from ._resources import ResourceMonitor as ResourceMonitor
 from ._store import EventStore as EventStore
 from ._trainer import Stateful as Stateful
 from ._trainer import TrainerLike as TrainerLike
@@ -46,6 +48,8 @@ __all__ = [
     "EventStore",
     "LRPlateau",
     "LRPlateauController",
+    "PrometheusExporter",
+    "ResourceMonitor",
     "Stateful",
     "SubscribersError",
     "TrainerLike",

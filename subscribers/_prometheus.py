@@ -1,0 +1,435 @@
+"""The Prometheus exporter: job, bus, checkpoint, GPU and process metrics from the events."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from bus import DeliveryPolicy, Event, EventBus, EventType, Subscriber
+
+__all__ = ["PrometheusExporter"]
+
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+CHECKPOINT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+JOB_STATES = ("queued", "running", "paused", "completed", "stopped", "failed", "interrupted")
+_STATE_OF_EVENT = {
+    EventType.JOB_QUEUED: "queued",
+    EventType.JOB_STARTED: "running",
+    EventType.JOB_RESUMED: "running",
+    EventType.JOB_PAUSED: "paused",
+    EventType.JOB_COMPLETED: "completed",
+    EventType.JOB_STOPPED: "stopped",
+    EventType.JOB_FAILED: "failed",
+    EventType.JOB_INTERRUPTED: "interrupted",
+}
+_ENDED_STATES = frozenset({"completed", "stopped", "failed", "interrupted"})
+
+
+class _Histogram:
+    """Bucket counts of one histogram (cumulated when exported)."""
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        result, total = [], 0
+        for bound, count in zip([*map(_float_text, self.bounds), "+Inf"], self.counts, strict=True):
+            total += count
+            result.append((bound, float(total)))
+        return result
+
+
+def _float_text(value: float) -> str:
+    return repr(float(value))
+
+
+@dataclass
+class _Job:
+    state: str | None = None
+    ended_at: float | None = None
+    epoch: float | None = None
+    step: float | None = None
+    train_loss: float | None = None
+    learning_rate: float | None = None
+    validation: dict[str, float] = field(default_factory=dict)
+    samples: float = 0.0
+    step_durations: _Histogram = field(default_factory=lambda: _Histogram(STEP_BUCKETS))
+    last_batch: tuple[float, float | None] | None = None  # (time, step) of the last batch end
+    checkpoint_bytes: float | None = None
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+class PrometheusExporter(Subscriber):
+    """Turns the event stream (and the bus's statistics) into Prometheus metrics.
+
+    One per server, attached lossy (``drop_oldest``): telemetry may miss events under load
+    but never holds training back. It owns a :class:`~prometheus_client.CollectorRegistry`
+    (:attr:`registry`); :meth:`render` returns the text exposition for ``/metrics``
+    (:attr:`content_type` is its media type).
+
+    Per-job series (label ``job_id``) exist while a job is known and for
+    ``retention_seconds`` after it ends (``job_completed|stopped|failed|interrupted``), then
+    are removed, so label cardinality stays bounded. Exported:
+
+    - ``trainbus_jobs{state}``: jobs by state, counted from ``job_*`` events (ended jobs stay
+      counted after their series are removed);
+    - ``trainbus_job_epoch``, ``trainbus_job_step``, ``trainbus_job_train_loss``,
+      ``trainbus_job_learning_rate``, ``trainbus_job_validation_metric{metric}``,
+      ``trainbus_job_samples_total``, ``trainbus_job_step_duration_seconds`` (histogram),
+      ``trainbus_checkpoint_bytes`` (size of the job's last checkpoint);
+    - ``trainbus_checkpoint_write_seconds`` (histogram over all jobs);
+    - from ``bus.statistics()`` at scrape time: ``trainbus_events_published_total{type}``,
+      ``trainbus_subscriber_buffered_events{subscriber}``,
+      ``trainbus_subscriber_delivered_events_total``, ``..._dropped_events_total``,
+      ``..._errors_total``, ``..._publisher_wait_seconds_total`` (subscriptions sharing a
+      name are summed);
+    - from ``resource_sample`` events, per GPU (label ``gpu``, the NVML index, and ``name``),
+      with the meaning of NVIDIA DCGM exporter's fields in base units:
+      ``trainbus_gpu_utilization_ratio`` (DCGM_FI_DEV_GPU_UTIL / 100),
+      ``trainbus_gpu_memory_used_bytes`` (DCGM_FI_DEV_FB_USED),
+      ``trainbus_gpu_memory_total_bytes`` (FB_USED + FB_FREE),
+      ``trainbus_gpu_temperature_celsius`` (DCGM_FI_DEV_GPU_TEMP),
+      ``trainbus_gpu_power_watts`` (DCGM_FI_DEV_POWER_USAGE),
+      ``trainbus_gpu_torch_allocated_bytes``, ``trainbus_gpu_torch_reserved_bytes``; and
+      ``trainbus_host_cpu_utilization_ratio``;
+    - ``process_cpu_seconds_total``, ``process_resident_memory_bytes`` and the rest of
+      prometheus-client's process collector.
+
+    Batch events are read as the trainer sends them: ``step``, ``epoch``, the loss as
+    ``loss`` or ``metrics.loss``/``metrics.train_loss``, samples as a running ``samples``
+    count or a ``batch_size`` per batch, the step duration as ``step_seconds`` or else the
+    time between two ``train_batch_end`` events divided by the steps between them.
+
+    :param bus: the bus whose statistics are exported (None: no bus metrics).
+    :param retention_seconds: how long an ended job's series stay.
+    :param process_metrics: register prometheus-client's process collector.
+    :param clock: monotonic clock (seconds), replaceable in tests.
+    """
+
+    policy = DeliveryPolicy.DROP_OLDEST
+    buffer_size = 8192
+    max_batch = 1024
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(
+        self,
+        *,
+        bus: EventBus | None = None,
+        retention_seconds: float = 3600.0,
+        process_metrics: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.bus = bus
+        self.retention_seconds = retention_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._jobs: dict[str, _Job] = {}
+        self._ended_counts = dict.fromkeys(JOB_STATES, 0)  # states of pruned jobs
+        self._checkpoint_seconds = _Histogram(CHECKPOINT_BUCKETS)
+        self._gpus: dict[int, dict[str, Any]] = {}
+        self._host_cpu: float | None = None
+        self.registry = CollectorRegistry()
+        self.registry.register(_Collector(self))
+        if process_metrics:
+            ProcessCollector(namespace="", registry=self.registry)
+
+    # -- rendering --------------------------------------------------------------------------
+
+    def render(self) -> bytes:
+        """The metrics in Prometheus' text exposition format (prunes ended jobs first)."""
+        self.prune()
+        return generate_latest(self.registry)
+
+    def prune(self, now: float | None = None) -> list[str]:
+        """Remove the series of jobs that ended more than ``retention_seconds`` ago."""
+        now = self._clock() if now is None else now
+        with self._lock:
+            gone = [
+                job_id
+                for job_id, job in self._jobs.items()
+                if job.ended_at is not None and now - job.ended_at >= self.retention_seconds
+            ]
+            for job_id in gone:
+                state = self._jobs.pop(job_id).state
+                if state is not None:
+                    self._ended_counts[state] += 1
+        return gone
+
+    # -- events -----------------------------------------------------------------------------
+
+    async def on_events(self, events: Sequence[Event]) -> None:
+        self.observe(events)
+        self.prune()
+
+    def observe(self, events: Iterable[Event]) -> None:
+        """Update the metrics from ``events`` (what the bus handler does)."""
+        with self._lock:
+            for event in events:
+                self._observe(event)
+
+    def _observe(self, event: Event) -> None:
+        kind = event.type
+        data = event.data
+        if kind is EventType.GAP or kind is EventType.SUBSCRIBER_ERROR:
+            return
+        if kind is EventType.RESOURCE_SAMPLE:
+            self._observe_resources(data)
+            return
+        job = self._jobs.get(event.job_id)
+        if job is None:
+            job = self._jobs[event.job_id] = _Job()
+        state = _STATE_OF_EVENT.get(kind)
+        if state is not None:
+            job.state = state
+            job.ended_at = self._clock() if state in _ENDED_STATES else None
+            job.last_batch = None
+        epoch, step = _number(data.get("epoch")), _number(data.get("step"))
+        if epoch is not None:
+            job.epoch = epoch
+        if step is not None:
+            job.step = step
+        if kind is EventType.TRAIN_BATCH_END:
+            self._observe_batch(job, event, step)
+        elif kind is EventType.TRAIN_EPOCH_START:
+            job.last_batch = None
+        elif kind is EventType.FIT_EPOCH_END or kind is EventType.TRAIN_EPOCH_END:
+            self._observe_metrics(job, data.get("metrics"))
+        elif kind is EventType.LR_CHANGED:
+            lr = _number(data.get("value"))
+            if lr is not None:
+                job.learning_rate = lr
+        elif kind is EventType.CHECKPOINT_SAVED:
+            seconds, size = _number(data.get("seconds")), _number(data.get("bytes"))
+            if seconds is not None:
+                self._checkpoint_seconds.observe(seconds)
+            if size is not None:
+                job.checkpoint_bytes = size
+
+    def _observe_batch(self, job: _Job, event: Event, step: float | None) -> None:
+        data = event.data
+        metrics = data.get("metrics")
+        source = metrics if isinstance(metrics, Mapping) else {}
+        loss = _number(data.get("loss"))
+        if loss is None:
+            loss = _number(source.get("loss", source.get("train_loss")))
+        if loss is not None:
+            job.train_loss = loss
+        samples = _number(data.get("samples"))
+        if samples is not None:
+            job.samples = max(job.samples, samples)
+        else:
+            job.samples += _number(data.get("batch_size")) or 0.0
+        duration = _number(data.get("step_seconds"))
+        if duration is None and job.last_batch is not None:
+            last_time, last_step = job.last_batch
+            steps = 1.0 if step is None or last_step is None else step - last_step
+            if steps > 0:
+                duration = (event.time - last_time) / steps
+        if duration is not None and duration >= 0:
+            job.step_durations.observe(duration)
+        job.last_batch = (event.time, step)
+
+    @staticmethod
+    def _observe_metrics(job: _Job, metrics: Any) -> None:
+        if not isinstance(metrics, Mapping):
+            return
+        for key, value in metrics.items():
+            number = _number(value)
+            if number is None:
+                continue
+            name = str(key)
+            if name in ("lr", "learning_rate"):
+                job.learning_rate = number
+            elif name in ("train_loss", "loss"):
+                job.train_loss = number
+            elif name.startswith("val"):
+                job.validation[name] = number
+
+    def _observe_resources(self, data: Mapping[str, Any]) -> None:
+        self._host_cpu = _number(data.get("system_cpu_percent"))
+        if self._host_cpu is not None:
+            self._host_cpu /= 100.0
+        gpus = data.get("gpus")
+        if isinstance(gpus, list):
+            for gpu in gpus:
+                if isinstance(gpu, Mapping) and isinstance(gpu.get("index"), int):
+                    self._gpus[gpu["index"]] = dict(gpu)
+
+    # -- collection -------------------------------------------------------------------------
+
+    def _collect(self) -> Iterator[Metric]:
+        with self._lock:
+            yield from self._collect_jobs()
+            yield from self._collect_resources()
+        if self.bus is not None:
+            yield from _collect_bus(self.bus)
+
+    def _collect_jobs(self) -> Iterator[Metric]:
+        by_state = dict(self._ended_counts)
+        for job in self._jobs.values():
+            if job.state is not None:
+                by_state[job.state] += 1
+        jobs = GaugeMetricFamily("trainbus_jobs", "Jobs by state.", labels=["state"])
+        for state in JOB_STATES:
+            jobs.add_metric([state], by_state[state])
+        yield jobs
+
+        def gauge(name: str, doc: str, attribute: str) -> GaugeMetricFamily:
+            family = GaugeMetricFamily(name, doc, labels=["job_id"])
+            for job_id, job in self._jobs.items():
+                value = getattr(job, attribute)
+                if value is not None:
+                    family.add_metric([job_id], value)
+            return family
+
+        yield gauge("trainbus_job_epoch", "Current epoch of the job (0-based).", "epoch")
+        yield gauge("trainbus_job_step", "Optimizer steps done by the job.", "step")
+        yield gauge("trainbus_job_train_loss", "Latest training loss of the job.", "train_loss")
+        yield gauge(
+            "trainbus_job_learning_rate",
+            "Learning rate of the job's first group.",
+            "learning_rate",
+        )
+        yield gauge(
+            "trainbus_checkpoint_bytes",
+            "Size of the job's latest checkpoint.",
+            "checkpoint_bytes",
+        )
+        validation = GaugeMetricFamily(
+            "trainbus_job_validation_metric",
+            "Latest validation metrics of the job.",
+            labels=["job_id", "metric"],
+        )
+        samples = CounterMetricFamily(
+            "trainbus_job_samples", "Training samples processed by the job.", labels=["job_id"]
+        )
+        durations = HistogramMetricFamily(
+            "trainbus_job_step_duration_seconds",
+            "Wall-clock duration of the job's training steps.",
+            labels=["job_id"],
+        )
+        for job_id, job in self._jobs.items():
+            for metric, value in sorted(job.validation.items()):
+                validation.add_metric([job_id, metric], value)
+            samples.add_metric([job_id], job.samples)
+            durations.add_metric([job_id], job.step_durations.buckets(), job.step_durations.sum)
+        yield validation
+        yield samples
+        yield durations
+        checkpoints = HistogramMetricFamily(
+            "trainbus_checkpoint_write_seconds",
+            "Time to snapshot and durably write a checkpoint.",
+        )
+        checkpoints.add_metric([], self._checkpoint_seconds.buckets(), self._checkpoint_seconds.sum)
+        yield checkpoints
+
+    def _collect_resources(self) -> Iterator[Metric]:
+        host = GaugeMetricFamily(
+            "trainbus_host_cpu_utilization_ratio", "CPU utilisation of the whole host (0..1)."
+        )
+        if self._host_cpu is not None:
+            host.add_metric([], self._host_cpu)
+        yield host
+        fields = [
+            ("utilization_ratio", "GPU utilisation (DCGM_FI_DEV_GPU_UTIL / 100)."),
+            ("memory_used_bytes", "Framebuffer memory used (DCGM_FI_DEV_FB_USED, in bytes)."),
+            ("memory_total_bytes", "Framebuffer memory in all (FB_USED + FB_FREE, in bytes)."),
+            ("temperature_celsius", "GPU temperature (DCGM_FI_DEV_GPU_TEMP)."),
+            ("power_watts", "Power draw (DCGM_FI_DEV_POWER_USAGE)."),
+            ("torch_allocated_bytes", "Memory held by tensors in torch's CUDA allocator."),
+            ("torch_reserved_bytes", "Memory reserved by torch's CUDA caching allocator."),
+        ]
+        for key, doc in fields:
+            family = GaugeMetricFamily(f"trainbus_gpu_{key}", doc, labels=["gpu", "name"])
+            for index, gpu in sorted(self._gpus.items()):
+                value = _number(gpu.get(key))
+                if value is not None and math.isfinite(value):
+                    family.add_metric([str(index), str(gpu.get("name") or "")], value)
+            yield family
+
+
+def _collect_bus(bus: EventBus) -> Iterator[Metric]:
+    statistics = bus.statistics()
+    published = CounterMetricFamily(
+        "trainbus_events_published", "Events published on the bus, by type.", labels=["type"]
+    )
+    for kind, count in sorted(statistics.published_by_type.items()):
+        published.add_metric([kind], count)
+    yield published
+    totals: dict[str, list[float]] = {}
+    for sub in statistics.subscriptions:
+        row = totals.setdefault(sub.name, [0.0] * 5)
+        row[0] += sub.buffered
+        row[1] += sub.delivered
+        row[2] += sub.dropped
+        row[3] += sub.errors
+        row[4] += sub.publisher_wait_seconds
+    families: list[Metric] = [
+        GaugeMetricFamily(
+            "trainbus_subscriber_buffered_events",
+            "Events waiting in the subscriber's buffer.",
+            labels=["subscriber"],
+        ),
+        CounterMetricFamily(
+            "trainbus_subscriber_delivered_events",
+            "Events handed to the subscriber.",
+            labels=["subscriber"],
+        ),
+        CounterMetricFamily(
+            "trainbus_subscriber_dropped_events",
+            "Events a lossy subscriber missed.",
+            labels=["subscriber"],
+        ),
+        CounterMetricFamily(
+            "trainbus_subscriber_errors",
+            "Exceptions raised by the subscriber's handlers.",
+            labels=["subscriber"],
+        ),
+        CounterMetricFamily(
+            "trainbus_subscriber_publisher_wait_seconds",
+            "Time publishers waited for room in the subscriber's buffer.",
+            labels=["subscriber"],
+        ),
+    ]
+    for name, row in sorted(totals.items()):
+        for family, value in zip(families, row, strict=True):
+            family.add_metric([name], value)  # type: ignore[attr-defined]
+    yield from families
+
+
+class _Collector(Collector):
+    def __init__(self, exporter: PrometheusExporter) -> None:
+        self.exporter = exporter
+
+    def collect(self) -> Iterable[Metric]:
+        return list(self.exporter._collect())

@@ -1,0 +1,188 @@
+"""The resource monitor: GPUs through NVML, torch's CUDA allocator, CPU and memory (psutil)."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import anyio
+import psutil
+
+from bus import EventBus, EventType
+
+__all__ = ["ResourceMonitor"]
+
+logger = logging.getLogger("trainbus.subscribers")
+
+SERVER_JOB_ID = "_server"
+
+
+class ResourceMonitor:
+    """Samples the machine every ``interval_seconds`` and publishes ``resource_sample``.
+
+    Not a subscriber: a task the server runs for its lifetime::
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(monitor.run)      # samples until cancelled
+            ...
+            tg.cancel_scope.cancel()
+
+    Each sample is taken on a worker thread (NVML and psutil calls block) and published with
+    ``await bus.publish_async`` under ``job_id`` (``"_server"`` by default). Its data::
+
+        {"process_cpu_percent": 37.5,     # this process, percent of one core (may pass 100)
+         "system_cpu_percent": 20.1,      # the whole machine, 0..100
+         "rss_bytes": 512000000,          # this process's resident memory
+         "gpus": [{"index": 0, "name": "...", "uuid": "GPU-...",
+                   "utilization_ratio": 0.93,        # DCGM_FI_DEV_GPU_UTIL / 100
+                   "memory_used_bytes": ..., "memory_total_bytes": ...,  # DCGM_FI_DEV_FB_USED,
+                                                     # FB_USED + FB_FREE, in bytes, not MiB
+                   "temperature_celsius": 61,        # DCGM_FI_DEV_GPU_TEMP
+                   "power_watts": 312.5,             # DCGM_FI_DEV_POWER_USAGE
+                   "torch_allocated_bytes": ..., "torch_reserved_bytes": ...}]}
+
+    A figure NVML cannot give is ``None``. Without NVML (no ``nvidia-ml-py``, no driver, no
+    GPU) the monitor logs that once and publishes CPU and memory only. The torch allocator
+    figures are read only once this process has initialised CUDA (reading them must not
+    create a CUDA context).
+
+    :param bus: where samples are published.
+    :param interval_seconds: seconds between samples.
+    :param job_id: the job id samples are published under.
+    :param nvml: an NVML module to use instead of importing ``pynvml`` (for tests).
+    """
+
+    def __init__(
+        self,
+        *,
+        bus: EventBus,
+        interval_seconds: float = 5.0,
+        job_id: str = SERVER_JOB_ID,
+        nvml: ModuleType | None = None,
+    ) -> None:
+        if interval_seconds <= 0:
+            raise ValueError(f"interval_seconds must be positive, got {interval_seconds}")
+        self.bus = bus
+        self.interval_seconds = interval_seconds
+        self.job_id = job_id
+        self._nvml_module = nvml
+        self._nvml: ModuleType | None = None
+        self._nvml_tried = False
+        self._process = psutil.Process(os.getpid())
+        self._process.cpu_percent(None)  # the first call only starts the measurement
+        psutil.cpu_percent(None)
+
+    # -- sampling (blocking: call on a worker thread) ---------------------------------------
+
+    def _load_nvml(self) -> ModuleType | None:
+        if self._nvml_tried:
+            return self._nvml
+        self._nvml_tried = True
+        try:
+            nvml = self._nvml_module or importlib.import_module("pynvml")
+            nvml.nvmlInit()
+            count = int(nvml.nvmlDeviceGetCount())
+        except Exception as error:
+            logger.info("no GPU metrics: NVML is not available (%s); CPU and memory only", error)
+            return None
+        if count == 0:
+            logger.info("no GPU metrics: NVML found no GPU; CPU and memory only")
+            nvml.nvmlShutdown()
+            return None
+        self._nvml = nvml
+        return nvml
+
+    def sample(self) -> dict[str, Any]:
+        """Take one sample now (blocking)."""
+        with self._process.oneshot():
+            process_cpu = self._process.cpu_percent(None)
+            rss = self._process.memory_info().rss
+        data: dict[str, Any] = {
+            "process_cpu_percent": float(process_cpu),
+            "system_cpu_percent": float(psutil.cpu_percent(None)),
+            "rss_bytes": int(rss),
+            "gpus": self._gpus(),
+        }
+        return data
+
+    def _gpus(self) -> list[dict[str, Any]]:
+        nvml = self._load_nvml()
+        if nvml is None:
+            return []
+        allocator = _torch_allocator()
+        gpus = []
+        for index in range(int(nvml.nvmlDeviceGetCount())):
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            memory = _try(nvml.nvmlDeviceGetMemoryInfo, handle)
+            utilization = _try(nvml.nvmlDeviceGetUtilizationRates, handle)
+            power_mw = _try(nvml.nvmlDeviceGetPowerUsage, handle)
+            temperature = _try(nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU)
+            gpu: dict[str, Any] = {
+                "index": index,
+                "name": _text(_try(nvml.nvmlDeviceGetName, handle)),
+                "uuid": _text(_try(nvml.nvmlDeviceGetUUID, handle)),
+                "utilization_ratio": None if utilization is None else utilization.gpu / 100.0,
+                "memory_used_bytes": None if memory is None else int(memory.used),
+                "memory_total_bytes": None if memory is None else int(memory.total),
+                "temperature_celsius": None if temperature is None else float(temperature),
+                "power_watts": None if power_mw is None else power_mw / 1000.0,
+                "torch_allocated_bytes": None,
+                "torch_reserved_bytes": None,
+            }
+            if allocator is not None and index < len(allocator):
+                gpu["torch_allocated_bytes"], gpu["torch_reserved_bytes"] = allocator[index]
+            gpus.append(gpu)
+        return gpus
+
+    def close(self) -> None:
+        """Release NVML (a later sample initialises it again)."""
+        if self._nvml is not None:
+            _try(self._nvml.nvmlShutdown)
+        self._nvml = None
+        self._nvml_tried = False
+
+    # -- the task ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Sample and publish every ``interval_seconds`` until cancelled."""
+        try:
+            while True:
+                await self.publish_sample()
+                await anyio.sleep(self.interval_seconds)
+        finally:
+            self.close()
+
+    async def publish_sample(self) -> None:
+        """Take one sample off the event loop and publish it."""
+        data = await anyio.to_thread.run_sync(self.sample)
+        await self.bus.publish_async(self.job_id, EventType.RESOURCE_SAMPLE, data)
+
+
+def _try(call: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return call(*args)
+    except Exception:  # NVML raises NVMLError_NotSupported and friends per figure
+        return None
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return None if value is None else str(value)
+
+
+def _torch_allocator() -> list[tuple[int, int]] | None:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return None
+    if not torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        return None
+    return [
+        (int(torch.cuda.memory_allocated(i)), int(torch.cuda.memory_reserved(i)))
+        for i in range(torch.cuda.device_count())
+    ]
