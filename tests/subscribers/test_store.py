@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import math
 import sqlite3
 from pathlib import Path
 
 import anyio
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -140,3 +143,21 @@ def test_round_trip_property(
             store.write(events[start : start + chunk])
         for job in ("a", "b"):
             assert store.read(job) == [e for e in events if e.job_id == job]
+
+
+def test_nan_none_and_odd_values_read_back_as_json_would(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subscribers._store as module
+
+    data = {"loss": math.nan, "inf": -math.inf, "none": None, "tuple": (1, 2), 3: "int key"}
+    expected = json.loads(json.dumps(data))
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(module, "orjson", None)
+        with EventStore(data_dir / f"{fast}.db") as store:
+            store.write([Event("a", 1, EventType.FIT_EPOCH_END, 1.0, data)])
+            (event,) = store.read("a")
+        assert math.isnan(event.data["loss"]) and event.data["inf"] == -math.inf
+        rest = {k: v for k, v in event.data.items() if k != "loss"}
+        assert rest == {k: v for k, v in expected.items() if k != "loss"}
