@@ -78,6 +78,7 @@ class _Job:
     learning_rate: float | None = None
     validation: dict[str, float] = field(default_factory=dict)
     samples: float = 0.0
+    counted_batches: bool = False  # samples come from batch events, not epoch totals
     step_durations: _Histogram = field(default_factory=lambda: _Histogram(STEP_BUCKETS))
     last_batch: tuple[float, float | None] | None = None  # (time, step) of the last batch end
     checkpoint_bytes: float | None = None
@@ -125,10 +126,12 @@ class PrometheusExporter(Subscriber):
     - ``process_cpu_seconds_total``, ``process_resident_memory_bytes`` and the rest of
       prometheus-client's process collector.
 
-    Batch events are read as the trainer sends them: ``step``, ``epoch``, the loss as
-    ``loss`` or ``metrics.loss``/``metrics.train_loss``, samples as a running ``samples``
-    count or a ``batch_size`` per batch, the step duration as ``step_seconds`` or else the
-    time between two ``train_batch_end`` events divided by the steps between them.
+    Batch events are read as the trainer sends them: ``step``, ``epoch``, ``lr``, the loss
+    as ``loss`` or ``metrics.loss``/``metrics.train_loss``, samples as a running
+    ``samples`` count or a ``batch_size`` per batch (else ``samples_per_s * epoch_seconds``
+    from ``train_epoch_end`` metrics), the step duration as ``step_seconds`` or else the
+    time between two ``train_batch_end`` events divided by the steps between them (so
+    thinned batch events still give per-step durations).
 
     :param bus: the bus whose statistics are exported (None: no bus metrics).
     :param retention_seconds: how long an ended job's series stay.
@@ -222,8 +225,16 @@ class PrometheusExporter(Subscriber):
             self._observe_batch(job, event, step)
         elif kind is EventType.TRAIN_EPOCH_START:
             job.last_batch = None
-        elif kind is EventType.FIT_EPOCH_END or kind is EventType.TRAIN_EPOCH_END:
+        elif kind is EventType.FIT_EPOCH_END:
             self._observe_metrics(job, data.get("metrics"))
+        elif kind is EventType.TRAIN_EPOCH_END:
+            metrics = data.get("metrics")
+            self._observe_metrics(job, metrics)
+            if not job.counted_batches and isinstance(metrics, Mapping):
+                rate = _number(metrics.get("samples_per_s"))
+                seconds = _number(metrics.get("epoch_seconds"))
+                if rate is not None and seconds is not None:
+                    job.samples += round(rate * seconds)
         elif kind is EventType.LR_CHANGED:
             lr = _number(data.get("value"))
             if lr is not None:
@@ -244,11 +255,16 @@ class PrometheusExporter(Subscriber):
             loss = _number(source.get("loss", source.get("train_loss")))
         if loss is not None:
             job.train_loss = loss
-        samples = _number(data.get("samples"))
+        samples, batch_size = _number(data.get("samples")), _number(data.get("batch_size"))
         if samples is not None:
             job.samples = max(job.samples, samples)
-        else:
-            job.samples += _number(data.get("batch_size")) or 0.0
+            job.counted_batches = True
+        elif batch_size is not None:
+            job.samples += batch_size
+            job.counted_batches = True
+        lr = _number(data.get("lr"))
+        if lr is not None:
+            job.learning_rate = lr
         duration = _number(data.get("step_seconds"))
         if duration is None and job.last_batch is not None:
             last_time, last_step = job.last_batch

@@ -218,3 +218,25 @@ async def test_bus_statistics_and_promtool() -> None:
         result = await anyio.run_process([promtool, "check", "metrics"], input=text, check=False)
     assert result.returncode == 0, (result.stdout + result.stderr).decode()
     assert result.stdout.strip() == b"" and result.stderr.strip() == b""
+
+
+def test_samples_from_epoch_totals_when_batches_carry_none() -> None:
+    exporter = PrometheusExporter(process_metrics=False)
+    exporter.observe(
+        [
+            Event("w", 1, EventType.TRAIN_BATCH_END, 1.0, {"step": 1, "loss": 0.5, "lr": 0.1}),
+            Event(
+                "w",
+                2,
+                EventType.TRAIN_EPOCH_END,
+                2.0,
+                {"epoch": 0, "metrics": {"samples_per_s": 100.0, "epoch_seconds": 2.5}},
+            ),
+        ]
+    )
+    families = _families(exporter)
+    assert _value(families, "trainbus_job_samples", "trainbus_job_samples_total", job_id="w") == 250
+    assert (
+        _value(families, "trainbus_job_learning_rate", "trainbus_job_learning_rate", job_id="w")
+        == 0.1
+    )
