@@ -1,5 +1,67 @@
-"""trainbus worker package."""
+"""The trainbus worker: job specs, model and dataset registries, the Trainer and the job
+manager. It publishes to the bus and obeys its control channels; it never imports a concrete
+subscriber (the API hands them in through ``JobManager(subscriber_factory=...)``)."""
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from ._datasets import DatasetSplit as DatasetSplit
+from ._errors import DatasetError as DatasetError
+from ._errors import IllegalTransition as IllegalTransition
+from ._errors import JobError as JobError
+from ._errors import JobNotFound as JobNotFound
+from ._errors import ManagerClosed as ManagerClosed
+from ._errors import SpecError as SpecError
+from ._manager import JobHandle as JobHandle
+from ._manager import JobManager as JobManager
+from ._records import ENDED_STATES as ENDED_STATES
+from ._records import JobFailure as JobFailure
+from ._records import JobRecord as JobRecord
+from ._records import JobState as JobState
+from ._registry import DatasetEntry as DatasetEntry
+from ._registry import ModelEntry as ModelEntry
+from ._registry import Registry as Registry
+from ._registry import default_registry as default_registry
+from ._spec import CheckpointSpec as CheckpointSpec
+from ._spec import DatasetSpec as DatasetSpec
+from ._spec import EarlyStopSpec as EarlyStopSpec
+from ._spec import JobSpec as JobSpec
+from ._spec import LRPlateauSpec as LRPlateauSpec
+from ._spec import ModelSpec as ModelSpec
+from ._spec import OptimizerSpec as OptimizerSpec
+from ._spec import ResourcesSpec as ResourcesSpec
+from ._spec import SchedulerSpec as SchedulerSpec
+from ._trainer import Outcome as Outcome
+from ._trainer import RunResult as RunResult
+from ._trainer import Trainer as Trainer
+
+__all__ = [
+    "ENDED_STATES",
+    "CheckpointSpec",
+    "DatasetEntry",
+    "DatasetError",
+    "DatasetSpec",
+    "DatasetSplit",
+    "EarlyStopSpec",
+    "IllegalTransition",
+    "JobError",
+    "JobFailure",
+    "JobHandle",
+    "JobManager",
+    "JobNotFound",
+    "JobRecord",
+    "JobSpec",
+    "JobState",
+    "LRPlateauSpec",
+    "ManagerClosed",
+    "ModelEntry",
+    "ModelSpec",
+    "OptimizerSpec",
+    "Outcome",
+    "Registry",
+    "ResourcesSpec",
+    "RunResult",
+    "SchedulerSpec",
+    "SpecError",
+    "Trainer",
+    "default_registry",
+]

@@ -1,0 +1,463 @@
+"""The job manager: creates jobs from specs, queues them FIFO under a concurrency limit, runs
+each on its own thread with its subscribers attached, and keeps their records."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Collection, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from bus import (
+    Command,
+    CommandKind,
+    ControlChannel,
+    ControlError,
+    EventBus,
+    EventType,
+    Subscriber,
+    SubscriberHandle,
+)
+
+from ._errors import IllegalTransition, JobNotFound, ManagerClosed
+from ._records import ENDED_STATES, TRANSITIONS, JobFailure, JobRecord, JobState, JobStore
+from ._registry import Registry, default_registry
+from ._spec import JobSpec
+from ._trainer import Outcome, RunResult, Trainer
+
+__all__ = ["JobHandle", "JobManager"]
+
+logger = logging.getLogger("trainbus.worker")
+
+SubscriberFactory = Callable[["JobHandle"], Sequence[Subscriber]]
+CheckpointLoader = Callable[[str, Path], "dict[str, Any] | None"]
+
+_OUTCOME_STATES = {
+    Outcome.COMPLETED: JobState.COMPLETED,
+    Outcome.STOPPED: JobState.STOPPED,
+    Outcome.FAILED: JobState.FAILED,
+    Outcome.INTERRUPTED: JobState.INTERRUPTED,
+}
+
+
+class JobHandle:
+    """One job as the subscriber factory sees it: ``id``, ``spec``, ``control``, ``job_dir``
+    and, once built, ``trainer``."""
+
+    def __init__(self, job_id: str, spec: JobSpec, job_dir: Path, control: ControlChannel) -> None:
+        self.id = job_id
+        self.spec = spec
+        self.job_dir = job_dir
+        self.control = control
+        self.trainer: Trainer | None = None
+        self.previous: Trainer | None = None  # the last run's trainer, for an exact resume
+
+
+class JobManager:
+    """Runs jobs; use it as an async context manager.
+
+    :param bus: where jobs publish.
+    :param data_dir: holds ``trainbus.db`` and ``jobs/<id>/``.
+    :param max_running: jobs running (or paused) at once; the rest wait in FIFO order.
+    :param subscriber_factory: per-job subscribers, attached for each run and drained after.
+    :param checkpoint_loader: ``(job_id, job_dir) -> state or None``, to resume a job whose
+        trainer is no longer in memory (after a restart).
+    :param last_seq: ``job_id -> last stored seq``, to continue each job's numbering.
+    """
+
+    def __init__(
+        self,
+        *,
+        bus: EventBus,
+        data_dir: Path,
+        max_running: int = 1,
+        subscriber_factory: SubscriberFactory | None = None,
+        checkpoint_loader: CheckpointLoader | None = None,
+        last_seq: Callable[[str], int] | None = None,
+        registry: Registry | None = None,
+        fit_epoch_end_timeout: float = 30.0,
+    ) -> None:
+        if max_running < 1:
+            raise ValueError(f"max_running must be at least 1, got {max_running}")
+        self.bus = bus
+        self.data_dir = Path(data_dir)
+        self.max_running = max_running
+        self.subscriber_factory = subscriber_factory
+        self.checkpoint_loader = checkpoint_loader
+        self.registry = registry or default_registry()
+        self.fit_epoch_end_timeout = fit_epoch_end_timeout
+        self._last_seq = last_seq
+        self._store: JobStore | None = None
+        self._handles: dict[str, JobHandle] = {}
+        self._active: set[str] = set()
+        self._changes: dict[str, anyio.Event] = {}
+        self._wakeup = anyio.Event()
+        self._closing = False
+        self._task_group: TaskGroup | None = None
+        self._run_limiter = anyio.CapacityLimiter(max_running)
+        self._idle = anyio.Event()
+        self._idle.set()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    @property
+    def store(self) -> JobStore:
+        if self._store is None:
+            raise ManagerClosed("the job manager is not running: use 'async with JobManager(...)'")
+        return self._store
+
+    async def __aenter__(self) -> JobManager:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._store = JobStore(self.data_dir / "trainbus.db")
+        for job_id in self._store.all_ids():
+            stored = self._last_seq(job_id) if self._last_seq else 0
+            if stored > self.bus.last_seq(job_id):
+                self.bus.restore_sequence(job_id, stored)
+        self._task_group = anyio.create_task_group()
+        await self._task_group.__aenter__()
+        await self._task_group.start(self._follow_events)
+        for job_id in self._store.ids_in_states(JobState.RUNNING, JobState.PAUSED):
+            await self._transition(
+                job_id, JobState.INTERRUPTED, reason="the server stopped while the job was running"
+            )
+        self._task_group.start_soon(self._schedule)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool | None:
+        with anyio.CancelScope(shield=True):
+            await self.shutdown()
+        assert self._task_group is not None
+        self._task_group.cancel_scope.cancel()
+        result = await self._task_group.__aexit__(exc_type, exc, traceback)
+        self.store.close()
+        self._store = None
+        return result
+
+    async def shutdown(self, timeout: float = 60.0) -> None:
+        """Stop starting jobs; ask running ones to save and pause, then end them as
+        ``interrupted`` (resumable); wait up to ``timeout`` seconds for their threads."""
+        self._closing = True
+        self._wakeup.set()
+        for job_id in list(self._active):
+            control = self._handles[job_id].control
+            try:
+                control.pause("the server is shutting down", source="shutdown")
+            except ControlError:
+                pass
+            control.close()
+        with anyio.move_on_after(timeout):
+            await self._idle.wait()
+
+    # -- queries ----------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> JobRecord:
+        """:raises JobNotFound: if no job has that id."""
+        record = self.store.get(job_id)
+        if record is None:
+            raise JobNotFound(job_id)
+        return record
+
+    def list(
+        self, state: JobState | str | None = None, offset: int = 0, limit: int = 50
+    ) -> tuple[list[JobRecord], int]:
+        """Jobs in creation order, optionally of one state, and how many there are in all."""
+        return self.store.list(None if state is None else JobState(state), offset, limit)
+
+    def handle(self, job_id: str) -> JobHandle | None:
+        return self._handles.get(job_id)
+
+    async def wait_for(
+        self, job_id: str, states: Collection[JobState | str], timeout: float | None = None
+    ) -> JobRecord:
+        """Wait until the job is in one of ``states`` and return its record.
+
+        :raises TimeoutError: after ``timeout`` seconds.
+        """
+        wanted = {JobState(s) for s in states}
+        with anyio.fail_after(timeout):
+            while True:
+                record = self.get(job_id)
+                if record.state in wanted:
+                    return record
+                event = self._changes.setdefault(job_id, anyio.Event())
+                await event.wait()
+
+    def _changed(self, job_id: str) -> None:
+        event = self._changes.pop(job_id, None)
+        if event is not None:
+            event.set()
+
+    # -- requests ---------------------------------------------------------------------------
+
+    async def submit(self, spec: JobSpec | Mapping[str, Any]) -> JobRecord:
+        """Create a job from ``spec`` and queue it.
+
+        :raises pydantic.ValidationError: if the spec is invalid (field by field).
+        :raises ManagerClosed: while shutting down.
+        """
+        if self._closing:
+            raise ManagerClosed("the server is shutting down and accepts no new jobs")
+        spec = spec if isinstance(spec, JobSpec) else JobSpec.model_validate(spec)
+        job_id = uuid.uuid4().hex[:12]
+        record = JobRecord(
+            id=job_id,
+            name=spec.name,
+            state=JobState.QUEUED,
+            spec=spec.model_dump(mode="json"),
+            created_at=time.time(),
+        )
+        self.store.insert(record)
+        await self.bus.publish_async(
+            job_id, EventType.JOB_QUEUED, {"name": spec.name, "spec": record.spec}
+        )
+        self._wakeup.set()
+        return record
+
+    def pause(self, job_id: str, *, reason: str = "", source: str = "api") -> Command:
+        """Ask a running job to hold at its next batch boundary.
+
+        :raises IllegalTransition: unless the job is running.
+        """
+        record = self.get(job_id)
+        if record.state is not JobState.RUNNING:
+            raise IllegalTransition(job_id, record.state, "pause", ["running"])
+        return self._send(job_id, record.state, "pause", lambda c: c.pause(reason, source=source))
+
+    def stop(self, job_id: str, *, reason: str = "", source: str = "api") -> Command:
+        """Stop a running or paused job after its current batch (it is checkpointed and can be
+        resumed); a queued job stops at once.
+
+        :raises IllegalTransition: if the job has already ended.
+        """
+        record = self.get(job_id)
+        if record.state in (JobState.RUNNING, JobState.PAUSED):
+            return self._send(
+                job_id, record.state, "stop", lambda c: c.stop(reason, source=source)
+            )
+        if record.state is JobState.QUEUED:
+            command = _command(CommandKind.STOP, source, reason)
+            self._handles.pop(job_id, None)
+            self.store.update(job_id, state=JobState.STOPPED, stop_reason=reason or "stopped while queued", ended_at=time.time())
+            self.bus.publish(job_id, EventType.JOB_STOPPED, {**command.to_dict(), "step": record.step})
+            self._changed(job_id)
+            return command
+        raise IllegalTransition(job_id, record.state, "stop", ["queued", "running", "paused"])
+
+    async def resume(self, job_id: str, *, reason: str = "", source: str = "api") -> Command:
+        """Resume a paused job, or queue a stopped or interrupted one to continue from where it
+        ended (its trainer in memory, else its last valid checkpoint).
+
+        :raises IllegalTransition: for queued, running, completed or failed jobs.
+        :raises ManagerClosed: while shutting down.
+        """
+        record = self.get(job_id)
+        if record.state is JobState.PAUSED:
+            return self._send(
+                job_id, record.state, "resume", lambda c: c.resume(reason, source=source)
+            )
+        if record.state in (JobState.STOPPED, JobState.INTERRUPTED):
+            if self._closing:
+                raise ManagerClosed("the server is shutting down and starts no jobs")
+            command = _command(CommandKind.RESUME, source, reason)
+            self.store.update(job_id, stop_reason=None, ended_at=None)
+            await self._transition(job_id, JobState.QUEUED, resumed=True, **command.to_dict())
+            self._wakeup.set()
+            return command
+        raise IllegalTransition(job_id, record.state, "resume", ["paused", "stopped", "interrupted"])
+
+    async def delete(self, job_id: str) -> None:
+        """Remove an ended job's record and its folder (events are the store's business).
+
+        :raises IllegalTransition: unless the job has ended.
+        """
+        record = self.get(job_id)
+        if record.state not in ENDED_STATES or job_id in self._active:
+            raise IllegalTransition(
+                job_id, record.state, "delete", sorted(s.value for s in ENDED_STATES)
+            )
+        self.store.delete(job_id)
+        self._handles.pop(job_id, None)
+        job_dir = self._job_dir(job_id)
+        await anyio.to_thread.run_sync(lambda: shutil.rmtree(job_dir, ignore_errors=True))
+        self.bus.forget(job_id)
+        self._changed(job_id)
+
+    def _send(
+        self, job_id: str, state: JobState, action: str, send: Callable[[ControlChannel], Command]
+    ) -> Command:
+        handle = self._handles.get(job_id)
+        try:
+            if handle is None:
+                raise ControlError("no live trainer")
+            return send(handle.control)
+        except ControlError:
+            raise IllegalTransition(job_id, state, action, ["running", "paused"]) from None
+
+    # -- running ----------------------------------------------------------------------------
+
+    def _job_dir(self, job_id: str) -> Path:
+        return self.data_dir / "jobs" / job_id
+
+    async def _transition(self, job_id: str, state: JobState, **data: Any) -> None:
+        """Move a job to ``state`` (legal moves only), persist it, publish its event."""
+        record = self.get(job_id)
+        if state not in TRANSITIONS[record.state]:
+            raise IllegalTransition(
+                job_id, record.state, f"move to {state.value}",
+                sorted(s.value for s, targets in TRANSITIONS.items() if state in targets),
+            )  # fmt: skip
+        fields: dict[str, Any] = {"state": state}
+        if state is JobState.RUNNING:
+            fields["started_at"] = time.time()
+        if state in ENDED_STATES:
+            fields["ended_at"] = time.time()
+        self.store.update(job_id, **fields)
+        await self.bus.publish_async(job_id, state.event_type, {"epoch": record.epoch, "step": record.step, **data})
+        self._changed(job_id)
+
+    async def _schedule(self) -> None:
+        while not self._closing:
+            while not self._closing and len(self._active) < self.max_running:
+                queued = self.store.queued_in_order()
+                if not queued:
+                    break
+                job_id = queued[0]
+                self._active.add(job_id)
+                self._idle = anyio.Event()
+                await self._transition(job_id, JobState.RUNNING)
+                assert self._task_group is not None
+                self._task_group.start_soon(self._run, job_id, name=f"job {job_id}")
+            await self._wakeup.wait()
+            self._wakeup = anyio.Event()
+
+    async def _run(self, job_id: str) -> None:
+        record = self.get(job_id)
+        spec = JobSpec.model_validate(record.spec)
+        previous = self._handles.get(job_id)
+        control = ControlChannel(job_id, publish=self.bus.publish)
+        handle = JobHandle(job_id, spec, self._job_dir(job_id), control)
+        handle.previous = previous.trainer if previous is not None else None
+        self._handles[job_id] = handle
+        attached: list[SubscriberHandle] = []
+        result: RunResult
+        try:
+            trainer = await anyio.to_thread.run_sync(self._build_trainer, handle)
+            handle.trainer = trainer
+            for subscriber in self.subscriber_factory(handle) if self.subscriber_factory else ():
+                attached.append(self.bus.attach(subscriber))
+            resumed_from = await anyio.to_thread.run_sync(self._restore, handle, record)
+            if resumed_from:
+                logger.info("job %s resumes from %s at step %d", job_id, resumed_from, trainer.step)
+            handle.previous = None
+            result = await anyio.to_thread.run_sync(trainer.run, limiter=self._run_limiter)
+        except Exception as error:
+            logger.exception("job %s could not run", job_id)
+            result = RunResult(Outcome.FAILED, error={"type": type(error).__name__, "message": str(error)})
+        finally:
+            control.close()
+            with anyio.CancelScope(shield=True):
+                for subscriber_handle in attached:
+                    await subscriber_handle.detach()
+        await self._finish(job_id, handle, result)
+
+    def _build_trainer(self, handle: JobHandle) -> Trainer:
+        handle.job_dir.mkdir(parents=True, exist_ok=True)
+        return Trainer(
+            job_id=handle.id,
+            spec=handle.spec,
+            bus=self.bus,
+            control=handle.control,
+            data_dir=self.data_dir,
+            registry=self.registry,
+            fit_epoch_end_timeout=self.fit_epoch_end_timeout,
+        )
+
+    def _restore(self, handle: JobHandle, record: JobRecord) -> str | None:
+        """Load the previous run's state into the new trainer: from memory when the last
+        trainer is still here, else from the last valid checkpoint. None for a fresh job."""
+        assert handle.trainer is not None
+        if record.step == 0 and record.epoch == 0 and handle.previous is None:
+            return None
+        if handle.previous is not None:
+            handle.trainer.load_state_dict(handle.previous.state_dict())
+            return "memory"
+        if self.checkpoint_loader is not None:
+            state = self.checkpoint_loader(handle.id, handle.job_dir)
+            if state is not None:
+                handle.trainer.load_state_dict(state)
+                return "checkpoint"
+        return None
+
+    async def _finish(self, job_id: str, handle: JobHandle, result: RunResult) -> None:
+        state = _OUTCOME_STATES[result.outcome]
+        trainer = handle.trainer
+        fields: dict[str, Any] = {"stop_reason": result.stop_reason}
+        if result.error is not None:
+            fields["error"] = JobFailure.model_validate(result.error).model_dump()
+        if trainer is not None:
+            fields.update(epoch=trainer.epoch + int(trainer.epoch_complete), step=trainer.step, metrics=trainer.metrics)
+        self.store.update(job_id, **fields)
+        if state not in (JobState.STOPPED, JobState.INTERRUPTED):
+            handle.trainer = None  # nothing to resume: free the model
+        data: dict[str, Any] = {"reason": result.stop_reason, **result.details}
+        if result.error is not None:
+            data["error"] = result.error
+        if trainer is not None:
+            data["metrics"] = trainer.metrics
+        await self._transition(job_id, state, **data)
+        self._active.discard(job_id)
+        if not self._active:
+            self._idle.set()
+        self._wakeup.set()
+
+    async def _follow_events(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        """Keep records in step with what trainers publish (pauses, epochs, checkpoints)."""
+        subscription = self.bus.subscribe(
+            "job_manager",
+            types=[
+                EventType.JOB_PAUSED,
+                EventType.JOB_RESUMED,
+                EventType.FIT_EPOCH_END,
+                EventType.CHECKPOINT_SAVED,
+            ],
+            buffer_size=65_536,
+        )
+        task_status.started()
+        async with subscription:
+            async for event in subscription:
+                record = self.store.get(event.job_id)
+                if record is None:
+                    continue
+                data = event.data
+                if event.type is EventType.JOB_PAUSED and record.state is JobState.RUNNING:
+                    self.store.update(event.job_id, state=JobState.PAUSED)
+                elif event.type is EventType.JOB_RESUMED and record.state is JobState.PAUSED:
+                    self.store.update(event.job_id, state=JobState.RUNNING)
+                elif event.type is EventType.FIT_EPOCH_END:
+                    self.store.update(
+                        event.job_id,
+                        epoch=int(data.get("epoch", 0)) + 1,
+                        step=int(data.get("step", 0)),
+                        metrics={k: float(v) for k, v in data.get("metrics", {}).items()},
+                    )
+                elif event.type is EventType.CHECKPOINT_SAVED and "name" in data:
+                    self.store.update(event.job_id, checkpoint=str(data["name"]))
+                else:
+                    continue
+                self._changed(event.job_id)
+
+
+def _command(kind: CommandKind, source: str, reason: str) -> Command:
+    return Command(uuid.uuid4().hex[:16], kind, source, reason, None, time.time())

@@ -1,0 +1,210 @@
+"""Job records, their states and legal transitions, persisted in SQLite."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from bus import EventType
+
+__all__ = ["ENDED_STATES", "JobFailure", "JobRecord", "JobState", "JobStore", "TRANSITIONS"]
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    STOPPED = "stopped"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+
+    @property
+    def event_type(self) -> EventType:
+        """The ``job_*`` event published when a job enters this state."""
+        return {
+            JobState.QUEUED: EventType.JOB_QUEUED,
+            JobState.RUNNING: EventType.JOB_STARTED,
+            JobState.PAUSED: EventType.JOB_PAUSED,
+            JobState.COMPLETED: EventType.JOB_COMPLETED,
+            JobState.STOPPED: EventType.JOB_STOPPED,
+            JobState.FAILED: EventType.JOB_FAILED,
+            JobState.INTERRUPTED: EventType.JOB_INTERRUPTED,
+        }[self]
+
+
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.STOPPED}),
+    JobState.RUNNING: frozenset(
+        {JobState.PAUSED, JobState.COMPLETED, JobState.STOPPED, JobState.FAILED, JobState.INTERRUPTED}
+    ),
+    JobState.PAUSED: frozenset(
+        {JobState.RUNNING, JobState.COMPLETED, JobState.STOPPED, JobState.FAILED, JobState.INTERRUPTED}
+    ),
+    JobState.COMPLETED: frozenset(),
+    JobState.STOPPED: frozenset({JobState.QUEUED}),
+    JobState.FAILED: frozenset(),
+    JobState.INTERRUPTED: frozenset({JobState.QUEUED}),
+}
+"""Legal state changes. A paused job may still complete (a controller stop at the boundary
+where it paused) or fail."""
+
+ENDED_STATES = frozenset(
+    {JobState.COMPLETED, JobState.STOPPED, JobState.FAILED, JobState.INTERRUPTED}
+)
+
+
+class JobFailure(BaseModel):
+    """Why a job failed: the exception's type and message."""
+
+    type: str
+    message: str
+
+
+class JobRecord(BaseModel):
+    """What the service knows of a job."""
+
+    id: str = Field(examples=["3f2a9c1b7d4e"])
+    name: str | None = None
+    state: JobState
+    spec: dict[str, Any]
+    created_at: float
+    started_at: float | None = None
+    ended_at: float | None = None
+    epoch: int = Field(default=0, description="Epochs completed.")
+    step: int = Field(default=0, description="Optimizer steps done.")
+    metrics: dict[str, float] = Field(default_factory=dict)
+    stop_reason: str | None = None
+    error: JobFailure | None = None
+    checkpoint: str | None = Field(default=None, description="Latest checkpoint's name.")
+
+
+_COLUMNS = (
+    "id", "name", "state", "spec", "created_at", "started_at", "ended_at",
+    "epoch", "step", "metrics", "stop_reason", "error", "checkpoint",
+)  # fmt: skip
+_JSON_COLUMNS = {"spec", "metrics", "error"}
+
+
+class JobStore:
+    """The ``jobs`` table of ``<data>/trainbus.db`` (WAL), safe to use from any thread."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._connection.execute("PRAGMA journal_mode=WAL")
+        self._connection.execute("PRAGMA synchronous=NORMAL")
+        self._connection.execute("PRAGMA busy_timeout=10000")
+        self._connection.execute(
+            """CREATE TABLE IF NOT EXISTS jobs (
+                position INTEGER PRIMARY KEY AUTOINCREMENT,
+                id TEXT UNIQUE NOT NULL, name TEXT, state TEXT NOT NULL, spec TEXT NOT NULL,
+                created_at REAL NOT NULL, started_at REAL, ended_at REAL,
+                epoch INTEGER NOT NULL DEFAULT 0, step INTEGER NOT NULL DEFAULT 0,
+                metrics TEXT NOT NULL DEFAULT '{}', stop_reason TEXT, error TEXT,
+                checkpoint TEXT, queued_at REAL)"""
+        )
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._connection
+            except BaseException:
+                self._connection.execute("ROLLBACK")
+                raise
+            self._connection.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._connection.close()
+
+    @staticmethod
+    def _record(row: sqlite3.Row | tuple[Any, ...]) -> JobRecord:
+        values = dict(zip(_COLUMNS, row, strict=True))
+        for column in _JSON_COLUMNS:
+            if values[column] is not None:
+                values[column] = json.loads(values[column])
+        return JobRecord.model_validate(values)
+
+    def insert(self, record: JobRecord) -> None:
+        values = record.model_dump(mode="json")
+        with self._transaction() as db:
+            db.execute(
+                f"INSERT INTO jobs ({', '.join(_COLUMNS)}, queued_at) "
+                f"VALUES ({', '.join('?' for _ in _COLUMNS)}, ?)",
+                [
+                    json.dumps(values[c]) if c in _JSON_COLUMNS and values[c] is not None else values[c]
+                    for c in _COLUMNS
+                ]
+                + [time.time()],
+            )
+
+    def update(self, job_id: str, **fields: Any) -> None:
+        if "state" in fields and fields["state"] == JobState.QUEUED:
+            fields["queued_at"] = time.time()
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        values = [
+            json.dumps(value) if name in _JSON_COLUMNS and value is not None else
+            (value.value if isinstance(value, StrEnum) else value)
+            for name, value in fields.items()
+        ]
+        with self._transaction() as db:
+            db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", [*values, job_id])
+
+    def get(self, job_id: str) -> JobRecord | None:
+        with self._lock:
+            row = self._connection.execute(
+                f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE id = ?", (job_id,)
+            ).fetchone()
+        return None if row is None else self._record(row)
+
+    def list(
+        self, state: JobState | None = None, offset: int = 0, limit: int = 50
+    ) -> tuple[list[JobRecord], int]:
+        where, parameters = ("WHERE state = ?", [state.value]) if state else ("", [])
+        with self._lock:
+            total = self._connection.execute(
+                f"SELECT COUNT(*) FROM jobs {where}", parameters
+            ).fetchone()[0]
+            rows = self._connection.execute(
+                f"SELECT {', '.join(_COLUMNS)} FROM jobs {where} ORDER BY position LIMIT ? OFFSET ?",
+                [*parameters, limit, offset],
+            ).fetchall()
+        return [self._record(row) for row in rows], int(total)
+
+    def queued_in_order(self) -> list[str]:
+        """Queued jobs, first in first out (by the time they were queued)."""
+        with self._lock:
+            rows = self._connection.execute(
+                "SELECT id FROM jobs WHERE state = ? ORDER BY queued_at, position",
+                (JobState.QUEUED.value,),
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    def ids_in_states(self, *states: JobState) -> list[str]:
+        with self._lock:
+            rows = self._connection.execute(
+                f"SELECT id FROM jobs WHERE state IN ({', '.join('?' for _ in states)}) ORDER BY position",
+                [s.value for s in states],
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    def all_ids(self) -> list[str]:
+        with self._lock:
+            return [row[0] for row in self._connection.execute("SELECT id FROM jobs").fetchall()]
+
+    def delete(self, job_id: str) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))

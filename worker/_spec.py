@@ -1,0 +1,224 @@
+"""The job spec: what a user asks to train, validated at the edge (pydantic)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ._errors import SpecError
+from ._registry import default_registry
+
+__all__ = [
+    "CheckpointSpec",
+    "DatasetSpec",
+    "EarlyStopSpec",
+    "JobSpec",
+    "LRPlateauSpec",
+    "ModelSpec",
+    "OptimizerSpec",
+    "ResourcesSpec",
+    "SchedulerSpec",
+]
+
+_STRICT = ConfigDict(extra="forbid")
+Mode = Literal["min", "max"]
+
+
+def _finite(value: float | None, name: str) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    return value
+
+
+class ModelSpec(BaseModel):
+    """A registered model and its parameters."""
+
+    model_config = _STRICT
+    name: str = Field(max_length=64, examples=["mlp"])
+    params: dict[str, Any] = Field(default_factory=dict, examples=[{"hidden_sizes": [64]}])
+
+    @model_validator(mode="after")
+    def _known(self) -> ModelSpec:
+        try:
+            entry = default_registry().model(self.name)
+        except SpecError as error:
+            raise ValueError(str(error)) from None
+        self.params = entry.params.model_validate(self.params).model_dump()
+        return self
+
+
+class DatasetSpec(BaseModel):
+    """A registered dataset, its parameters and the share held out for validation."""
+
+    model_config = _STRICT
+    name: str = Field(max_length=64, examples=["digits"])
+    params: dict[str, Any] = Field(default_factory=dict)
+    val_fraction: float = Field(default=0.2, ge=0.05, le=0.5)
+
+    @model_validator(mode="after")
+    def _known(self) -> DatasetSpec:
+        try:
+            entry = default_registry().dataset(self.name)
+        except SpecError as error:
+            raise ValueError(str(error)) from None
+        self.params = entry.params.model_validate(self.params).model_dump()
+        return self
+
+
+class OptimizerSpec(BaseModel):
+    model_config = _STRICT
+    name: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = Field(default=1e-3, gt=0, le=10)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0, le=1)
+
+    @field_validator("lr", "momentum", "weight_decay")
+    @classmethod
+    def _finite_number(cls, value: float) -> float:
+        _finite(value, "value")
+        return value
+
+
+class SchedulerSpec(BaseModel):
+    """``step``: ``step_size`` (epochs), ``gamma``; ``cosine``: ``eta_min``;
+    ``onecycle``: ``max_lr`` (default: 10x the optimizer's lr), ``pct_start``."""
+
+    model_config = _STRICT
+    name: Literal["none", "step", "cosine", "onecycle"] = "none"
+    params: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _params(self) -> SchedulerSpec:
+        allowed = {
+            "none": set(),
+            "step": {"step_size", "gamma"},
+            "cosine": {"eta_min"},
+            "onecycle": {"max_lr", "pct_start"},
+        }[self.name]
+        unknown = set(self.params) - allowed
+        if unknown:
+            raise ValueError(
+                f"scheduler {self.name!r} takes {sorted(allowed) or 'no params'}; "
+                f"unknown: {sorted(unknown)}"
+            )
+        for key, value in self.params.items():
+            _finite(value, key)
+        if "step_size" in self.params and not 1 <= self.params["step_size"] <= 100_000:
+            raise ValueError("step_size must be between 1 and 100000 epochs")
+        if "gamma" in self.params and not 0 < self.params["gamma"] <= 1:
+            raise ValueError("gamma must be in (0, 1]")
+        if "pct_start" in self.params and not 0 < self.params["pct_start"] < 1:
+            raise ValueError("pct_start must be in (0, 1)")
+        if self.params.get("max_lr", 1.0) <= 0 or self.params.get("eta_min", 0.0) < 0:
+            raise ValueError("max_lr must be positive and eta_min not negative")
+        return self
+
+
+class CheckpointSpec(BaseModel):
+    """Checkpoints: ``last`` each ``every_n_epochs`` and the ``keep_best`` best by ``monitor``."""
+
+    model_config = _STRICT
+    enabled: bool = True
+    monitor: str = Field(default="val_loss", max_length=64)
+    mode: Mode = "min"
+    every_n_epochs: int | None = Field(default=1, ge=1, le=100_000)
+    every_n_steps: int | None = Field(default=None, ge=1, le=100_000_000)
+    keep_last: int = Field(default=1, ge=1, le=100)
+    keep_best: int = Field(default=1, ge=0, le=100)
+    save_on_pause: bool = True
+    save_on_stop: bool = True
+    save_on_failure: bool = True
+
+
+class EarlyStopSpec(BaseModel):
+    """Early stopping with the parameters of Lightning and Keras."""
+
+    model_config = _STRICT
+    enabled: bool = False
+    monitor: str = Field(default="val_loss", max_length=64)
+    mode: Mode = "min"
+    patience: int = Field(default=3, ge=0, le=100_000)
+    min_delta: float = Field(default=0.0, ge=0)
+    baseline: float | None = None
+    stopping_threshold: float | None = None
+    divergence_threshold: float | None = None
+    check_finite: bool = True
+    start_from_epoch: int = Field(default=0, ge=0)
+    restore_best: bool = False
+
+    @field_validator("min_delta", "baseline", "stopping_threshold", "divergence_threshold")
+    @classmethod
+    def _finite_number(cls, value: float | None) -> float | None:
+        return _finite(value, "value")
+
+
+class LRPlateauSpec(BaseModel):
+    """Keras' ReduceLROnPlateau, acting through ``set_lr`` commands."""
+
+    model_config = _STRICT
+    enabled: bool = False
+    monitor: str = Field(default="val_loss", max_length=64)
+    mode: Mode = "min"
+    factor: float = Field(default=0.1, gt=0, lt=1)
+    patience: int = Field(default=2, ge=0, le=100_000)
+    min_delta: float = Field(default=1e-4, ge=0)
+    cooldown: int = Field(default=0, ge=0, le=100_000)
+    min_lr: float = Field(default=0.0, ge=0)
+
+    @field_validator("min_delta", "min_lr")
+    @classmethod
+    def _finite_number(cls, value: float) -> float:
+        _finite(value, "value")
+        return value
+
+
+class ResourcesSpec(BaseModel):
+    model_config = _STRICT
+    enabled: bool = True
+    interval_seconds: float = Field(default=5.0, ge=0.1, le=3600)
+
+
+class JobSpec(BaseModel):
+    """A training job. The smallest valid one::
+
+        {"model": {"name": "mlp"}, "dataset": {"name": "digits"}, "epochs": 5}
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"model": {"name": "mlp"}, "dataset": {"name": "digits"}, "epochs": 5},
+                {
+                    "name": "digits-cnn",
+                    "model": {"name": "cnn", "params": {"channels": [16, 32]}},
+                    "dataset": {"name": "digits", "val_fraction": 0.2},
+                    "optimizer": {"name": "adamw", "lr": 0.003},
+                    "scheduler": {"name": "cosine"},
+                    "epochs": 10,
+                    "batch_size": 64,
+                    "early_stop": {"enabled": True, "monitor": "val_accuracy", "mode": "max"},
+                },
+            ]
+        },
+    )
+
+    name: str | None = Field(default=None, max_length=200)
+    model: ModelSpec
+    dataset: DatasetSpec
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    epochs: int = Field(ge=1, le=100_000)
+    batch_size: int = Field(default=32, ge=1, le=65_536)
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda|cuda:\d{1,2})$")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    batch_event_every: int = Field(default=1, ge=1, le=1_000_000)
+    nonfinite_loss: Literal["fail", "stop"] = "fail"
+    torch_threads: int | None = Field(default=None, ge=1, le=256)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    early_stop: EarlyStopSpec = Field(default_factory=EarlyStopSpec)
+    lr_plateau: LRPlateauSpec = Field(default_factory=LRPlateauSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)

@@ -1,0 +1,556 @@
+"""The Trainer: a real PyTorch loop that publishes the lifecycle vocabulary and obeys the
+control channel at batch boundaries. It runs on a worker thread, never on the event loop."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from bus import Command, CommandKind, ControlChannel, EventBus, EventType
+from bus import CallbackRegistry
+
+from ._datasets import DatasetSplit
+from ._errors import SpecError
+from ._registry import Registry, default_registry
+from ._spec import JobSpec
+from ._state import capture_rng_state, restore_rng_state
+
+__all__ = ["Outcome", "RunResult", "Stateful", "Trainer"]
+
+logger = logging.getLogger("trainbus.worker")
+
+STATE_FORMAT = 1
+CONTROLLER_SOURCES = frozenset({"early_stop", "lr_plateau"})
+"""Stops from these sources end a job ``completed`` with its ``stop_reason`` set, as Keras,
+Lightning and Ultralytics end an early-stopped run normally."""
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+class Outcome(StrEnum):
+    """How a run of the trainer ended."""
+
+    COMPLETED = "completed"
+    STOPPED = "stopped"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"  # paused for a server shutdown; resumable
+
+
+@dataclass
+class RunResult:
+    outcome: Outcome
+    stop_reason: str | None = None
+    error: dict[str, str] | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class _StopRun(Exception):
+    """Unwinds the loop once a command or policy ended the run."""
+
+    def __init__(self, result: RunResult) -> None:
+        self.result = result
+
+
+def resolve_device(requested: str) -> torch.device:
+    """``auto`` picks CUDA when available; asking for CUDA without one is a spec error."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SpecError(f"device {requested!r} was asked for, but this server has no CUDA GPU")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SpecError(
+                f"device {requested!r} does not exist; this server has "
+                f"{torch.cuda.device_count()} CUDA device(s)"
+            )
+    return device
+
+
+class Trainer:
+    """Trains one job. Build it (on a worker thread: it loads data), let subscribers bind
+    their inline callbacks and register state, optionally :meth:`load_state_dict`, then
+    :meth:`run` on the same or another plain thread.
+
+    Attributes read by inline callbacks: ``job_id``, ``epoch`` (0-based, current or just
+    finished), ``step`` (optimizer steps so far), ``metrics`` (latest), ``model``, ``control``,
+    ``save_reason`` (while ``on_model_save`` callbacks run).
+    """
+
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        spec: JobSpec,
+        bus: EventBus,
+        control: ControlChannel,
+        data_dir: Path,
+        registry: Registry | None = None,
+        fit_epoch_end_timeout: float = 30.0,
+    ) -> None:
+        self.job_id = job_id
+        self.spec = spec
+        self.bus = bus
+        self.control = control
+        self.fit_epoch_end_timeout = fit_epoch_end_timeout
+        self.callbacks = CallbackRegistry(on_error=self._report_callback_error)
+        self._statefuls: dict[str, Stateful] = {}
+        registry = registry or default_registry()
+
+        self.device = resolve_device(spec.device)
+        if spec.precision == "fp16" and self.device.type != "cuda":
+            raise SpecError("precision 'fp16' needs a CUDA device; use 'bf16' or 'fp32' on the CPU")
+        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[
+            spec.precision
+        ]
+
+        dataset_entry = registry.dataset(spec.dataset.name)
+        self.data: DatasetSplit = dataset_entry.load(
+            dataset_entry.params.model_validate(spec.dataset.params),
+            spec.seed,
+            spec.dataset.val_fraction,
+            data_dir,
+        )
+        torch.manual_seed(spec.seed)  # model initialisation is reproducible from the seed
+        model_entry = registry.model(spec.model.name)
+        try:
+            model = model_entry.build(
+                model_entry.params.model_validate(spec.model.params),
+                self.data.num_features,
+                self.data.output_size,
+            )
+        except ValueError as error:
+            raise SpecError(f"model {spec.model.name!r}: {error}") from None
+        self.model: nn.Module = model.to(self.device)
+        self.loss_fn: nn.Module = (
+            nn.CrossEntropyLoss() if self.data.task == "classification" else nn.MSELoss()
+        )
+        self.optimizer = self._build_optimizer()
+        self.batches_per_epoch = math.ceil(len(self.data.y_train) / spec.batch_size)
+        self.scheduler = self._build_scheduler()
+        self.scaler = torch.amp.GradScaler(
+            "cuda", enabled=spec.precision == "fp16" and self.device.type == "cuda"
+        )
+        self.x_train = self.data.x_train.to(self.device)
+        self.y_train = self.data.y_train.to(self.device)
+        self.x_val = self.data.x_val.to(self.device)
+        self.y_val = self.data.y_val.to(self.device)
+
+        self.epoch = 0
+        self.batch_index = 0  # batches done in the current epoch
+        self.step = 0
+        self.epoch_complete = False
+        self.metrics: dict[str, float] = {}
+        self.save_reason: str | None = None
+        self._loss_sum = 0.0
+        self._correct = 0
+        self._seen = 0
+
+    # -- wiring -----------------------------------------------------------------------------
+
+    def add_callback(self, name: str, fn: Callable[[Any], object]) -> None:
+        """Run ``fn(trainer)`` inline at ``name`` (Ultralytics style, e.g. ``on_fit_epoch_end``)."""
+        self.callbacks.add_callback(name, fn)
+
+    def register_stateful(self, name: str, obj: Stateful) -> None:
+        """Save ``obj``'s state in checkpoints under ``controllers[name]`` and restore it."""
+        self._statefuls[name] = obj
+
+    def _report_callback_error(self, event_type: EventType, fn: object, error: Exception) -> None:
+        self.bus.publish(
+            self.job_id,
+            EventType.SUBSCRIBER_ERROR,
+            {
+                "subscriber": getattr(fn, "__qualname__", repr(fn)),
+                "callback": f"on_{event_type.value}",
+                "error_type": type(error).__name__,
+                "message": str(error),
+            },
+        )
+
+    # -- building ---------------------------------------------------------------------------
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        spec = self.spec.optimizer
+        params = self.model.parameters()
+        if spec.name == "sgd":
+            return torch.optim.SGD(
+                params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
+            )
+        if spec.name == "adam":
+            return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
+        return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+
+    def _build_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler | None:
+        spec = self.spec.scheduler
+        params = spec.params
+        if spec.name == "step":
+            return torch.optim.lr_scheduler.StepLR(
+                self.optimizer, step_size=int(params.get("step_size", 10)), gamma=params.get("gamma", 0.1)
+            )
+        if spec.name == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(
+                self.optimizer, T_max=self.spec.epochs, eta_min=params.get("eta_min", 0.0)
+            )
+        if spec.name == "onecycle":
+            return torch.optim.lr_scheduler.OneCycleLR(
+                self.optimizer,
+                max_lr=params.get("max_lr", self.spec.optimizer.lr * 10),
+                total_steps=self.spec.epochs * self.batches_per_epoch,
+                pct_start=params.get("pct_start", 0.3),
+            )
+        return None
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    # -- state ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly where the trainer stands (a batch
+        boundary); loadable with ``torch.load(..., weights_only=True)``."""
+        return {
+            "format": STATE_FORMAT,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "position": {
+                "epoch": self.epoch,
+                "batch": self.batch_index,
+                "step": self.step,
+                "epoch_complete": self.epoch_complete,
+            },
+            "accumulators": {"loss_sum": self._loss_sum, "correct": self._correct, "seen": self._seen},
+            "metrics": dict(self.metrics),
+            "rng": capture_rng_state(),
+            "controllers": {name: obj.state_dict() for name, obj in self._statefuls.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a :meth:`state_dict` (register stateful objects first)."""
+        if state.get("format") != STATE_FORMAT:
+            raise SpecError(f"unsupported trainer state format {state.get('format')!r}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler.is_enabled() and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        position = state["position"]
+        self.epoch = int(position["epoch"])
+        self.batch_index = int(position["batch"])
+        self.step = int(position["step"])
+        self.epoch_complete = bool(position["epoch_complete"])
+        accumulators = state["accumulators"]
+        self._loss_sum = float(accumulators["loss_sum"])
+        self._correct = int(accumulators["correct"])
+        self._seen = int(accumulators["seen"])
+        self.metrics = {k: float(v) for k, v in state.get("metrics", {}).items()}
+        restore_rng_state(state["rng"])
+        for name, controller_state in state.get("controllers", {}).items():
+            if name in self._statefuls:
+                self._statefuls[name].load_state_dict(controller_state)
+
+    # -- running ----------------------------------------------------------------------------
+
+    def _emit(self, event_type: EventType, data: dict[str, Any]) -> None:
+        self.callbacks.run_callbacks(event_type, self)
+        self.bus.publish(self.job_id, event_type, data)
+
+    def run(self) -> RunResult:
+        """Train to the end, or until a command or a failure ends the run."""
+        if self.spec.torch_threads:
+            torch.set_num_threads(self.spec.torch_threads)
+        try:
+            self._emit(
+                EventType.PRETRAIN_ROUTINE_START,
+                {"device": str(self.device), "precision": self.spec.precision},
+            )
+            self._emit(
+                EventType.PRETRAIN_ROUTINE_END,
+                {
+                    "parameters": sum(p.numel() for p in self.model.parameters()),
+                    "train_samples": len(self.data.y_train),
+                    "val_samples": len(self.data.y_val),
+                    "task": self.data.task,
+                    "num_classes": self.data.num_classes,
+                },
+            )
+            self._emit(
+                EventType.TRAIN_START,
+                {
+                    "epochs": self.spec.epochs,
+                    "batches_per_epoch": self.batches_per_epoch,
+                    "epoch": self.epoch,
+                    "step": self.step,
+                    "resumed": self.step > 0,
+                },
+            )
+            if self.epoch_complete:
+                self._start_next_epoch()
+            while self.epoch < self.spec.epochs:
+                self._train_epoch()
+                self._validate_and_finish_epoch()
+                if self.epoch + 1 < self.spec.epochs:
+                    self._check_commands()
+                    self._start_next_epoch()
+                else:
+                    break
+            self._save("end")
+            self._emit(EventType.TRAIN_END, {"epoch": self.epoch, "step": self.step, "metrics": self.metrics})
+            return RunResult(Outcome.COMPLETED)
+        except _StopRun as stop:
+            return stop.result
+        except Exception as error:
+            logger.exception("job %s failed", self.job_id)
+            self._save_after_failure()
+            return RunResult(
+                Outcome.FAILED, error={"type": type(error).__name__, "message": str(error)}
+            )
+        finally:
+            with contextlib.suppress(Exception):
+                self._emit(EventType.TEARDOWN, {"epoch": self.epoch, "step": self.step})
+
+    def _start_next_epoch(self) -> None:
+        self.epoch += 1
+        self.batch_index = 0
+        self.epoch_complete = False
+        self._loss_sum = 0.0
+        self._correct = 0
+        self._seen = 0
+
+    def _epoch_order(self) -> torch.Tensor:
+        """This epoch's shuffle, a pure function of seed and epoch (so resume reproduces it)."""
+        generator = torch.Generator().manual_seed(self.spec.seed * 1_000_003 + self.epoch)
+        return torch.randperm(len(self.y_train), generator=generator).to(self.device)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[object]:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _train_epoch(self) -> None:
+        spec = self.spec
+        every = spec.batch_event_every
+        batch_size = spec.batch_size
+        classification = self.data.task == "classification"
+        publish = self.bus.publish
+        run_callbacks = self.callbacks.run_callbacks
+        job_id = self.job_id
+        control = self.control
+        optimizer = self.optimizer
+        scheduler = self.scheduler if isinstance(
+            self.scheduler, torch.optim.lr_scheduler.OneCycleLR
+        ) else None
+        scaler = self.scaler
+        model = self.model
+        model.train()
+        if self.batch_index == 0:
+            self._emit(EventType.TRAIN_EPOCH_START, {"epoch": self.epoch, "step": self.step, "lr": self.lr})
+        order = self._epoch_order()
+        started = time.perf_counter()
+        samples_at_start = self._seen
+        for batch in range(self.batch_index, self.batches_per_epoch):
+            if control.pending:
+                self._apply(control.take())
+            loud = batch % every == 0
+            index = order[batch * batch_size : (batch + 1) * batch_size]
+            inputs = self.x_train[index]
+            targets = self.y_train[index]
+            if loud:
+                run_callbacks(EventType.TRAIN_BATCH_START, self)
+                publish(job_id, EventType.TRAIN_BATCH_START, {"epoch": self.epoch, "batch": batch, "step": self.step})
+            with self._autocast():
+                outputs = model(inputs)
+                loss = self.loss_fn(outputs, targets)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                self._non_finite(loss_value)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            if scheduler is not None:
+                scheduler.step()
+            count = len(targets)
+            self._loss_sum += loss_value * count
+            self._seen += count
+            if classification:
+                self._correct += int((outputs.argmax(1) == targets).sum())
+            self.step += 1
+            if loud:
+                run_callbacks(EventType.OPTIMIZER_STEP, self)
+                publish(job_id, EventType.OPTIMIZER_STEP, {"step": self.step})
+                run_callbacks(EventType.BEFORE_ZERO_GRAD, self)
+                publish(job_id, EventType.BEFORE_ZERO_GRAD, {"step": self.step})
+            optimizer.zero_grad(set_to_none=True)
+            self.batch_index = batch + 1
+            if loud:
+                run_callbacks(EventType.TRAIN_BATCH_END, self)
+                publish(
+                    job_id,
+                    EventType.TRAIN_BATCH_END,
+                    {"epoch": self.epoch, "batch": batch, "step": self.step, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"]},
+                )
+            else:
+                run_callbacks(EventType.TRAIN_BATCH_END, self)
+        seconds = time.perf_counter() - started
+        train = {"train_loss": self._loss_sum / max(1, self._seen), "lr": self.lr}
+        if classification:
+            train["train_accuracy"] = self._correct / max(1, self._seen)
+        train["epoch_seconds"] = seconds
+        train["samples_per_s"] = (self._seen - samples_at_start) / seconds if seconds > 0 else 0.0
+        self.metrics.update(train)
+        self._emit(EventType.TRAIN_EPOCH_END, {"epoch": self.epoch, "step": self.step, "metrics": dict(train)})
+
+    def _non_finite(self, value: float) -> None:
+        reason = f"non-finite loss ({value}) at epoch {self.epoch}, step {self.step}"
+        if self.spec.nonfinite_loss == "stop":
+            self._save("stop")
+            raise _StopRun(RunResult(Outcome.STOPPED, stop_reason=reason))
+        raise FloatingPointError(reason)
+
+    @torch.no_grad()
+    def _validate_and_finish_epoch(self) -> None:
+        every = self.spec.batch_event_every
+        batch_size = self.spec.batch_size
+        classification = self.data.task == "classification"
+        self.model.eval()
+        self._emit(EventType.VAL_START, {"epoch": self.epoch, "step": self.step})
+        loss_sum = 0.0
+        correct = 0
+        for batch, start in enumerate(range(0, len(self.y_val), batch_size)):
+            inputs = self.x_val[start : start + batch_size]
+            targets = self.y_val[start : start + batch_size]
+            loud = batch % every == 0
+            if loud:
+                self._emit(EventType.VAL_BATCH_START, {"epoch": self.epoch, "batch": batch})
+            with self._autocast():
+                outputs = self.model(inputs)
+                loss = self.loss_fn(outputs, targets)
+            loss_sum += loss.item() * len(targets)
+            if classification:
+                correct += int((outputs.argmax(1) == targets).sum())
+            if loud:
+                self._emit(EventType.VAL_BATCH_END, {"epoch": self.epoch, "batch": batch, "loss": loss.item()})
+        count = max(1, len(self.y_val))
+        validation = {"val_loss": loss_sum / count}
+        if classification:
+            validation["val_accuracy"] = correct / count
+        else:
+            validation["val_mse"] = loss_sum / count
+        self.metrics.update(validation)
+        self._emit(EventType.VAL_END, {"epoch": self.epoch, "step": self.step, "metrics": dict(validation)})
+        self.epoch_complete = True
+        self.callbacks.run_callbacks(EventType.FIT_EPOCH_END, self)
+        event = self.bus.publish(
+            self.job_id,
+            EventType.FIT_EPOCH_END,
+            {"epoch": self.epoch, "step": self.step, "metrics": dict(self.metrics)},
+        )
+        # Lossless controllers (early stop, LR plateau) decide before the next epoch starts.
+        if not self.bus.wait_processed(event, self.fit_epoch_end_timeout):
+            logger.warning("job %s: controllers did not finish with epoch %d in time", self.job_id, self.epoch)
+        self._save("epoch_end")
+        if self.scheduler is not None and not isinstance(
+            self.scheduler, torch.optim.lr_scheduler.OneCycleLR
+        ):
+            before = self.lr
+            self.scheduler.step()
+            if self.lr != before:
+                self._emit(EventType.PARAMS_UPDATE, {"epoch": self.epoch, "step": self.step, "lr": self.lr, "source": "scheduler"})
+
+    def _check_commands(self) -> None:
+        if self.control.pending:
+            self._apply(self.control.take())
+
+    # -- commands ---------------------------------------------------------------------------
+
+    def _apply(self, commands: list[Command]) -> None:
+        """Apply commands in order; raises :class:`_StopRun` when one ends the run."""
+        for command in commands:
+            kind = command.kind
+            if kind is CommandKind.STOP:
+                self._stop(command)
+            elif kind is CommandKind.PAUSE:
+                self._pause(command)
+            elif kind is CommandKind.SAVE:
+                self._save("command", command)
+            elif kind is CommandKind.SET_LR:
+                assert command.value is not None
+                self._set_lr(command.value)
+                self.control.applied(command, step=self.step, epoch=self.epoch, lr=self.lr)
+            # a resume while running is a no-op
+
+    def _stop(self, command: Command) -> None:
+        self.control.applied(command, step=self.step, epoch=self.epoch)
+        reason = command.reason or f"stopped by {command.source}"
+        self._save("stop")
+        outcome = Outcome.COMPLETED if command.source in CONTROLLER_SOURCES else Outcome.STOPPED
+        if outcome is Outcome.COMPLETED:
+            self._emit(EventType.TRAIN_END, {"epoch": self.epoch, "step": self.step, "metrics": self.metrics, "stop_reason": reason})
+        raise _StopRun(RunResult(outcome, stop_reason=reason, details={"source": command.source}))
+
+    def _pause(self, command: Command) -> None:
+        self.control.applied(command, step=self.step, epoch=self.epoch)
+        self._save("pause")
+        while True:
+            commands = self.control.wait()
+            if not commands and self.control.closed:
+                raise _StopRun(RunResult(Outcome.INTERRUPTED, stop_reason=command.reason or None))
+            for index, next_command in enumerate(commands):
+                if next_command.kind is CommandKind.RESUME:
+                    self.control.applied(next_command, step=self.step, epoch=self.epoch)
+                    self._apply(commands[index + 1 :])
+                    return
+                if next_command.kind is not CommandKind.PAUSE:
+                    self._apply([next_command])
+
+    def _set_lr(self, value: float) -> None:
+        """Set every group's learning rate, rescaling the schedule's anchors with it so that a
+        scheduler continues relative to the new value instead of undoing it."""
+        for group in self.optimizer.param_groups:
+            factor = value / group["lr"] if group["lr"] else 1.0
+            group["lr"] = value
+            for key in ("initial_lr", "max_lr", "min_lr"):
+                if key in group:
+                    group[key] *= factor
+        if self.scheduler is not None:
+            self.scheduler.base_lrs = [value for _ in self.scheduler.base_lrs]
+
+    def _save(self, reason: str, command: Command | None = None) -> None:
+        """Run the ``on_model_save`` callbacks (a checkpoint writer snapshots here) and
+        publish ``model_save``."""
+        self.save_reason = reason
+        try:
+            self.callbacks.run_callbacks(EventType.MODEL_SAVE, self)
+        finally:
+            self.save_reason = None
+        data = {"epoch": self.epoch, "step": self.step, "reason": reason, "metrics": dict(self.metrics)}
+        if command is not None:
+            self.control.applied(command, **data)
+        else:
+            self.bus.publish(self.job_id, EventType.MODEL_SAVE, data)
+
+    def _save_after_failure(self) -> None:
+        with contextlib.suppress(Exception):
+            self._save("failure")
+
+    def iter_parameters(self) -> Iterator[torch.Tensor]:
+        """The model's parameters (for tests comparing runs)."""
+        return iter(self.model.parameters())
