@@ -147,7 +147,10 @@ class EarlyStopping:
             "wait": self.wait,
             "last_epoch": None if self._last is None else self._last.epoch,
             "stopped_epoch": None if stopped is None else stopped.epoch,
-            "stop_reason": None if stopped is None or stopped.reason is None else stopped.reason,
+            # plain str: a checkpoint must load with torch.load(weights_only=True)
+            "stop_reason": None
+            if stopped is None or stopped.reason is None
+            else str(stopped.reason.value),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

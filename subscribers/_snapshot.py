@@ -8,12 +8,18 @@ waits for when a checkpoint is taken.
 from __future__ import annotations
 
 import copy
+import enum
+import logging
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 __all__ = ["snapshot"]
+
+logger = logging.getLogger("trainbus.subscribers")
+_warned: set[type] = set()
 
 
 def snapshot(state: Any, reuse: Any = None) -> Any:
@@ -46,6 +52,25 @@ def snapshot(state: Any, reuse: Any = None) -> Any:
             for i, value in enumerate(state)
         ]
         return items if isinstance(state, list) else tuple(items)
-    if isinstance(state, int | float | str | bool | bytes) or state is None:
+    if isinstance(state, enum.Enum):
+        # torch.load(weights_only=True) refuses enum classes: keep the plain value
+        return snapshot(state.value)
+    if state is None or type(state) in (int, float, str, bool, bytes):
         return state
+    # numpy scalars and other number or string types: their plain Python value
+    if isinstance(state, bool):
+        return bool(state)
+    if isinstance(state, numbers.Integral):
+        return int(state)
+    if isinstance(state, numbers.Real):
+        return float(state)
+    if isinstance(state, str):
+        return str(state)
+    if type(state) not in _warned:
+        _warned.add(type(state))
+        logger.warning(
+            "checkpoint state holds a %s: loading it needs weights_only=False, which trainbus "
+            "refuses; keep tensors, numbers, strings and containers in state dicts",
+            type(state).__qualname__,
+        )
     return copy.deepcopy(state)

@@ -164,3 +164,22 @@ def test_best_survives_a_new_writer(tmp_path: Path) -> None:
     trainer2.end_epoch({"val_loss": 0.2})  # not better than the best on disk: no save
     again.close()
     assert len(list_checkpoints(tmp_path)) == 1
+
+
+def test_snapshot_keeps_checkpoints_loadable_with_weights_only(tmp_path: Path) -> None:
+    import enum
+
+    import numpy as np
+
+    from subscribers._checkpoint_files import write_checkpoint
+    from subscribers._snapshot import snapshot
+
+    class Color(enum.StrEnum):
+        RED = "red"
+
+    state = {"reason": Color.RED, "value": np.float64(0.5), "count": np.int64(3), "t": (1, [2])}
+    copied = snapshot(state)
+    assert copied == {"reason": "red", "value": 0.5, "count": 3, "t": (1, [2])}
+    assert type(copied["reason"]) is str and type(copied["value"]) is float
+    info = write_checkpoint(tmp_path, copied, epoch=0, step=0, reason="command")
+    assert load_checkpoint(tmp_path, info.name) == copied
