@@ -168,7 +168,10 @@ def load_synthetic_classification(
     noise = torch.randn(params.n_samples, params.n_features, generator=generator) * params.noise
     features = centres[labels] + noise
     return split_and_standardise(
-        features.numpy(), labels.numpy(), task="classification", seed=seed,
+        features.numpy(),
+        labels.numpy(),
+        task="classification",
+        seed=seed,
         val_fraction=val_fraction,
     )
 
@@ -232,7 +235,9 @@ def load_csv(params: CSVParams, seed: int, val_fraction: float, data_dir: Path) 
         try:
             targets = np.array([float(v) for v in raw_targets])
         except ValueError as error:
-            raise DatasetError(f"{params.file}: regression targets must be numeric ({error})") from None
+            raise DatasetError(
+                f"{params.file}: regression targets must be numeric ({error})"
+            ) from None
     else:
         targets = np.array(raw_targets)
     if not np.isfinite(features).all():

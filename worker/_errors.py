@@ -12,7 +12,14 @@ Hierarchy::
 
 from __future__ import annotations
 
-__all__ = ["DatasetError", "IllegalTransition", "JobError", "JobNotFound", "ManagerClosed", "SpecError"]
+__all__ = [
+    "DatasetError",
+    "IllegalTransition",
+    "JobError",
+    "JobNotFound",
+    "ManagerClosed",
+    "SpecError",
+]
 
 
 class JobError(Exception):

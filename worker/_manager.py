@@ -3,6 +3,7 @@ each on its own thread with its subscribers attached, and keeps their records.""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
@@ -152,10 +153,8 @@ class JobManager:
         self._wakeup.set()
         for job_id in list(self._active):
             control = self._handles[job_id].control
-            try:
+            with contextlib.suppress(ControlError):
                 control.pause("the server is shutting down", source="shutdown")
-            except ControlError:
-                pass
             control.close()
         with anyio.move_on_after(timeout):
             await self._idle.wait()
@@ -243,14 +242,19 @@ class JobManager:
         """
         record = self.get(job_id)
         if record.state in (JobState.RUNNING, JobState.PAUSED):
-            return self._send(
-                job_id, record.state, "stop", lambda c: c.stop(reason, source=source)
-            )
+            return self._send(job_id, record.state, "stop", lambda c: c.stop(reason, source=source))
         if record.state is JobState.QUEUED:
             command = _command(CommandKind.STOP, source, reason)
             self._handles.pop(job_id, None)
-            self.store.update(job_id, state=JobState.STOPPED, stop_reason=reason or "stopped while queued", ended_at=time.time())
-            self.bus.publish(job_id, EventType.JOB_STOPPED, {**command.to_dict(), "step": record.step})
+            self.store.update(
+                job_id,
+                state=JobState.STOPPED,
+                stop_reason=reason or "stopped while queued",
+                ended_at=time.time(),
+            )
+            self.bus.publish(
+                job_id, EventType.JOB_STOPPED, {**command.to_dict(), "step": record.step}
+            )
             self._changed(job_id)
             return command
         raise IllegalTransition(job_id, record.state, "stop", ["queued", "running", "paused"])
@@ -275,7 +279,9 @@ class JobManager:
             await self._transition(job_id, JobState.QUEUED, resumed=True, **command.to_dict())
             self._wakeup.set()
             return command
-        raise IllegalTransition(job_id, record.state, "resume", ["paused", "stopped", "interrupted"])
+        raise IllegalTransition(
+            job_id, record.state, "resume", ["paused", "stopped", "interrupted"]
+        )
 
     async def delete(self, job_id: str) -> None:
         """Remove an ended job's record and its folder (events are the store's business).
@@ -324,7 +330,9 @@ class JobManager:
         if state in ENDED_STATES:
             fields["ended_at"] = time.time()
         self.store.update(job_id, **fields)
-        await self.bus.publish_async(job_id, state.event_type, {"epoch": record.epoch, "step": record.step, **data})
+        await self.bus.publish_async(
+            job_id, state.event_type, {"epoch": record.epoch, "step": record.step, **data}
+        )
         self._changed(job_id)
 
     async def _schedule(self) -> None:
@@ -364,7 +372,9 @@ class JobManager:
             result = await anyio.to_thread.run_sync(trainer.run, limiter=self._run_limiter)
         except Exception as error:
             logger.exception("job %s could not run", job_id)
-            result = RunResult(Outcome.FAILED, error={"type": type(error).__name__, "message": str(error)})
+            result = RunResult(
+                Outcome.FAILED, error={"type": type(error).__name__, "message": str(error)}
+            )
         finally:
             control.close()
             with anyio.CancelScope(shield=True):
@@ -407,7 +417,11 @@ class JobManager:
         if result.error is not None:
             fields["error"] = JobFailure.model_validate(result.error).model_dump()
         if trainer is not None:
-            fields.update(epoch=trainer.epoch + int(trainer.epoch_complete), step=trainer.step, metrics=trainer.metrics)
+            fields.update(
+                epoch=trainer.epoch + int(trainer.epoch_complete),
+                step=trainer.step,
+                metrics=trainer.metrics,
+            )
         self.store.update(job_id, **fields)
         if state not in (JobState.STOPPED, JobState.INTERRUPTED):
             handle.trainer = None  # nothing to resume: free the model

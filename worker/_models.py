@@ -76,7 +76,9 @@ class _ConvNet(nn.Module):
         channels_in = 1
         for channels in params.channels:
             layers += [
-                nn.Conv2d(channels_in, channels, params.kernel_size, padding=params.kernel_size // 2),
+                nn.Conv2d(
+                    channels_in, channels, params.kernel_size, padding=params.kernel_size // 2
+                ),
                 nn.ReLU(),
             ]
             channels_in = channels

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import json
 import sqlite3
 import threading
@@ -16,7 +17,7 @@ from pydantic import BaseModel, Field
 
 from bus import EventType
 
-__all__ = ["ENDED_STATES", "JobFailure", "JobRecord", "JobState", "JobStore", "TRANSITIONS"]
+__all__ = ["ENDED_STATES", "TRANSITIONS", "JobFailure", "JobRecord", "JobState", "JobStore"]
 
 
 class JobState(StrEnum):
@@ -45,10 +46,22 @@ class JobState(StrEnum):
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.QUEUED: frozenset({JobState.RUNNING, JobState.STOPPED}),
     JobState.RUNNING: frozenset(
-        {JobState.PAUSED, JobState.COMPLETED, JobState.STOPPED, JobState.FAILED, JobState.INTERRUPTED}
+        {
+            JobState.PAUSED,
+            JobState.COMPLETED,
+            JobState.STOPPED,
+            JobState.FAILED,
+            JobState.INTERRUPTED,
+        }
     ),
     JobState.PAUSED: frozenset(
-        {JobState.RUNNING, JobState.COMPLETED, JobState.STOPPED, JobState.FAILED, JobState.INTERRUPTED}
+        {
+            JobState.RUNNING,
+            JobState.COMPLETED,
+            JobState.STOPPED,
+            JobState.FAILED,
+            JobState.INTERRUPTED,
+        }
     ),
     JobState.COMPLETED: frozenset(),
     JobState.STOPPED: frozenset({JobState.QUEUED}),
@@ -145,7 +158,9 @@ class JobStore:
                 f"INSERT INTO jobs ({', '.join(_COLUMNS)}, queued_at) "
                 f"VALUES ({', '.join('?' for _ in _COLUMNS)}, ?)",
                 [
-                    json.dumps(values[c]) if c in _JSON_COLUMNS and values[c] is not None else values[c]
+                    json.dumps(values[c])
+                    if c in _JSON_COLUMNS and values[c] is not None
+                    else values[c]
                     for c in _COLUMNS
                 ]
                 + [time.time()],
@@ -156,8 +171,9 @@ class JobStore:
             fields["queued_at"] = time.time()
         assignments = ", ".join(f"{name} = ?" for name in fields)
         values = [
-            json.dumps(value) if name in _JSON_COLUMNS and value is not None else
-            (value.value if isinstance(value, StrEnum) else value)
+            json.dumps(value)
+            if name in _JSON_COLUMNS and value is not None
+            else (value.value if isinstance(value, StrEnum) else value)
             for name, value in fields.items()
         ]
         with self._transaction() as db:
@@ -172,19 +188,20 @@ class JobStore:
 
     def list(
         self, state: JobState | None = None, offset: int = 0, limit: int = 50
-    ) -> tuple[list[JobRecord], int]:
+    ) -> tuple[builtins.list[JobRecord], int]:
         where, parameters = ("WHERE state = ?", [state.value]) if state else ("", [])
         with self._lock:
             total = self._connection.execute(
                 f"SELECT COUNT(*) FROM jobs {where}", parameters
             ).fetchone()[0]
             rows = self._connection.execute(
-                f"SELECT {', '.join(_COLUMNS)} FROM jobs {where} ORDER BY position LIMIT ? OFFSET ?",
+                f"SELECT {', '.join(_COLUMNS)} FROM jobs {where} "
+                "ORDER BY position LIMIT ? OFFSET ?",
                 [*parameters, limit, offset],
             ).fetchall()
         return [self._record(row) for row in rows], int(total)
 
-    def queued_in_order(self) -> list[str]:
+    def queued_in_order(self) -> builtins.list[str]:
         """Queued jobs, first in first out (by the time they were queued)."""
         with self._lock:
             rows = self._connection.execute(
@@ -193,15 +210,16 @@ class JobStore:
             ).fetchall()
         return [row[0] for row in rows]
 
-    def ids_in_states(self, *states: JobState) -> list[str]:
+    def ids_in_states(self, *states: JobState) -> builtins.list[str]:
         with self._lock:
             rows = self._connection.execute(
-                f"SELECT id FROM jobs WHERE state IN ({', '.join('?' for _ in states)}) ORDER BY position",
+                f"SELECT id FROM jobs WHERE state IN ({', '.join('?' for _ in states)}) "
+                "ORDER BY position",
                 [s.value for s in states],
             ).fetchall()
         return [row[0] for row in rows]
 
-    def all_ids(self) -> list[str]:
+    def all_ids(self) -> builtins.list[str]:
         with self._lock:
             return [row[0] for row in self._connection.execute("SELECT id FROM jobs").fetchall()]
 

@@ -97,7 +97,9 @@ BUILTIN_DATASETS = (
     DatasetEntry(
         "csv",
         datasets.CSVParams,
-        lambda params, seed, fraction, data_dir: datasets.load_csv(params, seed, fraction, data_dir),
+        lambda params, seed, fraction, data_dir: datasets.load_csv(
+            params, seed, fraction, data_dir
+        ),
         "A CSV file from the data folder's datasets/, named by file name only.",
     ),
 )
@@ -137,30 +139,37 @@ class Registry:
     def load_plugins(self) -> None:
         """Add the entries that installed packages declare under ``trainbus.models`` and
         ``trainbus.datasets``; a broken plugin is logged and skipped."""
-        for group, kind, add in (
-            ("trainbus.models", ModelEntry, self.add_model),
-            ("trainbus.datasets", DatasetEntry, self.add_dataset),
-        ):
+        for group in ("trainbus.models", "trainbus.datasets"):
             for point in entry_points(group=group):
                 try:
                     entry = point.load()
                 except Exception as error:
                     logger.error("plugin %s in %s failed to load: %r", point.name, group, error)
                     continue
-                if not isinstance(entry, kind):
-                    logger.error("plugin %s in %s is not a %s", point.name, group, kind.__name__)
-                    continue
-                add(entry)  # type: ignore[operator]
+                if group == "trainbus.models" and isinstance(entry, ModelEntry):
+                    self.add_model(entry)
+                elif group == "trainbus.datasets" and isinstance(entry, DatasetEntry):
+                    self.add_dataset(entry)
+                else:
+                    logger.error("plugin %s in %s is not a registry entry", point.name, group)
 
     def describe(self) -> dict[str, Any]:
         """Names, descriptions and JSON schemas of parameters, for ``GET /registry``."""
         return {
             "models": [
-                {"name": e.name, "description": e.description, "params": e.params.model_json_schema()}
+                {
+                    "name": e.name,
+                    "description": e.description,
+                    "params": e.params.model_json_schema(),
+                }
                 for e in sorted(self.models.values(), key=lambda e: e.name)
             ],
             "datasets": [
-                {"name": e.name, "description": e.description, "params": e.params.model_json_schema()}
+                {
+                    "name": e.name,
+                    "description": e.description,
+                    "params": e.params.model_json_schema(),
+                }
                 for e in sorted(self.datasets.values(), key=lambda e: e.name)
             ],
         }

@@ -183,7 +183,7 @@ class ResourcesSpec(BaseModel):
 class JobSpec(BaseModel):
     """A training job. The smallest valid one::
 
-        {"model": {"name": "mlp"}, "dataset": {"name": "digits"}, "epochs": 5}
+    {"model": {"name": "mlp"}, "dataset": {"name": "digits"}, "epochs": 5}
     """
 
     model_config = ConfigDict(

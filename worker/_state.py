@@ -15,9 +15,13 @@ def capture_rng_state() -> dict[str, Any]:
     """Python, NumPy, torch CPU and (when present) CUDA generator states, as tensors and
     plain Python values only."""
     version, internal, gauss = random.getstate()
-    kind, keys, position, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+    kind, keys, position, has_gauss, cached = np.random.get_state(legacy=True)
     state: dict[str, Any] = {
-        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "python": {
+            "version": version,
+            "state": torch.tensor(internal, dtype=torch.int64),
+            "gauss": gauss,
+        },
         "numpy": {
             "kind": kind,
             "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
@@ -35,7 +39,9 @@ def capture_rng_state() -> dict[str, Any]:
 def restore_rng_state(state: dict[str, Any]) -> None:
     """Put back what :func:`capture_rng_state` captured."""
     python = state["python"]
-    random.setstate((python["version"], tuple(int(v) for v in python["state"].tolist()), python["gauss"]))
+    random.setstate(
+        (python["version"], tuple(int(v) for v in python["state"].tolist()), python["gauss"])
+    )
     numpy = state["numpy"]
     np.random.set_state(
         (

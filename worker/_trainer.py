@@ -16,8 +16,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from bus import Command, CommandKind, ControlChannel, EventBus, EventType
-from bus import CallbackRegistry
+from bus import CallbackRegistry, Command, CommandKind, ControlChannel, EventBus, EventType
 
 from ._datasets import DatasetSplit
 from ._errors import SpecError
@@ -200,7 +199,9 @@ class Trainer:
         params = spec.params
         if spec.name == "step":
             return torch.optim.lr_scheduler.StepLR(
-                self.optimizer, step_size=int(params.get("step_size", 10)), gamma=params.get("gamma", 0.1)
+                self.optimizer,
+                step_size=int(params.get("step_size", 10)),
+                gamma=params.get("gamma", 0.1),
             )
         if spec.name == "cosine":
             return torch.optim.lr_scheduler.CosineAnnealingLR(
@@ -236,7 +237,11 @@ class Trainer:
                 "step": self.step,
                 "epoch_complete": self.epoch_complete,
             },
-            "accumulators": {"loss_sum": self._loss_sum, "correct": self._correct, "seen": self._seen},
+            "accumulators": {
+                "loss_sum": self._loss_sum,
+                "correct": self._correct,
+                "seen": self._seen,
+            },
             "metrics": dict(self.metrics),
             "rng": capture_rng_state(),
             "controllers": {name: obj.state_dict() for name, obj in self._statefuls.items()},
@@ -313,7 +318,10 @@ class Trainer:
                 else:
                     break
             self._save("end")
-            self._emit(EventType.TRAIN_END, {"epoch": self.epoch, "step": self.step, "metrics": self.metrics})
+            self._emit(
+                EventType.TRAIN_END,
+                {"epoch": self.epoch, "step": self.step, "metrics": self.metrics},
+            )
             return RunResult(Outcome.COMPLETED)
         except _StopRun as stop:
             return stop.result
@@ -355,14 +363,18 @@ class Trainer:
         job_id = self.job_id
         control = self.control
         optimizer = self.optimizer
-        scheduler = self.scheduler if isinstance(
-            self.scheduler, torch.optim.lr_scheduler.OneCycleLR
-        ) else None
+        scheduler = (
+            self.scheduler
+            if isinstance(self.scheduler, torch.optim.lr_scheduler.OneCycleLR)
+            else None
+        )
         scaler = self.scaler
         model = self.model
         model.train()
         if self.batch_index == 0:
-            self._emit(EventType.TRAIN_EPOCH_START, {"epoch": self.epoch, "step": self.step, "lr": self.lr})
+            self._emit(
+                EventType.TRAIN_EPOCH_START, {"epoch": self.epoch, "step": self.step, "lr": self.lr}
+            )
         order = self._epoch_order()
         started = time.perf_counter()
         samples_at_start = self._seen
@@ -375,7 +387,11 @@ class Trainer:
             targets = self.y_train[index]
             if loud:
                 run_callbacks(EventType.TRAIN_BATCH_START, self)
-                publish(job_id, EventType.TRAIN_BATCH_START, {"epoch": self.epoch, "batch": batch, "step": self.step})
+                publish(
+                    job_id,
+                    EventType.TRAIN_BATCH_START,
+                    {"epoch": self.epoch, "batch": batch, "step": self.step},
+                )
             with self._autocast():
                 outputs = model(inputs)
                 loss = self.loss_fn(outputs, targets)
@@ -405,7 +421,13 @@ class Trainer:
                 publish(
                     job_id,
                     EventType.TRAIN_BATCH_END,
-                    {"epoch": self.epoch, "batch": batch, "step": self.step, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"]},
+                    {
+                        "epoch": self.epoch,
+                        "batch": batch,
+                        "step": self.step,
+                        "loss": loss_value,
+                        "lr": optimizer.param_groups[0]["lr"],
+                    },
                 )
             else:
                 run_callbacks(EventType.TRAIN_BATCH_END, self)
@@ -416,7 +438,10 @@ class Trainer:
         train["epoch_seconds"] = seconds
         train["samples_per_s"] = (self._seen - samples_at_start) / seconds if seconds > 0 else 0.0
         self.metrics.update(train)
-        self._emit(EventType.TRAIN_EPOCH_END, {"epoch": self.epoch, "step": self.step, "metrics": dict(train)})
+        self._emit(
+            EventType.TRAIN_EPOCH_END,
+            {"epoch": self.epoch, "step": self.step, "metrics": dict(train)},
+        )
 
     def _non_finite(self, value: float) -> None:
         reason = f"non-finite loss ({value}) at epoch {self.epoch}, step {self.step}"
@@ -447,7 +472,10 @@ class Trainer:
             if classification:
                 correct += int((outputs.argmax(1) == targets).sum())
             if loud:
-                self._emit(EventType.VAL_BATCH_END, {"epoch": self.epoch, "batch": batch, "loss": loss.item()})
+                self._emit(
+                    EventType.VAL_BATCH_END,
+                    {"epoch": self.epoch, "batch": batch, "loss": loss.item()},
+                )
         count = max(1, len(self.y_val))
         validation = {"val_loss": loss_sum / count}
         if classification:
@@ -455,7 +483,9 @@ class Trainer:
         else:
             validation["val_mse"] = loss_sum / count
         self.metrics.update(validation)
-        self._emit(EventType.VAL_END, {"epoch": self.epoch, "step": self.step, "metrics": dict(validation)})
+        self._emit(
+            EventType.VAL_END, {"epoch": self.epoch, "step": self.step, "metrics": dict(validation)}
+        )
         self.epoch_complete = True
         self.callbacks.run_callbacks(EventType.FIT_EPOCH_END, self)
         event = self.bus.publish(
@@ -465,7 +495,9 @@ class Trainer:
         )
         # Lossless controllers (early stop, LR plateau) decide before the next epoch starts.
         if not self.bus.wait_processed(event, self.fit_epoch_end_timeout):
-            logger.warning("job %s: controllers did not finish with epoch %d in time", self.job_id, self.epoch)
+            logger.warning(
+                "job %s: controllers did not finish with epoch %d in time", self.job_id, self.epoch
+            )
         self._save("epoch_end")
         if self.scheduler is not None and not isinstance(
             self.scheduler, torch.optim.lr_scheduler.OneCycleLR
@@ -473,7 +505,10 @@ class Trainer:
             before = self.lr
             self.scheduler.step()
             if self.lr != before:
-                self._emit(EventType.PARAMS_UPDATE, {"epoch": self.epoch, "step": self.step, "lr": self.lr, "source": "scheduler"})
+                self._emit(
+                    EventType.PARAMS_UPDATE,
+                    {"epoch": self.epoch, "step": self.step, "lr": self.lr, "source": "scheduler"},
+                )
 
     def _check_commands(self) -> None:
         if self.control.pending:
@@ -503,7 +538,15 @@ class Trainer:
         self._save("stop")
         outcome = Outcome.COMPLETED if command.source in CONTROLLER_SOURCES else Outcome.STOPPED
         if outcome is Outcome.COMPLETED:
-            self._emit(EventType.TRAIN_END, {"epoch": self.epoch, "step": self.step, "metrics": self.metrics, "stop_reason": reason})
+            self._emit(
+                EventType.TRAIN_END,
+                {
+                    "epoch": self.epoch,
+                    "step": self.step,
+                    "metrics": self.metrics,
+                    "stop_reason": reason,
+                },
+            )
         raise _StopRun(RunResult(outcome, stop_reason=reason, details={"source": command.source}))
 
     def _pause(self, command: Command) -> None:
@@ -541,11 +584,23 @@ class Trainer:
             self.callbacks.run_callbacks(EventType.MODEL_SAVE, self)
         finally:
             self.save_reason = None
-        data = {"epoch": self.epoch, "step": self.step, "reason": reason, "metrics": dict(self.metrics)}
-        if command is not None:
-            self.control.applied(command, **data)
+        metrics = dict(self.metrics)
+        if command is not None:  # the command's own reason stays; save_reason says why
+            self.control.applied(
+                command, step=self.step, epoch=self.epoch, save_reason=reason, metrics=metrics
+            )
         else:
-            self.bus.publish(self.job_id, EventType.MODEL_SAVE, data)
+            self.bus.publish(
+                self.job_id,
+                EventType.MODEL_SAVE,
+                {
+                    "epoch": self.epoch,
+                    "step": self.step,
+                    "reason": reason,
+                    "save_reason": reason,
+                    "metrics": metrics,
+                },
+            )
 
     def _save_after_failure(self) -> None:
         with contextlib.suppress(Exception):
