@@ -8,7 +8,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from bus import ControlChannel, ControlError, DeliveryPolicy, Event, Subscriber
+from bus import ControlChannel, ControlError, DeliveryPolicy, Event, EventBus, Subscriber
 
 from ._trainer import TrainerLike
 
@@ -114,6 +114,8 @@ class LRPlateauController(Subscriber):
 
     :param job_id: the job to watch.
     :param channel: the job's control channel.
+    :param bus: accepted so that every per-job subscriber is built alike; unused (the
+        trainer publishes ``lr_changed``).
     :param monitor: the metric to watch (``val_loss``).
     :param mode: ``min`` or ``max``.
     :param factor: the learning rate is multiplied by this (0 < factor < 1).
@@ -130,6 +132,7 @@ class LRPlateauController(Subscriber):
         *,
         job_id: str,
         channel: ControlChannel,
+        bus: EventBus | None = None,
         monitor: str = "val_loss",
         mode: Literal["min", "max"] = "min",
         factor: float = 0.1,
@@ -141,6 +144,7 @@ class LRPlateauController(Subscriber):
         self.job_id = job_id
         self._job = job_id
         self.channel = channel
+        self.bus = bus
         self.monitor = monitor
         self.rules = LRPlateau(
             mode=mode,
