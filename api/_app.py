@@ -61,7 +61,6 @@ class Runtime:
     history: EventSource | None = None
     render_metrics: Callable[[], bytes] | None = None
     ready_checks: dict[str, Callable[[], Any]] = field(default_factory=dict)
-    exception_statuses: dict[type[BaseException], int] = field(default_factory=dict)
 
 
 RuntimeFactory = Callable[[Settings, EventBus], AbstractAsyncContextManager[Runtime]]

@@ -22,7 +22,14 @@ from anyio.abc import TaskStatus
 
 from bus import DeliveryPolicy, Event, EventBus, EventType
 
-__all__ = ["ClientBuffer", "EventHub", "HubStatistics", "encode_event", "gap_notice"]
+__all__ = [
+    "ClientBuffer",
+    "EventHub",
+    "HubStatistics",
+    "encode_event",
+    "finite",
+    "gap_notice",
+]
 
 logger = logging.getLogger("trainbus.api")
 
@@ -30,13 +37,14 @@ Item = tuple[str, int, str]
 """What a client buffer holds: ``(job_id, seq, encoded JSON)``, shared by every client."""
 
 
-def _finite(value: Any) -> Any:
+def finite(value: Any) -> Any:
+    """``value`` with NaN and infinities (at any depth) replaced by ``None``."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, Mapping):
-        return {str(k): _finite(v) for k, v in value.items()}
+        return {str(k): finite(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
+        return [finite(v) for v in value]
     return value
 
 
@@ -46,7 +54,7 @@ def encode_event(event: Event) -> str:
     try:
         return json.dumps(payload, separators=(",", ":"), allow_nan=False)
     except ValueError:
-        return json.dumps(_finite(payload), separators=(",", ":"), allow_nan=False)
+        return json.dumps(finite(payload), separators=(",", ":"), allow_nan=False)
 
 
 def gap_notice(job_id: str, from_seq: int, to_seq: int, missed: int, subscriber: str) -> Item:

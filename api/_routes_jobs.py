@@ -8,8 +8,10 @@ from fastapi import APIRouter, Body, Path, Query, Request, Response
 from fastapi.responses import FileResponse
 
 from bus import event_type_for
+from worker import JobSpec
 
 from ._errors import ServiceUnavailable
+from ._hub import finite
 from ._schemas import (
     JOB_ID_PATTERN,
     NAME_PATTERN,
@@ -26,8 +28,10 @@ from ._services import services_of
 __all__ = ["SPEC_EXAMPLE", "router"]
 
 SPEC_EXAMPLE: dict[str, Any] = {
-    "model": {"name": "mlp", "params": {"hidden": [64]}},
+    "name": "digits-mlp",
+    "model": {"name": "mlp", "params": {"hidden_sizes": [64]}},
     "dataset": {"name": "digits"},
+    "optimizer": {"name": "adam", "lr": 0.001},
     "epochs": 3,
     "batch_size": 32,
     "seed": 0,
@@ -67,7 +71,7 @@ router = APIRouter(responses={**_UNAUTHORIZED, **_INVALID}, tags=["jobs"])
 async def submit_job(
     request: Request,
     response: Response,
-    spec: Annotated[dict[str, Any], Body(examples=[SPEC_EXAMPLE])],
+    spec: Annotated[JobSpec, Body(examples=[SPEC_EXAMPLE])],
 ) -> dict[str, Any]:
     """Validate the job spec and queue the job; it starts when a slot is free."""
     services = services_of(request)
@@ -190,7 +194,7 @@ async def job_events(
     if services.history is None:
         raise ServiceUnavailable("the event store is not running")
     events = await services.history.read(job_id, after_seq=after_seq, types=selected, limit=limit)
-    return [event.to_dict() for event in events]
+    return [finite(event.to_dict()) for event in events]
 
 
 @router.get(

@@ -1,25 +1,222 @@
 """The default runtime: the worker's job manager with the event store, the Prometheus
-exporter and the resource monitor, and per-job checkpoint and controller subscribers."""
+exporter and the resource monitor, and per-job checkpoint and controller subscribers.
+
+Start-up order: the event store (so that it records every event from the first), the
+exporter, the per-job ``seq`` counters restored from the store, the job manager, the resource
+monitor. Shutdown: the manager checkpoints and pauses running jobs (they end
+``interrupted``, resumable), then the monitor stops and the store writes what it holds.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
 
-from bus import EventBus
+import anyio
+
+from bus import EventBus, Subscriber
+from subscribers import (
+    CheckpointCorrupt,
+    CheckpointError,
+    CheckpointNotFound,
+    CheckpointWriter,
+    EarlyStopController,
+    EventStore,
+    LRPlateauController,
+    PrometheusExporter,
+    ResourceMonitor,
+    UnsafeCheckpoint,
+    latest_valid_state,
+    list_checkpoints,
+    verify_checkpoint,
+)
+from worker import (
+    IllegalTransition,
+    JobHandle,
+    JobManager,
+    JobNotFound,
+    JobSpec,
+    ManagerClosed,
+    SpecError,
+)
 
 from ._app import Runtime
+from ._errors import NotFound
+from ._hub import finite
 from ._settings import Settings
 
-__all__ = ["default_runtime", "exception_statuses"]
+__all__ = ["ManagerJobs", "default_runtime", "exception_statuses", "job_subscribers"]
+
+logger = logging.getLogger("trainbus.api")
 
 
 def exception_statuses() -> dict[type[BaseException], int]:
     """HTTP statuses for the worker's and subscribers' exceptions."""
-    return {}
+    return {
+        JobNotFound: 404,
+        IllegalTransition: 409,
+        SpecError: 422,
+        ManagerClosed: 503,
+        CheckpointNotFound: 404,
+        CheckpointCorrupt: 409,
+        UnsafeCheckpoint: 409,
+        CheckpointError: 409,
+    }
+
+
+def job_subscribers(handle: JobHandle, bus: EventBus) -> list[Subscriber]:
+    """The per-job subscribers a spec asks for, bound to the job's trainer."""
+    spec = handle.spec
+    trainer = handle.trainer
+    if trainer is None:  # the manager builds the trainer before it asks for subscribers
+        raise RuntimeError(f"job {handle.id} has no trainer yet")
+    built: list[Subscriber] = []
+    if spec.checkpoint.enabled:
+        writer = CheckpointWriter(
+            job_id=handle.id,
+            job_dir=handle.job_dir,
+            bus=bus,
+            **spec.checkpoint.model_dump(exclude={"enabled"}),
+        )
+        writer.bind(trainer)
+        built.append(writer)
+    if spec.early_stop.enabled:
+        early_stop = EarlyStopController(
+            job_id=handle.id,
+            channel=handle.control,
+            bus=bus,
+            **spec.early_stop.model_dump(exclude={"enabled"}),
+        )
+        early_stop.bind(trainer)
+        built.append(early_stop)
+    if spec.lr_plateau.enabled:
+        plateau = LRPlateauController(
+            job_id=handle.id,
+            channel=handle.control,
+            **spec.lr_plateau.model_dump(exclude={"enabled"}),
+        )
+        plateau.bind(trainer)
+        built.append(plateau)
+    return built
+
+
+def _record(record: Any) -> dict[str, Any]:
+    return dict(finite(record.model_dump(mode="json")))
+
+
+class ManagerJobs:
+    """The REST routes' view of the job manager, the event store and checkpoint files."""
+
+    def __init__(self, manager: JobManager, store: EventStore, data_dir: Path) -> None:
+        self.manager = manager
+        self.store = store
+        self.data_dir = data_dir
+
+    def _job_dir(self, job_id: str) -> Path:
+        return self.data_dir / "jobs" / job_id
+
+    async def submit(self, spec: JobSpec | Mapping[str, Any]) -> dict[str, Any]:
+        return _record(await self.manager.submit(spec))
+
+    async def get(self, job_id: str) -> dict[str, Any]:
+        return _record(self.manager.get(job_id))
+
+    async def exists(self, job_id: str) -> bool:
+        try:
+            self.manager.get(job_id)
+        except JobNotFound:
+            return False
+        return True
+
+    async def list_jobs(
+        self, *, state: str | None, offset: int, limit: int
+    ) -> tuple[list[dict[str, Any]], int]:
+        records, total = self.manager.list(state, offset, limit)
+        return [_record(r) for r in records], total
+
+    async def command(self, job_id: str, kind: str) -> dict[str, Any]:
+        if kind == "pause":
+            command = self.manager.pause(job_id)
+        elif kind == "stop":
+            command = self.manager.stop(job_id)
+        elif kind == "resume":
+            command = await self.manager.resume(job_id)
+        else:  # pragma: no cover - the routes only send these three
+            raise ValueError(f"unknown command {kind!r}")
+        return {"command_id": command.id, "job_id": job_id, "command": command.kind.value}
+
+    async def delete(self, job_id: str) -> None:
+        await self.manager.delete(job_id)
+        await anyio.to_thread.run_sync(self.store.delete_job, job_id)
+
+    async def checkpoints(self, job_id: str) -> list[dict[str, Any]]:
+        self.manager.get(job_id)
+        infos = await anyio.to_thread.run_sync(list_checkpoints, self._job_dir(job_id))
+        return [dict(finite(info.to_dict())) for info in infos]
+
+    async def checkpoint_file(self, job_id: str, name: str) -> Path:
+        self.manager.get(job_id)
+        job_dir = self._job_dir(job_id)
+        infos = await anyio.to_thread.run_sync(list_checkpoints, job_dir)
+        # the name is looked up in the listing, never joined onto a path
+        listed = {info.name: info for info in infos}
+        info = listed.get(name)
+        if info is None:
+            raise NotFound(
+                f"job {job_id!r} has no checkpoint {name!r}: "
+                f"list them with GET /jobs/{job_id}/checkpoints"
+            )
+        await anyio.to_thread.run_sync(verify_checkpoint, job_dir, info.name)
+        return info.state_file
+
+    def registry(self) -> dict[str, Any]:
+        return self.manager.registry.describe()
 
 
 @asynccontextmanager
 async def default_runtime(settings: Settings, bus: EventBus) -> AsyncIterator[Runtime]:
-    raise NotImplementedError("waiting for worker.JobManager")
-    yield  # pragma: no cover
+    """Run the job side of the server on ``bus`` for the duration of the block."""
+    data_dir = settings.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    store = EventStore(data_dir / "trainbus.db", keep_batch_events=settings.store_batch_events)
+    await anyio.to_thread.run_sync(store.open)
+    # Continue each job's numbering where the store left off (the manager does this for its
+    # jobs too; the store also knows the server's own resource samples).
+    for job_id in await anyio.to_thread.run_sync(store.job_ids):
+        last = await anyio.to_thread.run_sync(store.last_seq, job_id)
+        if last > bus.last_seq(job_id):
+            bus.restore_sequence(job_id, last)
+    store_handle = bus.attach(store)
+    exporter = PrometheusExporter(bus=bus, retention_seconds=settings.metrics_retention_seconds)
+    exporter_handle = bus.attach(exporter)
+    manager = JobManager(
+        bus=bus,
+        data_dir=data_dir,
+        max_running=settings.max_running_jobs,
+        subscriber_factory=lambda handle: job_subscribers(handle, bus),
+        checkpoint_loader=latest_valid_state,
+        last_seq=store.last_seq,
+    )
+    monitor = ResourceMonitor(bus=bus, interval_seconds=settings.resource_interval_seconds)
+    try:
+        async with manager, anyio.create_task_group() as group:
+            group.start_soon(monitor.run)
+            try:
+                yield Runtime(
+                    jobs=ManagerJobs(manager, store, data_dir),
+                    history=store,
+                    render_metrics=exporter.render,
+                    ready_checks={"job_manager": lambda: True, "event_store": lambda: True},
+                )
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await manager.shutdown(settings.shutdown_timeout)
+                group.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await exporter_handle.detach()
+            await store_handle.detach()  # writes everything published so far
+            store.close()

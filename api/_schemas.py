@@ -14,6 +14,7 @@ __all__ = [
     "ErrorBody",
     "EventBody",
     "Health",
+    "JobFailureBody",
     "JobList",
     "JobRecord",
     "Readiness",
@@ -33,11 +34,13 @@ _JOB_EXAMPLE: dict[str, Any] = {
     "created_at": 1764340000.0,
     "started_at": 1764340001.2,
     "ended_at": None,
+    "name": "digits-mlp",
     "epoch": 1,
     "step": 57,
     "metrics": {"train_loss": 0.41, "val_loss": 0.38, "val_accuracy": 0.91},
     "stop_reason": None,
     "error": None,
+    "checkpoint": "epoch-0001-step-00000045",
 }
 
 
@@ -56,24 +59,31 @@ class ValidationErrorBody(BaseModel):
     message: str = Field(examples=["invalid request: fix body.dataset"])
 
 
+class JobFailureBody(BaseModel):
+    """Why a job failed."""
+
+    type: str
+    message: str
+
+
 class JobRecord(BaseModel):
-    """A job: its spec, state and progress."""
+    """A job: its spec, state and progress (non-finite metrics are ``null``)."""
 
     model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [_JOB_EXAMPLE]})
 
     id: str
-    state: str = Field(
-        description="queued, running, paused, completed, stopped, failed or interrupted"
-    )
+    name: str | None = None
+    state: Literal["queued", "running", "paused", "completed", "stopped", "failed", "interrupted"]
     spec: dict[str, Any]
-    created_at: float | None = None
+    created_at: float
     started_at: float | None = None
     ended_at: float | None = None
-    epoch: int | None = Field(None, description="0-based index of the current or last epoch")
-    step: int | None = Field(None, description="optimizer steps done")
-    metrics: dict[str, Any] = Field(default_factory=dict, description="latest metrics")
+    epoch: int = Field(0, description="Epochs completed")
+    step: int = Field(0, description="Optimizer steps done")
+    metrics: dict[str, float | None] = Field(default_factory=dict, description="Latest metrics")
     stop_reason: str | None = None
-    error: str | None = None
+    error: JobFailureBody | None = None
+    checkpoint: str | None = Field(None, description="The latest checkpoint's name")
 
 
 class JobList(BaseModel):

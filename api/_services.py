@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -11,6 +11,7 @@ from fastapi import Request
 from starlette.requests import HTTPConnection
 
 from bus import EventBus
+from worker import JobSpec
 
 from ._errors import ServiceUnavailable
 from ._history import EventHistory
@@ -26,7 +27,7 @@ class JobService(Protocol):
     Records are plain JSON-ready mappings (see :class:`api._schemas.JobRecord`).
     """
 
-    async def submit(self, spec: Mapping[str, Any]) -> dict[str, Any]: ...
+    async def submit(self, spec: JobSpec) -> dict[str, Any]: ...
 
     async def get(self, job_id: str) -> dict[str, Any]: ...
 

@@ -120,6 +120,14 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(
         default=30.0, gt=0, description="Seconds to checkpoint and pause running jobs at shutdown."
     )
+    resource_interval_seconds: float = Field(
+        default=5.0, gt=0, description="Seconds between machine resource samples."
+    )
+    store_batch_events: Literal["all", "every_n", "none_after_end"] = Field(
+        default="all",
+        description="Which per-batch events the store keeps: all (exact replay), every_n, "
+        "or none_after_end (dropped when the job ends).",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
 
     @field_validator("token")

@@ -39,7 +39,7 @@ __all__ = ["DEMO_SPEC", "build_parser", "main"]
 
 DEMO_SPEC: dict[str, Any] = {
     "name": "demo-digits",
-    "model": {"name": "mlp", "params": {"hidden": [64]}},
+    "model": {"name": "mlp", "params": {"hidden_sizes": [64]}},
     "dataset": {"name": "digits"},
     "epochs": 20,
     "batch_size": 32,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,7 @@ import anyio
 from api import Runtime, Settings
 from api._errors import NotFound
 from bus import DeliveryPolicy, Event, EventBus, EventType, event_type_for
+from worker import JobSpec
 
 
 class MemoryHistory:
@@ -57,11 +58,16 @@ class FakeJobs:
         self._ids = itertools.count(1)
 
     def add(self, job_id: str) -> None:
-        self.records[job_id] = {"id": job_id, "state": "running", "spec": {}}
+        self.records[job_id] = {"id": job_id, "state": "running", "spec": {}, "created_at": 0.0}
 
-    async def submit(self, spec: Mapping[str, Any]) -> dict[str, Any]:
+    async def submit(self, spec: JobSpec) -> dict[str, Any]:
         job_id = f"fake-{next(self._ids)}"
-        self.records[job_id] = {"id": job_id, "state": "queued", "spec": dict(spec)}
+        self.records[job_id] = {
+            "id": job_id,
+            "state": "queued",
+            "spec": spec.model_dump(mode="json"),
+            "created_at": 0.0,
+        }
         return self.records[job_id]
 
     async def get(self, job_id: str) -> dict[str, Any]:

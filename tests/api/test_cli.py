@@ -29,7 +29,7 @@ def test_submit_jobs_status_pause_events(
     submitted = capsys.readouterr().out
     job_id = submitted.split()[1]
     assert job_id in fake_jobs.records
-    assert fake_jobs.records[job_id]["spec"]["dataset"] == {"name": "digits"}
+    assert fake_jobs.records[job_id]["spec"]["dataset"]["name"] == "digits"
 
     assert _cli(transport_server, "jobs", "--json") == 0
     page = json.loads(capsys.readouterr().out)

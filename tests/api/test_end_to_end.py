@@ -1,0 +1,229 @@
+"""End to end: a real server with the real job manager and subscribers, real small jobs."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+import torch
+from websockets.asyncio.client import connect
+
+from api import AsyncTrainbusClient, create_app
+
+from .server import LiveServer, make_settings, run_server
+
+pytestmark = pytest.mark.slow
+
+
+def digits_spec(epochs: int = 2, **overrides: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "model": {"name": "mlp", "params": {"hidden_sizes": [32]}},
+        "dataset": {"name": "digits"},
+        "epochs": epochs,
+        "batch_size": 64,
+        "seed": 0,
+    }
+    spec.update(overrides)
+    return spec
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    settings = make_settings(tmp_path_factory.mktemp("data"), max_running_jobs=2)
+    with run_server(create_app(settings), settings) as live:
+        yield live
+
+
+@pytest.fixture
+async def client(server: LiveServer) -> Any:
+    async with AsyncTrainbusClient(server.url, server.token) as api_client:
+        yield api_client
+
+
+def _ws(server: LiveServer, job_id: str, after_seq: int = 0, types: str | None = None) -> Any:
+    query = f"?after_seq={after_seq}" + (f"&types={types}" if types else "")
+    return connect(
+        f"{server.ws_url}/jobs/{job_id}/events/ws{query}",
+        additional_headers=server.headers,
+        compression=None,
+        proxy=None,
+        max_size=None,
+    )
+
+
+async def _next_events(socket: Any, timeout: float = 60.0) -> list[dict[str, Any]]:
+    with anyio.fail_after(timeout):
+        payload = json.loads(await socket.recv())
+    return payload if isinstance(payload, list) else [payload]
+
+
+async def _until(socket: Any, types: set[str], timeout: float = 90.0) -> list[dict[str, Any]]:
+    """Events up to and including the first one of ``types``."""
+    events: list[dict[str, Any]] = []
+    with anyio.fail_after(timeout):
+        while True:
+            for event in await _next_events(socket, timeout):
+                events.append(event)
+                if event["type"] in types:
+                    return events
+
+
+END = {"job_completed", "job_stopped", "job_failed"}
+
+
+async def test_every_event_over_websocket_through_completion(
+    server: LiveServer, client: AsyncTrainbusClient
+) -> None:
+    async with httpx.AsyncClient(base_url=server.url, headers=server.headers) as http:
+        created = await http.post("/jobs", json=digits_spec(epochs=2))
+    assert created.status_code == 201, created.text
+    job = created.json()
+    assert created.headers["location"] == f"/jobs/{job['id']}"
+    assert job["state"] in ("queued", "running") and job["spec"]["epochs"] == 2
+    async with _ws(server, job["id"]) as socket:
+        events = await _until(socket, END)
+    assert events[-1]["type"] == "job_completed"
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    types = [e["type"] for e in events]
+    for expected in ("job_started", "train_start", "train_batch_end", "fit_epoch_end"):
+        assert expected in types
+    assert types.count("fit_epoch_end") == 2
+    record = await client.wait(job["id"])
+    assert record["state"] == "completed"
+    stored = await client.events(job["id"], limit=10_000)
+    assert [e["seq"] for e in stored][: len(events)] == [e["seq"] for e in events]
+    assert any(c["name"] for c in await client.checkpoints(job["id"]))
+
+
+async def test_pause_holds_resume_continues_stop_leaves_a_checkpoint(
+    server: LiveServer, client: AsyncTrainbusClient, tmp_path: Path
+) -> None:
+    job = await client.submit(digits_spec(epochs=200, batch_size=16))
+    async with _ws(server, job["id"]) as socket:
+        await _until(socket, {"train_batch_end"})
+        accepted = await client.pause(job["id"])
+        assert accepted["command"] == "pause" and accepted["job_id"] == job["id"]
+        paused = await _until(socket, {"job_paused"})
+        assert paused[-1]["data"]["command_id"] == accepted["command_id"]
+        assert (await client.job(job["id"]))["state"] == "paused"
+        # while paused, nothing of the training loop arrives: a bounded wait on the socket
+        held: list[dict[str, Any]] = []
+        with anyio.move_on_after(1.5):
+            while True:
+                held.extend(await _next_events(socket))
+        assert not [e for e in held if e["type"] in ("train_batch_end", "optimizer_step")]
+
+        with pytest.raises(Exception, match="409"):
+            await client.pause(job["id"])  # already paused
+        await client.resume(job["id"])
+        await _until(socket, {"job_resumed"})
+        await _until(socket, {"train_batch_end"})  # training goes on
+
+        await client.stop(job["id"])
+        tail = await _until(socket, END)
+    assert tail[-1]["type"] == "job_stopped"
+    record = await client.wait(job["id"])
+    assert record["state"] == "stopped"
+    checkpoints = await client.checkpoints(job["id"])
+    assert checkpoints, "a stopped job leaves a checkpoint"
+    name = checkpoints[0]["name"]
+    async with httpx.AsyncClient(base_url=server.url, headers=server.headers) as http:
+        download = await http.get(f"/jobs/{job['id']}/checkpoints/{name}")
+        assert download.status_code == 200
+        (tmp_path / "state.pt").write_bytes(download.content)
+        state = torch.load(tmp_path / "state.pt", weights_only=True)
+        assert isinstance(state, dict)
+        missing = await http.get(f"/jobs/{job['id']}/checkpoints/not-a-listed-name")
+        assert missing.status_code == 404
+        assert (await http.post(f"/jobs/{job['id']}/pause")).status_code == 409
+
+
+async def test_reconnecting_at_random_points_sees_each_event_once_in_order(
+    server: LiveServer, client: AsyncTrainbusClient
+) -> None:
+    job = await client.submit(digits_spec(epochs=2, batch_size=32))
+    rng = random.Random(3)
+    seen: list[dict[str, Any]] = []
+    with anyio.fail_after(120):
+        while not seen or seen[-1]["type"] not in END:
+            after = seen[-1]["seq"] if seen else 0
+            async with _ws(server, job["id"], after_seq=after) as socket:
+                for _ in range(rng.randint(1, 8)):
+                    seen.extend(await _next_events(socket))
+                    if seen[-1]["type"] in END:
+                        break
+    assert [e["seq"] for e in seen] == list(range(1, len(seen) + 1))
+    stored = await client.events(job["id"], limit=10_000)
+    assert [e["seq"] for e in stored] == [e["seq"] for e in seen]
+
+
+async def test_client_stream_follows_a_job(client: AsyncTrainbusClient) -> None:
+    job = await client.submit(digits_spec(epochs=1))
+    events = [
+        event async for event in client.stream(job["id"], types=["fit_epoch_end", "job_completed"])
+    ]
+    assert [e["type"] for e in events] == ["fit_epoch_end", "job_completed"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"dataset": {"name": "digits"}}, "model"),
+        (digits_spec(epochs=0), "epochs"),
+        (digits_spec(batch_size="many"), "batch_size"),
+        (digits_spec(model={"name": "no-such-model"}), "model"),
+        (digits_spec(dataset={"name": "../../etc/passwd"}), "dataset"),
+        (digits_spec(unexpected_field=1), "unexpected_field"),
+    ],
+)
+async def test_bad_specs_are_422_naming_the_field(
+    server: LiveServer, spec: dict[str, Any], field: str
+) -> None:
+    async with httpx.AsyncClient(base_url=server.url, headers=server.headers) as http:
+        before = (await http.get("/jobs")).json()["total"]
+        response = await http.post("/jobs", json=spec)
+        after = (await http.get("/jobs")).json()["total"]
+    assert response.status_code == 422, response.text
+    assert field in json.dumps(response.json()["detail"])
+    assert before == after
+
+
+async def test_list_filter_paginate_delete(server: LiveServer, client: AsyncTrainbusClient) -> None:
+    job = await client.submit(digits_spec(epochs=1))
+    await client.wait(job["id"])
+    page = await client.jobs(state="completed", limit=1)
+    assert page["limit"] == 1 and page["offset"] == 0 and len(page["items"]) == 1
+    assert page["total"] >= 1 and all(j["state"] == "completed" for j in page["items"])
+    await client.delete(job["id"])
+    async with httpx.AsyncClient(base_url=server.url, headers=server.headers) as http:
+        assert (await http.get(f"/jobs/{job['id']}")).status_code == 404
+        assert (await http.get(f"/jobs/{job['id']}/events")).status_code == 404
+
+
+async def test_deleting_a_running_job_is_409(client: AsyncTrainbusClient) -> None:
+    job = await client.submit(digits_spec(epochs=200, batch_size=16))
+    await client.wait(job["id"], states={"running"})
+    with pytest.raises(Exception, match="409"):
+        await client.delete(job["id"])
+    await client.stop(job["id"])
+    await client.wait(job["id"])
+
+
+async def test_metrics_registry_readyz(server: LiveServer) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        metrics = await http.get("/metrics")  # no token needed by default
+        assert metrics.status_code == 200
+        assert metrics.headers["content-type"].startswith("text/plain")
+        assert "trainbus" in metrics.text
+        registry = await http.get("/registry", headers=server.headers)
+        assert registry.status_code == 200
+        assert "digits" in json.dumps(registry.json()["datasets"])
+        assert "mlp" in json.dumps(registry.json()["models"])
+        ready = await http.get("/readyz", headers=server.headers)
+        assert ready.status_code == 200
