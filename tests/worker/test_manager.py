@@ -1,0 +1,206 @@
+"""The job manager over a real bus, real training threads and a real SQLite file."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from bus import Event, EventBus, EventType, Subscriber
+from worker import (
+    IllegalTransition,
+    JobHandle,
+    JobManager,
+    JobNotFound,
+    JobState,
+    ModelEntry,
+    default_registry,
+)
+from worker._models import LinearParams
+from worker._records import JobStore
+
+from .conftest import small_spec
+
+TERMINAL = ["completed", "stopped", "failed", "interrupted"]
+
+
+async def test_pause_resume_and_stop_a_running_job(bus: EventBus, data_dir: Path) -> None:
+    batches = bus.subscribe("batches", types=["train_batch_end"])
+    async with JobManager(bus=bus, data_dir=data_dir) as manager:
+        record = await manager.submit(small_spec(epochs=200))
+        await batches.receive()
+        command = manager.pause(record.id)
+        paused = await manager.wait_for(record.id, ["paused"], timeout=30)
+        assert command.kind == "pause" and paused.state is JobState.PAUSED
+        with pytest.raises(IllegalTransition, match="it is paused"):
+            manager.pause(record.id)
+        await manager.resume(record.id)
+        await manager.wait_for(record.id, ["running"], timeout=30)
+        manager.stop(record.id, reason="seen enough")
+        stopped = await manager.wait_for(record.id, TERMINAL, timeout=30)
+    assert stopped.state is JobState.STOPPED
+    assert stopped.stop_reason == "seen enough"
+    assert 0 < stopped.step < 200 * 8
+
+
+async def test_queued_jobs_run_in_order_under_the_limit(bus: EventBus, data_dir: Path) -> None:
+    lifecycle = bus.subscribe("lifecycle", types=["job_started", "job_completed"])
+    async with JobManager(bus=bus, data_dir=data_dir, max_running=1) as manager:
+        ids = [(await manager.submit(small_spec(epochs=1))).id for _ in range(3)]
+        for job_id in ids:
+            await manager.wait_for(job_id, ["completed"], timeout=60)
+    events = lifecycle.receive_batch_nowait()
+    assert [(e.type.value, e.job_id) for e in events] == [
+        (kind, job_id) for job_id in ids for kind in ("job_started", "job_completed")
+    ]  # one at a time, first in first out
+
+
+async def test_illegal_requests_say_what_the_state_allows(bus: EventBus, data_dir: Path) -> None:
+    async with JobManager(bus=bus, data_dir=data_dir) as manager:
+        record = await manager.submit(small_spec(epochs=1))
+        done = await manager.wait_for(record.id, TERMINAL, timeout=60)
+        assert done.state is JobState.COMPLETED and done.epoch == 1
+        with pytest.raises(IllegalTransition, match="completed"):
+            await manager.resume(record.id)
+        with pytest.raises(IllegalTransition):
+            manager.stop(record.id)
+        with pytest.raises(IllegalTransition, match="allowed when the job is running"):
+            manager.pause(record.id)
+        with pytest.raises(JobNotFound):
+            manager.get("no-such-job")
+        await manager.delete(record.id)
+        with pytest.raises(JobNotFound):
+            manager.get(record.id)
+        assert not (data_dir / "jobs" / record.id).exists()
+
+
+async def test_a_queued_job_can_be_stopped_before_it_starts(bus: EventBus, data_dir: Path) -> None:
+    async with JobManager(bus=bus, data_dir=data_dir, max_running=1) as manager:
+        first = await manager.submit(small_spec(epochs=100))
+        second = await manager.submit(small_spec(epochs=1))
+        manager.stop(second.id, reason="changed my mind")
+        assert manager.get(second.id).state is JobState.STOPPED
+        manager.stop(first.id)
+        await manager.wait_for(first.id, TERMINAL, timeout=30)
+
+
+class StateKeeper(Subscriber):
+    """A minimal in-memory checkpoint: the trainer state at each save, as bytes."""
+
+    saved: dict[str, bytes] = {}
+
+    def __init__(self, handle: JobHandle) -> None:
+        self.job_id = handle.id
+        assert handle.trainer is not None
+        handle.trainer.add_callback("on_model_save", self._save)
+
+    def _save(self, trainer: Any) -> None:
+        buffer = io.BytesIO()
+        torch.save(trainer.state_dict(), buffer)
+        StateKeeper.saved[trainer.job_id] = buffer.getvalue()
+
+    async def on_event(self, event: Event) -> None:
+        pass
+
+
+def load_kept(job_id: str, job_dir: Path) -> dict[str, Any] | None:
+    raw = StateKeeper.saved.get(job_id)
+    return None if raw is None else torch.load(io.BytesIO(raw), weights_only=True)
+
+
+async def test_a_job_left_running_by_a_dead_server_comes_back_interrupted_and_resumes_exactly(
+    bus: EventBus, data_dir: Path
+) -> None:
+    spec = small_spec(epochs=3)
+    steps = bus.subscribe("steps", types=["train_batch_end"])
+    async with JobManager(
+        bus=bus, data_dir=data_dir, subscriber_factory=lambda h: [StateKeeper(h)]
+    ) as manager:
+        victim = await manager.submit(spec)
+        async for event in steps:
+            if event.job_id == victim.id and event.data["step"] == 11:
+                break
+        manager.stop(victim.id)
+        await manager.wait_for(victim.id, ["stopped"], timeout=30)
+    # The process "dies": its record still says running.
+    store = JobStore(data_dir / "trainbus.db")
+    store.update(victim.id, state=JobState.RUNNING)
+    store.close()
+
+    lifecycle = bus.subscribe("lifecycle", job_id=victim.id)
+    async with JobManager(
+        bus=bus,
+        data_dir=data_dir,
+        subscriber_factory=lambda h: [StateKeeper(h)],
+        checkpoint_loader=load_kept,
+    ) as manager:
+        assert manager.get(victim.id).state is JobState.INTERRUPTED
+        assert (await lifecycle.receive()).type is EventType.JOB_INTERRUPTED
+        await manager.resume(victim.id)
+        done = await manager.wait_for(victim.id, TERMINAL, timeout=60)
+        assert done.state is JobState.COMPLETED
+        assert done.step == 3 * 8
+        finished = load_kept(victim.id, data_dir)
+    assert finished is not None
+    # Same weights as the run that was never interrupted: compare with a fresh reference.
+    async with JobManager(
+        bus=bus, data_dir=data_dir, subscriber_factory=lambda h: [StateKeeper(h)]
+    ) as manager:
+        again = await manager.submit(spec)
+        await manager.wait_for(again.id, ["completed"], timeout=60)
+    expected = load_kept(again.id, data_dir)
+    assert expected is not None
+    for name, value in expected["model"].items():
+        assert torch.equal(value, finished["model"][name]), name
+
+
+class Exploding(nn.Module):
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.layer = nn.Linear(in_features, out_features)
+        self.calls = 0
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls > 3:
+            raise RuntimeError("the GPU caught fire (simulated)")
+        return self.layer(inputs)  # type: ignore[no-any-return]
+
+
+async def test_a_failing_job_is_recorded_and_other_jobs_carry_on(
+    bus: EventBus, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(
+        default_registry().models,
+        "exploding",
+        ModelEntry("exploding", LinearParams, lambda p, i, o: Exploding(i, o)),
+    )
+    failures = bus.subscribe("failures", types=["job_failed"])
+    async with JobManager(bus=bus, data_dir=data_dir, max_running=2) as manager:
+        bad = await manager.submit(small_spec(model={"name": "exploding"}))
+        good = await manager.submit(small_spec(epochs=2))
+        failed = await manager.wait_for(bad.id, TERMINAL, timeout=60)
+        completed = await manager.wait_for(good.id, TERMINAL, timeout=60)
+    assert failed.state is JobState.FAILED
+    assert failed.error is not None
+    assert failed.error.type == "RuntimeError" and "caught fire" in failed.error.message
+    assert completed.state is JobState.COMPLETED
+    (event,) = failures.receive_batch_nowait()
+    assert event.data["error"]["type"] == "RuntimeError"
+
+
+async def test_records_survive_a_restart_and_list_paginates(bus: EventBus, data_dir: Path) -> None:
+    async with JobManager(bus=bus, data_dir=data_dir) as manager:
+        ids = [(await manager.submit(small_spec(epochs=1, name=f"job {i}"))).id for i in range(3)]
+        for job_id in ids:
+            await manager.wait_for(job_id, TERMINAL, timeout=60)
+    async with JobManager(bus=bus, data_dir=data_dir) as manager:
+        page, total = manager.list(offset=1, limit=1)
+        assert total == 3 and [r.id for r in page] == ids[1:2]
+        assert page[0].name == "job 1" and page[0].metrics["val_accuracy"] > 0
+        assert manager.list(state="completed")[1] == 3
+        assert manager.list(state="running")[1] == 0

@@ -1,0 +1,218 @@
+"""The Trainer on real data: accuracy, the event vocabulary, control, exact resume."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import torch
+
+from bus import ControlChannel, EventBus, EventType
+from worker import JobSpec, Outcome, Trainer
+
+from .conftest import small_spec
+
+
+def make_trainer(
+    bus: EventBus, data_dir: Path, spec: dict[str, Any], job_id: str = "job"
+) -> Trainer:
+    return Trainer(
+        job_id=job_id,
+        spec=JobSpec.model_validate(spec),
+        bus=bus,
+        control=ControlChannel(job_id, publish=bus.publish),
+        data_dir=data_dir,
+    )
+
+
+async def test_digits_reaches_ninety_percent_validation_accuracy(
+    bus: EventBus, data_dir: Path
+) -> None:
+    spec = {
+        "model": {"name": "mlp", "params": {"hidden_sizes": [64]}},
+        "dataset": {"name": "digits"},
+        "epochs": 4,
+        "batch_size": 32,
+        "optimizer": {"name": "adam", "lr": 0.003},
+        "batch_event_every": 10,
+    }
+    trainer = await anyio.to_thread.run_sync(make_trainer, bus, data_dir, spec)
+    result = await anyio.to_thread.run_sync(trainer.run)
+    assert result.outcome is Outcome.COMPLETED
+    assert trainer.metrics["val_accuracy"] >= 0.9
+    assert trainer.metrics["samples_per_s"] > 0
+
+
+async def test_a_two_epoch_run_publishes_the_vocabulary_in_order(
+    bus: EventBus, data_dir: Path
+) -> None:
+    subscription = bus.subscribe("all", buffer_size=100_000)
+    spec = small_spec(epochs=2, batch_size=64)  # iris: 120 train -> 2 batches, 30 val -> 1
+    trainer = await anyio.to_thread.run_sync(make_trainer, bus, data_dir, spec)
+    await anyio.to_thread.run_sync(trainer.run)
+    types = [e.type.value for e in subscription.receive_batch_nowait()]
+    batch = ["train_batch_start", "optimizer_step", "before_zero_grad", "train_batch_end"]
+    epoch = [
+        "train_epoch_start", *batch, *batch, "train_epoch_end",
+        "val_start", "val_batch_start", "val_batch_end", "val_end",
+        "fit_epoch_end", "model_save",
+    ]  # fmt: skip
+    assert types == [
+        "pretrain_routine_start", "pretrain_routine_end", "train_start",
+        *epoch, "params_update", *epoch, "params_update",
+        "model_save", "train_end", "teardown",
+    ]  # fmt: skip
+
+
+async def test_batch_event_every_thins_only_batch_level_events(
+    bus: EventBus, data_dir: Path
+) -> None:
+    subscription = bus.subscribe("all", buffer_size=100_000)
+    trainer = await anyio.to_thread.run_sync(
+        make_trainer, bus, data_dir, small_spec(epochs=1, batch_event_every=4)
+    )
+    await anyio.to_thread.run_sync(trainer.run)
+    events = subscription.receive_batch_nowait()
+    batch_ends = [e.data["batch"] for e in events if e.type is EventType.TRAIN_BATCH_END]
+    assert batch_ends == [0, 4]
+    assert sum(e.type is EventType.FIT_EPOCH_END for e in events) == 1
+    payload = next(e for e in events if e.type is EventType.TRAIN_BATCH_END).data
+    assert set(payload) >= {"epoch", "batch", "step", "loss", "lr"}
+
+
+async def test_a_raising_callback_is_reported_not_fatal(bus: EventBus, data_dir: Path) -> None:
+    subscription = bus.subscribe("errors", types=[EventType.SUBSCRIBER_ERROR])
+    trainer = await anyio.to_thread.run_sync(make_trainer, bus, data_dir, small_spec(epochs=1))
+
+    def broken(trainer: Trainer) -> None:
+        raise RuntimeError("callback bug")
+
+    trainer.add_callback("on_fit_epoch_end", broken)
+    result = await anyio.to_thread.run_sync(trainer.run)
+    assert result.outcome is Outcome.COMPLETED
+    (report,) = subscription.receive_batch_nowait()
+    assert report.data["callback"] == "on_fit_epoch_end"
+    assert report.data["message"] == "callback bug"
+
+
+async def test_non_finite_loss_fails_or_stops_as_configured(bus: EventBus, data_dir: Path) -> None:
+    spec = small_spec(epochs=2, optimizer={"name": "sgd", "lr": 10.0, "momentum": 0.99})
+    spec["model"] = {"name": "linear"}
+    spec["dataset"] = {"name": "synthetic_regression", "params": {"n_samples": 200, "noise": 10}}
+    failing = await anyio.to_thread.run_sync(make_trainer, bus, data_dir, spec)
+    result = await anyio.to_thread.run_sync(failing.run)
+    assert result.outcome is Outcome.FAILED
+    assert result.error is not None and "non-finite loss" in result.error["message"]
+    stopping = await anyio.to_thread.run_sync(
+        make_trainer, bus, data_dir, {**spec, "nonfinite_loss": "stop"}
+    )
+    result = await anyio.to_thread.run_sync(stopping.run)
+    assert result.outcome is Outcome.STOPPED
+    assert result.stop_reason is not None and "non-finite loss" in result.stop_reason
+
+
+def train_uninterrupted(bus: EventBus, data_dir: Path, spec: dict[str, Any]) -> Trainer:
+    trainer = make_trainer(bus, data_dir, spec)
+    assert trainer.run().outcome is Outcome.COMPLETED
+    return trainer
+
+
+def train_interrupted(bus: EventBus, data_dir: Path, spec: dict[str, Any], at_step: int) -> Trainer:
+    """Stop at ``at_step`` (a batch boundary), round-trip the state through torch.save and
+    torch.load(weights_only=True) into a new trainer, and finish there."""
+    first = make_trainer(bus, data_dir, spec, job_id="interrupted")
+
+    def stop_here(trainer: Trainer) -> None:
+        if trainer.step == at_step:
+            trainer.control.stop("interrupt for the test")
+
+    first.add_callback("on_train_batch_end", stop_here)
+    assert first.run().outcome is Outcome.STOPPED
+    assert first.step == at_step
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    second = make_trainer(bus, data_dir, spec, job_id="interrupted")
+    second.load_state_dict(state)
+    assert second.run().outcome is Outcome.COMPLETED
+    return second
+
+
+def assert_same_training_state(a: Trainer, b: Trainer) -> None:
+    for (name, left), right in zip(
+        a.model.state_dict().items(), b.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(left, right), name
+    left_state = a.optimizer.state_dict()["state"]
+    right_state = b.optimizer.state_dict()["state"]
+    assert left_state.keys() == right_state.keys()
+    for key in left_state:
+        for field, value in left_state[key].items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(right_state[key][field])), (
+                field
+            )
+    assert a.step == b.step
+
+    def learned(metrics: dict[str, float]) -> dict[str, float]:
+        return {k: v for k, v in metrics.items() if k not in ("epoch_seconds", "samples_per_s")}
+
+    assert learned(a.metrics) == learned(b.metrics)
+
+
+@pytest.mark.parametrize("at_step", [1, 5, 8, 13, 20])  # 8 batches per epoch: 8 is an epoch end
+async def test_exact_resume_at_any_batch_boundary(
+    bus: EventBus, data_dir: Path, at_step: int
+) -> None:
+    spec = small_spec()
+    reference = await anyio.to_thread.run_sync(train_uninterrupted, bus, data_dir, spec)
+    resumed = await anyio.to_thread.run_sync(train_interrupted, bus, data_dir, spec, at_step)
+    assert_same_training_state(reference, resumed)
+
+
+async def test_exact_resume_with_adamw_and_onecycle(bus: EventBus, data_dir: Path) -> None:
+    spec = small_spec(
+        optimizer={"name": "adamw", "lr": 0.01, "weight_decay": 0.01},
+        scheduler={"name": "onecycle"},
+    )
+    reference = await anyio.to_thread.run_sync(train_uninterrupted, bus, data_dir, spec)
+    resumed = await anyio.to_thread.run_sync(train_interrupted, bus, data_dir, spec, 11)
+    assert_same_training_state(reference, resumed)
+
+
+async def test_commands_pause_set_lr_save_and_stop_at_batch_boundaries(
+    bus: EventBus, data_dir: Path
+) -> None:
+    audit = bus.subscribe(
+        "audit", types=["job_paused", "lr_changed", "model_save", "job_resumed", "job_stopping"]
+    )
+    batches = bus.subscribe("batches", types=["train_batch_end"])
+    trainer = await anyio.to_thread.run_sync(make_trainer, bus, data_dir, small_spec(epochs=50))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(anyio.to_thread.run_sync, trainer.run)
+        await batches.receive()
+        pause = trainer.control.pause("look")
+        paused = await audit.receive()
+        assert paused.type is EventType.JOB_PAUSED and paused.data["command_id"] == pause.id
+        saved = await audit.receive()  # a pause saves first
+        assert saved.type is EventType.MODEL_SAVE and saved.data["reason"] == "pause"
+        held_at = trainer.step
+        trainer.control.set_lr(0.001)
+        changed = await audit.receive()
+        assert changed.type is EventType.LR_CHANGED and changed.data["lr"] == 0.001
+        trainer.control.save("now")
+        saved = await audit.receive()
+        assert saved.data["save_reason"] == "command" and saved.data["reason"] == "now"
+        assert trainer.step == held_at  # nothing trained while paused
+        trainer.control.resume()
+        assert (await audit.receive()).type is EventType.JOB_RESUMED
+        after = await batches.receive()
+        while after.data["step"] <= held_at:  # batch events from before the pause
+            after = await batches.receive()
+        assert after.data["lr"] == pytest.approx(0.001)
+        trainer.control.stop("done", source="user")
+        assert (await audit.receive()).type is EventType.JOB_STOPPING
+    assert trainer.epoch < 49
