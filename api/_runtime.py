@@ -96,6 +96,7 @@ def job_subscribers(handle: JobHandle, bus: EventBus) -> list[Subscriber]:
         plateau = LRPlateauController(
             job_id=handle.id,
             channel=handle.control,
+            bus=bus,
             **spec.lr_plateau.model_dump(exclude={"enabled"}),
         )
         plateau.bind(trainer)

@@ -171,6 +171,29 @@ async def test_client_stream_follows_a_job(client: AsyncTrainbusClient) -> None:
     assert [e["type"] for e in events] == ["fit_epoch_end", "job_completed"]
 
 
+async def test_spec_sections_wire_the_controllers(server: LiveServer) -> None:
+    """early_stop and lr_plateau from the spec act on the job through the control channel."""
+    spec = digits_spec(
+        epochs=6,
+        early_stop={"enabled": True, "patience": 2, "min_delta": 100.0},
+        lr_plateau={"enabled": True, "patience": 0, "min_delta": 100.0, "factor": 0.5},
+        checkpoint={"keep_last": 2, "every_n_epochs": 1},
+    )
+    async with httpx.AsyncClient(base_url=server.url, headers=server.headers) as http:
+        job = (await http.post("/jobs", json=spec)).json()
+    async with _ws(
+        server,
+        job["id"],
+        types="lr_changed,early_stop,job_stopping,fit_epoch_end,"
+        "checkpoint_saved,job_completed,job_stopped,job_failed",
+    ) as socket:
+        events = await _until(socket, END)
+    types = [e["type"] for e in events]
+    assert "lr_changed" in types and "early_stop" in types
+    assert types.count("fit_epoch_end") < 6, "early stopping ended the job before its epochs"
+    assert "checkpoint_saved" in types
+
+
 @pytest.mark.parametrize(
     ("spec", "field"),
     [
