@@ -6,22 +6,20 @@ thread through ``anyio.from_thread`` (the naive design). Last line: one JSON obj
 
 from __future__ import annotations
 
+import _no_shadow  # noqa: F401  (must come first: bench/bus.py shadows the bus package)
+
+# isort: split
+
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
-# This script is named bus.py: keep its own folder from shadowing the ``bus`` package.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+import anyio
+import anyio.from_thread
+from anyio.streams.memory import MemoryObjectReceiveStream
 
-import anyio  # noqa: E402
-import anyio.from_thread  # noqa: E402
-from anyio.streams.memory import MemoryObjectReceiveStream  # noqa: E402
-
-from bus import DeliveryPolicy, EventBus, EventType, Subscription  # noqa: E402
+from bus import DeliveryPolicy, EventBus, EventType, Subscription
 
 JOB = "bench"
 POLICIES = (

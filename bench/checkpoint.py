@@ -16,6 +16,10 @@ reported. Last line: one JSON object.
 
 from __future__ import annotations
 
+import _no_shadow  # noqa: F401  (must come first: bench/bus.py shadows the bus package)
+
+# isort: split
+
 import argparse
 import json
 import statistics
@@ -29,9 +33,9 @@ from typing import Any
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
-import torch  # noqa: E402
+import torch
 
-from subscribers import CheckpointWriter  # noqa: E402
+from subscribers import CheckpointWriter
 
 WIDTH = 4096
 LAYERS = 3

@@ -11,6 +11,10 @@ back. Last line: one JSON object.
 
 from __future__ import annotations
 
+import _no_shadow  # noqa: F401  (must come first: bench/bus.py shadows the bus package)
+
+# isort: split
+
 import argparse
 import asyncio
 import json

@@ -8,6 +8,10 @@ Last line: one JSON object.
 
 from __future__ import annotations
 
+import _no_shadow  # noqa: F401  (must come first: bench/bus.py shadows the bus package)
+
+# isort: split
+
 import argparse
 import json
 import sys
@@ -19,10 +23,10 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
-import anyio  # noqa: E402
+import anyio
 
-from bus import Event, EventBus, EventType  # noqa: E402
-from subscribers import EventStore  # noqa: E402
+from bus import Event, EventBus, EventType
+from subscribers import EventStore
 
 JOB = "bench"
 

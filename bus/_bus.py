@@ -52,8 +52,16 @@ class EventBus:
     lock and wakes the event loop at most once per batch of events.
     """
 
-    def __init__(self, *, drain_timeout: float = 10.0) -> None:
+    def __init__(self, *, drain_timeout: float = 10.0, wake_interval: float = 0.002) -> None:
+        """:param drain_timeout: seconds attached subscribers get to drain at close.
+        :param wake_interval: while events keep coming from other threads, waiting
+            subscribers are woken at most this often (seconds). The first event after a
+            quiet spell wakes them at once.
+        """
         self.drain_timeout = drain_timeout
+        self.wake_interval = wake_interval
+        self._quiet_signal: anyio.Event | None = None
+        self._coalescer: anyio.CancelScope | None = None
         self._lock = threading.Lock()
         self._space = threading.Condition(self._lock)
         self._subscriptions: list[Subscription] = []
@@ -76,6 +84,9 @@ class EventBus:
         self._notifier = LoopNotifier()
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
+        self._quiet_signal = anyio.Event()
+        self._coalescer = anyio.CancelScope()
+        self._task_group.start_soon(self._coalesce_wakeups, name="bus wake-ups")
         return self
 
     async def __aexit__(
@@ -121,6 +132,8 @@ class EventBus:
         # scope also encloses the body of ``async with EventBus()``.
         for handle in list(self._handles):
             handle.cancel_scope.cancel()
+        if self._coalescer is not None:
+            self._coalescer.cancel()
 
     # -- sequencing -------------------------------------------------------------------------
 
@@ -359,14 +372,44 @@ class EventBus:
         notifier = self._notifier
         if notifier is not None and notifier.in_loop_thread():
             self._wake_waiters()
-        elif notifier is None or not notifier.call_soon(self._wake_waiters):
+            return
+        callback = self._wake_from_thread if self._quiet_signal is not None else self._wake_waiters
+        if notifier is None or not notifier.call_soon(callback):
             with self._lock:
                 self._wake_scheduled = False
 
-    def _wake_waiters(self) -> None:
+    def _wake_from_thread(self) -> None:
+        """On the loop: wake who waits now, then let the coalescer batch further wake-ups.
+
+        Every wake-up of the loop from a publishing thread costs a trip through the loop and
+        a GIL hand-over that stalls the training thread; with wake-ups at most every
+        ``wake_interval`` a training loop publishing per batch measured ~1.7x slower with
+        four subscribers attached without this and ~1.0x with it (bench/overhead.py).
+        """
+        self._wake_waiters(keep_scheduled=True)
+        assert self._quiet_signal is not None
+        self._quiet_signal.set()
+
+    async def _coalesce_wakeups(self) -> None:
+        assert self._coalescer is not None
+        with self._coalescer:
+            while True:
+                assert self._quiet_signal is not None
+                await self._quiet_signal.wait()
+                self._quiet_signal = anyio.Event()
+                while True:
+                    await anyio.sleep(self.wake_interval)
+                    with self._lock:
+                        if not self._pending_wake:
+                            self._wake_scheduled = False
+                            break
+                    self._wake_waiters(keep_scheduled=True)
+
+    def _wake_waiters(self, *, keep_scheduled: bool = False) -> None:
         with self._lock:
             pending, self._pending_wake = self._pending_wake, []
-            self._wake_scheduled = False
+            if not keep_scheduled:
+                self._wake_scheduled = False
             waiters = []
             for subscription in pending:
                 waiter = subscription._clear_waiter()  # queued: not counted in _waiting

@@ -156,7 +156,7 @@ class Trainer:
         self.metrics: dict[str, float] = {}
         self.save_reason: str | None = None
         self._loss_sum = 0.0
-        self._correct = 0
+        self._correct: int | torch.Tensor = 0
         self._seen = 0
 
     # -- wiring -----------------------------------------------------------------------------
@@ -239,7 +239,7 @@ class Trainer:
             },
             "accumulators": {
                 "loss_sum": self._loss_sum,
-                "correct": self._correct,
+                "correct": int(self._correct),
                 "seen": self._seen,
             },
             "metrics": dict(self.metrics),
