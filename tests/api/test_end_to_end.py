@@ -77,6 +77,15 @@ async def _until(socket: Any, types: set[str], timeout: float = 90.0) -> list[di
 END = {"job_completed", "job_stopped", "job_failed"}
 
 
+async def _all_events(api: AsyncTrainbusClient, job_id: str) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    while True:
+        page = await api.events(job_id, after_seq=events[-1]["seq"] if events else 0)
+        if not page:
+            return events
+        events.extend(page)
+
+
 async def test_every_event_over_websocket_through_completion(
     server: LiveServer, client: AsyncTrainbusClient
 ) -> None:
@@ -250,3 +259,33 @@ async def test_metrics_registry_readyz(server: LiveServer) -> None:
         assert "mlp" in json.dumps(registry.json()["models"])
         ready = await http.get("/readyz", headers=server.headers)
         assert ready.status_code == 200
+
+
+async def test_shutdown_interrupts_running_jobs_which_resume_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM-style shutdown: the job is checkpointed and paused, comes back `interrupted`
+    with its seq numbering intact, and resumes to completion from its checkpoint."""
+    data = tmp_path / "data"
+    settings = make_settings(data)
+    with run_server(create_app(settings), settings) as first:
+        async with AsyncTrainbusClient(first.url, first.token) as api:
+            job = await api.submit(digits_spec(epochs=8, batch_size=64))
+            async with _ws(first, job["id"]) as socket:
+                await _until(socket, {"fit_epoch_end"})
+        # leaving the block shuts the server down as SIGTERM does (uvicorn's should_exit)
+    settings = make_settings(data)
+    with run_server(create_app(settings), settings) as second:
+        async with AsyncTrainbusClient(second.url, second.token) as api:
+            record = await api.job(job["id"])
+            assert record["state"] == "interrupted"
+            assert record["checkpoint"], "the shutdown left a checkpoint"
+            before = await _all_events(api, job["id"])
+            assert before[-1]["type"] == "job_interrupted"
+            await api.resume(job["id"])
+            async with _ws(second, job["id"], after_seq=before[-1]["seq"]) as socket:
+                tail = await _until(socket, END, timeout=120)
+            assert tail[-1]["type"] == "job_completed"
+            assert tail[0]["seq"] == before[-1]["seq"] + 1, "numbering continues after restart"
+            epochs = [e["data"]["epoch"] for e in tail if e["type"] == "fit_epoch_end"]
+            assert epochs and epochs[0] > 0, "resumed from the checkpoint, not from scratch"
