@@ -369,6 +369,9 @@ class Trainer:
             else None
         )
         scaler = self.scaler
+        scaling = scaler.is_enabled()
+        mixed = self.autocast_dtype is not None
+        loss_fn = self.loss_fn
         model = self.model
         model.train()
         if self.batch_index == 0:
@@ -392,22 +395,31 @@ class Trainer:
                     EventType.TRAIN_BATCH_START,
                     {"epoch": self.epoch, "batch": batch, "step": self.step},
                 )
-            with self._autocast():
+            if mixed:
+                with self._autocast():
+                    outputs = model(inputs)
+                    loss = loss_fn(outputs, targets)
+            else:
                 outputs = model(inputs)
-                loss = self.loss_fn(outputs, targets)
+                loss = loss_fn(outputs, targets)
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 self._non_finite(loss_value)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            if scaling:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
             if scheduler is not None:
                 scheduler.step()
             count = len(targets)
             self._loss_sum += loss_value * count
             self._seen += count
             if classification:
-                self._correct += int((outputs.argmax(1) == targets).sum())
+                # a tensor sum: no host sync per batch; read once at the epoch's end
+                self._correct += (outputs.argmax(1) == targets).sum()
             self.step += 1
             if loud:
                 run_callbacks(EventType.OPTIMIZER_STEP, self)
@@ -434,7 +446,7 @@ class Trainer:
         seconds = time.perf_counter() - started
         train = {"train_loss": self._loss_sum / max(1, self._seen), "lr": self.lr}
         if classification:
-            train["train_accuracy"] = self._correct / max(1, self._seen)
+            train["train_accuracy"] = int(self._correct) / max(1, self._seen)
         train["epoch_seconds"] = seconds
         train["samples_per_s"] = (self._seen - samples_at_start) / seconds if seconds > 0 else 0.0
         self.metrics.update(train)
