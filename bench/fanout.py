@@ -280,6 +280,11 @@ def main() -> None:
             "max_ms": 1000 * latencies[-1],
         }
         hub = services.hub.statistics()
+        waits = {
+            sub.name: round(sub.publisher_wait_seconds, 3)
+            for sub in services.bus.statistics().subscriptions
+            if sub.publisher_wait_seconds > 0
+        }
         server.should_exit = True
         thread.join(timeout=60)
     received = result["received"]
@@ -294,6 +299,7 @@ def main() -> None:
         f"max {result['max_ms']:.2f} ms"
     )
     print(f"hub: {hub.as_dict()}")
+    print(f"publisher waited for lossless subscribers (s): {waits or 'never'}")
     server_cpu = cpu_after[0] - cpu_before[0]
     client_cpu = cpu_after[1] - cpu_before[1]
     print(
