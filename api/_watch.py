@@ -63,6 +63,7 @@ class ProgressView:
         self.state = "unknown"
         self.last_seq = 0
         self.val = ""
+        self.batches_per_epoch: int | None = None
 
     def __enter__(self) -> ProgressView:
         self.progress.start()
@@ -85,9 +86,13 @@ class ProgressView:
             epochs = _first_int(data, "epochs", "total_epochs")
             if epochs:
                 progress.update(self.epochs, total=epochs)
+            self.batches_per_epoch = _first_int(data, "batches_per_epoch") or self.batches_per_epoch
         elif kind == "train_epoch_start":
             epoch = _first_int(data, "epoch") or 0
-            batches = _first_int(data, "batches", "num_batches", "steps_per_epoch", "total_batches")
+            batches = (
+                _first_int(data, "batches_per_epoch", "batches", "num_batches")
+                or self.batches_per_epoch
+            )
             progress.update(self.epochs, completed=epoch)
             progress.reset(self.batches, total=batches)
             progress.update(self.batches, description=f"epoch {epoch + 1}")

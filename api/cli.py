@@ -154,12 +154,14 @@ def _demo(settings: Settings, console: Console) -> int:
     import uvicorn
 
     from ._app import create_app
-    from ._auth import ensure_token
+    from ._auth import ensure_token, write_token_file
     from ._server import uvicorn_config
 
-    settings, _ = ensure_token(settings)
+    settings, generated = ensure_token(settings)
     assert settings.token is not None
     token = settings.token.get_secret_value()
+    if generated:  # local CLI commands find it there (readable by this user only)
+        write_token_file(settings.data_dir, settings.token)
     server = uvicorn.Server(uvicorn_config(create_app(settings), settings))
     url = f"http://{settings.host}:{settings.port}"
 
@@ -178,14 +180,19 @@ def _demo(settings: Settings, console: Console) -> int:
         except (httpx.TransportError, TrainbusError) as error:
             console.print(f"[red]trainbus demo: could not submit the demo job: {error}[/]")
             return
+        where = "" if settings.port == 8000 else f"--url {url} "
         console.print(
             f"\n[bold green]trainbus is running on {url}[/] (data in {settings.data_dir})\n"
             f"API token: [bold]{token}[/]\n"
             f"demo job:  [bold]{job['id']}[/]\n\n"
-            f"Watch it in another terminal:\n"
-            f"  TRAINBUS_TOKEN={token} trainbus watch {job['id']}\n"
+            f"Watch it in another terminal (from this folder, the CLI finds the token in "
+            f"{settings.data_dir}/token):\n"
+            f"  .venv/bin/trainbus {where}watch {job['id']}\n"
+            f"or from anywhere:\n"
+            f"  TRAINBUS_TOKEN={token} trainbus {where}watch {job['id']}\n"
             f"API docs: {url}/docs (send the token as a Bearer header)\n"
-            f"Press Ctrl+C to stop (running jobs are checkpointed and can be resumed).\n"
+            f"Press Ctrl+C to stop (running jobs are checkpointed and can be resumed).\n",
+            soft_wrap=True,
         )
 
     threading.Thread(target=submit_when_ready, daemon=True).start()

@@ -17,8 +17,8 @@ def test_follows_epochs_batches_and_the_end() -> None:
     out = io.StringIO()
     events = [
         _event(1, "job_started"),
-        _event(2, "train_start", epochs=2),
-        _event(3, "train_epoch_start", epoch=0, batches=2),
+        _event(2, "train_start", epochs=2, batches_per_epoch=2),
+        _event(3, "train_epoch_start", epoch=0),
         _event(4, "train_batch_end", batch=0, loss=0.9),
         _event(5, "train_batch_end", batch=1, loss=0.7),
         _event(6, "fit_epoch_end", epoch=0, metrics={"train_loss": 0.8, "val_loss": 0.6}),
@@ -29,8 +29,9 @@ def test_follows_epochs_batches_and_the_end() -> None:
     ]
     with ProgressView("j1", console=Console(file=out, width=120, force_terminal=False)) as view:
         state = view.follow(events)
-        epochs = view.progress.tasks[0]
+        epochs, batches = view.progress.tasks
         assert epochs.total == 2 and epochs.completed == 2
+        assert batches.total == 2 and batches.completed == 2
         assert "val_loss=0.6" in view.val
     assert state == "completed"
     assert view.last_seq == 10
