@@ -8,13 +8,13 @@ One per server: :class:`PrometheusExporter`, :class:`ResourceMonitor`, :class:`E
 
 from __future__ import annotations
 
-from ._checkpoint_files import CheckpointInfo as CheckpointInfo
-from ._checkpoint_files import checkpoint_path as checkpoint_path
 from ._checkpoint_files import clean_orphans as clean_orphans
-from ._checkpoint_files import latest_valid_state as latest_valid_state
-from ._checkpoint_files import list_checkpoints as list_checkpoints
-from ._checkpoint_files import load_checkpoint as load_checkpoint
-from ._checkpoint_files import verify_checkpoint as verify_checkpoint
+from ._checkpoint_layout import CheckpointInfo as CheckpointInfo
+from ._checkpoint_layout import checkpoint_path as checkpoint_path
+from ._checkpoint_layout import list_checkpoints as list_checkpoints
+from ._checkpoint_loading import latest_valid_state as latest_valid_state
+from ._checkpoint_loading import load_checkpoint as load_checkpoint
+from ._checkpoint_loading import verify_checkpoint as verify_checkpoint
 from ._checkpoint_writer import CheckpointWriter as CheckpointWriter
 from ._checkpoint_writer import CheckpointWriterStatistics as CheckpointWriterStatistics
 from ._early_stop import EarlyStopController as EarlyStopController

@@ -14,16 +14,8 @@ import anyio
 
 from bus import DeliveryPolicy, EventBus, EventType, Subscriber
 
-from ._checkpoint_files import (
-    CheckpointInfo,
-    apply_retention,
-    clean_orphans,
-    is_better,
-    list_checkpoints,
-    read_pointer,
-    write_checkpoint,
-    write_pointer,
-)
+from ._checkpoint_files import apply_retention, clean_orphans, write_checkpoint, write_pointer
+from ._checkpoint_layout import CheckpointInfo, is_better, list_checkpoints, read_pointer
 from ._snapshot import snapshot
 from ._trainer import TrainerLike
 
@@ -165,11 +157,23 @@ class CheckpointWriter(Subscriber):
         self._last_step_saved: int | None = None
 
     def _best_on_disk(self) -> float | None:
-        name = read_pointer(self.job_dir, "best")
-        for info in list_checkpoints(self.job_dir):
-            if info.name == name and info.monitor == self.monitor:
-                return info.monitor_value
-        return None
+        best = self._best_checkpoint()
+        return None if best is None else best.monitor_value
+
+    def _best_checkpoint(self) -> CheckpointInfo | None:
+        """The best checkpoint on disk by the monitored value (the newest among equals).
+
+        Read from the manifests, not the ``best`` pointer: a write killed between moving
+        ``latest`` and ``best`` leaves that pointer behind, and this puts it right.
+        """
+        best: CheckpointInfo | None = None
+        for info in list_checkpoints(self.job_dir):  # newest first
+            value = info.monitor_value
+            if info.monitor != self.monitor or value is None:
+                continue
+            if best is None or is_better(value, best.monitor_value, self.mode):
+                best = info
+        return best
 
     # -- training thread --------------------------------------------------------------------
 
@@ -292,9 +296,10 @@ class CheckpointWriter(Subscriber):
             monitor=self.monitor,
         )
         write_pointer(self.job_dir, "latest", info)
-        best = self._is_best_on_disk(info)
-        if best:
-            write_pointer(self.job_dir, "best", info)
+        best_info = self._best_checkpoint()
+        best = best_info is not None and best_info.name == info.name
+        if best_info is not None and read_pointer(self.job_dir, "best") != best_info.name:
+            write_pointer(self.job_dir, "best", best_info)
         deleted = apply_retention(
             self.job_dir,
             keep_last=self.keep_last,
@@ -307,15 +312,6 @@ class CheckpointWriter(Subscriber):
             self._written += 1
             self._last_name = info.name
         self._publish(info, request, seconds, best, deleted)
-
-    def _is_best_on_disk(self, info: CheckpointInfo) -> bool:
-        if info.monitor_value is None:
-            return False
-        current = read_pointer(self.job_dir, "best")
-        for other in list_checkpoints(self.job_dir):
-            if other.name == current and other.name != info.name:
-                return is_better(info.monitor_value, other.monitor_value, self.mode)
-        return True
 
     def _publish(
         self,

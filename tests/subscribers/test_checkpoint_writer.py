@@ -94,9 +94,11 @@ def test_essential_requests_are_never_dropped(
     import subscribers._checkpoint_writer as module
 
     gate = threading.Event()
+    entered = threading.Event()
     real_write = module.write_checkpoint
 
     def slow_write(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
         assert gate.wait(10)
         return real_write(*args, **kwargs)
 
@@ -105,6 +107,7 @@ def test_essential_requests_are_never_dropped(
     writer = _writer(tmp_path, every_n_epochs=1, keep_last=100, keep_best=0)
     writer.bind(trainer)
     trainer.end_epoch()  # in flight (blocked)
+    assert entered.wait(10)
     trainer.end_epoch()  # pending, routine
     trainer.end_epoch()  # replaces the routine pending one
     assert writer.statistics().replaced == 1
