@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -25,16 +25,11 @@ class MLPParams(BaseModel):
     """A multi-layer perceptron."""
 
     model_config = ConfigDict(extra="forbid")
-    hidden_sizes: list[int] = Field(
-        default=[64, 64], max_length=8, description="Width of each hidden layer."
+    hidden_sizes: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
+        default=[64, 64], max_length=8, description="Width of each hidden layer (1..4096)."
     )
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     activation: Literal["relu", "gelu", "tanh"] = "relu"
-
-    def model_post_init(self, __context: object) -> None:
-        for size in self.hidden_sizes:
-            if not 1 <= size <= 4096:
-                raise ValueError(f"hidden sizes must be between 1 and 4096, got {size}")
 
 
 class CNNParams(BaseModel):
@@ -42,14 +37,11 @@ class CNNParams(BaseModel):
     (8x8 digits: 64 features)."""
 
     model_config = ConfigDict(extra="forbid")
-    channels: list[int] = Field(default=[16, 32], min_length=1, max_length=4)
+    channels: list[Annotated[int, Field(ge=1, le=512)]] = Field(
+        default=[16, 32], min_length=1, max_length=4, description="Channels of each layer."
+    )
     kernel_size: int = Field(default=3, ge=1, le=7)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-
-    def model_post_init(self, __context: object) -> None:
-        for channels in self.channels:
-            if not 1 <= channels <= 512:
-                raise ValueError(f"channels must be between 1 and 512, got {channels}")
 
 
 def build_linear(params: LinearParams, in_features: int, out_features: int) -> nn.Module:

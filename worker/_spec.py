@@ -5,7 +5,16 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails
 
 from ._errors import SpecError
 from ._registry import default_registry
@@ -22,7 +31,7 @@ __all__ = [
     "SchedulerSpec",
 ]
 
-_STRICT = ConfigDict(extra="forbid")
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 Mode = Literal["min", "max"]
 
 
@@ -32,39 +41,78 @@ def _finite(value: float | None, name: str) -> float | None:
     return value
 
 
+def _validate_params(params_model: type[BaseModel], params: dict[str, Any]) -> dict[str, Any]:
+    """Validate ``params`` against an entry's own parameter model; errors keep their field
+    locations (``model.params.hidden_sizes.0``), so the API can point at the exact field."""
+    try:
+        return params_model.model_validate(params).model_dump(mode="json")
+    except ValidationError as error:
+        raise ValidationError.from_exception_data(
+            error.title,
+            [
+                InitErrorDetails(
+                    type=detail["type"],
+                    loc=detail["loc"],
+                    input=detail["input"],
+                    ctx=detail.get("ctx", {}),
+                )
+                for detail in error.errors()
+            ],
+        ) from None
+
+
 class ModelSpec(BaseModel):
-    """A registered model and its parameters."""
+    """A registered model (built-in or plugin) and its parameters."""
 
     model_config = _STRICT
     name: str = Field(max_length=64, examples=["mlp"])
-    params: dict[str, Any] = Field(default_factory=dict, examples=[{"hidden_sizes": [64]}])
+    params: dict[str, Any] = Field(
+        default_factory=dict, validate_default=True, examples=[{"hidden_sizes": [64]}]
+    )
 
-    @model_validator(mode="after")
-    def _known(self) -> ModelSpec:
+    @field_validator("name")
+    @classmethod
+    def _known_name(cls, name: str) -> str:
         try:
-            entry = default_registry().model(self.name)
+            default_registry().model(name)
         except SpecError as error:
             raise ValueError(str(error)) from None
-        self.params = entry.params.model_validate(self.params).model_dump()
-        return self
+        return name
+
+    @field_validator("params")
+    @classmethod
+    def _valid_params(cls, params: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        name = info.data.get("name")
+        if name is None:  # the name itself was refused; that error says enough
+            return params
+        return _validate_params(default_registry().model(name).params, params)
 
 
 class DatasetSpec(BaseModel):
-    """A registered dataset, its parameters and the share held out for validation."""
+    """A registered dataset (built-in or plugin), its parameters and the share held out for
+    validation."""
 
     model_config = _STRICT
     name: str = Field(max_length=64, examples=["digits"])
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict, validate_default=True)
     val_fraction: float = Field(default=0.2, ge=0.05, le=0.5)
 
-    @model_validator(mode="after")
-    def _known(self) -> DatasetSpec:
+    @field_validator("name")
+    @classmethod
+    def _known_name(cls, name: str) -> str:
         try:
-            entry = default_registry().dataset(self.name)
+            default_registry().dataset(name)
         except SpecError as error:
             raise ValueError(str(error)) from None
-        self.params = entry.params.model_validate(self.params).model_dump()
-        return self
+        return name
+
+    @field_validator("params")
+    @classmethod
+    def _valid_params(cls, params: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        name = info.data.get("name")
+        if name is None:
+            return params
+        return _validate_params(default_registry().dataset(name).params, params)
 
 
 class OptimizerSpec(BaseModel):

@@ -27,28 +27,63 @@ def error_for(spec: dict[str, object]) -> tuple[tuple[str | int, ...], str]:
 
 def test_unknown_model_lists_the_available_ones() -> None:
     loc, message = error_for({**MINIMAL, "model": {"name": "resnet9000"}})
-    assert loc == ("model",)
+    assert loc == ("model", "name")
     assert "unknown model 'resnet9000'" in message and "cnn, linear, mlp" in message
 
 
 @pytest.mark.parametrize(
-    ("change", "field"),
+    ("change", "location", "says"),
     [
-        ({"epochs": -1}, "epochs"),
-        ({"epochs": 10**12}, "epochs"),
-        ({"batch_size": 0}, "batch_size"),
-        ({"optimizer": {"lr": math.nan}}, "optimizer"),
-        ({"optimizer": {"lr": 0}}, "optimizer"),
-        ({"device": "tpu"}, "device"),
-        ({"code": "import os"}, "code"),
-        ({"model": {"name": "mlp", "params": {"hidden_sizes": [10**6]}}}, "model"),
-        ({"model": {"name": "mlp", "params": {"module": "os.system"}}}, "model"),
-        ({"dataset": {"name": "csv", "params": {"file": "../../etc/passwd"}}}, "dataset"),
-        ({"dataset": {"name": "csv", "params": {"file": "/etc/passwd"}}}, "dataset"),
-        ({"scheduler": {"name": "step", "params": {"warp": 1}}}, "scheduler"),
+        ({"epochs": -1}, ("epochs",), "greater than or equal to 1"),
+        ({"epochs": 10**12}, ("epochs",), "less than or equal to 100000"),
+        ({"batch_size": 0}, ("batch_size",), "greater than or equal to 1"),
+        ({"optimizer": {"lr": math.nan}}, ("optimizer", "lr"), "finite number"),
+        ({"optimizer": {"lr": math.inf}}, ("optimizer", "lr"), "finite number"),
+        ({"optimizer": {"lr": 0}}, ("optimizer", "lr"), "greater than 0"),
+        ({"device": "tpu"}, ("device",), "pattern"),
+        ({"code": "import os"}, ("code",), "Extra inputs"),
+        ({"nonfinite_loss": "ignore"}, ("nonfinite_loss",), "'fail' or 'stop'"),
+        (
+            {"model": {"name": "mlp", "params": {"hidden_sizes": [10**6]}}},
+            ("model", "params", "hidden_sizes", 0),
+            "less than or equal to 4096",
+        ),
+        (
+            {"model": {"name": "mlp", "params": {"module": "os.system"}}},
+            ("model", "params", "module"),
+            "Extra inputs",
+        ),
+        (
+            {"dataset": {"name": "csv", "params": {"file": "../../etc/passwd"}}},
+            ("dataset", "params", "file"),
+            "bare file name",
+        ),
+        (
+            {"dataset": {"name": "csv", "params": {"file": "/etc/passwd"}}},
+            ("dataset", "params", "file"),
+            "bare file name",
+        ),
+        (
+            {"dataset": {"name": "iris", "params": {"n_samples": 5}}},
+            ("dataset", "params", "n_samples"),
+            "Extra inputs",
+        ),
+        ({"dataset": {"name": "mnist"}}, ("dataset", "name"), "available datasets: breast_cancer"),
+        ({"scheduler": {"name": "step", "params": {"warp": 1}}}, ("scheduler",), "unknown"),
+        ({"early_stop": {"patience": -1}}, ("early_stop", "patience"), "greater than"),
+        ({"checkpoint": {"keep_last": 0}}, ("checkpoint", "keep_last"), "greater than"),
     ],
 )
-def test_bad_specs_name_the_field_to_fix(change: dict[str, object], field: str) -> None:
+def test_bad_specs_name_the_field_to_fix(
+    change: dict[str, object], location: tuple[str | int, ...], says: str
+) -> None:
     loc, message = error_for({**MINIMAL, **change})
-    assert loc[0] == field, (loc, message)
-    assert message
+    assert loc == location, (loc, message)
+    assert says in message
+
+
+def test_the_schema_carries_examples_for_openapi() -> None:
+    schema = JobSpec.model_json_schema()
+    assert schema["examples"][0] == MINIMAL
+    for example in schema["examples"]:
+        JobSpec.model_validate(example)
