@@ -8,6 +8,7 @@ import logging
 import shutil
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -31,7 +32,7 @@ from ._errors import IllegalTransition, JobNotFound, ManagerClosed
 from ._records import ENDED_STATES, TRANSITIONS, JobFailure, JobRecord, JobState, JobStore
 from ._registry import Registry, default_registry
 from ._spec import JobSpec
-from ._trainer import Outcome, RunResult, Trainer
+from ._trainer import Outcome, RunResult, Trainer, check_runtime
 
 __all__ = ["JobHandle", "JobManager"]
 
@@ -40,6 +41,7 @@ logger = logging.getLogger("trainbus.worker")
 SubscriberFactory = Callable[["JobHandle"], Sequence[Subscriber]]
 CheckpointLoader = Callable[[str, Path], "dict[str, Any] | None"]
 
+_LIVE_STATES = frozenset({JobState.RUNNING, JobState.PAUSED})
 _OUTCOME_STATES = {
     Outcome.COMPLETED: JobState.COMPLETED,
     Outcome.STOPPED: JobState.STOPPED,
@@ -50,7 +52,8 @@ _OUTCOME_STATES = {
 
 class JobHandle:
     """One job as the subscriber factory sees it: ``id``, ``spec``, ``control``, ``job_dir``
-    and, once built, ``trainer``."""
+    (``<data>/jobs/<id>``, also as ``data_dir``) and ``trainer``, built before the factory is
+    called so that subscribers can ``add_callback`` and ``register_stateful`` on it."""
 
     def __init__(self, job_id: str, spec: JobSpec, job_dir: Path, control: ControlChannel) -> None:
         self.id = job_id
@@ -58,7 +61,11 @@ class JobHandle:
         self.job_dir = job_dir
         self.control = control
         self.trainer: Trainer | None = None
-        self.previous: Trainer | None = None  # the last run's trainer, for an exact resume
+
+    @property
+    def data_dir(self) -> Path:
+        """The job's folder (ARCHITECTURE.md's name for :attr:`job_dir`)."""
+        return self.job_dir
 
 
 class JobManager:
@@ -71,6 +78,11 @@ class JobManager:
     :param checkpoint_loader: ``(job_id, job_dir) -> state or None``, to resume a job whose
         trainer is no longer in memory (after a restart).
     :param last_seq: ``job_id -> last stored seq``, to continue each job's numbering.
+    :param registry: models and datasets (default: built-ins plus installed plugins).
+    :param fit_epoch_end_timeout: how long a trainer waits at each ``fit_epoch_end`` for
+        lossless subscribers (controllers) to handle it.
+    :param keep_ended_states: how many stopped or interrupted runs keep their final state in
+        memory for an exact resume without a checkpoint (oldest dropped first).
     """
 
     def __init__(
@@ -84,6 +96,7 @@ class JobManager:
         last_seq: Callable[[str], int] | None = None,
         registry: Registry | None = None,
         fit_epoch_end_timeout: float = 30.0,
+        keep_ended_states: int = 8,
     ) -> None:
         if max_running < 1:
             raise ValueError(f"max_running must be at least 1, got {max_running}")
@@ -94,9 +107,14 @@ class JobManager:
         self.checkpoint_loader = checkpoint_loader
         self.registry = registry or default_registry()
         self.fit_epoch_end_timeout = fit_epoch_end_timeout
+        self.keep_ended_states = keep_ended_states
         self._last_seq = last_seq
         self._store: JobStore | None = None
         self._handles: dict[str, JobHandle] = {}
+        # The exact state of recently stopped or interrupted runs, captured on the training
+        # thread as the run ended (model and optimizer tensors only, not the data), so that a
+        # resume in the same process continues exactly even without checkpoints.
+        self._ended_states: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._active: set[str] = set()
         self._changes: dict[str, anyio.Event] = {}
         self._wakeup = anyio.Event()
@@ -209,6 +227,7 @@ class JobManager:
         if self._closing:
             raise ManagerClosed("the server is shutting down and accepts no new jobs")
         spec = spec if isinstance(spec, JobSpec) else JobSpec.model_validate(spec)
+        check_runtime(spec)  # e.g. a CUDA device on a server without one: refused now (422)
         job_id = uuid.uuid4().hex[:12]
         record = JobRecord(
             id=job_id,
@@ -295,6 +314,7 @@ class JobManager:
             )
         self.store.delete(job_id)
         self._handles.pop(job_id, None)
+        self._ended_states.pop(job_id, None)
         job_dir = self._job_dir(job_id)
         await anyio.to_thread.run_sync(lambda: shutil.rmtree(job_dir, ignore_errors=True))
         self.bus.forget(job_id)
@@ -342,34 +362,36 @@ class JobManager:
                 if not queued:
                     break
                 job_id = queued[0]
+                resumed = self.get(job_id).started_at is not None  # it ran before
                 self._active.add(job_id)
                 self._idle = anyio.Event()
-                await self._transition(job_id, JobState.RUNNING)
+                await self._transition(job_id, JobState.RUNNING, resumed=resumed)
                 assert self._task_group is not None
-                self._task_group.start_soon(self._run, job_id, name=f"job {job_id}")
+                self._task_group.start_soon(self._run, job_id, resumed, name=f"job {job_id}")
             await self._wakeup.wait()
             self._wakeup = anyio.Event()
 
-    async def _run(self, job_id: str) -> None:
-        record = self.get(job_id)
-        spec = JobSpec.model_validate(record.spec)
-        previous = self._handles.get(job_id)
+    async def _run(self, job_id: str, resumed: bool) -> None:
         control = ControlChannel(job_id, publish=self.bus.publish)
-        handle = JobHandle(job_id, spec, self._job_dir(job_id), control)
-        handle.previous = previous.trainer if previous is not None else None
-        self._handles[job_id] = handle
+        handle: JobHandle | None = None
         attached: list[SubscriberHandle] = []
+        final_state: dict[str, Any] | None = None
         result: RunResult
         try:
+            # Inside the try: a stored spec that no longer validates (a plugin was removed)
+            # fails this job, not the manager.
+            spec = JobSpec.model_validate(self.get(job_id).spec)
+            handle = JobHandle(job_id, spec, self._job_dir(job_id), control)
+            self._handles[job_id] = handle
             trainer = await anyio.to_thread.run_sync(self._build_trainer, handle)
             handle.trainer = trainer
             for subscriber in self.subscriber_factory(handle) if self.subscriber_factory else ():
                 attached.append(self.bus.attach(subscriber))
-            resumed_from = await anyio.to_thread.run_sync(self._restore, handle, record)
-            if resumed_from:
-                logger.info("job %s resumes from %s at step %d", job_id, resumed_from, trainer.step)
-            handle.previous = None
-            result = await anyio.to_thread.run_sync(trainer.run, limiter=self._run_limiter)
+            if resumed:
+                await self._restore(handle)
+            result, final_state = await anyio.to_thread.run_sync(
+                _run_and_capture, trainer, limiter=self._run_limiter
+            )
         except Exception as error:
             logger.exception("job %s could not run", job_id)
             result = RunResult(
@@ -380,6 +402,11 @@ class JobManager:
             with anyio.CancelScope(shield=True):
                 for subscriber_handle in attached:
                     await subscriber_handle.detach()
+        if final_state is not None:
+            self._ended_states[job_id] = final_state
+            self._ended_states.move_to_end(job_id)
+            while len(self._ended_states) > self.keep_ended_states:
+                self._ended_states.popitem(last=False)
         await self._finish(job_id, handle, result)
 
     def _build_trainer(self, handle: JobHandle) -> Trainer:
@@ -394,25 +421,29 @@ class JobManager:
             fit_epoch_end_timeout=self.fit_epoch_end_timeout,
         )
 
-    def _restore(self, handle: JobHandle, record: JobRecord) -> str | None:
-        """Load the previous run's state into the new trainer: from memory when the last
-        trainer is still here, else from the last valid checkpoint. None for a fresh job."""
-        assert handle.trainer is not None
-        if record.step == 0 and record.epoch == 0 and handle.previous is None:
-            return None
-        if handle.previous is not None:
-            handle.trainer.load_state_dict(handle.previous.state_dict())
-            return "memory"
-        if self.checkpoint_loader is not None:
-            state = self.checkpoint_loader(handle.id, handle.job_dir)
-            if state is not None:
-                handle.trainer.load_state_dict(state)
-                return "checkpoint"
-        return None
-
-    async def _finish(self, job_id: str, handle: JobHandle, result: RunResult) -> None:
-        state = _OUTCOME_STATES[result.outcome]
+    async def _restore(self, handle: JobHandle) -> None:
+        """Load the previous run's state into the new trainer: the state captured when that
+        run ended if this process still holds it, else the last valid checkpoint. With
+        neither, the job starts over (and says so in the log and its record)."""
         trainer = handle.trainer
+        assert trainer is not None
+        state = self._ended_states.pop(handle.id, None)
+        source = "memory"
+        if state is None and self.checkpoint_loader is not None:
+            state = await anyio.to_thread.run_sync(
+                self.checkpoint_loader, handle.id, handle.job_dir
+            )
+            source = "checkpoint"
+        if state is None:
+            logger.warning("job %s has no saved state to resume from: it starts over", handle.id)
+            self.store.update(handle.id, epoch=0, step=0, metrics={})
+            return
+        await anyio.to_thread.run_sync(trainer.load_state_dict, state)
+        logger.info("job %s resumes from %s at step %d", handle.id, source, trainer.step)
+
+    async def _finish(self, job_id: str, handle: JobHandle | None, result: RunResult) -> None:
+        state = _OUTCOME_STATES[result.outcome]
+        trainer = None if handle is None else handle.trainer
         fields: dict[str, Any] = {"stop_reason": result.stop_reason}
         if result.error is not None:
             fields["error"] = JobFailure.model_validate(result.error).model_dump()
@@ -423,8 +454,8 @@ class JobManager:
                 metrics=trainer.metrics,
             )
         self.store.update(job_id, **fields)
-        if state not in (JobState.STOPPED, JobState.INTERRUPTED):
-            handle.trainer = None  # nothing to resume: free the model
+        if handle is not None:
+            handle.trainer = None  # free the model and the data; the state is kept above
         data: dict[str, Any] = {"reason": result.stop_reason, **result.details}
         if result.error is not None:
             data["error"] = result.error
@@ -459,7 +490,7 @@ class JobManager:
                     self.store.update(event.job_id, state=JobState.PAUSED)
                 elif event.type is EventType.JOB_RESUMED and record.state is JobState.PAUSED:
                     self.store.update(event.job_id, state=JobState.RUNNING)
-                elif event.type is EventType.FIT_EPOCH_END:
+                elif event.type is EventType.FIT_EPOCH_END and record.state in _LIVE_STATES:
                     self.store.update(
                         event.job_id,
                         epoch=int(data.get("epoch", 0)) + 1,
@@ -471,6 +502,15 @@ class JobManager:
                 else:
                     continue
                 self._changed(event.job_id)
+
+
+def _run_and_capture(trainer: Trainer) -> tuple[RunResult, dict[str, Any] | None]:
+    """Run ``trainer``; for a resumable ending, capture its state on the same thread at once,
+    before anything else moves the global random-number generators."""
+    result = trainer.run()
+    if result.outcome in (Outcome.STOPPED, Outcome.INTERRUPTED):
+        return result, trainer.state_dict()
+    return result, None
 
 
 def _command(kind: CommandKind, source: str, reason: str) -> Command:

@@ -24,7 +24,7 @@ from ._registry import Registry, default_registry
 from ._spec import JobSpec
 from ._state import capture_rng_state, restore_rng_state
 
-__all__ = ["Outcome", "RunResult", "Stateful", "Trainer"]
+__all__ = ["Outcome", "RunResult", "Stateful", "Trainer", "check_runtime"]
 
 logger = logging.getLogger("trainbus.worker")
 
@@ -80,6 +80,17 @@ def resolve_device(requested: str) -> torch.device:
     return device
 
 
+def check_runtime(spec: JobSpec) -> torch.device:
+    """The device ``spec`` runs on here; refuses what this server cannot do.
+
+    :raises SpecError: for a CUDA device on a server without one, or fp16 without CUDA.
+    """
+    device = resolve_device(spec.device)
+    if spec.precision == "fp16" and device.type != "cuda":
+        raise SpecError("precision 'fp16' needs a CUDA device; use 'bf16' or 'fp32' on the CPU")
+    return device
+
+
 class Trainer:
     """Trains one job. Build it (on a worker thread: it loads data), let subscribers bind
     their inline callbacks and register state, optionally :meth:`load_state_dict`, then
@@ -110,9 +121,7 @@ class Trainer:
         self._statefuls: dict[str, Stateful] = {}
         registry = registry or default_registry()
 
-        self.device = resolve_device(spec.device)
-        if spec.precision == "fp16" and self.device.type != "cuda":
-            raise SpecError("precision 'fp16' needs a CUDA device; use 'bf16' or 'fp32' on the CPU")
+        self.device = check_runtime(spec)
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[
             spec.precision
         ]

@@ -18,6 +18,7 @@ from worker import (
     JobNotFound,
     JobState,
     ModelEntry,
+    SpecError,
     default_registry,
 )
 from worker._models import LinearParams
@@ -126,9 +127,9 @@ async def test_a_job_left_running_by_a_dead_server_comes_back_interrupted_and_re
                 break
         manager.stop(victim.id)
         await manager.wait_for(victim.id, ["stopped"], timeout=30)
-    # The process "dies": its record still says running.
+    # The process "dies" before the record saw an epoch end: it still says running, step 0.
     store = JobStore(data_dir / "trainbus.db")
-    store.update(victim.id, state=JobState.RUNNING)
+    store.update(victim.id, state=JobState.RUNNING, epoch=0, step=0, metrics={})
     store.close()
 
     lifecycle = bus.subscribe("lifecycle", job_id=victim.id)
@@ -204,3 +205,84 @@ async def test_records_survive_a_restart_and_list_paginates(bus: EventBus, data_
         assert page[0].name == "job 1" and page[0].metrics["val_accuracy"] > 0
         assert manager.list(state="completed")[1] == 3
         assert manager.list(state="running")[1] == 0
+
+
+class StopAt(Subscriber):
+    """Stops its job once, at a given step (a batch boundary), through the control channel."""
+
+    def __init__(self, handle: JobHandle, at_step: int) -> None:
+        self.job_id = handle.id
+        self.at_step = at_step
+        assert handle.trainer is not None
+        handle.trainer.add_callback("on_train_batch_end", self._check)
+
+    def _check(self, trainer: Any) -> None:
+        if trainer.step == self.at_step:
+            trainer.control.stop("interrupt for the test", source="test")
+
+    async def on_event(self, event: Event) -> None:
+        pass
+
+
+async def test_a_stopped_job_resumes_exactly_from_memory_without_checkpoints(
+    bus: EventBus, data_dir: Path
+) -> None:
+    spec = small_spec(epochs=2, checkpoint={"enabled": False})
+    runs: dict[str, int] = {}
+
+    def factory(handle: JobHandle) -> list[Subscriber]:
+        runs[handle.id] = runs.get(handle.id, 0) + 1
+        keeper = StateKeeper(handle)
+        return [keeper, StopAt(handle, 5)] if runs[handle.id] == 1 else [keeper]
+
+    async with JobManager(bus=bus, data_dir=data_dir, subscriber_factory=factory) as manager:
+        interrupted = await manager.submit(spec)
+        stopped = await manager.wait_for(interrupted.id, TERMINAL, timeout=60)
+        assert stopped.state is JobState.STOPPED and stopped.step == 5
+        assert stopped.stop_reason == "interrupt for the test"
+        await manager.resume(interrupted.id)
+        done = await manager.wait_for(interrupted.id, ["completed", "failed"], timeout=60)
+        assert done.state is JobState.COMPLETED and done.step == 2 * 8
+        reference = await manager.submit(spec)
+        runs[reference.id] = 1_000  # no StopAt
+        await manager.wait_for(reference.id, ["completed"], timeout=60)
+    resumed_state = load_kept(interrupted.id, data_dir)
+    reference_state = load_kept(reference.id, data_dir)
+    assert resumed_state is not None and reference_state is not None
+    for name, value in reference_state["model"].items():
+        assert torch.equal(value, resumed_state["model"][name]), name
+    for key, values in reference_state["optimizer"]["state"].items():
+        for field, value in values.items():
+            assert torch.equal(value, resumed_state["optimizer"]["state"][key][field]), field
+
+
+async def test_a_stored_spec_that_no_longer_validates_fails_only_its_job(
+    bus: EventBus, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(
+        default_registry().models,
+        "vanishing",
+        ModelEntry("vanishing", LinearParams, lambda p, i, o: nn.Linear(i, o)),
+    )
+    async with JobManager(bus=bus, data_dir=data_dir, max_running=1) as manager:
+        blocker = await manager.submit(small_spec(epochs=200))
+        doomed = await manager.submit(small_spec(model={"name": "vanishing"}))
+        del default_registry().models["vanishing"]  # the plugin was uninstalled meanwhile
+        manager.stop(blocker.id)
+        failed = await manager.wait_for(doomed.id, TERMINAL, timeout=60)
+        assert failed.state is JobState.FAILED and failed.error is not None
+        assert "unknown model 'vanishing'" in failed.error.message
+        healthy = await manager.submit(small_spec(epochs=1))
+        assert (await manager.wait_for(healthy.id, TERMINAL, timeout=60)).state == "completed"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a server without CUDA")
+async def test_a_cuda_job_is_refused_at_submission_on_a_cpu_server(
+    bus: EventBus, data_dir: Path
+) -> None:
+    async with JobManager(bus=bus, data_dir=data_dir) as manager:
+        with pytest.raises(SpecError, match="no CUDA"):
+            await manager.submit(small_spec(device="cuda"))
+        with pytest.raises(SpecError, match="fp16"):
+            await manager.submit(small_spec(precision="fp16"))
+        assert manager.list()[1] == 0
