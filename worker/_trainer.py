@@ -29,6 +29,10 @@ __all__ = ["Outcome", "RunResult", "Stateful", "Trainer", "check_runtime"]
 logger = logging.getLogger("trainbus.worker")
 
 STATE_FORMAT = 1
+TRAIN_BATCH_START = EventType.TRAIN_BATCH_START
+OPTIMIZER_STEP = EventType.OPTIMIZER_STEP
+BEFORE_ZERO_GRAD = EventType.BEFORE_ZERO_GRAD
+TRAIN_BATCH_END = EventType.TRAIN_BATCH_END
 CONTROLLER_SOURCES = frozenset({"early_stop", "lr_plateau"})
 """Stops from these sources end a job ``completed`` with its ``stop_reason`` set, as Keras,
 Lightning and Ultralytics end an early-stopped run normally."""
@@ -165,6 +169,7 @@ class Trainer:
         self.metrics: dict[str, float] = {}
         self.save_reason: str | None = None
         self._loss_sum = 0.0
+        self._loss_pending: torch.Tensor | None = None  # CUDA: summed on the device
         self._correct: int | torch.Tensor = 0
         self._seen = 0
 
@@ -247,7 +252,7 @@ class Trainer:
                 "epoch_complete": self.epoch_complete,
             },
             "accumulators": {
-                "loss_sum": self._loss_sum,
+                "loss_sum": self._folded_loss_sum(),
                 "correct": int(self._correct),
                 "seen": self._seen,
             },
@@ -273,6 +278,7 @@ class Trainer:
         self.epoch_complete = bool(position["epoch_complete"])
         accumulators = state["accumulators"]
         self._loss_sum = float(accumulators["loss_sum"])
+        self._loss_pending = None
         self._correct = int(accumulators["correct"])
         self._seen = int(accumulators["seen"])
         self.metrics = {k: float(v) for k, v in state.get("metrics", {}).items()}
@@ -349,6 +355,7 @@ class Trainer:
         self.batch_index = 0
         self.epoch_complete = False
         self._loss_sum = 0.0
+        self._loss_pending = None
         self._correct = 0
         self._seen = 0
 
@@ -390,18 +397,24 @@ class Trainer:
         order = self._epoch_order()
         started = time.perf_counter()
         samples_at_start = self._seen
+        # On the CPU ``.item()`` costs no device sync, so every loss is checked at once; on CUDA
+        # the loss is read only for published batches and summed on the device otherwise.
+        host_loss = self.device.type != "cuda"
+        loss_value = math.nan
+        x_train = self.x_train
+        y_train = self.y_train
         for batch in range(self.batch_index, self.batches_per_epoch):
             if control.pending:
                 self._apply(control.take())
             loud = batch % every == 0
             index = order[batch * batch_size : (batch + 1) * batch_size]
-            inputs = self.x_train[index]
-            targets = self.y_train[index]
+            inputs = x_train[index]
+            targets = y_train[index]
+            run_callbacks(TRAIN_BATCH_START, self)
             if loud:
-                run_callbacks(EventType.TRAIN_BATCH_START, self)
                 publish(
                     job_id,
-                    EventType.TRAIN_BATCH_START,
+                    TRAIN_BATCH_START,
                     {"epoch": self.epoch, "batch": batch, "step": self.step},
                 )
             if mixed:
@@ -411,9 +424,17 @@ class Trainer:
             else:
                 outputs = model(inputs)
                 loss = loss_fn(outputs, targets)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                self._non_finite(loss_value)
+            count = len(targets)
+            if host_loss or loud:
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    self._non_finite(loss_value)
+            if host_loss:
+                self._loss_sum += loss_value * count
+            else:
+                weighted = loss.detach() * count
+                pending = self._loss_pending
+                self._loss_pending = weighted if pending is None else pending + weighted
             if scaling:
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -423,37 +444,38 @@ class Trainer:
                 optimizer.step()
             if scheduler is not None:
                 scheduler.step()
-            count = len(targets)
-            self._loss_sum += loss_value * count
             self._seen += count
             if classification:
                 # a tensor sum: no host sync per batch; read once at the epoch's end
                 self._correct += (outputs.argmax(1) == targets).sum()
             self.step += 1
+            run_callbacks(OPTIMIZER_STEP, self)
             if loud:
-                run_callbacks(EventType.OPTIMIZER_STEP, self)
-                publish(job_id, EventType.OPTIMIZER_STEP, {"step": self.step})
-                run_callbacks(EventType.BEFORE_ZERO_GRAD, self)
-                publish(job_id, EventType.BEFORE_ZERO_GRAD, {"step": self.step})
+                publish(job_id, OPTIMIZER_STEP, {"epoch": self.epoch, "step": self.step})
+            run_callbacks(BEFORE_ZERO_GRAD, self)
+            if loud:
+                publish(job_id, BEFORE_ZERO_GRAD, {"epoch": self.epoch, "step": self.step})
             optimizer.zero_grad(set_to_none=True)
             self.batch_index = batch + 1
+            run_callbacks(TRAIN_BATCH_END, self)
             if loud:
-                run_callbacks(EventType.TRAIN_BATCH_END, self)
                 publish(
                     job_id,
-                    EventType.TRAIN_BATCH_END,
+                    TRAIN_BATCH_END,
                     {
                         "epoch": self.epoch,
                         "batch": batch,
                         "step": self.step,
                         "loss": loss_value,
                         "lr": optimizer.param_groups[0]["lr"],
+                        "batch_size": count,
                     },
                 )
-            else:
-                run_callbacks(EventType.TRAIN_BATCH_END, self)
+        loss_sum = self._folded_loss_sum()
+        if not math.isfinite(loss_sum):  # CUDA: a non-finite loss in an unpublished batch
+            self._non_finite(loss_sum)
         seconds = time.perf_counter() - started
-        train = {"train_loss": self._loss_sum / max(1, self._seen), "lr": self.lr}
+        train = {"train_loss": loss_sum / max(1, self._seen), "lr": self.lr}
         if classification:
             train["train_accuracy"] = int(self._correct) / max(1, self._seen)
         train["epoch_seconds"] = seconds
@@ -463,6 +485,13 @@ class Trainer:
             EventType.TRAIN_EPOCH_END,
             {"epoch": self.epoch, "step": self.step, "metrics": dict(train)},
         )
+
+    def _folded_loss_sum(self) -> float:
+        """The epoch's summed training loss, folding in what CUDA summed on the device."""
+        if self._loss_pending is not None:
+            self._loss_sum += float(self._loss_pending)
+            self._loss_pending = None
+        return self._loss_sum
 
     def _non_finite(self, value: float) -> None:
         reason = f"non-finite loss ({value}) at epoch {self.epoch}, step {self.step}"
@@ -478,25 +507,36 @@ class Trainer:
         classification = self.data.task == "classification"
         self.model.eval()
         self._emit(EventType.VAL_START, {"epoch": self.epoch, "step": self.step})
-        loss_sum = 0.0
-        correct = 0
+        host_loss = self.device.type != "cuda"
+        run_callbacks = self.callbacks.run_callbacks
+        publish = self.bus.publish
+        loss_sum: float | torch.Tensor = 0.0
+        correct: int | torch.Tensor = 0
         for batch, start in enumerate(range(0, len(self.y_val), batch_size)):
             inputs = self.x_val[start : start + batch_size]
             targets = self.y_val[start : start + batch_size]
             loud = batch % every == 0
+            run_callbacks(EventType.VAL_BATCH_START, self)
             if loud:
-                self._emit(EventType.VAL_BATCH_START, {"epoch": self.epoch, "batch": batch})
+                publish(
+                    self.job_id, EventType.VAL_BATCH_START, {"epoch": self.epoch, "batch": batch}
+                )
             with self._autocast():
                 outputs = self.model(inputs)
                 loss = self.loss_fn(outputs, targets)
-            loss_sum += loss.item() * len(targets)
+            loss_value = loss.item() if host_loss or loud else math.nan
+            loss_sum += (loss_value if host_loss else loss.detach().float()) * len(targets)
             if classification:
-                correct += int((outputs.argmax(1) == targets).sum())
+                correct += (outputs.argmax(1) == targets).sum()
+            run_callbacks(EventType.VAL_BATCH_END, self)
             if loud:
-                self._emit(
+                publish(
+                    self.job_id,
                     EventType.VAL_BATCH_END,
-                    {"epoch": self.epoch, "batch": batch, "loss": loss.item()},
+                    {"epoch": self.epoch, "batch": batch, "loss": loss_value},
                 )
+        loss_sum = float(loss_sum)
+        correct = int(correct)
         count = max(1, len(self.y_val))
         validation = {"val_loss": loss_sum / count}
         if classification:

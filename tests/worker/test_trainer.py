@@ -219,3 +219,26 @@ async def test_commands_pause_set_lr_save_and_stop_at_batch_boundaries(
             following = await audit.receive()
         assert following.type is EventType.JOB_STOPPING
     assert trainer.epoch < 49
+
+
+async def test_inline_callbacks_run_at_every_batch_even_when_events_are_thinned(
+    bus: EventBus, data_dir: Path
+) -> None:
+    trainer = await anyio.to_thread.run_sync(
+        make_trainer, bus, data_dir, small_spec(epochs=1, batch_event_every=100)
+    )
+    calls: dict[str, list[int]] = {}
+    for name in (
+        "on_train_batch_start",
+        "on_optimizer_step",
+        "on_before_zero_grad",
+        "on_train_batch_end",
+        "on_val_batch_start",
+        "on_val_batch_end",
+    ):
+        trainer.add_callback(name, lambda t, name=name: calls.setdefault(name, []).append(t.step))
+    assert (await anyio.to_thread.run_sync(trainer.run)).outcome is Outcome.COMPLETED
+    assert calls["on_train_batch_start"] == list(range(8))
+    assert calls["on_optimizer_step"] == calls["on_train_batch_end"] == list(range(1, 9))
+    assert calls["on_before_zero_grad"] == list(range(1, 9))
+    assert len(calls["on_val_batch_start"]) == len(calls["on_val_batch_end"]) == 2  # 30 / 16
