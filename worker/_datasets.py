@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ._errors import DatasetError
 
@@ -30,6 +30,11 @@ __all__ = [
 ]
 
 Task = Literal["classification", "regression"]
+
+MAX_VALUES = 50_000_000
+"""The most feature values a dataset may hold (200 MB as float32): bounds what one request
+can make the server allocate."""
+MAX_CSV_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,11 @@ class SyntheticClassificationParams(BaseModel):
     n_classes: int = Field(default=4, ge=2, le=1_000)
     noise: float = Field(default=1.0, ge=0.0, le=100.0)
 
+    @model_validator(mode="after")
+    def _bounded(self) -> SyntheticClassificationParams:
+        _check_size(self.n_samples, self.n_features)
+        return self
+
 
 class SyntheticRegressionParams(BaseModel):
     """A noisy linear function of Gaussian features, generated from the job's seed."""
@@ -75,6 +85,19 @@ class SyntheticRegressionParams(BaseModel):
     n_samples: int = Field(default=2_000, ge=10, le=2_000_000)
     n_features: int = Field(default=20, ge=1, le=4_096)
     noise: float = Field(default=0.1, ge=0.0, le=100.0)
+
+    @model_validator(mode="after")
+    def _bounded(self) -> SyntheticRegressionParams:
+        _check_size(self.n_samples, self.n_features)
+        return self
+
+
+def _check_size(n_samples: int, n_features: int) -> None:
+    if n_samples * n_features > MAX_VALUES:
+        raise ValueError(
+            f"n_samples x n_features is {n_samples * n_features:,}; at most {MAX_VALUES:,} "
+            "feature values are allowed"
+        )
 
 
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -211,6 +234,8 @@ def resolve_dataset_file(data_dir: Path, file: str) -> Path:
 
 def load_csv(params: CSVParams, seed: int, val_fraction: float, data_dir: Path) -> DatasetSplit:
     path = resolve_dataset_file(data_dir, params.file)
+    if path.stat().st_size > MAX_CSV_BYTES:
+        raise DatasetError(f"{params.file}: larger than {MAX_CSV_BYTES // 2**20} MiB")
     with path.open(newline="") as handle:
         rows = list(csv.reader(handle))
     if len(rows) < 3:

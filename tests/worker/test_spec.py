@@ -69,6 +69,16 @@ def test_unknown_model_lists_the_available_ones() -> None:
             "Extra inputs",
         ),
         ({"dataset": {"name": "mnist"}}, ("dataset", "name"), "available datasets: breast_cancer"),
+        (
+            {
+                "dataset": {
+                    "name": "synthetic_classification",
+                    "params": {"n_samples": 2_000_000, "n_features": 4096},
+                }
+            },
+            ("dataset", "params"),
+            "feature values are allowed",
+        ),
         ({"scheduler": {"name": "step", "params": {"warp": 1}}}, ("scheduler",), "unknown"),
         ({"early_stop": {"patience": -1}}, ("early_stop", "patience"), "greater than"),
         ({"checkpoint": {"keep_last": 0}}, ("checkpoint", "keep_last"), "greater than"),
