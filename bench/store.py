@@ -14,14 +14,9 @@ import _no_shadow  # noqa: F401  (must come first: bench/bus.py shadows the bus 
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-# Keep this folder (which holds bus.py) from shadowing the ``bus`` package.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 import anyio
 

@@ -26,6 +26,8 @@ from prometheus_client.registry import Collector
 
 from bus import DeliveryPolicy, Event, EventBus, EventType, Subscriber
 
+from ._prometheus_bus import collect_bus
+
 __all__ = ["PrometheusExporter"]
 
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -308,7 +310,7 @@ class PrometheusExporter(Subscriber):
             yield from self._collect_jobs()
             yield from self._collect_resources()
         if self.bus is not None:
-            yield from _collect_bus(self.bus)
+            yield from collect_bus(self.bus)
 
     def _collect_jobs(self) -> Iterator[Metric]:
         by_state = dict(self._ended_counts)
@@ -392,55 +394,6 @@ class PrometheusExporter(Subscriber):
                 if value is not None and math.isfinite(value):
                     family.add_metric([str(index), str(gpu.get("name") or "")], value)
             yield family
-
-
-def _collect_bus(bus: EventBus) -> Iterator[Metric]:
-    statistics = bus.statistics()
-    published = CounterMetricFamily(
-        "trainbus_events_published", "Events published on the bus, by type.", labels=["type"]
-    )
-    for kind, count in sorted(statistics.published_by_type.items()):
-        published.add_metric([kind], count)
-    yield published
-    totals: dict[str, list[float]] = {}
-    for sub in statistics.subscriptions:
-        row = totals.setdefault(sub.name, [0.0] * 5)
-        row[0] += sub.buffered
-        row[1] += sub.delivered
-        row[2] += sub.dropped
-        row[3] += sub.errors
-        row[4] += sub.publisher_wait_seconds
-    families: list[Metric] = [
-        GaugeMetricFamily(
-            "trainbus_subscriber_buffered_events",
-            "Events waiting in the subscriber's buffer.",
-            labels=["subscriber"],
-        ),
-        CounterMetricFamily(
-            "trainbus_subscriber_delivered_events",
-            "Events handed to the subscriber.",
-            labels=["subscriber"],
-        ),
-        CounterMetricFamily(
-            "trainbus_subscriber_dropped_events",
-            "Events a lossy subscriber missed.",
-            labels=["subscriber"],
-        ),
-        CounterMetricFamily(
-            "trainbus_subscriber_errors",
-            "Exceptions raised by the subscriber's handlers.",
-            labels=["subscriber"],
-        ),
-        CounterMetricFamily(
-            "trainbus_subscriber_publisher_wait_seconds",
-            "Time publishers waited for room in the subscriber's buffer.",
-            labels=["subscriber"],
-        ),
-    ]
-    for name, row in sorted(totals.items()):
-        for family, value in zip(families, row, strict=True):
-            family.add_metric([name], value)  # type: ignore[attr-defined]
-    yield from families
 
 
 class _Collector(Collector):

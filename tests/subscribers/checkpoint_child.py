@@ -30,8 +30,8 @@ class _Trainer:
         self.step = 0
         self.metrics: dict[str, float] = {}
         self.save_reason: str | None = None
-        self.weights = torch.zeros(256, 256)
-        self.moments = torch.zeros(2, 256, 256)
+        self.weights = torch.zeros(128, 128)
+        self.moments = torch.zeros(2, 128, 128)
         self.callbacks: list[Any] = []
 
     def add_callback(self, name: str, fn: Any) -> None:

@@ -58,13 +58,22 @@ def test_sigkill_during_writes_never_loses_the_newest_committed(tmp_path: Path) 
     committed: list[int] = []
     seen: dict[str, str] = {}  # checkpoint name -> its state hash, once verified
     interrupted = 0
+    cycle_seconds = 0.05  # a moving average of the time one checkpoint takes the child
     try:
         for _ in range(KILLS):
             commits_before = len(committed)
             zygote.stdin.write("go\n")
             zygote.stdin.flush()
             pid = int(_wait_for(lines, "started ", committed).split()[1])
-            time.sleep(rng.uniform(0.0, 0.06))  # a random moment, not a wait for a condition
+            # Let the child commit 0-2 checkpoints (whatever the machine's speed), then kill
+            # it at a random moment within about one write cycle.
+            started = time.monotonic()
+            for _ in range(rng.choice([0, 1, 1, 2])):
+                _wait_for(lines, f"committed {pid} ", committed)
+                cycle = time.monotonic() - started
+                started = time.monotonic()
+                cycle_seconds = 0.8 * cycle_seconds + 0.2 * cycle
+            time.sleep(rng.uniform(0.0, 1.2 * cycle_seconds))  # a random moment, not a wait
             os.kill(pid, signal.SIGKILL)
             _wait_for(lines, f"exited {pid}", committed)
 
@@ -84,7 +93,8 @@ def test_sigkill_during_writes_never_loses_the_newest_committed(tmp_path: Path) 
                 assert torch.all(state["weights"] == int(state["step"]))
             if clean_orphans(job_dir):
                 interrupted += 1
-            leftovers = [p.name for p in (job_dir / "checkpoints").iterdir()]
+            folder = job_dir / "checkpoints"
+            leftovers = [p.name for p in folder.iterdir()] if folder.is_dir() else []
             assert not [name for name in leftovers if name.startswith(".")]
             if len(committed) > commits_before:
                 # retention ran at that commit (keep_last=2 + keep_best=1); a kill between

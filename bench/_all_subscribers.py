@@ -1,0 +1,97 @@
+"""A trainbus run with every default subscriber attached, for ``bench/overhead.py``.
+
+``await all_subscribers_run(spec, data_dir)`` trains ``spec`` as the server would: a
+checkpoint each epoch (``CheckpointWriter``), ``EarlyStopController``,
+``LRPlateauController``, the ``PrometheusExporter`` (rendered once per epoch, as a scrape
+would), the ``ResourceMonitor`` (every second) and the ``EventStore`` (SQLite under
+``data_dir``). Returns ``(seconds, samples, events published)``; ``ratio_all_subscribers``
+is its time over the bare loop's.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import anyio
+
+from bus import ControlChannel, EventBus, EventType
+from subscribers import (
+    CheckpointWriter,
+    EarlyStopController,
+    EventStore,
+    LRPlateauController,
+    PrometheusExporter,
+    ResourceMonitor,
+)
+from worker import JobSpec, Trainer
+
+__all__ = ["all_subscribers_run"]
+
+JOB = "overhead-all"
+
+
+async def all_subscribers_run(spec: JobSpec, data_dir: Path) -> tuple[float, int, int]:
+    spec = spec.model_copy(
+        update={
+            "checkpoint": spec.checkpoint.model_copy(update={"enabled": True, "every_n_epochs": 1}),
+            "early_stop": spec.early_stop.model_copy(update={"enabled": True, "patience": 100}),
+            "lr_plateau": spec.lr_plateau.model_copy(update={"enabled": True, "patience": 100}),
+        }
+    )
+    run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=data_dir))
+    job_dir = run_dir / "jobs" / JOB
+    store = EventStore(run_dir / "trainbus.db")
+    async with EventBus() as bus, anyio.create_task_group() as group:
+        exporter = PrometheusExporter(bus=bus)
+        bus.attach(exporter)
+        bus.attach(store)
+        monitor = ResourceMonitor(bus=bus, interval_seconds=1.0)
+        group.start_soon(monitor.run)
+        control = ControlChannel(JOB, publish=bus.publish)
+        trainer = await anyio.to_thread.run_sync(
+            lambda: Trainer(job_id=JOB, spec=spec, bus=bus, control=control, data_dir=data_dir)
+        )
+        per_job = [
+            CheckpointWriter(
+                job_id=JOB,
+                job_dir=job_dir,
+                bus=bus,
+                **spec.checkpoint.model_dump(exclude={"enabled"}),
+            ),
+            EarlyStopController(
+                job_id=JOB,
+                channel=control,
+                bus=bus,
+                **spec.early_stop.model_dump(exclude={"enabled"}),
+            ),
+            LRPlateauController(
+                job_id=JOB,
+                channel=control,
+                bus=bus,
+                **spec.lr_plateau.model_dump(exclude={"enabled"}),
+            ),
+        ]
+        for subscriber in per_job:
+            subscriber.bind(trainer)
+        handles = [bus.attach(subscriber) for subscriber in per_job]
+        scrapes = bus.subscribe("scrapes", job_id=JOB, types=[EventType.FIT_EPOCH_END])
+
+        async def scrape() -> None:
+            async with scrapes:
+                async for _ in scrapes:
+                    await anyio.to_thread.run_sync(exporter.render)
+
+        group.start_soon(scrape)
+        started = time.perf_counter()
+        await anyio.to_thread.run_sync(trainer.run)
+        for handle in handles:
+            await handle.detach()  # the last checkpoint is durable
+        elapsed = time.perf_counter() - started
+        published = bus.last_seq(JOB)
+        group.cancel_scope.cancel()
+    store.close()
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return elapsed, spec.epochs * len(trainer.y_train), published
