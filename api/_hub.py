@@ -93,6 +93,9 @@ class ClientBuffer:
         self.max_lag = max_lag
         self.too_slow = False
         self.closed = False
+        self.replaying = False
+        """While the connection replays history, drops are refilled from the store later and do
+        not count as lag: the client is not slow, the server is busy catching it up."""
         self._items: deque[Item] = deque()
         self._missed: dict[str, list[int]] = {}  # job -> [from_seq, to_seq, count]
         self._lag = 0  # events missed since the client last emptied its buffer
@@ -125,7 +128,8 @@ class ClientBuffer:
 
     def _record_missed(self, job_id: str, from_seq: int, to_seq: int, count: int) -> None:
         self.dropped += count
-        self._lag += count
+        if not self.replaying:
+            self._lag += count
         missed = self._missed.get(job_id)
         if missed is None:
             self._missed[job_id] = [from_seq, to_seq, count]

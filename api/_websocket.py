@@ -125,8 +125,13 @@ class _Stream:
                 return
             missed, items = client.take(self.max_events)
             encoded: list[str] = []
-            for job_id, from_seq, to_seq, count in missed:
-                encoded.extend(await self._refill(job_id, from_seq, to_seq, count))
+            if missed:
+                client.replaying = self.history is not None
+                try:
+                    for job_id, from_seq, to_seq, count in missed:
+                        encoded.extend(await self._refill(job_id, from_seq, to_seq, count))
+                finally:
+                    client.replaying = False
             if self.job_id is None:
                 encoded.extend(item[2] for item in items)
             else:
@@ -204,7 +209,9 @@ async def _serve(
             group.start_soon(watch_disconnect)
             with cancel:
                 if job_id is not None:
+                    client.replaying = stream.history is not None
                     await stream.replay(job_id, after_seq, upto)
+                    client.replaying = False
                 await stream.live()
             group.cancel_scope.cancel()
     except (WebSocketDisconnect, OSError):

@@ -16,6 +16,7 @@ from websockets.asyncio.client import connect
 
 from api import AsyncTrainbusClient, create_app
 
+from .fuzz import server_errors
 from .server import LiveServer, make_settings, run_server
 
 pytestmark = pytest.mark.slow
@@ -259,6 +260,21 @@ async def test_metrics_registry_readyz(server: LiveServer) -> None:
         assert "mlp" in json.dumps(registry.json()["models"])
         ready = await http.get("/readyz", headers=server.headers)
         assert ready.status_code == 200
+
+
+def test_generated_requests_against_the_real_job_side(server: LiveServer) -> None:
+    """Schemathesis on the real server; POST /jobs is fuzzed against the stand-in job side
+    (tests/api/test_openapi.py), since valid specs here would start real training runs."""
+    job = httpx.post(server.url + "/jobs", json=digits_spec(epochs=1), headers=server.headers)
+    assert job.status_code == 201
+    failures = server_errors(
+        server,
+        max_examples=5,
+        include=lambda operation: (
+            not (operation.method.upper() == "POST" and operation.path == "/jobs")
+        ),
+    )
+    assert failures == []
 
 
 async def test_shutdown_interrupts_running_jobs_which_resume_after_a_restart(
