@@ -9,8 +9,22 @@ from collections.abc import Iterable
 from prometheus_client.parser import text_string_to_metric_families
 
 _KEYWORDS = frozenset(
-    {"and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right",
-     "offset", "bool", "inf", "nan", "atan2"}
+    {
+        "and",
+        "or",
+        "unless",
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "offset",
+        "bool",
+        "inf",
+        "nan",
+        "atan2",
+    }
 )
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"' + r"|'(?:[^'\\]|\\.)*'")
 _MATCHERS = re.compile(r"\{[^}]*\}")
@@ -53,6 +67,7 @@ def exposed_names(exposition: str) -> set[str]:
 
 def grafana_queries(dashboard: dict[str, object]) -> Iterable[tuple[str, str]]:
     """``(where, expression)`` for every query of the dashboard's panels and variables."""
+
     def panels(items: object) -> Iterable[dict[str, object]]:
         for panel in items if isinstance(items, list) else []:
             yield panel

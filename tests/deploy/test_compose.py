@@ -35,7 +35,9 @@ def _dockerfile_env() -> dict[str, str]:
 
 
 def _published(port: str) -> tuple[str, int, int]:
-    host, published, container = port.rsplit(":", 2) if port.count(":") >= 2 else ("", *port.split(":"))
+    host, published, container = (
+        port.rsplit(":", 2) if port.count(":") >= 2 else ("", *port.split(":"))
+    )
     return host, int(published), int(container)
 
 
@@ -56,7 +58,9 @@ def test_every_mounted_file_and_named_volume_exists(compose: dict[str, Any]) -> 
             assert source.exists(), f"{name} mounts {source} (at {target}), which is missing"
             assert REPO in source.parents, f"{name} mounts {source} from outside the repository"
         for target, volume in named_volumes(service).items():
-            assert volume in declared_volumes, f"{name} mounts undeclared volume {volume} at {target}"
+            assert volume in declared_volumes, (
+                f"{name} mounts undeclared volume {volume} at {target}"
+            )
         for secret in service.get("secrets", []):
             assert secret in declared_secrets, f"{name} uses undeclared secret {secret}"
         build = service.get("build")
@@ -142,7 +146,9 @@ def test_prometheus_scrapes_trainbus_with_the_token(
     service = compose["services"]["prometheus"]
     mounts = bind_mounts(service, REPO)
     config_flag = next(arg for arg in service["command"] if arg.startswith("--config.file="))
-    assert host_path(mounts, config_flag.split("=", 1)[1]) == DEPLOY / "prometheus" / "prometheus.yml"
+    assert (
+        host_path(mounts, config_flag.split("=", 1)[1]) == DEPLOY / "prometheus" / "prometheus.yml"
+    )
     for rule_file in prometheus_config["rule_files"]:
         mounted = host_path(mounts, rule_file)
         assert mounted is not None and mounted.is_file(), rule_file
@@ -180,7 +186,9 @@ def test_grafana_is_provisioned_from_the_mounted_files(
     url = urlsplit(prometheus["url"])
     assert url.hostname in compose["services"]
     assert url.port == 9090  # Prometheus' default listen port; compose does not change it
-    assert not any("web.listen-address" in arg for arg in compose["services"]["prometheus"]["command"])
+    assert not any(
+        "web.listen-address" in arg for arg in compose["services"]["prometheus"]["command"]
+    )
 
     providers = [
         provider

@@ -59,7 +59,9 @@ def test_the_rules_unit_tests_pass(promtool: str) -> None:
     output = _promtool(promtool, "test", "rules", "rules.test.yml", cwd=RULES.parent)
     assert "SUCCESS" in output
     tests = yaml.safe_load((RULES.parent / "rules.test.yml").read_text())
-    tested = {case["alertname"] for test in tests["tests"] for case in test.get("alert_rule_test", [])}
+    tested = {
+        case["alertname"] for test in tests["tests"] for case in test.get("alert_rule_test", [])
+    }
     assert tested == {rule["alert"] for rule in _rules(_load_rules()) if "alert" in rule}
 
 
