@@ -170,7 +170,6 @@ class Trainer:
         self.save_reason: str | None = None
         self._loss_sum = 0.0
         self._loss_pending: torch.Tensor | None = None  # CUDA: summed on the device
-        self._correct: int | torch.Tensor = 0
         self._seen = 0
 
     # -- wiring -----------------------------------------------------------------------------
@@ -253,7 +252,6 @@ class Trainer:
             },
             "accumulators": {
                 "loss_sum": self._folded_loss_sum(),
-                "correct": int(self._correct),
                 "seen": self._seen,
             },
             "metrics": dict(self.metrics),
@@ -279,7 +277,6 @@ class Trainer:
         accumulators = state["accumulators"]
         self._loss_sum = float(accumulators["loss_sum"])
         self._loss_pending = None
-        self._correct = int(accumulators["correct"])
         self._seen = int(accumulators["seen"])
         self.metrics = {k: float(v) for k, v in state.get("metrics", {}).items()}
         restore_rng_state(state["rng"])
@@ -356,7 +353,6 @@ class Trainer:
         self.epoch_complete = False
         self._loss_sum = 0.0
         self._loss_pending = None
-        self._correct = 0
         self._seen = 0
 
     def _epoch_order(self) -> torch.Tensor:
@@ -373,7 +369,6 @@ class Trainer:
         spec = self.spec
         every = spec.batch_event_every
         batch_size = spec.batch_size
-        classification = self.data.task == "classification"
         publish = self.bus.publish
         run_callbacks = self.callbacks.run_callbacks
         job_id = self.job_id
@@ -445,9 +440,6 @@ class Trainer:
             if scheduler is not None:
                 scheduler.step()
             self._seen += count
-            if classification:
-                # a tensor sum: no host sync per batch; read once at the epoch's end
-                self._correct += (outputs.argmax(1) == targets).sum()
             self.step += 1
             run_callbacks(OPTIMIZER_STEP, self)
             if loud:
@@ -476,8 +468,6 @@ class Trainer:
             self._non_finite(loss_sum)
         seconds = time.perf_counter() - started
         train = {"train_loss": loss_sum / max(1, self._seen), "lr": self.lr}
-        if classification:
-            train["train_accuracy"] = int(self._correct) / max(1, self._seen)
         train["epoch_seconds"] = seconds
         train["samples_per_s"] = (self._seen - samples_at_start) / seconds if seconds > 0 else 0.0
         self.metrics.update(train)

@@ -286,3 +286,53 @@ async def test_a_cuda_job_is_refused_at_submission_on_a_cpu_server(
         with pytest.raises(SpecError, match="fp16"):
             await manager.submit(small_spec(precision="fp16"))
         assert manager.list()[1] == 0
+
+
+async def test_shutdown_saves_and_pauses_running_jobs_which_come_back_interrupted(
+    bus: EventBus, data_dir: Path
+) -> None:
+    watch = bus.subscribe(
+        "watch",
+        types=["train_batch_end", "model_save", "job_interrupted", "job_completed"],
+        buffer_size=100_000,
+    )
+    async with JobManager(
+        bus=bus, data_dir=data_dir, subscriber_factory=lambda h: [StateKeeper(h)]
+    ) as manager:
+        record = await manager.submit(small_spec(epochs=200))
+        while (await watch.receive()).type is not EventType.TRAIN_BATCH_END:
+            pass
+        await manager.shutdown(timeout=30)
+        interrupted = manager.get(record.id)
+    assert interrupted.state is JobState.INTERRUPTED
+    seen = [e for e in watch.receive_batch_nowait() if e.type is not EventType.TRAIN_BATCH_END]
+    assert [e.type for e in seen][-2:] == [EventType.MODEL_SAVE, EventType.JOB_INTERRUPTED]
+    assert seen[-2].data["reason"] == "pause"
+    saved_step = seen[-2].data["step"]
+    async with JobManager(
+        bus=bus,
+        data_dir=data_dir,
+        subscriber_factory=lambda h: [StateKeeper(h)],
+        checkpoint_loader=load_kept,
+    ) as manager:
+        assert manager.get(record.id).state is JobState.INTERRUPTED
+        await manager.resume(record.id)
+        restarted = await watch.receive()
+        while restarted.type is not EventType.TRAIN_BATCH_END:
+            restarted = await watch.receive()
+        assert restarted.data["step"] == saved_step + 1  # continued, not started over
+        manager.stop(record.id)
+        assert (await manager.wait_for(record.id, TERMINAL, timeout=30)).state == "stopped"
+
+
+async def test_a_stop_from_a_controller_completes_the_job_with_its_reason(
+    bus: EventBus, data_dir: Path
+) -> None:
+    batches = bus.subscribe("batches", types=["train_batch_end"])
+    async with JobManager(bus=bus, data_dir=data_dir) as manager:
+        record = await manager.submit(small_spec(epochs=200))
+        await batches.receive()
+        manager.stop(record.id, reason="val_loss stopped improving", source="early_stop")
+        done = await manager.wait_for(record.id, TERMINAL, timeout=30)
+    assert done.state is JobState.COMPLETED
+    assert done.stop_reason == "val_loss stopped improving"
