@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import anyio
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from prometheus_client import CollectorRegistry
 
 from bus import EventBus
 
@@ -28,6 +29,7 @@ from ._auth import OriginPolicy, TokenMiddleware, ensure_token, write_token_file
 from ._errors import install_error_handlers
 from ._history import EventHistory, EventSource
 from ._hub import EventHub
+from ._metrics import HubCollector
 from ._routes_jobs import router as jobs_router
 from ._routes_system import router as system_router
 from ._services import JobService, Services
@@ -61,6 +63,8 @@ class Runtime:
     history: EventSource | None = None
     render_metrics: Callable[[], bytes] | None = None
     ready_checks: dict[str, Callable[[], Any]] = field(default_factory=dict)
+    metrics_registry: CollectorRegistry | None = None
+    """Where the API registers its own metrics (rendered by ``render_metrics``)."""
 
 
 RuntimeFactory = Callable[[Settings, EventBus], AbstractAsyncContextManager[Runtime]]
@@ -128,12 +132,17 @@ def create_app(
                         ready_checks=built.ready_checks,
                     )
                     app.state.services = services
+                    collector = HubCollector(hub)
+                    if built.metrics_registry is not None:
+                        built.metrics_registry.register(collector)
                     try:
                         yield
                     finally:
                         services.accepting = False
                         services.shutting_down = True
                         logger.info("trainbus: shutting down")
+                        if built.metrics_registry is not None:
+                            built.metrics_registry.unregister(collector)
             finally:
                 hub.close()
         app.state.services = None

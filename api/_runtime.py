@@ -210,6 +210,7 @@ async def default_runtime(settings: Settings, bus: EventBus) -> AsyncIterator[Ru
                     jobs=ManagerJobs(manager, store, data_dir),
                     history=store,
                     render_metrics=exporter.render,
+                    metrics_registry=exporter.registry,
                     ready_checks={"job_manager": lambda: True, "event_store": lambda: True},
                 )
             finally:

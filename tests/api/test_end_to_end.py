@@ -254,6 +254,7 @@ async def test_metrics_registry_readyz(server: LiveServer) -> None:
         assert metrics.status_code == 200
         assert metrics.headers["content-type"].startswith("text/plain")
         assert "trainbus" in metrics.text
+        assert "trainbus_websocket_clients" in metrics.text
         registry = await http.get("/registry", headers=server.headers)
         assert registry.status_code == 200
         assert "digits" in json.dumps(registry.json()["datasets"])
