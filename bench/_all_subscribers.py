@@ -4,8 +4,9 @@
 checkpoint each epoch (``CheckpointWriter``), ``EarlyStopController``,
 ``LRPlateauController``, the ``PrometheusExporter`` (rendered once per epoch, as a scrape
 would), the ``ResourceMonitor`` (every second) and the ``EventStore`` (SQLite under
-``data_dir``). Returns ``(seconds, samples, events published)``; ``ratio_all_subscribers``
-is its time over the bare loop's.
+``data_dir``). Returns ``(seconds, samples, events published, CPU seconds of all
+threads)``, like ``trainbus_run``; ``ratio_all_subscribers`` is its time over the bare
+loop's.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ __all__ = ["all_subscribers_run"]
 JOB = "overhead-all"
 
 
-async def all_subscribers_run(spec: JobSpec, data_dir: Path) -> tuple[float, int, int]:
+async def all_subscribers_run(spec: JobSpec, data_dir: Path) -> tuple[float, int, int, float]:
     spec = spec.model_copy(
         update={
             "checkpoint": spec.checkpoint.model_copy(update={"enabled": True, "every_n_epochs": 1}),
@@ -86,12 +87,14 @@ async def all_subscribers_run(spec: JobSpec, data_dir: Path) -> tuple[float, int
 
         group.start_soon(scrape)
         started = time.perf_counter()
+        cpu_started = time.process_time()  # every thread: training, loop, subscribers, writer
         await anyio.to_thread.run_sync(trainer.run)
         for handle in handles:
             await handle.detach()  # the last checkpoint is durable
         elapsed = time.perf_counter() - started
+        cpu = time.process_time() - cpu_started
         published = bus.last_seq(JOB)
         group.cancel_scope.cancel()
     store.close()
     shutil.rmtree(run_dir, ignore_errors=True)
-    return elapsed, spec.epochs * len(trainer.y_train), published
+    return elapsed, spec.epochs * len(trainer.y_train), published, cpu
