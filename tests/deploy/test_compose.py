@@ -200,10 +200,15 @@ def test_grafana_is_provisioned_from_the_mounted_files(
     home = host_path(mounts, service["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"])
     assert home is not None and home.is_file()
 
+    # Panels follow a data source variable (so the JSON also imports into another Grafana);
+    # it starts on the default data source, which the provisioned Prometheus is.
+    assert prometheus["isDefault"] is True
+    (variable,) = [v for v in dashboard["templating"]["list"] if v["type"] == "datasource"]
+    assert variable["query"] == "prometheus"
     uids = {panel["datasource"]["uid"] for panel in dashboard["panels"] if "datasource" in panel}
     uids |= {
         target["datasource"]["uid"]
         for panel in dashboard["panels"]
         for target in panel.get("targets", [])
     }
-    assert uids == {prometheus["uid"]}
+    assert uids == {"${" + variable["name"] + "}"}
