@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -246,6 +248,17 @@ async def test_deleting_a_running_job_is_409(client: AsyncTrainbusClient) -> Non
         await client.delete(job["id"])
     await client.stop(job["id"])
     await client.wait(job["id"])
+
+
+def test_metrics_pass_promtool(server: LiveServer) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (make test installs it)")
+    text = httpx.get(server.url + "/metrics").text
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=text, text=True, capture_output=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 async def test_metrics_registry_readyz(server: LiveServer) -> None:
