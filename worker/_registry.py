@@ -147,11 +147,21 @@ class Registry:
                     logger.error("plugin %s in %s failed to load: %r", point.name, group, error)
                     continue
                 if group == "trainbus.models" and isinstance(entry, ModelEntry):
-                    self.add_model(entry)
+                    existing: dict[str, Any] = self.models
                 elif group == "trainbus.datasets" and isinstance(entry, DatasetEntry):
-                    self.add_dataset(entry)
+                    existing = self.datasets
                 else:
                     logger.error("plugin %s in %s is not a registry entry", point.name, group)
+                    continue
+                if entry.name in existing:  # a plugin never silently replaces an entry
+                    logger.error(
+                        "plugin %s in %s: the name %r is taken; skipped",
+                        point.name,
+                        group,
+                        entry.name,
+                    )
+                    continue
+                existing[entry.name] = entry
 
     def describe(self) -> dict[str, Any]:
         """Names, descriptions and JSON schemas of parameters, for ``GET /registry``."""

@@ -57,3 +57,44 @@ def test_a_missing_csv_names_what_is_there(data_dir: Path, datasets_dir: Path) -
 def test_csv_names_that_are_paths_are_refused(name: str) -> None:
     with pytest.raises(ValueError, match="bare file name"):
         CSVParams(file=name)
+
+
+def test_plugins_come_from_entry_points_and_never_replace_an_entry(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from worker import ModelEntry, Registry, _registry
+    from worker._models import LinearParams, build_linear
+
+    tiny = ModelEntry("tiny", LinearParams, build_linear, "a plugin model")
+    impostor = ModelEntry("mlp", LinearParams, build_linear, "replaces a built-in")
+    points = {
+        "tiny": tiny,
+        "mlp": impostor,
+    }
+
+    class FakePoint:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def load(self) -> object:
+            if self.name == "broken":
+                raise ImportError("missing dependency")
+            return points[self.name]
+
+    def fake_entry_points(group: str) -> list[FakePoint]:
+        if group == "trainbus.models":
+            return [FakePoint("tiny"), FakePoint("mlp"), FakePoint("broken")]
+        return []
+
+    monkeypatch.setattr(_registry, "entry_points", fake_entry_points)
+    registry = Registry()
+    for entry in _registry.BUILTIN_MODELS:
+        registry.add_model(entry)
+    registry.load_plugins()
+    assert registry.model("tiny") is tiny
+    assert registry.model("mlp").description == "A multi-layer perceptron."
+    assert "name 'mlp' is taken" in caplog.text and "missing dependency" in caplog.text
+    described = registry.describe()
+    names = [m["name"] for m in described["models"]]
+    assert names == ["cnn", "linear", "mlp", "tiny"]
+    assert described["models"][2]["params"]["properties"]["hidden_sizes"]["type"] == "array"
