@@ -28,7 +28,7 @@ from bus import (
     SubscriberHandle,
 )
 
-from ._errors import IllegalTransition, JobNotFound, ManagerClosed
+from ._errors import IllegalTransition, JobNotFound, ManagerClosed, SpecError
 from ._records import ENDED_STATES, TRANSITIONS, JobFailure, JobRecord, JobState, JobStore
 from ._registry import Registry, default_registry
 from ._spec import JobSpec
@@ -189,8 +189,19 @@ class JobManager:
     def list(
         self, state: JobState | str | None = None, offset: int = 0, limit: int = 50
     ) -> tuple[list[JobRecord], int]:
-        """Jobs in creation order, optionally of one state, and how many there are in all."""
-        return self.store.list(None if state is None else JobState(state), offset, limit)
+        """Jobs in creation order, optionally of one state, and how many there are in all.
+
+        :raises SpecError: for an unknown state or a negative offset or limit.
+        """
+        if offset < 0 or limit < 0:
+            raise SpecError(f"offset and limit must not be negative, got {offset} and {limit}")
+        try:
+            wanted = None if state is None else JobState(state)
+        except ValueError:
+            raise SpecError(
+                f"unknown job state {state!r}; states: {', '.join(s.value for s in JobState)}"
+            ) from None
+        return self.store.list(wanted, offset, limit)
 
     def handle(self, job_id: str) -> JobHandle | None:
         return self._handles.get(job_id)

@@ -205,6 +205,8 @@ async def test_records_survive_a_restart_and_list_paginates(bus: EventBus, data_
         assert page[0].name == "job 1" and page[0].metrics["val_accuracy"] > 0
         assert manager.list(state="completed")[1] == 3
         assert manager.list(state="running")[1] == 0
+        with pytest.raises(SpecError, match="unknown job state 'bogus'; states: queued"):
+            manager.list(state="bogus")
 
 
 class StopAt(Subscriber):
