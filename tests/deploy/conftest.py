@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import pytest
 import yaml
 
 from api import TrainbusClient, create_app
-from tests.api.server import LiveServer, make_settings, run_server
+from tests.api.server import make_settings, run_server
 
 from .promql import exposed_names
 
@@ -96,24 +95,21 @@ def prometheus_binary() -> str:
 
 
 @pytest.fixture(scope="session")
-def trainbus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    """A real trainbus server (real job manager and subscribers) whose /metrics wants the
-    token, as docker-compose.yml configures it."""
+def exposed_metrics(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
+    """Every series name the real exporter offers once a real (small) job has completed on a
+    real server (real job manager and subscribers; /metrics wants the token, as
+    docker-compose.yml configures it). The server stops before the tests run."""
     settings = make_settings(tmp_path_factory.mktemp("data"), metrics_require_token=True)
-    with run_server(create_app(settings), settings) as live:
-        yield live
-
-
-@pytest.fixture(scope="session")
-def exposed_metrics(trainbus_server: LiveServer) -> set[str]:
-    """Every series name the real exporter offers once a real (small) job has completed."""
-    with TrainbusClient(trainbus_server.url, trainbus_server.token) as client:
+    with (
+        run_server(create_app(settings), settings) as server,
+        TrainbusClient(server.url, server.token) as client,
+    ):
         job = client.submit(SMALL_JOB)
         record = client.wait(job["id"], timeout=90)
         assert record["state"] == "completed", record
         exposition = client.metrics()
-    unauthorised = httpx.get(trainbus_server.url + "/metrics", timeout=10)
-    assert unauthorised.status_code == 401  # the token the compose file makes Prometheus send
+        unauthorised = httpx.get(server.url + "/metrics", timeout=10)
+        assert unauthorised.status_code == 401  # so Prometheus must send the token
     names = exposed_names(exposition)
     assert "trainbus_job_step" in names, exposition[:2000]
     return names
