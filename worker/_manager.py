@@ -28,11 +28,12 @@ from bus import (
     SubscriberHandle,
 )
 
+from ._building import check_runtime
 from ._errors import IllegalTransition, JobNotFound, ManagerClosed, SpecError
 from ._records import ENDED_STATES, TRANSITIONS, JobFailure, JobRecord, JobState, JobStore
 from ._registry import Registry, default_registry
 from ._spec import JobSpec
-from ._trainer import Outcome, RunResult, Trainer, check_runtime
+from ._trainer import Outcome, RunResult, Trainer
 
 __all__ = ["JobHandle", "JobManager"]
 

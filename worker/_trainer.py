@@ -18,13 +18,14 @@ from torch import nn
 
 from bus import CallbackRegistry, Command, CommandKind, ControlChannel, EventBus, EventType
 
+from ._building import build_optimizer, build_scheduler, check_runtime
 from ._datasets import DatasetSplit
 from ._errors import SpecError
 from ._registry import Registry, default_registry
 from ._spec import JobSpec
 from ._state import capture_rng_state, restore_rng_state
 
-__all__ = ["Outcome", "RunResult", "Stateful", "Trainer", "check_runtime"]
+__all__ = ["Outcome", "RunResult", "Stateful", "Trainer"]
 
 logger = logging.getLogger("trainbus.worker")
 
@@ -66,33 +67,6 @@ class _StopRun(Exception):
 
     def __init__(self, result: RunResult) -> None:
         self.result = result
-
-
-def resolve_device(requested: str) -> torch.device:
-    """``auto`` picks CUDA when available; asking for CUDA without one is a spec error."""
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SpecError(f"device {requested!r} was asked for, but this server has no CUDA GPU")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise SpecError(
-                f"device {requested!r} does not exist; this server has "
-                f"{torch.cuda.device_count()} CUDA device(s)"
-            )
-    return device
-
-
-def check_runtime(spec: JobSpec) -> torch.device:
-    """The device ``spec`` runs on here; refuses what this server cannot do.
-
-    :raises SpecError: for a CUDA device on a server without one, or fp16 without CUDA.
-    """
-    device = resolve_device(spec.device)
-    if spec.precision == "fp16" and device.type != "cuda":
-        raise SpecError("precision 'fp16' needs a CUDA device; use 'bf16' or 'fp32' on the CPU")
-    return device
 
 
 class Trainer:
@@ -151,9 +125,9 @@ class Trainer:
         self.loss_fn: nn.Module = (
             nn.CrossEntropyLoss() if self.data.task == "classification" else nn.MSELoss()
         )
-        self.optimizer = self._build_optimizer()
+        self.optimizer = build_optimizer(spec.optimizer, self.model.parameters())
         self.batches_per_epoch = math.ceil(len(self.data.y_train) / spec.batch_size)
-        self.scheduler = self._build_scheduler()
+        self.scheduler = build_scheduler(spec, self.optimizer, self.batches_per_epoch)
         self.scaler = torch.amp.GradScaler(
             "cuda", enabled=spec.precision == "fp16" and self.device.type == "cuda"
         )
@@ -195,39 +169,6 @@ class Trainer:
         )
 
     # -- building ---------------------------------------------------------------------------
-
-    def _build_optimizer(self) -> torch.optim.Optimizer:
-        spec = self.spec.optimizer
-        params = self.model.parameters()
-        if spec.name == "sgd":
-            return torch.optim.SGD(
-                params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
-            )
-        if spec.name == "adam":
-            return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
-        return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
-
-    def _build_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler | None:
-        spec = self.spec.scheduler
-        params = spec.params
-        if spec.name == "step":
-            return torch.optim.lr_scheduler.StepLR(
-                self.optimizer,
-                step_size=int(params.get("step_size", 10)),
-                gamma=params.get("gamma", 0.1),
-            )
-        if spec.name == "cosine":
-            return torch.optim.lr_scheduler.CosineAnnealingLR(
-                self.optimizer, T_max=self.spec.epochs, eta_min=params.get("eta_min", 0.0)
-            )
-        if spec.name == "onecycle":
-            return torch.optim.lr_scheduler.OneCycleLR(
-                self.optimizer,
-                max_lr=params.get("max_lr", self.spec.optimizer.lr * 10),
-                total_steps=self.spec.epochs * self.batches_per_epoch,
-                pct_start=params.get("pct_start", 0.3),
-            )
-        return None
 
     @property
     def lr(self) -> float:
