@@ -23,7 +23,7 @@ from ._schemas import (
     JobRecord,
     ValidationErrorBody,
 )
-from ._services import services_of
+from ._services import has_events, services_of
 
 __all__ = ["SPEC_EXAMPLE", "router"]
 
@@ -189,7 +189,7 @@ async def job_events(
         if types is None or not types.strip()
         else frozenset(event_type_for(name.strip()) for name in types.split(",") if name.strip())
     )
-    if not await services.jobs.exists(job_id):
+    if not await has_events(services, job_id):
         await services.jobs.get(job_id)  # raises the job-not-found error
     if services.history is None:
         raise ServiceUnavailable("the event store is not running")

@@ -18,7 +18,7 @@ from ._history import EventHistory
 from ._hub import EventHub
 from ._settings import Settings
 
-__all__ = ["JobService", "Services", "services_of"]
+__all__ = ["JobService", "Services", "has_events", "services_of"]
 
 
 class JobService(Protocol):
@@ -61,6 +61,14 @@ class Services:
     ready_checks: dict[str, Callable[[], Any]] = field(default_factory=dict)
     accepting: bool = True
     shutting_down: bool = False
+
+
+async def has_events(services: Services, job_id: str) -> bool:
+    """True for a job the manager knows, or any id with events (such as ``_server``, whose
+    events are the machine's resource samples)."""
+    if await services.jobs.exists(job_id) or services.bus.last_seq(job_id) > 0:
+        return True
+    return services.history is not None and await services.history.last_seq(job_id) > 0
 
 
 def services_of(connection: HTTPConnection | Request) -> Services:

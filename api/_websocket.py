@@ -28,7 +28,7 @@ from ._auth import SUBPROTOCOL, offered_subprotocols
 from ._history import EventHistory
 from ._hub import ClientBuffer, encode_event, gap_notice
 from ._schemas import JOB_ID_PATTERN
-from ._services import Services, services_of
+from ._services import Services, has_events, services_of
 
 __all__ = ["CLOSE_TOO_SLOW", "router"]
 
@@ -177,7 +177,7 @@ async def _serve(
     except UnknownEventName as error:
         await _refuse(websocket, 422, str(error))
         return
-    if job_id is not None and not await services.jobs.exists(job_id):
+    if job_id is not None and not await has_events(services, job_id):
         await _refuse(websocket, 404, f"job {job_id!r} does not exist: list jobs with GET /jobs")
         return
     if services.shutting_down:
