@@ -242,3 +242,13 @@ async def test_inline_callbacks_run_at_every_batch_even_when_events_are_thinned(
     assert calls["on_optimizer_step"] == calls["on_train_batch_end"] == list(range(1, 9))
     assert calls["on_before_zero_grad"] == list(range(1, 9))
     assert len(calls["on_val_batch_start"]) == len(calls["on_val_batch_end"]) == 2  # 30 / 16
+
+
+async def test_bf16_mixed_precision_runs_on_the_cpu(bus: EventBus, data_dir: Path) -> None:
+    trainer = await anyio.to_thread.run_sync(
+        make_trainer, bus, data_dir, small_spec(epochs=1, precision="bf16")
+    )
+    assert trainer.autocast_dtype is torch.bfloat16 and not trainer.scaler.is_enabled()
+    result = await anyio.to_thread.run_sync(trainer.run)
+    assert result.outcome is Outcome.COMPLETED
+    assert trainer.metrics["val_loss"] == trainer.metrics["val_loss"]  # not NaN
