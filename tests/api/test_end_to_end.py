@@ -17,6 +17,7 @@ import torch
 from websockets.asyncio.client import connect
 
 from api import AsyncTrainbusClient, create_app
+from api.cli import main
 
 from .fuzz import server_errors
 from .server import LiveServer, make_settings, run_server
@@ -319,3 +320,26 @@ async def test_shutdown_interrupts_running_jobs_which_resume_after_a_restart(
             assert tail[0]["seq"] == before[-1]["seq"] + 1, "numbering continues after restart"
             epochs = [e["data"]["epoch"] for e in tail if e["type"] == "fit_epoch_end"]
             assert epochs and epochs[0] > 0, "resumed from the checkpoint, not from scratch"
+
+
+def test_cli_submit_watch_status_jobs(
+    server: LiveServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = tmp_path / "job.json"
+    spec.write_text(json.dumps(digits_spec(epochs=2)))
+    base = ["--url", server.url, "--token", server.token]
+    assert main([*base, "submit", str(spec), "--watch"]) == 0
+    out = capsys.readouterr().out
+    job_id = out.split()[1]
+    assert "completed" in out and "2/2" in out  # the epoch bar filled up
+    assert main([*base, "status", job_id, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["state"] == "completed"
+    assert main([*base, "jobs", "--state", "completed"]) == 0
+    assert job_id in capsys.readouterr().out
+
+
+async def test_server_resource_samples_are_streamable(server: LiveServer) -> None:
+    async with httpx.AsyncClient(base_url=server.url, headers=server.headers) as http:
+        response = await http.get("/jobs/_server/events", params={"types": "resource_sample"})
+    assert response.status_code == 200
+    assert all(event["type"] == "resource_sample" for event in response.json())
