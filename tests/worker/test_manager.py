@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from bus import Event, EventBus, EventType, Subscriber
+from bus import Event, EventBus, EventType, Subscriber, Subscription, WouldBlock
 from worker import (
     IllegalTransition,
     JobHandle,
@@ -29,14 +29,33 @@ from .conftest import small_spec
 TERMINAL = ["completed", "stopped", "failed", "interrupted"]
 
 
+def drain(subscription: Subscription) -> list[Event]:
+    """Whatever the subscription holds now, without waiting."""
+    try:
+        return subscription.receive_batch_nowait()
+    except WouldBlock:
+        return []
+
+
 async def test_pause_resume_and_stop_a_running_job(bus: EventBus, data_dir: Path) -> None:
-    batches = bus.subscribe("batches", types=["train_batch_end"])
+    batches = bus.subscribe("batches", types=["train_batch_end"], buffer_size=100_000)
+    saves = bus.subscribe("saves", types=["model_save"], buffer_size=100_000)
     async with JobManager(bus=bus, data_dir=data_dir) as manager:
         record = await manager.submit(small_spec(epochs=200))
         await batches.receive()
         command = manager.pause(record.id)
         paused = await manager.wait_for(record.id, ["paused"], timeout=30)
         assert command.kind == "pause" and paused.state is JobState.PAUSED
+        # Held: a save is honoured while paused, and no batch runs meanwhile.
+        drain(batches)
+        handle = manager.handle(record.id)
+        assert handle is not None
+        save = handle.control.save("while paused")
+        async for saved in saves:
+            if saved.data.get("command_id") == save.id:
+                break
+        assert drain(batches) == []
+        assert manager.get(record.id).state is JobState.PAUSED
         with pytest.raises(IllegalTransition, match="it is paused"):
             manager.pause(record.id)
         await manager.resume(record.id)
