@@ -33,6 +33,12 @@ __all__ = [
 
 logger = logging.getLogger("trainbus.api")
 
+_dumps = json.dumps
+try:  # optional: several times faster, and encoding is per event on the event loop
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - the standard library is the fallback
+    _orjson = None  # type: ignore[assignment]
+
 Item = tuple[str, int, str]
 """What a client buffer holds: ``(job_id, seq, encoded JSON)``, shared by every client."""
 
@@ -51,10 +57,15 @@ def finite(value: Any) -> Any:
 def encode_event(event: Event) -> str:
     """The event as compact JSON; NaN and infinities (a diverging loss) become ``null``."""
     payload = event.to_dict()
+    if _orjson is not None:
+        try:
+            return _orjson.dumps(payload).decode()  # NaN already becomes null
+        except TypeError:  # keys or values orjson does not take: the standard library does
+            pass
     try:
-        return json.dumps(payload, separators=(",", ":"), allow_nan=False)
+        return _dumps(payload, separators=(",", ":"), allow_nan=False, default=str)
     except ValueError:
-        return json.dumps(finite(payload), separators=(",", ":"), allow_nan=False)
+        return _dumps(finite(payload), separators=(",", ":"), allow_nan=False, default=str)
 
 
 def gap_notice(job_id: str, from_seq: int, to_seq: int, missed: int, subscriber: str) -> Item:
@@ -323,14 +334,18 @@ class EventHub:
             if not clients:
                 continue
             items = [(job_id, e.seq, encode_event(e)) for e in events]
+            filtered: dict[frozenset[EventType], list[Item]] = {}  # one list per distinct filter
             for client in clients:
                 types = client.types
                 if types is None:
                     client._extend(items)
-                else:
-                    client._extend(
-                        [item for item, e in zip(items, events, strict=True) if e.type in types]
-                    )
+                    continue
+                selected = filtered.get(types)
+                if selected is None:
+                    selected = filtered[types] = [
+                        item for item, e in zip(items, events, strict=True) if e.type in types
+                    ]
+                client._extend(selected)
 
     def statistics(self) -> HubStatistics:
         clients = self.clients()

@@ -132,15 +132,15 @@ class _Stream:
                         encoded.extend(await self._refill(job_id, from_seq, to_seq, count))
                 finally:
                     client.replaying = False
-            if self.job_id is None:
-                encoded.extend(item[2] for item in items)
-            else:
-                last = self.last_sent
-                for _job, seq, text in items:
-                    if seq > last:
-                        encoded.append(text)
-                        last = seq
-                self.last_sent = last
+            if items:
+                if self.job_id is not None:
+                    # a job's items are in seq order: skip those already sent (replay, refill)
+                    last = self.last_sent
+                    if items[0][1] <= last:
+                        items = [item for item in items if item[1] > last]
+                    if items:
+                        self.last_sent = items[-1][1]
+                encoded.extend([item[2] for item in items])
             if encoded:
                 await self.send(encoded)
 

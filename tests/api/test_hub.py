@@ -1,0 +1,53 @@
+"""The hub's pieces: encoding once, per-client buffers, gaps and the slow-client limit."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from api._hub import ClientBuffer, encode_event
+from bus import Event, EventType
+
+
+def _items(job: str, seqs: range) -> list[tuple[str, int, str]]:
+    return [(job, s, f'{{"seq":{s}}}') for s in seqs]
+
+
+def test_encoding_turns_non_finite_numbers_into_null() -> None:
+    event = Event("j", 3, EventType.TRAIN_BATCH_END, 1.5, {"loss": math.nan, "m": [math.inf, 1]})
+    decoded = json.loads(encode_event(event))
+    assert decoded == {
+        "job_id": "j",
+        "seq": 3,
+        "type": "train_batch_end",
+        "time": 1.5,
+        "data": {"loss": None, "m": [None, 1]},
+    }
+
+
+def test_overflow_drops_oldest_and_reports_the_range() -> None:
+    client = ClientBuffer(job_id="j", types=None, buffer_size=3, max_lag=100)
+    client._extend(_items("j", range(1, 6)))
+    missed, items = client.take(10)
+    assert missed == [("j", 1, 2, 2)]
+    assert [seq for _, seq, _ in items] == [3, 4, 5]
+    assert not client.too_slow
+
+
+def test_past_the_lag_limit_the_client_is_too_slow_and_listeners_hear_it() -> None:
+    heard: list[bool] = []
+    client = ClientBuffer(
+        job_id="j", types=None, buffer_size=2, max_lag=5, on_too_slow=[lambda: heard.append(True)]
+    )
+    client._extend(_items("j", range(1, 10)))
+    assert client.too_slow and heard == [True]
+    assert len(client) == 0  # nothing more is kept for it
+
+
+def test_drops_while_replaying_do_not_count_as_lag() -> None:
+    client = ClientBuffer(job_id="j", types=None, buffer_size=2, max_lag=5)
+    client.replaying = True
+    client._extend(_items("j", range(1, 50)))
+    assert not client.too_slow
+    missed, _ = client.take(10)
+    assert missed == [("j", 1, 47, 47)]
