@@ -214,7 +214,7 @@ class EventHub:
     """Reads the bus once and fans encoded events out to :class:`ClientBuffer` instances."""
 
     def __init__(
-        self, bus: EventBus, *, buffer_size: int = 65_536, batch_interval: float = 0.005
+        self, bus: EventBus, *, buffer_size: int = 65_536, batch_interval: float = 0.01
     ) -> None:
         self._bus = bus
         self._batch_interval = batch_interval

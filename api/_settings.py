@@ -101,7 +101,7 @@ class Settings(BaseSettings):
         default=5.0, gt=0, description="Seconds to wait for a slow client to take a close frame."
     )
     ws_batch_interval: float = Field(
-        default=0.005,
+        default=0.01,
         ge=0,
         description="Seconds the live fan-out gathers events under load before a round of "
         "sends (at most this much added latency; far fewer messages).",
