@@ -109,7 +109,10 @@ def test_prometheus_sees_a_job_train_pause_and_complete(
         )
         steps = _range(prometheus, step, started)
         assert steps == sorted(steps), "the step went backwards"
-        assert steps[0] <= paused_at < final == steps[-1]
+        # The range query's last point may predate the final scrape (step alignment); the
+        # instant query above already saw the final step.
+        assert steps[0] <= paused_at < final
+        assert steps[-1] <= final
         assert len(set(steps)) >= 2, steps
 
         samples = f'trainbus:job_samples:rate1m{{job_id="{job_id}"}}'
