@@ -61,6 +61,28 @@ def _validate_params(params_model: type[BaseModel], params: dict[str, Any]) -> d
         ) from None
 
 
+def _entry_params(kind: Literal["model", "dataset"], name: str) -> type[BaseModel]:
+    """The parameter model of a registered entry.
+
+    :raises ValueError: naming the available entries if ``name`` is unknown.
+    """
+    registry = default_registry()
+    try:
+        entry = registry.model(name) if kind == "model" else registry.dataset(name)
+    except SpecError as error:
+        raise ValueError(str(error)) from None
+    return entry.params
+
+
+def _entry_params_valid(
+    kind: Literal["model", "dataset"], params: dict[str, Any], info: ValidationInfo
+) -> dict[str, Any]:
+    name = info.data.get("name")
+    if name is None:  # the name itself was refused; that error says enough
+        return params
+    return _validate_params(_entry_params(kind, name), params)
+
+
 class ModelSpec(BaseModel):
     """A registered model (built-in or plugin) and its parameters."""
 
@@ -73,19 +95,13 @@ class ModelSpec(BaseModel):
     @field_validator("name")
     @classmethod
     def _known_name(cls, name: str) -> str:
-        try:
-            default_registry().model(name)
-        except SpecError as error:
-            raise ValueError(str(error)) from None
+        _entry_params("model", name)
         return name
 
     @field_validator("params")
     @classmethod
     def _valid_params(cls, params: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        name = info.data.get("name")
-        if name is None:  # the name itself was refused; that error says enough
-            return params
-        return _validate_params(default_registry().model(name).params, params)
+        return _entry_params_valid("model", params, info)
 
 
 class DatasetSpec(BaseModel):
@@ -100,19 +116,13 @@ class DatasetSpec(BaseModel):
     @field_validator("name")
     @classmethod
     def _known_name(cls, name: str) -> str:
-        try:
-            default_registry().dataset(name)
-        except SpecError as error:
-            raise ValueError(str(error)) from None
+        _entry_params("dataset", name)
         return name
 
     @field_validator("params")
     @classmethod
     def _valid_params(cls, params: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        name = info.data.get("name")
-        if name is None:
-            return params
-        return _validate_params(default_registry().dataset(name).params, params)
+        return _entry_params_valid("dataset", params, info)
 
 
 class OptimizerSpec(BaseModel):
@@ -121,12 +131,6 @@ class OptimizerSpec(BaseModel):
     lr: float = Field(default=1e-3, gt=0, le=10)
     momentum: float = Field(default=0.9, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0, le=1)
-
-    @field_validator("lr", "momentum", "weight_decay")
-    @classmethod
-    def _finite_number(cls, value: float) -> float:
-        _finite(value, "value")
-        return value
 
 
 class SchedulerSpec(BaseModel):
@@ -196,11 +200,6 @@ class EarlyStopSpec(BaseModel):
     start_from_epoch: int = Field(default=0, ge=0)
     restore_best: bool = False
 
-    @field_validator("min_delta", "baseline", "stopping_threshold", "divergence_threshold")
-    @classmethod
-    def _finite_number(cls, value: float | None) -> float | None:
-        return _finite(value, "value")
-
 
 class LRPlateauSpec(BaseModel):
     """Keras' ReduceLROnPlateau, acting through ``set_lr`` commands."""
@@ -214,12 +213,6 @@ class LRPlateauSpec(BaseModel):
     min_delta: float = Field(default=1e-4, ge=0)
     cooldown: int = Field(default=0, ge=0, le=100_000)
     min_lr: float = Field(default=0.0, ge=0)
-
-    @field_validator("min_delta", "min_lr")
-    @classmethod
-    def _finite_number(cls, value: float) -> float:
-        _finite(value, "value")
-        return value
 
 
 class ResourcesSpec(BaseModel):

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -597,7 +597,3 @@ class Trainer:
     def _save_after_failure(self) -> None:
         with contextlib.suppress(Exception):
             self._save("failure")
-
-    def iter_parameters(self) -> Iterator[torch.Tensor]:
-        """The model's parameters (for tests comparing runs)."""
-        return iter(self.model.parameters())
