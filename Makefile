@@ -46,5 +46,11 @@ bench: $(INSTALLED)
 	$(BIN)/python bench/checkpoint.py
 	$(BIN)/python bench/fanout.py
 
+## The reliability suite at soak size (more kills, reconnects, schemathesis cases); figures are
+## appended to reliability-report.jsonl for docs/RELIABILITY.md.
+soak: $(INSTALLED) system-deps
+	TRAINBUS_SOAK=1 TRAINBUS_RELIABILITY_REPORT=$(CURDIR)/reliability-report.jsonl \
+		$(BIN)/python -m pytest tests/reliability --timeout 3600 -v
+
 clean:
 	rm -rf $(VENV) *.egg-info .mypy_cache .ruff_cache

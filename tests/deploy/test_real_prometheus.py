@@ -4,6 +4,7 @@ paused to completed, the recording rules produce throughput and every rule evalu
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,11 +110,8 @@ def test_prometheus_sees_a_job_train_pause_and_complete(
         )
         steps = _range(prometheus, step, started)
         assert steps == sorted(steps), "the step went backwards"
-        # The range query's last point may predate the final scrape (step alignment); the
-        # instant query above already saw the final step.
         assert steps[0] <= paused_at < final
-        assert steps[-1] <= final
-        assert len(set(steps)) >= 2, steps
+        assert steps[-1] == final  # the range ends now, after the scrape that saw the final step
 
         samples = f'trainbus:job_samples:rate1m{{job_id="{job_id}"}}'
         prometheus.wait_for("samples/s", lambda: (prometheus.value(samples) or 0) > 0)
@@ -127,9 +125,21 @@ def _boxed(value: float | None) -> tuple[float] | None:
 
 
 def _range(prometheus: PrometheusServer, expression: str, start: float) -> list[float]:
+    """The expression every 0.5 s from before `start` up to and including the present moment.
+
+    Prometheus evaluates a range query at start, start + step, ...: the start is placed a whole
+    number of steps before the end so that the last point is evaluated at the end itself.
+    """
+    end_ms = int(time.time() * 1000)  # Prometheus works in whole milliseconds
+    first_ms = end_ms - 500 * math.ceil((end_ms - start * 1000 + 1000) / 500)
     response = httpx.get(
         f"{prometheus.url}/api/v1/query_range",
-        params={"query": expression, "start": start - 1, "end": time.time(), "step": "0.5"},
+        params={
+            "query": expression,
+            "start": f"{first_ms / 1000:.3f}",
+            "end": f"{end_ms / 1000:.3f}",
+            "step": "0.5",
+        },
         timeout=10,
     )
     response.raise_for_status()

@@ -1,0 +1,32 @@
+"""The reliability suite: faults, load and hostile input against real servers.
+
+Every item runs in CI at a size that fits the suite's time; ``make soak`` sets
+``TRAINBUS_SOAK=1`` and runs the same items longer (see ``sized``). Figures a test measures go to
+``record``; with ``TRAINBUS_RELIABILITY_REPORT`` set they are appended there as JSON lines, the
+source of the tables in docs/RELIABILITY.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+SOAK = os.environ.get("TRAINBUS_SOAK") == "1"
+
+
+def sized(ci: int, soak: int) -> int:
+    """How many times to try something: ``ci`` in the test suite, ``soak`` under ``make soak``."""
+    return soak if SOAK else ci
+
+
+def record(item: str, **figures: Any) -> None:
+    """Keep what a test tried and what held, for docs/RELIABILITY.md."""
+    target = os.environ.get("TRAINBUS_RELIABILITY_REPORT")
+    if not target:
+        return
+    line = {"item": item, "soak": SOAK, "time": round(time.time(), 3), **figures}
+    with Path(target).open("a", encoding="utf-8") as report:
+        report.write(json.dumps(line) + "\n")
