@@ -135,7 +135,7 @@ async def _run_load(server: LiveServer) -> dict[str, Any]:
         "submitted_in": submitted_in,
         "total_time": total_time,
         "latency_p50": statistics.median(latencies),
-        "latency_p99": latencies[math.ceil(0.99 * len(latencies)) - 1]  # nearest rank,
+        "latency_p99": latencies[math.ceil(0.99 * len(latencies)) - 1],  # nearest rank
     }
 
 
