@@ -48,7 +48,8 @@ token: `Authorization: Bearer <token>`. WebSocket clients send the same header, 
 offer the subprotocols `trainbus` and `trainbus.bearer.<token>`.
 
 Live events: `ws://HOST/jobs/{id}/events/ws?after_seq=N&types=a,b` (replay from the store,
-then live; neither gap nor duplicate) and `ws://HOST/events/ws` (every job, live). Each message
+then live; neither gap nor duplicate; closed with 4404 when the job is deleted) and
+`ws://HOST/events/ws` (every job, live only: no replay, no `after_seq`). Each message
 is one JSON event `{"job_id", "seq", "type", "time", "data"}` or an array of them. A client
 that falls too far behind is closed with code 4008; the reason names the `after_seq` to
 reconnect with.

@@ -4,7 +4,8 @@ The hub reads the bus through one ``drop_oldest`` subscription (it never makes t
 encodes each event to JSON once, and appends the same encoded string to the bounded buffer of
 every interested client. A client whose buffer overflows loses its oldest events and is told
 so with a ``gap`` notice; one that has missed more than ``max_lag`` events is marked too slow
-and its connection is closed (code 4008). Everything here runs on the event loop's thread.
+and its connection is closed (code 4008). :meth:`EventHub.close_job` ends the streams of a
+deleted job. Everything here runs on the event loop's thread.
 """
 
 from __future__ import annotations
@@ -104,6 +105,8 @@ class ClientBuffer:
         self.max_lag = max_lag
         self.too_slow = False
         self.closed = False
+        self.ended: tuple[int, str] | None = None
+        """Set by :meth:`end`: the close code and reason the connection must close with."""
         self.replaying = False
         """While the connection replays history, drops are refilled from the store later and do
         not count as lag: the client is not slow, the server is busy catching it up."""
@@ -112,6 +115,7 @@ class ClientBuffer:
         self._lag = 0  # events missed since the client last emptied its buffer
         self._wake = anyio.Event()
         self.on_too_slow = list(on_too_slow)
+        self.on_end: list[Callable[[], None]] = []
         self.delivered = 0
         self.dropped = 0
 
@@ -191,6 +195,16 @@ class ClientBuffer:
         self._items.clear()
         self._wake.set()
 
+    def end(self, code: int, reason: str) -> None:
+        """Stop the stream: the connection closes with ``code`` and ``reason``; the
+        :attr:`on_end` callbacks run (the connection cancels a send the client holds up)."""
+        if self.closed or self.too_slow:
+            return
+        self.ended = (code, reason)
+        self.close()
+        for callback in self.on_end:
+            callback()
+
 
 class HubStatistics:
     """A snapshot of the hub: clients, events fanned out, drops and slow clients closed."""
@@ -264,6 +278,13 @@ class EventHub:
                 clients.discard(client)
                 if not clients:
                     del self._by_job[client.job_id]
+
+    def close_job(self, job_id: str, code: int, reason: str) -> int:
+        """End every stream that follows ``job_id`` alone (a deleted job); how many there were."""
+        clients = list(self._by_job.get(job_id, ()))
+        for client in clients:
+            client.end(code, reason)
+        return len(clients)
 
     def _count_too_slow(self) -> None:
         self._too_slow += 1

@@ -24,6 +24,7 @@ from ._schemas import (
     ValidationErrorBody,
 )
 from ._services import has_events, services_of
+from ._websocket import close_job_streams
 
 __all__ = ["SPEC_EXAMPLE", "router"]
 
@@ -157,8 +158,11 @@ async def stop_job(request: Request, job_id: JobId) -> dict[str, Any]:
     summary="Delete an ended job",
 )
 async def delete_job(request: Request, job_id: JobId) -> Response:
-    """Remove an ended job's record, stored events and files."""
-    await services_of(request).jobs.delete(job_id)
+    """Remove an ended job's record, stored events and files; its live event streams close
+    with code 4404."""
+    services = services_of(request)
+    await services.jobs.delete(job_id)
+    close_job_streams(services, job_id)
     return Response(status_code=204)
 
 

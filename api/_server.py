@@ -7,6 +7,7 @@ from fastapi import FastAPI
 
 from ._app import create_app
 from ._settings import Settings
+from ._websocket import MAX_CLIENT_MESSAGE_BYTES
 
 __all__ = ["serve", "uvicorn_config"]
 
@@ -26,6 +27,7 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
         server_header=False,
         # one encoding per event for every client: per-client compression would undo that
         ws_per_message_deflate=False,
+        ws_max_size=MAX_CLIENT_MESSAGE_BYTES,  # the streams take no client messages (1009)
     )
 
 

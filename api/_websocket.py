@@ -6,10 +6,18 @@ the bus's last ``seq`` at joining, then forwards live events it has not sent yet
 gap nor a duplicate at the seam. Events the client's buffer dropped are refetched from the
 store; where the store cannot supply them the client gets a ``gap`` event.
 
+The all-jobs stream promises live events only: it takes no ``after_seq`` (a request with one is
+refused with 422). A client that must not miss anything follows each job on its own stream,
+which resumes exactly from the last ``seq`` it saw.
+
+The streams only send: a client message of any kind is a protocol violation.
+
 Handshakes are refused before they are accepted (an HTTP 401/403/404/422 response with a JSON
-``detail``). Close codes after accepting: 1001 the server is shutting down; 4008 too slow
-(the client missed more than ``ws_max_lag`` events; the reason reads
-``too slow; resume with after_seq=<n>``).
+``detail``). Close codes after accepting: 1001 the server is shutting down; 1003 the client
+sent a binary message; 1008 the client sent a text message; 1009 the client sent a message
+over :data:`MAX_CLIENT_MESSAGE_BYTES`; 4008 too slow (the client missed more than
+``ws_max_lag`` events; the reason reads ``too slow; resume with after_seq=<n>``); 4404 the job
+was deleted.
 """
 
 from __future__ import annotations
@@ -30,16 +38,33 @@ from ._hub import ClientBuffer, encode_event, gap_notice
 from ._schemas import JOB_ID_PATTERN
 from ._services import Services, has_events, services_of
 
-__all__ = ["CLOSE_TOO_SLOW", "router"]
+__all__ = [
+    "CLOSE_JOB_DELETED",
+    "CLOSE_TOO_SLOW",
+    "MAX_CLIENT_MESSAGE_BYTES",
+    "close_job_streams",
+    "router",
+]
 
 logger = logging.getLogger("trainbus.api")
 
 CLOSE_TOO_SLOW = 4008
 """Close code for a client that fell too far behind; the reason names the seq to resume after."""
+CLOSE_JOB_DELETED = 4404
+"""Close code for the streams of a job that was deleted while they followed it."""
 CLOSE_GOING_AWAY = 1001
+CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_POLICY = 1008
+MAX_CLIENT_MESSAGE_BYTES = 4096
+"""The largest client message the server reads (uvicorn's ``ws_max_size``; past it: 1009).
+The streams take no client messages at all; this bounds what a hostile one can make us hold."""
 
 router = APIRouter()
+
+
+def close_job_streams(services: Services, job_id: str) -> int:
+    """Close the streams that follow ``job_id`` (code 4404): it was deleted."""
+    return services.hub.close_job(job_id, CLOSE_JOB_DELETED, "job deleted")
 
 
 def _parse_types(raw: str | None) -> frozenset[EventType] | None:
@@ -81,6 +106,8 @@ class _Stream:
         self.last_sent = last_sent
         self.max_events = services.settings.ws_max_message_events
         self.history: EventHistory | None = services.history if job_id is not None else None
+        self.violation: tuple[int, str] | None = None
+        """Set when the client broke the protocol: the close code and reason."""
 
     async def send(self, encoded: list[str]) -> None:
         for start in range(0, len(encoded), self.max_events):
@@ -193,20 +220,24 @@ async def _serve(
         max_lag=settings.ws_max_lag,
     )
     client.on_too_slow.append(cancel.cancel)
+    client.on_end.append(cancel.cancel)
     stream = _Stream(websocket, services, client, job_id, types, after_seq)
     try:
         await websocket.accept(subprotocol=subprotocol)
         upto = services.bus.last_seq(job_id) if job_id is not None else 0
         async with anyio.create_task_group() as group:
 
-            async def watch_disconnect() -> None:
-                while True:
-                    message = await websocket.receive()
-                    if message["type"] == "websocket.disconnect":
-                        group.cancel_scope.cancel()
-                        return
+            async def watch_client() -> None:
+                message = await websocket.receive()
+                if message["type"] == "websocket.receive":
+                    stream.violation = (
+                        (CLOSE_UNSUPPORTED_DATA, "this stream takes no binary messages")
+                        if message.get("bytes") is not None
+                        else (CLOSE_POLICY, "this stream takes no messages; it only sends events")
+                    )
+                group.cancel_scope.cancel()
 
-            group.start_soon(watch_disconnect)
+            group.start_soon(watch_client)
             with cancel:
                 if job_id is not None:
                     client.replaying = stream.history is not None
@@ -223,7 +254,11 @@ async def _serve(
         or websocket.client_state is not WebSocketState.CONNECTED
     ):
         return
-    if client.too_slow:
+    if stream.violation is not None:
+        code, reason = stream.violation
+    elif client.ended is not None:
+        code, reason = client.ended
+    elif client.too_slow:
         code, reason = (
             CLOSE_TOO_SLOW,
             (
@@ -251,6 +286,23 @@ async def job_events_ws(
 
 
 @router.websocket("/events/ws", name="events_ws")
-async def events_ws(websocket: WebSocket, types: str | None = Query(None)) -> None:
-    """Stream the live events of every job (no replay: use the per-job stream for that)."""
+async def events_ws(
+    websocket: WebSocket,
+    types: str | None = Query(None),
+    after_seq: str | None = Query(None),
+) -> None:
+    """Stream the live events of every job, from the moment of connecting.
+
+    No replay: ``seq`` is per job, so one cursor cannot say where to resume, and this stream
+    does not pretend to. ``after_seq`` is refused (422); to miss nothing, follow each job on
+    ``/jobs/{job_id}/events/ws?after_seq=<last seq seen>``.
+    """
+    if after_seq is not None:
+        await _refuse(
+            websocket,
+            422,
+            "/events/ws streams live events only and takes no after_seq; to resume without "
+            "missing events, follow each job on /jobs/{job_id}/events/ws?after_seq=<last seq>",
+        )
+        return
     await _serve(websocket, None, 0, types)

@@ -51,3 +51,16 @@ def test_drops_while_replaying_do_not_count_as_lag() -> None:
     assert not client.too_slow
     missed, _ = client.take(10)
     assert missed == [("j", 1, 47, 47)]
+
+
+def test_ending_a_client_records_the_close_and_runs_its_end_callbacks() -> None:
+    heard: list[str] = []
+    client = ClientBuffer(job_id="j", types=None, buffer_size=10, max_lag=100)
+    client.on_end.append(lambda: heard.append("ended"))
+    client._extend(_items("j", range(1, 4)))
+    client.end(4404, "job deleted")
+    assert client.ended == (4404, "job deleted")
+    assert client.closed and len(client) == 0 and heard == ["ended"]
+    assert not client.too_slow
+    client.end(4404, "job deleted")  # a second end changes nothing
+    assert heard == ["ended"]

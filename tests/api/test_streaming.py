@@ -174,3 +174,67 @@ async def test_slow_client_is_closed_with_the_seq_to_resume_from_others_unaffect
     assert closed.value.rcvd.code == CLOSE_TOO_SLOW
     assert "after_seq=" in closed.value.rcvd.reason
     assert transport_server.services.hub.statistics().too_slow >= 1
+
+
+async def test_all_jobs_stream_refuses_after_seq_and_says_how_to_resume(
+    transport_server: LiveServer,
+) -> None:
+    from websockets.exceptions import InvalidStatus
+
+    with pytest.raises(InvalidStatus) as refused:
+        async with _connect(transport_server, "/events/ws?after_seq=10"):
+            pass
+    assert refused.value.response.status_code == 422
+    detail = json.loads(refused.value.response.body)["detail"]
+    assert "live events only" in detail
+    assert "/jobs/{job_id}/events/ws?after_seq=" in detail
+
+
+async def test_all_jobs_stream_sends_live_events_only(
+    transport_server: LiveServer, fake_jobs: FakeJobs
+) -> None:
+    fake_jobs.add("live-only-1")
+    bus = transport_server.services.bus
+    async with _connect(transport_server, "/events/ws") as probe:
+        bus.publish("live-only-1", EventType.TRAIN_START, {})
+        # the probe has it: the hub has fanned it out before the second client joins
+        assert [e["seq"] for e in await _receive(probe)] == [1]
+        async with _connect(transport_server, "/events/ws") as socket:
+            bus.publish("live-only-1", EventType.TRAIN_END, {})
+            events = await _receive(socket)
+    assert [(e["job_id"], e["seq"], e["type"]) for e in events] == [
+        ("live-only-1", 2, "train_end")
+    ]
+
+
+async def test_deleting_a_job_closes_its_streams_with_4404(
+    transport_server: LiveServer, fake_jobs: FakeJobs
+) -> None:
+    import httpx
+
+    from api._websocket import CLOSE_JOB_DELETED
+
+    fake_jobs.add("doomed-1")
+    fake_jobs.add("kept-1")
+    bus = transport_server.services.bus
+    bus.publish("doomed-1", EventType.JOB_COMPLETED, {})
+    async with (
+        _connect(transport_server, "/jobs/doomed-1/events/ws") as doomed,
+        _connect(transport_server, "/jobs/kept-1/events/ws") as kept,
+    ):
+        assert [e["seq"] for e in await _receive(doomed)] == [1]
+        async with httpx.AsyncClient(
+            base_url=transport_server.url, headers=transport_server.headers
+        ) as http:
+            response = await http.delete("/jobs/doomed-1")
+        assert response.status_code == 204
+        with anyio.fail_after(10), pytest.raises(ConnectionClosed) as closed:
+            await _drain(doomed)
+        assert closed.value.rcvd is not None
+        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (
+            CLOSE_JOB_DELETED,
+            "job deleted",
+        )
+        # the other job's stream goes on
+        bus.publish("kept-1", EventType.TRAIN_START, {})
+        assert [e["seq"] for e in await _receive(kept)] == [1]
