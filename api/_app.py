@@ -25,10 +25,18 @@ from prometheus_client import CollectorRegistry
 
 from bus import EventBus
 
-from ._auth import OriginPolicy, TokenMiddleware, ensure_token, write_token_file
+from ._auth import (
+    HostMiddleware,
+    HostPolicy,
+    OriginPolicy,
+    TokenMiddleware,
+    ensure_token,
+    write_token_file,
+)
 from ._errors import install_error_handlers
 from ._history import EventHistory, EventSource
 from ._hub import EventHub
+from ._limits import BodyLimitMiddleware
 from ._metrics import HubCollector
 from ._routes_jobs import router as jobs_router
 from ._routes_system import router as system_router
@@ -173,6 +181,9 @@ def create_app(
         allow_headers=["Authorization", "Content-Type"],
         expose_headers=["Location"],
     )
+    # outermost: a foreign Host (DNS rebinding) is refused before anything else looks at it
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(HostMiddleware, policy=HostPolicy(settings.allowed_hosts, settings.host))
     _add_security_scheme(app)
     return app
 
@@ -186,6 +197,11 @@ def _loopback_origin_regex(origins: OriginPolicy) -> str | None:
         }
     )
     return rf"https?://({'|'.join(hosts)})(:\d+)?" if hosts else None
+
+
+_ERROR_CONTENT = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+_UNPARSABLE_BODY = {"description": "The body is not parsable JSON", "content": _ERROR_CONTENT}
+_BODY_TOO_LARGE = {"description": "The body is over the size limit", "content": _ERROR_CONTENT}
 
 
 def _add_security_scheme(app: FastAPI) -> None:
@@ -203,6 +219,11 @@ def _add_security_scheme(app: FastAPI) -> None:
             "description": "The API token printed at start-up (or TRAINBUS_TOKEN)",
         }
         schema["security"] = [{"bearer": []}]
+        for by_method in schema.get("paths", {}).values():
+            for operation in by_method.values():
+                if "requestBody" in operation:
+                    operation["responses"].setdefault("400", _UNPARSABLE_BODY)
+                    operation["responses"].setdefault("413", _BODY_TOO_LARGE)
         for path in ("/healthz", "/metrics"):
             for operation in schema.get("paths", {}).get(path, {}).values():
                 operation["security"] = [] if path == "/healthz" else [{}, {"bearer": []}]

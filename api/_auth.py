@@ -1,5 +1,5 @@
 """The API token: bearer headers on HTTP and WebSocket handshakes, a subprotocol for browsers,
-and the Origin allowlist for WebSocket handshakes.
+the Origin allowlist (WebSocket handshakes and state-changing requests) and the Host allowlist.
 
 Browsers cannot set ``Authorization`` on a WebSocket, and a token in the URL would land in
 access logs. They offer two subprotocols instead, ``trainbus`` and ``trainbus.bearer.<token>``;
@@ -8,6 +8,7 @@ the server checks the second and echoes only ``trainbus``.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 from collections.abc import Iterable, Sequence
@@ -24,6 +25,8 @@ __all__ = [
     "BEARER_SUBPROTOCOL_PREFIX",
     "MISSING_TOKEN",
     "SUBPROTOCOL",
+    "HostMiddleware",
+    "HostPolicy",
     "OriginPolicy",
     "TokenCheck",
     "TokenMiddleware",
@@ -187,6 +190,10 @@ def _json_denial(status: int, detail: str) -> tuple[list[tuple[bytes, bytes]], b
     return headers, body
 
 
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+"""Methods that change nothing; the others are refused from an Origin outside the allowlist."""
+FOREIGN_ORIGIN = "this Origin may not {what}: add it to TRAINBUS_ALLOWED_ORIGINS"
+
 MISSING_TOKEN = (
     "missing or wrong API token: send 'Authorization: Bearer <token>' (the token is printed "
     "when the server starts, or set with TRAINBUS_TOKEN)"
@@ -222,7 +229,14 @@ class TokenMiddleware:
         kind = scope["type"]
         if kind == "http":
             connection = HTTPConnection(scope)
-            if scope["method"] == "OPTIONS" or scope["path"] in self.exempt_paths:
+            if scope["method"] not in SAFE_METHODS and not self.origins.allows(
+                connection.headers.get("origin")
+            ):
+                # a browser page elsewhere must not change state here, token or not
+                headers, body = _json_denial(403, FOREIGN_ORIGIN.format(what="change state"))
+                await send({"type": "http.response.start", "status": 403, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+            elif scope["method"] == "OPTIONS" or scope["path"] in self.exempt_paths:
                 await self.app(scope, receive, send)
             elif not self.check.authorized(connection):
                 headers, body = _json_denial(401, MISSING_TOKEN)
@@ -234,10 +248,7 @@ class TokenMiddleware:
             connection = HTTPConnection(scope)
             if not self.origins.allows(connection.headers.get("origin")):
                 await _deny_websocket(
-                    scope,
-                    send,
-                    403,
-                    "this Origin may not open WebSockets: add it to TRAINBUS_ALLOWED_ORIGINS",
+                    scope, send, 403, FOREIGN_ORIGIN.format(what="open WebSockets")
                 )
             elif not self.check.authorized(connection, websocket=True):
                 await _deny_websocket(scope, send, 401, MISSING_TOKEN_WS)
@@ -245,6 +256,75 @@ class TokenMiddleware:
                 await self.app(scope, receive, send)
         else:
             await self.app(scope, receive, send)
+
+
+def _host_name(header: str) -> str:
+    """The name in a ``Host`` header, without its port (``[::1]:8000`` -> ``::1``)."""
+    header = header.strip().lower().rstrip(".")
+    if header.startswith("["):
+        return header[1 : header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+class HostPolicy:
+    """Which ``Host`` headers the server answers: the defence against DNS rebinding.
+
+    A rebinding attack points a name the attacker owns at 127.0.0.1, so the victim's browser
+    sends ``Host: attacker.example``. Answered are: IP literals (no name to rebind),
+    ``localhost`` and ``*.localhost``, the bind address, and the names configured in
+    ``allowed_hosts`` (``*.example.com`` matches subdomains; ``*`` turns the check off).
+    """
+
+    def __init__(self, allowed_hosts: Iterable[str], bind_host: str) -> None:
+        names = {_host_name(host) for host in allowed_hosts if host.strip()}
+        self.allow_any = "*" in names
+        self._suffixes = tuple(name[1:] for name in names if name.startswith("*."))
+        self._names = {name for name in names if not name.startswith("*")}
+        self._names.add(_host_name(bind_host))
+
+    def allows(self, header: str | None) -> bool:
+        if header is None or self.allow_any:
+            return True  # HTTP/1.0 clients send none; browsers always do
+        name = _host_name(header)
+        if name in self._names or name == "localhost" or name.endswith(".localhost"):
+            return True
+        if name.endswith(self._suffixes) and self._suffixes:
+            return True
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            return False
+        return True
+
+
+FOREIGN_HOST = (
+    "this server does not answer to Host {host!r}: add the name to TRAINBUS_ALLOWED_HOSTS "
+    "(names are checked to defend against DNS rebinding)"
+)
+
+
+class HostMiddleware:
+    """Refuses HTTP requests and WebSocket handshakes for a ``Host`` outside the policy (400)."""
+
+    def __init__(self, app: Any, *, policy: HostPolicy) -> None:
+        self.app = app
+        self.policy = policy
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        host = HTTPConnection(scope).headers.get("host")
+        if self.policy.allows(host):
+            await self.app(scope, receive, send)
+            return
+        detail = FOREIGN_HOST.format(host=(host or "")[:100])
+        if scope["type"] == "websocket":
+            await _deny_websocket(scope, send, 400, detail)
+            return
+        headers, body = _json_denial(400, detail)
+        await send({"type": "http.response.start", "status": 400, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
 
 async def _deny_websocket(scope: Any, send: Any, status: int, detail: str) -> None:

@@ -15,6 +15,7 @@ Exceptions of the other packages are mapped by class in :func:`install_error_han
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -101,6 +102,49 @@ def _detail(error: BaseException) -> str:
     return text or type(error).__name__
 
 
+_ECHO_CHARACTERS = 200
+_ECHO_ITEMS = 20
+_ECHO_DEPTH = 4
+
+
+def echoed_input(value: Any, depth: int = 0) -> Any:
+    """What a 422 shows of a refused input: JSON-safe (NaN and infinities as strings) and
+    small (long strings cut, big containers elided), so a hostile body is never echoed whole."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, str):
+        return value if len(value) <= _ECHO_CHARACTERS else value[:_ECHO_CHARACTERS] + "..."
+    if isinstance(value, bool | int | float) or value is None:
+        return value
+    if depth >= _ECHO_DEPTH:
+        return "..."
+    if isinstance(value, Mapping):
+        items = list(value.items())
+        shown = {
+            str(k)[:_ECHO_CHARACTERS]: echoed_input(v, depth + 1) for k, v in items[:_ECHO_ITEMS]
+        }
+        if len(items) > _ECHO_ITEMS:
+            shown["..."] = f"{len(items) - _ECHO_ITEMS} more"
+        return shown
+    if isinstance(value, list | tuple):
+        shown_items = [echoed_input(item, depth + 1) for item in value[:_ECHO_ITEMS]]
+        if len(value) > _ECHO_ITEMS:
+            shown_items.append(f"... {len(value) - _ECHO_ITEMS} more")
+        return shown_items
+    return echoed_input(str(value), depth)
+
+
+def _bounded_error(item: Mapping[str, Any]) -> dict[str, Any]:
+    bounded = dict(item)
+    for key in ("input", "ctx"):
+        if key in bounded:
+            bounded[key] = echoed_input(bounded[key])
+    message = bounded.get("msg")
+    if isinstance(message, str) and len(message) > 1000:
+        bounded["msg"] = message[:1000] + "..."
+    return bounded
+
+
 def install_error_handlers(
     app: FastAPI, statuses: Mapping[type[BaseException], int] | None = None
 ) -> None:
@@ -123,7 +167,8 @@ def install_error_handlers(
 
     async def validation(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, RequestValidationError)
-        errors = jsonable_encoder(error.errors(), custom_encoder={Exception: str})
+        errors = [_bounded_error(item) for item in error.errors()]
+        errors = jsonable_encoder(errors, custom_encoder={Exception: str})
         fields = ", ".join(
             ".".join(str(part) for part in item.get("loc", ())) for item in errors[:5]
         )
@@ -136,7 +181,12 @@ def install_error_handlers(
     async def http_error(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, StarletteHTTPException)
         detail: Any = error.detail
-        if error.status_code == 404 and detail == "Not Found":
+        if error.status_code == 400 and detail == "There was an error parsing the body":
+            detail = (
+                "the body could not be parsed: send one JSON object (UTF-8, nested at most a "
+                "few hundred levels deep) with Content-Type: application/json"
+            )
+        elif error.status_code == 404 and detail == "Not Found":
             detail = f"no such endpoint: {request.method} {request.url.path} (see /docs)"
         elif error.status_code == 405:
             detail = f"{request.method} is not allowed on {request.url.path}"

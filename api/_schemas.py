@@ -51,12 +51,14 @@ class ErrorBody(BaseModel):
 
 
 class ValidationErrorBody(BaseModel):
-    """A request that does not validate: FastAPI's list of errors, each naming its field."""
+    """A request that does not validate: FastAPI's list of errors, each naming its field, and
+    a ``message``; or, for a value that is well-formed but names something the server does not
+    know (an event type, a dataset file), one ``detail`` string saying what to fix."""
 
-    detail: list[dict[str, Any]] = Field(
+    detail: list[dict[str, Any]] | str = Field(
         examples=[[{"type": "missing", "loc": ["body", "dataset"], "msg": "Field required"}]]
     )
-    message: str = Field(examples=["invalid request: fix body.dataset"])
+    message: str | None = Field(default=None, examples=["invalid request: fix body.dataset"])
 
 
 class JobFailureBody(BaseModel):

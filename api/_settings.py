@@ -79,6 +79,17 @@ class Settings(BaseSettings):
         description="Origins allowed to open WebSockets (and CORS). Ports are ignored for "
         "loopback origins; '*' allows any origin.",
     )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names the server answers to besides IP addresses, localhost and "
+        "the bind address (DNS-rebinding defence); '*.example.com' matches subdomains, '*' "
+        "any name.",
+    )
+    max_body_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description="Largest request body accepted (413 beyond); a job spec needs a few KiB.",
+    )
     ws_buffer_size: int = Field(
         default=2048, ge=1, description="Events buffered per WebSocket client before it gets a gap."
     )

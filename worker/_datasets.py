@@ -107,17 +107,21 @@ class CSVParams(BaseModel):
     """A CSV file with a header row, read from ``<data>/datasets/`` by its name alone."""
 
     model_config = ConfigDict(extra="forbid")
-    file: str = Field(description="A file name inside the data folder's datasets/ (no path).")
+    file: str = Field(
+        pattern=_FILE_NAME.pattern,
+        description="A file name inside the data folder's datasets/ (no path).",
+    )
     target: str | None = Field(default=None, description="Target column (default: the last).")
     task: Literal["auto", "classification", "regression"] = "auto"
 
-    @field_validator("file")
+    @field_validator("file", mode="before")
     @classmethod
-    def _bare_name(cls, value: str) -> str:
-        if not _FILE_NAME.match(value) or ".." in value:
+    def _bare_name(cls, value: Any) -> Any:
+        # before the pattern check, so that a refused name gets this message
+        if isinstance(value, str) and not _FILE_NAME.fullmatch(value):
             raise ValueError(
                 "file must be a bare file name inside the data folder's datasets/ (letters, "
-                "digits, '.', '_', '-'; no '/', '..' or absolute paths)"
+                "digits, '.', '_', '-', starting with a letter or digit; no paths)"
             )
         return value
 

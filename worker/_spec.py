@@ -83,10 +83,35 @@ def _entry_params_valid(
     return _validate_params(_entry_params(kind, name), params)
 
 
+def _registered_entries_schema(kind: Literal["model", "dataset"]) -> Any:
+    """Make the JSON schema of a model or dataset spec say which names the registry holds and
+    which parameters each takes (``oneOf`` by name), so that OpenAPI clients and generated
+    requests see the same rules the validators apply."""
+
+    def extra(schema: dict[str, Any]) -> None:
+        registry = default_registry()
+        entries = registry.models if kind == "model" else registry.datasets
+        schema["properties"]["name"]["enum"] = sorted(entries)
+        choices = []
+        for name in sorted(entries):
+            params = entries[name].params.model_json_schema()
+            if "$defs" in params:  # a reference would dangle here: keep the generic object
+                params = {"type": "object"}
+            choice: dict[str, Any] = {"properties": {"name": {"const": name}, "params": params}}
+            if params.get("required"):  # its default, {}, would not do
+                choice["required"] = ["params"]
+            choices.append(choice)
+        schema["oneOf"] = choices
+
+    return extra
+
+
 class ModelSpec(BaseModel):
     """A registered model (built-in or plugin) and its parameters."""
 
-    model_config = _STRICT
+    model_config = ConfigDict(
+        extra="forbid", allow_inf_nan=False, json_schema_extra=_registered_entries_schema("model")
+    )
     name: str = Field(max_length=64, examples=["mlp"])
     params: dict[str, Any] = Field(
         default_factory=dict, validate_default=True, examples=[{"hidden_sizes": [64]}]
@@ -108,7 +133,11 @@ class DatasetSpec(BaseModel):
     """A registered dataset (built-in or plugin), its parameters and the share held out for
     validation."""
 
-    model_config = _STRICT
+    model_config = ConfigDict(
+        extra="forbid",
+        allow_inf_nan=False,
+        json_schema_extra=_registered_entries_schema("dataset"),
+    )
     name: str = Field(max_length=64, examples=["digits"])
     params: dict[str, Any] = Field(default_factory=dict, validate_default=True)
     val_fraction: float = Field(default=0.2, ge=0.05, le=0.5)
@@ -133,11 +162,41 @@ class OptimizerSpec(BaseModel):
     weight_decay: float = Field(default=0.0, ge=0, le=1)
 
 
+_SCHEDULER_PARAMS: dict[str, dict[str, Any]] = {
+    "none": {},
+    "step": {
+        "step_size": {"type": "number", "minimum": 1, "maximum": 100_000},
+        "gamma": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+    },
+    "cosine": {"eta_min": {"type": "number", "minimum": 0}},
+    "onecycle": {
+        "max_lr": {"type": "number", "exclusiveMinimum": 0},
+        "pct_start": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+    },
+}
+"""Each scheduler's parameters as JSON schema: what ``SchedulerSpec._params`` enforces."""
+
+
+def _scheduler_schema(schema: dict[str, Any]) -> None:
+    schema["oneOf"] = [
+        {
+            "properties": {
+                "name": {"const": name},
+                "params": {"type": "object", "properties": params, "additionalProperties": False},
+            },
+            **({} if name == "none" else {"required": ["name"]}),
+        }
+        for name, params in _SCHEDULER_PARAMS.items()
+    ]
+
+
 class SchedulerSpec(BaseModel):
     """``step``: ``step_size`` (epochs), ``gamma``; ``cosine``: ``eta_min``;
     ``onecycle``: ``max_lr`` (default: 10x the optimizer's lr), ``pct_start``."""
 
-    model_config = _STRICT
+    model_config = ConfigDict(
+        extra="forbid", allow_inf_nan=False, json_schema_extra=_scheduler_schema
+    )
     name: Literal["none", "step", "cosine", "onecycle"] = "none"
     params: dict[str, float] = Field(default_factory=dict)
 
