@@ -1,0 +1,83 @@
+"""A zygote of ``trainbus serve`` processes, so that the server-kill test can start and
+SIGKILL servers many times without paying the service's imports (seconds) each time.
+
+Run as ``python _kill_serve_child.py [trainbus options]``. It imports the service and prints
+``warm``. For each line on stdin (``serve`` and its options, e.g.
+``serve --port 8123 --data-dir D``) it forks a child that runs ``trainbus`` (``api.cli.main``)
+with all those options and prints ``started PID``; it prints ``exited PID STATUS`` when a
+child is gone. Several children may run at once. When stdin closes it kills the children
+still running and exits. Nothing runs in the zygote beyond imports, so each child starts as
+a fresh ``trainbus serve`` would.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import select
+import signal
+import sys
+
+# The built-in datasets load from sklearn; the first optimizer a process builds imports
+# torch._dynamo (seconds); the rest is the service.
+_PRELOADED = ("sklearn.datasets", "torch._dynamo", "api._app", "api._runtime", "api._server")
+
+
+def _say(line: str) -> None:
+    os.write(1, (line + "\n").encode())  # one write per line: lines never interleave
+
+
+def _fork_server(arguments: list[str]) -> int:
+    from api.cli import main as trainbus
+
+    pid = os.fork()
+    if pid:
+        return pid
+    status = 1
+    try:
+        # The test reads the zygote's stdout and writes its stdin: the server keeps off both.
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+        os.dup2(devnull, 1)
+        status = trainbus([*sys.argv[1:], *arguments])
+    finally:
+        os._exit(status)
+
+
+def _reap(children: set[int]) -> None:
+    while children:
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid == 0:
+            return
+        children.discard(pid)
+        _say(f"exited {pid} {status}")
+
+
+def main() -> int:
+    for name in _PRELOADED:
+        importlib.import_module(name)
+    _say("warm")
+    children: set[int] = set()
+    pending = b""
+    while True:
+        readable, _, _ = select.select([0], [], [], 0.05)  # also the pace of reaping
+        if readable:
+            chunk = os.read(0, 4096)
+            if not chunk:
+                break
+            pending += chunk
+            while b"\n" in pending:
+                line, pending = pending.split(b"\n", 1)
+                pid = _fork_server(line.decode().split())
+                children.add(pid)
+                _say(f"started {pid}")
+        _reap(children)
+    for pid in children:
+        os.kill(pid, signal.SIGKILL)
+    for pid in children:
+        os.waitpid(pid, 0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""SIGKILL a real ``trainbus serve`` process at random moments of a job's life, restart it on
+the same data folder, and check what a user relies on after each crash: the job comes back
+``interrupted``, its stored history is intact and gap-free, its checkpoint pointers name
+complete checkpoints, resume continues from the newest one, and the job ends with exactly
+the weights of a run of the same spec that was never killed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from api import TrainbusClient
+from subscribers import list_checkpoints, load_checkpoint, verify_checkpoint
+
+from ._kill_server import Server, ServerZygote, all_events
+from .conftest import record, sized
+
+pytestmark = [
+    pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals"),
+    pytest.mark.slow,
+]
+
+TOKEN = "server-kill-token-0123456789"
+SEED = 20261130
+KILLS = sized(10, 50)
+MOMENTS = ("batch", "epoch_end", "checkpoint_write")
+SPEC: dict[str, Any] = {
+    "name": "killed-again-and-again",
+    "model": {"name": "mlp", "params": {"hidden_sizes": [256, 256]}},  # ~1 MB checkpoints
+    "dataset": {"name": "digits"},
+    "optimizer": {"name": "adam", "lr": 0.001},
+    # each kill lands within about two epochs of the run's start; the rest runs at the end
+    "epochs": 2 * KILLS + 8,
+    "batch_size": 32,
+    "seed": 11,
+    "device": "cpu",
+    "torch_threads": 1,
+}
+
+
+def _poll(condition: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.002)  # polling interval, bounded by the deadline
+
+
+def _temporary_entries(job_dir: Path) -> list[str]:
+    try:
+        return sorted(e.name for e in os.scandir(job_dir / "checkpoints") if e.name[:5] == ".tmp-")
+    except FileNotFoundError:
+        return []
+
+
+def _run_start(client: TrainbusClient, job_id: str, after_seq: int) -> dict[str, Any]:
+    """The ``train_start`` of the run that began after ``after_seq``."""
+    return dict(
+        _poll(
+            lambda: client.events(job_id, after_seq=after_seq, types="train_start"),
+            "the resumed run to start training",
+        )[0]
+    )
+
+
+def _kill_at(
+    moment: str,
+    rng: random.Random,
+    zygote: ServerZygote,
+    server: Server,
+    job_dir: Path,
+    epoch_seconds: float,
+) -> dict[str, Any]:
+    """Wait for a moment of the given kind, SIGKILL the server then; say what was going on."""
+    with server.client() as client:
+        job_id = job_dir.name
+        if moment == "batch":  # anywhere within the next one and a half epochs
+            delay = rng.uniform(0.0, 1.5 * epoch_seconds)
+            time.sleep(delay)  # the random kill moment itself, not a synchronisation
+        elif moment == "epoch_end":  # just after the trainer reported an epoch
+            epoch = client.job(job_id)["epoch"]
+            _poll(lambda: client.job(job_id)["epoch"] != epoch, "an epoch to end")
+            delay = rng.uniform(0.0, 0.03)
+            time.sleep(delay)  # the random kill moment itself, not a synchronisation
+        else:  # while a checkpoint (or a pointer) is being written
+            delay = 0.0
+            _poll(lambda: _temporary_entries(job_dir), "a checkpoint write to start")
+    zygote.kill(server)
+    return {"moment": moment, "delay": round(delay, 4), "temporary": _temporary_entries(job_dir)}
+
+
+def _assert_history_intact(
+    events: list[dict[str, Any]], seen: dict[int, dict[str, Any]], kill: int
+) -> None:
+    seqs = [event["seq"] for event in events]
+    assert seqs == list(range(1, len(events) + 1)), f"kill {kill}: the stored events have gaps"
+    changed = [seq for seq, event in seen.items() if seq > len(events) or events[seq - 1] != event]
+    assert not changed, f"kill {kill}: events read before the crash changed or vanished: {changed}"
+
+
+def _pointer(job_dir: Path, which: str) -> str | None:
+    """The checkpoint a pointer file names (the documented layout: ``latest.json``)."""
+    try:
+        return str(json.loads((job_dir / "checkpoints" / f"{which}.json").read_bytes())["name"])
+    except FileNotFoundError:
+        return None
+
+
+def _assert_pointers_complete(job_dir: Path, kill: int) -> int:
+    """Both pointers name checkpoints that verify; return the step resume must start from."""
+    for which in ("latest", "best"):
+        if _pointer(job_dir, which) is not None:
+            verify_checkpoint(job_dir, which)  # raises if the files differ from the manifest
+    if _pointer(job_dir, "latest") is None:
+        assert not list_checkpoints(job_dir), f"kill {kill}: checkpoints but no latest pointer"
+        return 0
+    return verify_checkpoint(job_dir, "latest").step
+
+
+def _final_model(job_dir: Path) -> dict[str, torch.Tensor]:
+    state = load_checkpoint(job_dir, "latest")  # verified, torch.load(weights_only=True)
+    model: dict[str, torch.Tensor] = state["model"]
+    return model
+
+
+def test_sigkill_at_random_moments_loses_nothing_durable_and_resumes_exactly(
+    tmp_path: Path,
+) -> None:
+    rng = random.Random(SEED)
+    plan = [rng.choice(MOMENTS) for _ in range(KILLS)]
+    print(f"seed {SEED}: kill moments {plan}")
+    data_dir, reference_dir = tmp_path / "data", tmp_path / "reference"
+    started = time.monotonic()
+    zygote = ServerZygote(TOKEN, tmp_path / "servers.log")
+    try:
+        zygote.wait_warm()
+        reference = zygote.serve(reference_dir)  # its own process: it shares no RNG state
+        with reference.client() as client:
+            reference_id = client.submit(SPEC)["id"]
+        server = zygote.serve(data_dir)
+        with server.client() as client:
+            job_id = client.submit(SPEC)["id"]
+            start_seq = _run_start(client, job_id, 0)["seq"]
+        job_dir = data_dir / "jobs" / job_id
+        seen: dict[int, dict[str, Any]] = {}
+        epoch_seconds = 0.2
+        kills: list[dict[str, Any]] = []
+        for kill, moment in enumerate(plan, 1):
+            with server.client() as client:
+                seen.update((e["seq"], e) for e in all_events(client, job_id))
+            moment_rng = random.Random(rng.random())
+            happened = _kill_at(moment, moment_rng, zygote, server, job_dir, epoch_seconds)
+            server = zygote.serve(data_dir)
+            happened["restart_seconds"] = round(server.ready_seconds, 3)
+            with server.client() as client:
+                interrupted = _poll(
+                    partial(client.events, job_id, after_seq=start_seq, types="job_interrupted"),
+                    "the restarted server to store job_interrupted",
+                )[0]
+                assert client.job(job_id)["state"] == "interrupted", f"kill {kill}"
+                events = all_events(client, job_id)
+                _assert_history_intact(events, seen, kill)
+                epochs = [e for e in events[start_seq:] if e["type"] == "fit_epoch_end"]
+                if len(epochs) >= 2:
+                    epoch_seconds = (epochs[-1]["time"] - epochs[0]["time"]) / (len(epochs) - 1)
+                resume_step = _assert_pointers_complete(job_dir, kill)
+                client.resume(job_id)
+                run = _run_start(client, job_id, interrupted["seq"])
+                assert run["data"]["step"] == resume_step, (
+                    f"kill {kill} ({happened}): resumed at step {run['data']['step']}, "
+                    f"the newest complete checkpoint is at step {resume_step}"
+                )
+                start_seq = run["seq"]
+            happened.update(
+                kill=kill, events=len(events), resumed_at_step=resume_step,
+            )  # fmt: skip
+            kills.append(happened)
+            print(happened)
+        with server.client() as client:
+            final = client.wait(job_id, timeout=120, interval=0.05)
+            assert final["state"] == "completed", final
+            events = all_events(client, job_id)
+            _assert_history_intact(events, seen, KILLS + 1)
+            ends = [e["type"] for e in events if e["type"] in ("job_interrupted", "job_completed")]
+            assert ends == ["job_interrupted"] * KILLS + ["job_completed"]
+        with reference.client() as client:
+            expected = client.wait(reference_id, timeout=120, interval=0.05)
+            assert expected["state"] == "completed", expected
+        assert final["step"] == expected["step"]
+        learned = ("train_loss", "val_loss", "val_accuracy")
+        assert {k: final["metrics"][k] for k in learned} == {
+            k: expected["metrics"][k] for k in learned
+        }
+        killed_model = _final_model(job_dir)
+        never_killed = _final_model(reference_dir / "jobs" / reference_id)
+        assert killed_model.keys() == never_killed.keys()
+        differing = [k for k in killed_model if not torch.equal(killed_model[k], never_killed[k])]
+        assert not differing, f"after {KILLS} kills these tensors differ: {differing}"
+        assert not _temporary_entries(job_dir), "temporary checkpoint files were left behind"
+    finally:
+        zygote.close()
+    record(
+        "server_kill",
+        seed=SEED,
+        kills=KILLS,
+        moments={m: plan.count(m) for m in MOMENTS},
+        killed_during_write=sum(bool(k["temporary"]) for k in kills),
+        events=len(events),
+        steps=final["step"],
+        restart_seconds_max=max(k["restart_seconds"] for k in kills),
+        restart_seconds_mean=round(sum(k["restart_seconds"] for k in kills) / KILLS, 3),
+        final_weights_equal=True,
+        seconds=round(time.monotonic() - started, 1),
+    )
