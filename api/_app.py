@@ -36,7 +36,7 @@ from ._auth import (
 from ._errors import install_error_handlers
 from ._history import EventHistory, EventSource
 from ._hub import EventHub
-from ._limits import BodyLimitMiddleware
+from ._limits import BodyLimitMiddleware, PathGuardMiddleware
 from ._metrics import HubCollector
 from ._routes_jobs import router as jobs_router
 from ._routes_system import router as system_router
@@ -183,6 +183,7 @@ def create_app(
     )
     # outermost: a foreign Host (DNS rebinding) is refused before anything else looks at it
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(PathGuardMiddleware)
     app.add_middleware(HostMiddleware, policy=HostPolicy(settings.allowed_hosts, settings.host))
     _add_security_scheme(app)
     return app

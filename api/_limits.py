@@ -1,14 +1,19 @@
-"""The request body limit: a body larger than ``max_body_bytes`` is refused with 413 before
-it is read into memory (declared ``Content-Length``) or as soon as it grows past the limit
-(chunked uploads)."""
+"""Limits on what a request may look like, checked before routing.
+
+Bodies: one larger than ``max_body_bytes`` is refused with 413 before it is read into memory
+(declared ``Content-Length``) or as soon as it grows past the limit (chunked uploads).
+Paths: a decoded path with a ``.`` or ``..`` segment, a NUL byte or a backslash names no
+resource here and is refused with 400, so that no route, redirect or file lookup sees one.
+"""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from starlette.exceptions import HTTPException
 
-__all__ = ["BodyLimitMiddleware", "body_too_large"]
+__all__ = ["BodyLimitMiddleware", "PathGuardMiddleware", "body_too_large", "hostile_path"]
 
 
 def body_too_large(limit: int) -> HTTPException:
@@ -62,6 +67,44 @@ class BodyLimitMiddleware:
             await _refuse(send, error)
 
 
+def hostile_path(path: str) -> bool:
+    """True for a decoded path with a dot segment, a NUL byte or a backslash."""
+    if "\x00" in path or "\\" in path:
+        return True
+    return any(segment in (".", "..") for segment in path.split("/"))
+
+
+BAD_PATH = (
+    "the path may not contain '.' or '..' segments, NUL bytes or backslashes (also when "
+    "percent-encoded): use the ids and names the API lists"
+)
+
+
+class PathGuardMiddleware:
+    """Refuses HTTP requests and WebSocket handshakes whose path :func:`hostile_path` (400)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] not in ("http", "websocket") or not hostile_path(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        body = json.dumps({"detail": BAD_PATH}).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        prefix = "websocket.http" if scope["type"] == "websocket" else "http"
+        if scope["type"] == "websocket" and "websocket.http.response" not in scope.get(
+            "extensions", {}
+        ):
+            await send({"type": "websocket.close", "code": 1008, "reason": "bad path"})
+            return
+        await send({"type": f"{prefix}.response.start", "status": 400, "headers": headers})
+        await send({"type": f"{prefix}.response.body", "body": body})
+
+
 def _content_length(scope: Any) -> int | None:
     for name, value in scope.get("headers", ()):
         if name == b"content-length":
@@ -73,8 +116,6 @@ def _content_length(scope: Any) -> int | None:
 
 
 async def _refuse(send: Any, error: HTTPException) -> None:
-    import json
-
     body = json.dumps({"detail": error.detail}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": 413, "headers": headers})

@@ -21,6 +21,7 @@ from bus import EventBus, Subscriber
 from subscribers import (
     CheckpointCorrupt,
     CheckpointError,
+    CheckpointInfo,
     CheckpointNotFound,
     CheckpointWriter,
     EarlyStopController,
@@ -44,7 +45,7 @@ from worker import (
 )
 
 from ._app import Runtime
-from ._errors import NotFound
+from ._errors import Conflict, NotFound
 from ._hub import finite
 from ._settings import Settings
 
@@ -119,6 +120,28 @@ class ManagerJobs:
     def _job_dir(self, job_id: str) -> Path:
         return self.data_dir / "jobs" / job_id
 
+    def _checkpoint_folder(self, job_id: str) -> Path:
+        """The job's checkpoint folder, checked to lie in the data folder itself.
+
+        :raises Conflict: if a symbolic link (job or checkpoint folder) leads out of it.
+        """
+        expected = self.data_dir.resolve() / "jobs" / job_id / "checkpoints"
+        if (self._job_dir(job_id) / "checkpoints").resolve() != expected:
+            raise Conflict(
+                f"job {job_id!r}: its checkpoint folder is a symbolic link out of the data "
+                "folder; the server does not follow it (remove the link)"
+            )
+        return expected
+
+    @staticmethod
+    def _own(folder: Path, infos: list[CheckpointInfo]) -> list[CheckpointInfo]:
+        """The checkpoints whose state file is really in ``folder`` (no link leads out)."""
+        return [
+            info
+            for info in infos
+            if info.state_file.resolve() == folder / info.name / info.state_file.name
+        ]
+
     async def submit(self, spec: JobSpec | Mapping[str, Any]) -> dict[str, Any]:
         return _record(await self.manager.submit(spec))
 
@@ -155,15 +178,17 @@ class ManagerJobs:
 
     async def checkpoints(self, job_id: str) -> list[dict[str, Any]]:
         self.manager.get(job_id)
+        folder = self._checkpoint_folder(job_id)
         infos = await anyio.to_thread.run_sync(list_checkpoints, self._job_dir(job_id))
-        return [dict(finite(info.to_dict())) for info in infos]
+        return [dict(finite(info.to_dict())) for info in self._own(folder, infos)]
 
     async def checkpoint_file(self, job_id: str, name: str) -> Path:
         self.manager.get(job_id)
         job_dir = self._job_dir(job_id)
+        folder = self._checkpoint_folder(job_id)
         infos = await anyio.to_thread.run_sync(list_checkpoints, job_dir)
         # the name is looked up in the listing, never joined onto a path
-        listed = {info.name: info for info in infos}
+        listed = {info.name: info for info in self._own(folder, infos)}
         info = listed.get(name)
         if info is None:
             raise NotFound(

@@ -23,9 +23,9 @@ from .server import LiveServer
         "/jobs/fake-1/checkpoints/not-listed",
     ],
 )
-def test_hostile_or_unknown_ids_are_404_or_422(transport_server: LiveServer, path: str) -> None:
+def test_hostile_or_unknown_ids_are_400_404_or_422(transport_server: LiveServer, path: str) -> None:
     response = httpx.get(transport_server.url + path, headers=transport_server.headers)
-    assert response.status_code in (404, 422), response.text
+    assert response.status_code in (400, 404, 422), response.text
     assert response.headers["content-type"].startswith("application/json")
     assert response.json()["detail"]
 

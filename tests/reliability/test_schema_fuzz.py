@@ -16,7 +16,6 @@ from typing import Any
 
 import httpx
 import pytest
-import schemathesis
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
@@ -26,6 +25,7 @@ from schemathesis.core.failures import Failure, FailureGroup
 
 from api import create_app
 from bus import UnknownEventName, event_type_for
+from tests.api.fuzz import operations as all_operations
 from tests.api.server import LiveServer, make_settings, run_server
 from worker._datasets import MAX_VALUES
 
@@ -104,9 +104,7 @@ def _stop_created_job(server: LiveServer, response: Any) -> None:
 
 
 def test_every_check_holds_for_generated_requests(server: LiveServer) -> None:
-    document = httpx.get(server.url + "/openapi.json", headers=server.headers).json()
-    schema = schemathesis.openapi.from_dict(document)
-    operations = [result.ok() for result in schema.get_all_operations()]
+    operations = all_operations(server)
     checks = _all_checks()
     failures: list[str] = []
     counts = {"cases": 0, "operations": len(operations)}
