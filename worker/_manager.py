@@ -112,6 +112,9 @@ class JobManager:
         self._last_seq = last_seq
         self._store: JobStore | None = None
         self._handles: dict[str, JobHandle] = {}
+        # Each active run's control channel, open from the moment the job is marked running
+        # (before its trainer exists) until its run ends: commands sent meanwhile wait in it.
+        self._controls: dict[str, ControlChannel] = {}
         # The exact state of recently stopped or interrupted runs, captured on the training
         # thread as the run ended (model and optimizer tensors only, not the data), so that a
         # resume in the same process continues exactly even without checkpoints.
@@ -170,8 +173,7 @@ class JobManager:
         ``interrupted`` (resumable); wait up to ``timeout`` seconds for their threads."""
         self._closing = True
         self._wakeup.set()
-        for job_id in list(self._active):
-            control = self._handles[job_id].control
+        for control in list(self._controls.values()):
             with contextlib.suppress(ControlError):
                 control.pause("the server is shutting down", source="shutdown")
             control.close()
@@ -335,13 +337,14 @@ class JobManager:
     def _send(
         self, job_id: str, state: JobState, action: str, send: Callable[[ControlChannel], Command]
     ) -> Command:
-        handle = self._handles.get(job_id)
+        control = self._controls.get(job_id)
         try:
-            if handle is None:
-                raise ControlError("no live trainer")
-            return send(handle.control)
+            if control is None:
+                raise ControlError("the run has ended")
+            return send(control)
         except ControlError:
-            raise IllegalTransition(job_id, state, action, ["running", "paused"]) from None
+            # the record still says running or paused while the ended run's outcome is stored
+            raise IllegalTransition(job_id, "ending", action, ["running", "paused"]) from None
 
     # -- running ----------------------------------------------------------------------------
 
@@ -377,14 +380,17 @@ class JobManager:
                 resumed = self.get(job_id).started_at is not None  # it ran before
                 self._active.add(job_id)
                 self._idle = anyio.Event()
+                control = ControlChannel(job_id, publish=self.bus.publish)
+                self._controls[job_id] = control
                 await self._transition(job_id, JobState.RUNNING, resumed=resumed)
                 assert self._task_group is not None
-                self._task_group.start_soon(self._run, job_id, resumed, name=f"job {job_id}")
+                self._task_group.start_soon(
+                    self._run, job_id, resumed, control, name=f"job {job_id}"
+                )
             await self._wakeup.wait()
             self._wakeup = anyio.Event()
 
-    async def _run(self, job_id: str, resumed: bool) -> None:
-        control = ControlChannel(job_id, publish=self.bus.publish)
+    async def _run(self, job_id: str, resumed: bool, control: ControlChannel) -> None:
         handle: JobHandle | None = None
         attached: list[SubscriberHandle] = []
         final_state: dict[str, Any] | None = None
@@ -411,6 +417,7 @@ class JobManager:
             )
         finally:
             control.close()
+            self._controls.pop(job_id, None)
             with anyio.CancelScope(shield=True):
                 for subscriber_handle in attached:
                     await subscriber_handle.detach()

@@ -510,12 +510,15 @@ class Trainer:
 
     def _apply(self, commands: list[Command]) -> None:
         """Apply commands in order; raises :class:`_StopRun` when one ends the run."""
-        for command in commands:
+        for index, command in enumerate(commands):
             kind = command.kind
             if kind is CommandKind.STOP:
                 self._stop(command)
             elif kind is CommandKind.PAUSE:
-                self._pause(command)
+                # the commands taken with the pause are the paused loop's to honour (a stop
+                # sent with a pause must not wait for a resume)
+                self._pause(command, commands[index + 1 :])
+                return
             elif kind is CommandKind.SAVE:
                 self._save("command", command)
             elif kind is CommandKind.SET_LR:
@@ -541,13 +544,11 @@ class Trainer:
             )
         raise _StopRun(RunResult(outcome, stop_reason=reason, details={"source": command.source}))
 
-    def _pause(self, command: Command) -> None:
+    def _pause(self, command: Command, taken: list[Command]) -> None:
         self.control.applied(command, step=self.step, epoch=self.epoch)
         self._save("pause")
+        commands = taken
         while True:
-            commands = self.control.wait()
-            if not commands and self.control.closed:
-                raise _StopRun(RunResult(Outcome.INTERRUPTED, stop_reason=command.reason or None))
             for index, next_command in enumerate(commands):
                 if next_command.kind is CommandKind.RESUME:
                     self.control.applied(next_command, step=self.step, epoch=self.epoch)
@@ -555,6 +556,9 @@ class Trainer:
                     return
                 if next_command.kind is not CommandKind.PAUSE:
                     self._apply([next_command])
+            commands = self.control.wait()
+            if not commands and self.control.closed:
+                raise _StopRun(RunResult(Outcome.INTERRUPTED, stop_reason=command.reason or None))
 
     def _set_lr(self, value: float) -> None:
         """Set every group's learning rate, rescaling the schedule's anchors with it so that a
