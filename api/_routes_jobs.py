@@ -94,7 +94,7 @@ async def list_jobs(
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> dict[str, Any]:
-    """Jobs, newest first, one page at a time."""
+    """Jobs in the order they were submitted (oldest first), one page at a time."""
     items, total = await services_of(request).jobs.list_jobs(
         state=state, offset=offset, limit=limit
     )
