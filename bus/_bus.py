@@ -52,14 +52,24 @@ class EventBus:
     lock and wakes the event loop at most once per batch of events.
     """
 
-    def __init__(self, *, drain_timeout: float = 10.0, wake_interval: float = 0.002) -> None:
+    def __init__(
+        self,
+        *,
+        drain_timeout: float = 10.0,
+        wake_interval: float = 0.002,
+        max_wake_interval: float = 0.02,
+    ) -> None:
         """:param drain_timeout: seconds attached subscribers get to drain at close.
         :param wake_interval: while events keep coming from other threads, waiting
             subscribers are woken at most this often (seconds). The first event after a
             quiet spell wakes them at once.
+        :param max_wake_interval: while events keep coming round after round, the interval
+            doubles up to this (seconds). A publisher that has to wait for buffer room, or a
+            :meth:`wait_processed` call, wakes the subscribers at once.
         """
         self.drain_timeout = drain_timeout
         self.wake_interval = wake_interval
+        self.max_wake_interval = max(wake_interval, max_wake_interval)
         self._quiet_signal: anyio.Event | None = None
         self._coalescer: anyio.CancelScope | None = None
         self._lock = threading.Lock()
@@ -224,6 +234,42 @@ class EventBus:
             self._schedule_wake()
         return event
 
+    def publish_many(
+        self, job_id: str, items: Iterable[tuple[EventType | str, Mapping[str, Any]]]
+    ) -> list[Event]:
+        """Publish several events of one job in order, as consecutive ``seq`` numbers, under
+        one lock and with at most one wake-up; they share one ``time``. Waits for room like
+        :meth:`publish`. A trainer publishes the events that end a batch with one call.
+
+        :raises BusClosed: if the bus is closed.
+        """
+        lock = self._lock
+        published: list[Event] = []
+        lock.acquire()
+        try:
+            if self._closed:
+                raise BusClosed("the bus is closed")
+            log = self._logs.get(job_id)
+            if log is None:
+                log = self._new_log(job_id)
+            now = _now()
+            append = log.events.append
+            for type, data in items:
+                if type.__class__ is not EventType:
+                    type = event_type_for(type)
+                if log.seq >= log.limit:
+                    self._make_room(log, wait=True, exempt=None)
+                seq = log.seq = log.seq + 1
+                event = _new_event(Event, (job_id, seq, type, now, data))
+                append(event)
+                published.append(event)
+            wake = self._waiting and self._collect_wake(log)
+        finally:
+            lock.release()
+        if wake:
+            self._schedule_wake()
+        return published
+
     def publish_nowait(
         self, job_id: str, type: EventType | str, data: Mapping[str, Any] | None = None
     ) -> Event:
@@ -318,6 +364,7 @@ class EventBus:
         started = time.perf_counter()
         holding_back: set[Subscription] = set()
         self._blocked_publishers += 1
+        self._wake_readers_now(log)
         try:
             while log.seq >= log.lossless_bound():
                 if self._closed:
@@ -391,19 +438,46 @@ class EventBus:
         self._quiet_signal.set()
 
     async def _coalesce_wakeups(self) -> None:
+        """While events keep coming, wake waiting subscribers once per interval, doubling the
+        interval each busy round (up to ``max_wake_interval``): each round costs every woken
+        subscriber a task switch, and the loop thread the GIL, that a publishing training
+        thread pays for. Backpressure and :meth:`wait_processed` do not wait for a round."""
         assert self._coalescer is not None
         with self._coalescer:
             while True:
                 assert self._quiet_signal is not None
                 await self._quiet_signal.wait()
                 self._quiet_signal = anyio.Event()
+                interval = self.wake_interval
                 while True:
-                    await anyio.sleep(self.wake_interval)
+                    await anyio.sleep(interval)
                     with self._lock:
                         if not self._pending_wake:
                             self._wake_scheduled = False
                             break
                     self._wake_waiters(keep_scheduled=True)
+                    interval = min(interval * 2, self.max_wake_interval)
+
+    def _wake_readers_now(self, log: JobLog) -> None:
+        """With the lock held, before a publisher waits for room: wake the readers of ``log``
+        now, not at the coalescer's next round (``publish_many`` may have appended events it
+        has not announced yet)."""
+        if not (self._waiting and self._collect_wake(log)):
+            self._hurry()
+            return
+        notifier = self._notifier  # _collect_wake handed the scheduling of a wake-up to us
+        callback = self._wake_from_thread if self._quiet_signal is not None else self._wake_waiters
+        if notifier is None or not notifier.call_soon(callback):
+            self._wake_scheduled = False
+
+    def _hurry(self) -> None:
+        """With the lock held: wake the queued subscribers now, not at the coalescer's next
+        round (someone waits for them)."""
+        if self._pending_wake and self._notifier is not None:
+            self._notifier.call_soon(self._wake_queued)
+
+    def _wake_queued(self) -> None:
+        self._wake_waiters(keep_scheduled=True)
 
     def _wake_waiters(self, *, keep_scheduled: bool = False) -> None:
         with self._lock:
@@ -527,6 +601,9 @@ class EventBus:
             if h.subscription.policy is DeliveryPolicy.LOSSLESS
             and h.subscription.matches(event.job_id, event.type)
         ]
+        if handles:
+            with self._lock:
+                self._hurry()
         deadline = None if timeout is None else time.monotonic() + timeout
         for handle in handles:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())

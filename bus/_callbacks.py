@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from ._errors import UnknownEventName
@@ -27,6 +27,8 @@ class CallbackRegistry:
     def __init__(self, on_error: ErrorReporter | None = None) -> None:
         self._callbacks: dict[EventType, list[Callback]] = {}
         self._on_error = on_error
+        self.version = 0
+        """Changes whenever a callback is added or removed (a cheap check for hot loops)."""
 
     @staticmethod
     def _callback_type(name: str | EventType) -> EventType:
@@ -47,12 +49,18 @@ class CallbackRegistry:
         if not callable(callback):
             raise TypeError(f"callback for {name!r} must be callable, got {callback!r}")
         self._callbacks.setdefault(self._callback_type(name), []).append(callback)
+        self.version += 1
 
     def remove_callback(self, name: str | EventType, callback: Callback) -> None:
         """Remove one registration of ``callback`` for ``name`` (a no-op if absent)."""
         callbacks = self._callbacks.get(self._callback_type(name), [])
         if callback in callbacks:
             callbacks.remove(callback)
+            self.version += 1
+
+    def has_callbacks(self, event_types: Iterable[EventType]) -> bool:
+        """True when a callback is registered for any of ``event_types``."""
+        return any(self._callbacks.get(event_type) for event_type in event_types)
 
     def get_callbacks(self, name: str | EventType) -> list[Callback]:
         """The callbacks registered for ``name``, in registration order."""

@@ -107,14 +107,16 @@ class SubscriberHandle:
         return self.subscription.statistics()
 
     def processed_seq(self, job_id: str) -> int:
-        """The highest ``seq`` of ``job_id`` this subscriber has finished handling."""
+        """The ``seq`` of ``job_id`` up to which this subscriber has finished handling every
+        event that reaches it (events its filters skip count as handled)."""
         with self._progress:
             return self._processed.get(job_id, 0)
 
-    def _mark_processed(self, events: Sequence[Event]) -> None:
+    def _mark_processed(self, read_up_to: dict[str, int]) -> None:
+        """``read_up_to``: per job, the last ``seq`` the handled batch was read from (one
+        entry per job, not per event: batches of a busy job hold thousands)."""
         with self._progress:
-            for event in events:
-                self._processed[event.job_id] = event.seq
+            self._processed.update(read_up_to)
             self._progress.notify_all()
 
     def _mark_done(self) -> None:
@@ -169,6 +171,7 @@ async def _consume(
                 batch = await subscription.receive_batch(subscriber.max_batch)
             except anyio.EndOfStream:
                 break
+            read_up_to = subscription._taken  # set by the take that gave ``batch``
             if batch_handler is not None:
                 try:
                     await batch_handler(batch)
@@ -180,7 +183,7 @@ async def _consume(
                         await handlers.get(event.type, fallback)(event)
                     except Exception as error:
                         await _report(bus, subscriber, subscription, event, error)
-            handle._mark_processed(batch)
+            handle._mark_processed(read_up_to)
     finally:
         handle._mark_done()
         with anyio.CancelScope(shield=True), anyio.move_on_after(bus.drain_timeout):

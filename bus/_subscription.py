@@ -66,6 +66,7 @@ class Subscription:
         self._gaps = 0
         self.errors = 0
         self._wait_seconds = 0.0
+        self._taken: dict[str, int] = {}  # per job, the last seq the latest take read past
 
     def __repr__(self) -> str:
         return f"<Subscription {self.name!r} policy={self.policy.value} size={self.buffer_size}>"
@@ -98,6 +99,7 @@ class Subscription:
     def _take(self, limit: float) -> list[Event]:
         """Read up to ``limit`` events (each hole announced first), with the bus lock held."""
         batch: list[Event] = []
+        taken = self._taken = {}
         advanced_lossless = False
         for cursor in list(self._cursors.values()):
             if cursor.next_seq > cursor.last_readable():
@@ -127,6 +129,7 @@ class Subscription:
             if events:
                 batch.extend(events)
                 self._delivered += len(events)
+            taken[cursor.log.job_id] = cursor.next_seq - 1
             advanced_lossless = advanced_lossless or not self._lossy
             if cursor.end_seq is not None and cursor.next_seq > cursor.end_seq:
                 self._unfollow(cursor.log.job_id)

@@ -34,6 +34,7 @@ TRAIN_BATCH_START = EventType.TRAIN_BATCH_START
 OPTIMIZER_STEP = EventType.OPTIMIZER_STEP
 BEFORE_ZERO_GRAD = EventType.BEFORE_ZERO_GRAD
 TRAIN_BATCH_END = EventType.TRAIN_BATCH_END
+TRAIN_BATCH_TYPES = (TRAIN_BATCH_START, OPTIMIZER_STEP, BEFORE_ZERO_GRAD, TRAIN_BATCH_END)
 CONTROLLER_SOURCES = frozenset({"early_stop", "lr_plateau"})
 """Stops from these sources end a job ``completed`` with its ``stop_reason`` set, as Keras,
 Lightning and Ultralytics end an early-stopped run normally."""
@@ -311,6 +312,7 @@ class Trainer:
         every = spec.batch_event_every
         batch_size = spec.batch_size
         publish = self.bus.publish
+        publish_many = self.bus.publish_many
         run_callbacks = self.callbacks.run_callbacks
         job_id = self.job_id
         control = self.control
@@ -339,14 +341,21 @@ class Trainer:
         loss_value = math.nan
         x_train = self.x_train
         y_train = self.y_train
+        callbacks = self.callbacks
+        callbacks_version = -1
+        inline = True
         for batch in range(self.batch_index, self.batches_per_epoch):
             if control.pending:
                 self._apply(control.take())
+            if callbacks.version != callbacks_version:
+                callbacks_version = callbacks.version
+                inline = callbacks.has_callbacks(TRAIN_BATCH_TYPES)
             loud = batch % every == 0
             index = order[batch * batch_size : (batch + 1) * batch_size]
             inputs = x_train[index]
             targets = y_train[index]
-            run_callbacks(TRAIN_BATCH_START, self)
+            if inline:
+                run_callbacks(TRAIN_BATCH_START, self)
             if loud:
                 publish(
                     job_id,
@@ -381,28 +390,41 @@ class Trainer:
             if scheduler is not None:
                 scheduler.step()
             self._seen += count
-            self.step += 1
-            run_callbacks(OPTIMIZER_STEP, self)
-            if loud:
-                publish(job_id, OPTIMIZER_STEP, {"epoch": self.epoch, "step": self.step})
-            run_callbacks(BEFORE_ZERO_GRAD, self)
-            if loud:
-                publish(job_id, BEFORE_ZERO_GRAD, {"epoch": self.epoch, "step": self.step})
+            step = self.step = self.step + 1
+            epoch = self.epoch
+            if inline:
+                run_callbacks(OPTIMIZER_STEP, self)
+                if loud:
+                    publish(job_id, OPTIMIZER_STEP, {"epoch": epoch, "step": step})
+                run_callbacks(BEFORE_ZERO_GRAD, self)
+                if loud:
+                    publish(job_id, BEFORE_ZERO_GRAD, {"epoch": epoch, "step": step})
             optimizer.zero_grad(set_to_none=True)
             self.batch_index = batch + 1
-            run_callbacks(TRAIN_BATCH_END, self)
+            end = None
             if loud:
-                publish(
+                end = {
+                    "epoch": epoch,
+                    "batch": batch,
+                    "step": step,
+                    "loss": loss_value,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "batch_size": count,
+                }
+            if inline:
+                run_callbacks(TRAIN_BATCH_END, self)
+                if end is not None:
+                    publish(job_id, TRAIN_BATCH_END, end)
+            elif end is not None:
+                # No inline callback sits between them, so the three events that end a batch
+                # go out in one call: one lock and one wake-up check instead of three.
+                publish_many(
                     job_id,
-                    TRAIN_BATCH_END,
-                    {
-                        "epoch": self.epoch,
-                        "batch": batch,
-                        "step": self.step,
-                        "loss": loss_value,
-                        "lr": optimizer.param_groups[0]["lr"],
-                        "batch_size": count,
-                    },
+                    (
+                        (OPTIMIZER_STEP, {"epoch": epoch, "step": step}),
+                        (BEFORE_ZERO_GRAD, {"epoch": epoch, "step": step}),
+                        (TRAIN_BATCH_END, end),
+                    ),
                 )
         loss_sum = self._folded_loss_sum()
         if not math.isfinite(loss_sum):  # CUDA: a non-finite loss in an unpublished batch
@@ -442,7 +464,7 @@ class Trainer:
         run_callbacks = self.callbacks.run_callbacks
         publish = self.bus.publish
         loss_sum: float | torch.Tensor = 0.0
-        correct: int | torch.Tensor = 0
+        predictions: list[torch.Tensor] = []  # compared with the targets once, at the end
         for batch, start in enumerate(range(0, len(self.y_val), batch_size)):
             inputs = self.x_val[start : start + batch_size]
             targets = self.y_val[start : start + batch_size]
@@ -458,7 +480,7 @@ class Trainer:
             loss_value = loss.item() if host_loss or loud else math.nan
             loss_sum += (loss_value if host_loss else loss.detach().float()) * len(targets)
             if classification:
-                correct += (outputs.argmax(1) == targets).sum()
+                predictions.append(outputs.argmax(1))
             run_callbacks(EventType.VAL_BATCH_END, self)
             if loud:
                 publish(
@@ -467,10 +489,10 @@ class Trainer:
                     {"epoch": self.epoch, "batch": batch, "loss": loss_value},
                 )
         loss_sum = float(loss_sum)
-        correct = int(correct)
         count = max(1, len(self.y_val))
         validation = {"val_loss": loss_sum / count}
         if classification:
+            correct = int((torch.cat(predictions) == self.y_val).sum()) if predictions else 0
             validation["val_accuracy"] = correct / count
         else:
             validation["val_mse"] = loss_sum / count

@@ -45,3 +45,25 @@ def test_a_raising_callback_is_reported_and_the_rest_still_run() -> None:
     registry.remove_callback("on_fit_epoch_end", broken)
     registry.run_callbacks(EventType.FIT_EPOCH_END, None)
     assert len(reports) == 1
+
+
+def test_version_tells_a_hot_loop_when_registrations_changed() -> None:
+    registry = CallbackRegistry()
+    batch_types = (EventType.OPTIMIZER_STEP, EventType.TRAIN_BATCH_END)
+    before = registry.version
+    assert not registry.has_callbacks(batch_types)
+
+    def callback(trainer: Any) -> None:
+        pass
+
+    registry.add_callback("on_train_batch_end", callback)
+    assert registry.version != before
+    assert registry.has_callbacks(batch_types)
+    assert not registry.has_callbacks([EventType.TRAIN_START])
+    added = registry.version
+    registry.remove_callback("on_train_batch_end", callback)
+    assert registry.version != added
+    assert not registry.has_callbacks(batch_types)
+    removed = registry.version
+    registry.remove_callback("on_train_batch_end", callback)  # absent: nothing changed
+    assert registry.version == removed

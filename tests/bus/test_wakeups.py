@@ -1,0 +1,182 @@
+"""Wake-ups from publishing threads: coalesced rounds that stretch while a job publishes fast,
+yet never hold back a publisher waiting for room or a thread waiting for its subscribers;
+``publish_many``."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+
+import anyio
+import pytest
+
+from bus import BusClosed, Event, EventBus, EventType, Subscriber
+
+BATCH_END = EventType.TRAIN_BATCH_END
+
+
+class BatchCounter(Subscriber):
+    """Counts the batches it is handed (one per wake-up round) and keeps every event."""
+
+    buffer_size = 1_000_000
+    max_batch = 1_000_000
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.events: list[Event] = []
+
+    async def on_events(self, events: Sequence[Event]) -> None:
+        self.batches += 1
+        self.events.extend(events)
+
+
+class SmallBuffer(BatchCounter):
+    buffer_size = 4
+
+
+async def test_a_thread_waiting_for_its_subscribers_is_not_held_to_the_next_round() -> None:
+    counter = BatchCounter()
+    async with EventBus(wake_interval=2.0, max_wake_interval=2.0) as bus:
+        bus.attach(counter)
+
+        def publish_twice_and_wait() -> float:
+            first = bus.publish("job", BATCH_END, {"step": 0})  # after quiet: woken at once
+            assert bus.wait_processed(first, 10)
+            # The coalescer now sleeps 2 s before its next round; an epoch end cannot wait.
+            last = bus.publish("job", EventType.FIT_EPOCH_END, {"epoch": 0})
+            started = time.monotonic()
+            assert bus.wait_processed(last, 10)
+            return time.monotonic() - started
+
+        waited = await anyio.to_thread.run_sync(publish_twice_and_wait)
+    assert waited < 1.0
+    assert [e.seq for e in counter.events] == [1, 2]
+
+
+async def test_a_publisher_waiting_for_room_wakes_the_full_subscriber_at_once() -> None:
+    counter = SmallBuffer()
+    total = 60
+    async with EventBus(wake_interval=2.0, max_wake_interval=2.0) as bus:
+        bus.attach(counter)
+
+        def publish_all() -> float:
+            started = time.monotonic()
+            for step in range(total):
+                last = bus.publish("job", BATCH_END, {"step": step})
+            assert bus.wait_processed(last, 30)
+            return time.monotonic() - started
+
+        elapsed = await anyio.to_thread.run_sync(publish_all)
+    # Held to 2 s rounds, 60 events through a 4-event buffer would take about 30 s.
+    assert elapsed < 5.0
+    assert [e.data["step"] for e in counter.events] == list(range(total))
+
+
+async def test_a_fast_publisher_is_delivered_in_few_rounds_without_loss() -> None:
+    counter = BatchCounter()
+    wake_interval, max_wake_interval = 0.001, 0.05
+    async with EventBus(wake_interval=wake_interval, max_wake_interval=max_wake_interval) as bus:
+        bus.attach(counter)
+
+        def publish_for(seconds: float) -> tuple[int, float]:
+            started = time.monotonic()
+            published = 0
+            while time.monotonic() - started < seconds:
+                for _ in range(100):
+                    published += 1
+                    last = bus.publish("job", BATCH_END, {"step": published})
+            assert bus.wait_processed(last, 30)
+            return published, time.monotonic() - started
+
+        published, elapsed = await anyio.to_thread.run_sync(publish_for, 0.6)
+    # Fixed 1 ms rounds would be hundreds (or one per GIL switch, every 5 ms: over 100). The
+    # interval doubles each busy round up to 50 ms: about elapsed / 50 ms + a 6-round ramp.
+    assert counter.batches <= elapsed / max_wake_interval + 30
+    assert [e.data["step"] for e in counter.events] == list(range(1, published + 1))
+
+
+async def test_publish_many_numbers_events_consecutively_in_order() -> None:
+    counter = BatchCounter()
+    async with EventBus() as bus:
+        bus.attach(counter)
+        bus.publish("job", EventType.TRAIN_START, {"epochs": 1})
+        events = bus.publish_many(
+            "job",
+            [
+                (EventType.OPTIMIZER_STEP, {"step": 1}),
+                ("on_before_zero_grad", {"step": 1}),  # callback names work as in publish
+                (BATCH_END, {"step": 1, "loss": 0.5}),
+            ],
+        )
+        assert [e.seq for e in events] == [2, 3, 4]
+        assert [e.type for e in events] == [
+            EventType.OPTIMIZER_STEP,
+            EventType.BEFORE_ZERO_GRAD,
+            BATCH_END,
+        ]
+        assert len({e.time for e in events}) == 1
+        assert bus.publish("job", BATCH_END).seq == 5
+        await bus.aclose()
+        with pytest.raises(BusClosed):
+            bus.publish_many("job", [(BATCH_END, {})])
+    assert [e.seq for e in counter.events] == [1, 2, 3, 4, 5]
+    assert counter.events[1:4] == events
+
+
+async def test_publish_many_waits_for_room_in_a_small_lossless_buffer() -> None:
+    counter = SmallBuffer()
+    async with EventBus() as bus:
+        bus.attach(counter)
+
+        def publish_in_groups() -> None:
+            for group in range(10):
+                items = [(BATCH_END, {"step": group * 10 + i}) for i in range(10)]
+                last = bus.publish_many("job", items)[-1]
+            assert bus.wait_processed(last, 30)
+
+        await anyio.to_thread.run_sync(publish_in_groups)
+        statistics = bus.statistics().subscriptions[0]
+    assert [e.data["step"] for e in counter.events] == list(range(100))
+    assert statistics.dropped == 0
+
+
+async def test_processed_seq_counts_events_a_filter_skips_as_handled() -> None:
+    class EpochEnds(Subscriber):
+        async def on_fit_epoch_end(self, event: Event) -> None:
+            pass
+
+    async with EventBus() as bus:
+        handle = bus.attach(EpochEnds())
+        for step in range(5):
+            bus.publish("job", BATCH_END, {"step": step})
+        epoch_end = bus.publish("job", EventType.FIT_EPOCH_END, {"epoch": 0})
+        assert await anyio.to_thread.run_sync(bus.wait_processed, epoch_end, 10)
+        assert handle.processed_seq("job") == epoch_end.seq == 6
+        assert handle.processed_seq("other job") == 0
+
+
+async def test_threads_waiting_on_a_busy_bus_each_return_without_waiting_for_rounds() -> None:
+    counters = [BatchCounter() for _ in range(3)]
+    async with EventBus(wake_interval=1.0, max_wake_interval=2.0) as bus:
+        for counter in counters:
+            bus.attach(counter)
+        results: list[bool] = []
+
+        def publish_and_wait(job: str) -> None:
+            for step in range(200):
+                event = bus.publish(job, BATCH_END, {"step": step})
+                if step % 50 == 49:
+                    results.append(bus.wait_processed(event, 10))
+
+        threads = [threading.Thread(target=publish_and_wait, args=(f"job-{i}",)) for i in range(3)]
+        started = time.monotonic()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            await anyio.to_thread.run_sync(thread.join)
+        elapsed = time.monotonic() - started
+    assert results == [True] * 12
+    assert elapsed < 2.0  # each thread waits 4 times: held to rounds, at least 4 s
+    for counter in counters:
+        assert len(counter.events) == 600
