@@ -126,32 +126,38 @@ def write_checkpoint(
     name = _unique_name(directory, name or f"epoch-{epoch:04d}-step-{step:08d}")
     temp = directory / f"{TEMP_PREFIX}{name}-{secrets.token_hex(4)}"
     temp.mkdir()
-    clean_metrics = {
-        str(k): float(v) for k, v in (metrics or {}).items() if isinstance(v, int | float)
-    }
-    with open(temp / STATE_FILE, "wb") as raw:
-        hashing = _HashingWriter(raw)
-        with io.BufferedWriter(hashing, buffer_size=1 << 20) as buffered:
-            torch.save(state, buffered)
-        raw.flush()
-        os.fsync(raw.fileno())
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "serial": _next_serial(directory),
-        "epoch": int(epoch),
-        "step": int(step),
-        "reason": reason,
-        "metrics": {k: v for k, v in clean_metrics.items() if math.isfinite(v)},
-        "monitor": monitor,
-        "monitor_value": _finite_or_none(clean_metrics.get(monitor)) if monitor else None,
-        "created_at": time.time(),
-        "torch_version": torch.__version__,
-        "files": {STATE_FILE: {"sha256": hashing.sha256.hexdigest(), "size": hashing.size}},
-    }
-    _write_json(temp / MANIFEST_FILE, manifest)
-    _fsync_dir(temp)
-    final = directory / name
-    os.rename(temp, final)
+    try:
+        clean_metrics = {
+            str(k): float(v) for k, v in (metrics or {}).items() if isinstance(v, int | float)
+        }
+        with open(temp / STATE_FILE, "wb") as raw:
+            hashing = _HashingWriter(raw)
+            with io.BufferedWriter(hashing, buffer_size=1 << 20) as buffered:
+                torch.save(state, buffered)
+            raw.flush()
+            os.fsync(raw.fileno())
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "serial": _next_serial(directory),
+            "epoch": int(epoch),
+            "step": int(step),
+            "reason": reason,
+            "metrics": {k: v for k, v in clean_metrics.items() if math.isfinite(v)},
+            "monitor": monitor,
+            "monitor_value": _finite_or_none(clean_metrics.get(monitor)) if monitor else None,
+            "created_at": time.time(),
+            "torch_version": torch.__version__,
+            "files": {STATE_FILE: {"sha256": hashing.sha256.hexdigest(), "size": hashing.size}},
+        }
+        _write_json(temp / MANIFEST_FILE, manifest)
+        _fsync_dir(temp)
+        final = directory / name
+        os.rename(temp, final)
+    except BaseException:
+        # A failed write (disk full, I/O error) leaves nothing behind: a half-written folder
+        # would hold on to the space the next checkpoint needs until the next start-up.
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
     _fsync_dir(directory)
     return CheckpointInfo.from_manifest(final, manifest)
 
@@ -161,8 +167,12 @@ def write_pointer(job_dir: Path, which: Literal["latest", "best"], info: Checkpo
     directory = checkpoints_dir(job_dir)
     target = directory / _ALIASES[which]
     temp = directory / f"{TEMP_PREFIX}{which}-{secrets.token_hex(4)}.json"
-    _write_json(temp, {"name": info.name, "serial": info.serial, "step": info.step})
-    os.replace(temp, target)
+    try:
+        _write_json(temp, {"name": info.name, "serial": info.serial, "step": info.step})
+        os.replace(temp, target)
+    except BaseException:
+        temp.unlink(missing_ok=True)  # the pointer keeps its previous target
+        raise
     _fsync_dir(directory)
 
 

@@ -90,6 +90,12 @@ class CheckpointWriter(Subscriber):
     (snapshot + write), ``reason`` and ``best``. Orphaned temporary folders of the job are
     removed when the writer is created.
 
+    A write that fails (disk full, I/O error) removes what it began, leaves the pointers on
+    the last good checkpoint and is reported as a ``subscriber_error`` event (``subscriber``,
+    ``error_type``, ``message`` naming the cause, ``epoch``, ``step``, ``reason``, ``latest``);
+    training goes on and the next checkpoint is tried as usual, so saving resumes once the
+    cause is gone (counted in ``failed``).
+
     :param job_id: the job whose checkpoints these are.
     :param job_dir: the job's folder (``<data>/jobs/<job_id>``); checkpoints go under
         ``checkpoints/``.
@@ -273,16 +279,44 @@ class CheckpointWriter(Subscriber):
                 self._condition.notify_all()
             try:
                 self._write(request)
-            except Exception:
+            except Exception as error:
                 logger.exception("job %s: checkpoint at step %d failed", self.job_id, request.step)
-                with self._condition:
-                    self._failed += 1
+                self._failed_write(request, error)
             finally:
                 with self._condition:
                     self._writing = False
                     if self._spare is None:
                         self._spare = request.state
                     self._condition.notify_all()
+
+    def _failed_write(self, request: _Request, error: Exception) -> None:
+        """Count and report a write that failed (disk full, I/O error): the files it began are
+        gone, the pointers still name the last good checkpoint, and training goes on; the
+        next checkpoint is tried as usual, so saving resumes once the cause is gone."""
+        on_disk = self._best_on_disk() if request.best else None
+        with self._condition:
+            self._failed += 1
+            if request.best and not (self._pending is not None and self._pending.best):
+                # this value never reached the disk: later epochs must beat what did
+                self._best_value = on_disk
+        if self.bus is None:
+            return
+        data = {
+            "subscriber": self.name,
+            "error_type": type(error).__name__,
+            "message": f"checkpoint at epoch {request.epoch}, step {request.step} "
+            f"({request.reason}) not saved: {error}",
+            "epoch": request.epoch,
+            "step": request.step,
+            "reason": request.reason,
+            "latest": read_pointer(self.job_dir, "latest"),
+        }
+        try:
+            self.bus.publish(self._job, EventType.SUBSCRIBER_ERROR, data)
+        except Exception as publish_error:  # a closed bus: the log above still says it
+            logger.warning(
+                "job %s: checkpoint failure not published: %r", self.job_id, publish_error
+            )
 
     def _write(self, request: _Request) -> None:
         started = time.perf_counter()

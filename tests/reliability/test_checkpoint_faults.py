@@ -1,0 +1,335 @@
+"""Disk full, short writes and I/O errors while a real job in a real server checkpoints.
+
+The faults are injected at the lowest layer the checkpoint files use: the ``open`` of
+``subscribers._checkpoint_files`` returns real files whose raw ``write`` accepts only part of
+what it is given or fails with ENOSPC as a full disk does (bytes that fit are written first,
+then the error), and ``os.fsync`` of a state file can fail with EIO. No root is needed.
+
+What trainbus does, and what this checks: a failed checkpoint write leaves no files behind,
+the ``latest`` and ``best`` pointers keep naming the last good checkpoint (which still
+verifies and loads), the failure is reported over the API as a ``subscriber_error`` event
+whose message names the cause ("No space left on device"), the job keeps training (as
+Lightning's and Keras' loggers do not, a disk that fills for a while should not cost the
+run), and checkpoints succeed again once space returns.
+"""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import io
+import os
+import random
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import subscribers._checkpoint_files as checkpoint_files
+from api import TrainbusClient, create_app
+from subscribers import CheckpointWriter, list_checkpoints, load_checkpoint, verify_checkpoint
+
+from ..api.server import make_settings, run_server
+from ..subscribers.toy import ToyTrainer
+from .conftest import record
+
+pytestmark = pytest.mark.slow
+
+SEED = 7
+SPEC: dict[str, Any] = {
+    "name": "checkpoints-on-a-bad-disk",
+    "model": {"name": "mlp", "params": {"hidden_sizes": [64]}},
+    "dataset": {"name": "digits"},
+    "epochs": 40,
+    "batch_size": 32,
+    "seed": 3,
+    "device": "cpu",
+    "torch_threads": 1,
+    "checkpoint": {"keep_last": 2, "keep_best": 1},
+}
+# Each fault hits the next checkpoint written after the job resumes; "full" lasts until the
+# test gives the space back, so the save at the following pause fails too.
+FAULTS = (
+    "enospc_state",
+    "short_writes",
+    "enospc_manifest",
+    "enospc_latest_pointer",
+    "fsync_eio",
+    "full",
+    "space_returned",
+)
+CAUSES = {"fsync_eio": os.strerror(errno.EIO)}  # the others: "No space left on device"
+
+
+def _kind(path: Path) -> str:
+    if path.name == "state.pt":
+        return "state"
+    if path.name == "manifest.json":
+        return "manifest"
+    if path.name.startswith(".tmp-latest-"):
+        return "latest_pointer"
+    return "other"
+
+
+class FaultyDisk:
+    """Decides, write by write, how much of what the checkpoint files write reaches disk."""
+
+    def __init__(self, root: Path, seed: int) -> None:
+        self.root = root
+        self.rng = random.Random(seed)
+        self.lock = threading.Lock()
+        self.fault: str | None = None
+        self.fired = 0  # faults that hit since the last arm
+        self.failed_writes: set[str] = set()  # checkpoints or pointers that got an error
+        self.short_writes = 0
+        self.bytes_before_enospc: list[int] = []
+
+    def arm(self, fault: str | None) -> None:
+        with self.lock:
+            self.fault, self.fired = fault, 0
+
+    def watched(self, path: Path) -> bool:
+        return path.is_relative_to(self.root) and "checkpoints" in path.parts
+
+    def open(self, file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        path = Path(file)
+        if mode == "wb" and not args and not kwargs and self.watched(path):
+            return io.BufferedWriter(_FaultyFile(path, self))
+        return builtins.open(file, mode, *args, **kwargs)
+
+    def budget(self, path: Path) -> tuple[int | None, int | None]:
+        """(bytes this file may take before ENOSPC, most bytes one write call accepts)."""
+        kind = _kind(path)
+        with self.lock:
+            fault = self.fault
+            if fault == "full" and kind != "other":
+                self.fired += 1
+                return 0, None
+            if fault == "enospc_state" and kind == "state":
+                self.fault, self.fired = None, self.fired + 1
+                return self.rng.randint(1, 20_000), None
+            if fault == "enospc_manifest" and kind == "manifest":
+                self.fault, self.fired = None, self.fired + 1
+                return self.rng.randint(0, 100), None
+            if fault == "enospc_latest_pointer" and kind == "latest_pointer":
+                self.fault, self.fired = None, self.fired + 1
+                return 0, None
+            if fault == "short_writes" and kind == "state":
+                self.fault, self.fired = None, self.fired + 1
+                return None, 4096
+        return None, None
+
+    def fsync(self, fd: int) -> None:
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        if self.watched(path) and _kind(path) == "state":
+            with self.lock:
+                if self.fault == "fsync_eio":
+                    self.fault, self.fired = None, self.fired + 1
+                    self.failed_writes.add(path.parent.name)
+                    raise OSError(errno.EIO, os.strerror(errno.EIO))
+        _real_fsync(fd)
+
+
+_real_fsync = os.fsync
+
+
+class _FaultyFile(io.FileIO):
+    """A real file whose writes stop where the simulated disk says so."""
+
+    def __init__(self, path: Path, disk: FaultyDisk) -> None:
+        super().__init__(path, "w")
+        self.path = path
+        self.disk = disk
+        self.left, self.most = disk.budget(path)
+        self.written = 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        size = len(view)
+        if self.most is not None and size > 1:
+            size = self.disk.rng.randint(1, min(size, self.most))
+            with self.disk.lock:
+                self.disk.short_writes += size < len(view)
+        if self.left is not None:
+            if self.left == 0 and size:
+                pointer = _kind(self.path) == "latest_pointer"
+                target = self.path.name if pointer else self.path.parent.name
+                with self.disk.lock:
+                    if target not in self.disk.failed_writes:
+                        self.disk.failed_writes.add(target)
+                        self.disk.bytes_before_enospc.append(self.written)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+            size = min(size, self.left)  # what fits is written: a short write, then ENOSPC
+            self.left -= size
+        written = super().write(view[:size])
+        self.written += written or 0
+        return written or 0
+
+
+def _poll(condition: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)  # polling interval, bounded by the deadline
+
+
+def _checkpoint_outcomes(client: TrainbusClient, job_id: str, after: int) -> list[dict[str, Any]]:
+    """Checkpoints saved and checkpoint writes that failed, after seq ``after``."""
+    events = client.events(
+        job_id, after_seq=after, types="checkpoint_saved,subscriber_error", limit=10_000
+    )
+    return [
+        e
+        for e in events
+        if e["type"] == "checkpoint_saved" or e["data"]["subscriber"] == "checkpoint_writer"
+    ]
+
+
+def _record_names(client: TrainbusClient, job_id: str, checkpoint: str) -> bool:
+    return bool(client.job(job_id)["checkpoint"] == checkpoint)
+
+
+def _pause_and_settle(client: TrainbusClient, job_id: str, after: int) -> list[dict[str, Any]]:
+    """Pause the job, wait for the outcome of the save it makes before holding; return the
+    checkpoint outcomes (saved or failed) since ``after``. Nothing writes while it holds."""
+    client.pause(job_id)
+    client.wait(job_id, {"paused"}, timeout=60, interval=0.01)
+    outcomes: list[dict[str, Any]] = _poll(
+        lambda: (
+            (found := _checkpoint_outcomes(client, job_id, after))
+            and any(e["data"]["reason"] == "pause" for e in found)
+            and found
+        ),
+        "the pause's checkpoint to be written or to fail",
+    )
+    return outcomes
+
+
+def _assert_checkpoints_sound(job_dir: Path, latest: str, fault: str) -> None:
+    folder = job_dir / "checkpoints"
+    temporary = [p.name for p in folder.iterdir() if p.name.startswith(".tmp-")]
+    assert not temporary, f"{fault}: temporary files left behind: {temporary}"
+    assert verify_checkpoint(job_dir, "latest").name == latest, fault
+    state = load_checkpoint(job_dir, "latest")  # verified and torch.load(weights_only=True)
+    assert state["model"], fault
+    if (folder / "best.json").exists():  # once a checkpoint had the monitored metric
+        verify_checkpoint(job_dir, "best")
+    for info in list_checkpoints(job_dir):
+        verify_checkpoint(job_dir, info.name)  # no partial checkpoint is listed either
+
+
+def test_disk_full_and_short_writes_never_cost_a_good_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data_dir = tmp_path / "data"
+    disk = FaultyDisk(data_dir / "jobs", SEED)
+    monkeypatch.setattr(checkpoint_files, "open", disk.open, raising=False)
+    monkeypatch.setattr(os, "fsync", disk.fsync)
+    settings = make_settings(data_dir)
+    started = time.monotonic()
+    figures: dict[str, Any] = {}
+    with (
+        run_server(create_app(settings), settings) as server,
+        TrainbusClient(server.url, server.token) as client,
+    ):
+        job_id = client.submit(SPEC)["id"]
+        job_dir = data_dir / "jobs" / job_id
+        client.wait(job_id, {"running"}, timeout=60, interval=0.01)
+        outcomes = _pause_and_settle(client, job_id, 0)
+        assert [e["type"] for e in outcomes][-1] == "checkpoint_saved", outcomes
+        latest = outcomes[-1]["data"]["name"]
+        _assert_checkpoints_sound(job_dir, latest, "no fault")
+        for fault in FAULTS:
+            mark = outcomes[-1]["seq"]  # nothing is written while the job holds
+            failed_before = len(disk.failed_writes)
+            disk.arm(None if fault == "space_returned" else fault)
+            client.resume(job_id)
+            client.wait(job_id, {"running"}, timeout=60, interval=0.01)
+            if fault != "space_returned":
+                _poll(lambda: disk.fired, f"the {fault} fault to hit a checkpoint write")
+            outcomes = _pause_and_settle(client, job_id, mark)
+            failures = [e for e in outcomes if e["type"] == "subscriber_error"]
+            saved = [e for e in outcomes if e["type"] == "checkpoint_saved"]
+            failed_now = len(disk.failed_writes) - failed_before
+            assert len(failures) == failed_now, (fault, outcomes)
+            if fault in ("short_writes", "space_returned"):
+                assert not failures and saved, (fault, outcomes)
+            else:
+                assert failures, (fault, outcomes)
+            cause = CAUSES.get(fault, os.strerror(errno.ENOSPC))
+            for outcome in outcomes:  # in the order they happened
+                data = outcome["data"]
+                if outcome["type"] == "checkpoint_saved":
+                    latest = data["name"]
+                    continue
+                assert data["error_type"] == "OSError", outcome
+                assert cause in data["message"], outcome
+                assert f"step {data['step']}" in data["message"], outcome
+                assert data["latest"] == latest, f"{fault}: the pointer moved: {outcome}"
+            _assert_checkpoints_sound(job_dir, latest, fault)
+            _poll(
+                partial(_record_names, client, job_id, latest),
+                f"{fault}: the job record to name the latest good checkpoint",
+            )
+            figures[fault] = {"failed_writes": failed_now, "saved": len(saved)}
+        disk.arm(None)
+        client.resume(job_id)
+        final = client.wait(job_id, timeout=120, interval=0.05)
+        assert final["state"] == "completed", final
+        errors = client.events(job_id, types="subscriber_error", limit=10_000)
+        assert len(errors) == len(disk.failed_writes), errors
+        end = verify_checkpoint(job_dir, "latest")
+        assert end.reason == "end" and end.step == final["step"], end
+        _assert_checkpoints_sound(job_dir, end.name, "after the job")
+    record(
+        "checkpoint_faults",
+        seed=SEED,
+        faults=list(FAULTS),
+        per_fault=figures,
+        failed_writes=len(disk.failed_writes),
+        reported=len(errors),
+        short_writes=disk.short_writes,
+        bytes_before_enospc=disk.bytes_before_enospc,
+        final_step=final["step"],
+        seconds=round(time.monotonic() - started, 1),
+    )
+
+
+def test_a_best_checkpoint_lost_to_a_full_disk_does_not_raise_the_bar(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With only best checkpoints kept at epoch ends, a best one that fails to write must
+    not count as the best: a later epoch that beats what is on disk is saved."""
+    disk = FaultyDisk(tmp_path / "jobs", SEED)
+    monkeypatch.setattr(checkpoint_files, "open", disk.open, raising=False)
+    job_dir = tmp_path / "jobs" / "best-only"
+    writer = CheckpointWriter(
+        job_id="best-only", job_dir=job_dir, bus=None, every_n_epochs=None, keep_best=1
+    )
+    trainer = ToyTrainer("best-only")
+    writer.bind(trainer)
+
+    def end_epoch(epoch: int, val_loss: float, fault: str | None = None) -> None:
+        disk.arm(fault)
+        trainer.epoch, trainer.step = epoch, 10 * (epoch + 1)
+        trainer.metrics = {"val_loss": val_loss}
+        trainer.save_reason = "epoch_end"
+        trainer.run_callbacks("on_model_save")
+        assert writer.flush(timeout=60)
+
+    try:
+        end_epoch(0, 1.0)
+        end_epoch(1, 0.5, "full")  # the best so far, but the disk is full
+        end_epoch(2, 0.7)  # worse than the lost one, better than any on disk
+        assert writer.statistics().failed == 1
+        best = verify_checkpoint(job_dir, "best")
+        assert (best.step, best.monitor_value) == (30, 0.7)
+    finally:
+        writer.close(timeout=60)
