@@ -55,6 +55,11 @@ Every endpoint but `/healthz` (and `/metrics`, unless configured otherwise) need
 token: `Authorization: Bearer <token>`. WebSocket clients send the same header, or (browsers)
 offer the subprotocols `trainbus` and `trainbus.bearer.<token>`.
 
+The server answers only to its own host names (IP addresses, `localhost`, the bind address
+and `TRAINBUS_ALLOWED_HOSTS`; others get 400, against DNS rebinding), refuses state-changing
+requests and WebSockets from an `Origin` outside `TRAINBUS_ALLOWED_ORIGINS` (403), and bodies
+over `TRAINBUS_MAX_BODY_BYTES` (413).
+
 Live events: `ws://HOST/jobs/{id}/events/ws?after_seq=N&types=a,b` (replay from the store,
 then live; neither gap nor duplicate; closed with 4404 when the job is deleted) and
 `ws://HOST/events/ws` (every job, live only: no replay, no `after_seq`). Each message
