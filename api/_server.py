@@ -11,6 +11,8 @@ from ._websocket import MAX_CLIENT_MESSAGE_BYTES
 
 __all__ = ["serve", "uvicorn_config"]
 
+KEEP_ALIVE_SECONDS = 75  # nginx's default
+
 
 def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
     """The uvicorn configuration for ``app`` (WebSocket pings, no token in access logs)."""
@@ -23,6 +25,10 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
         ws_ping_interval=settings.ws_ping_interval,
         ws_ping_timeout=settings.ws_ping_timeout,
         lifespan="on",
+        # Idle connections stay open longer than clients keep them pooled (httpx, our client
+        # included: 5 s; aiohttp: 15 s), else a request sent on one as the server closes it
+        # fails (uvicorn's default is 5 s: RemoteProtocolError/ReadError under load).
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
         timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout)),
         server_header=False,
         # one encoding per event for every client: per-client compression would undo that
