@@ -21,15 +21,13 @@ import pytest
 import torch
 
 from api import TrainbusClient
-from subscribers import list_checkpoints, load_checkpoint, verify_checkpoint
+from subscribers import CheckpointWriter, list_checkpoints, load_checkpoint, verify_checkpoint
 
+from ..subscribers.toy import ToyTrainer
 from ._kill_server import Server, ServerZygote, all_events
 from .conftest import record, sized
 
-pytestmark = [
-    pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals"),
-    pytest.mark.slow,
-]
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
 TOKEN = "server-kill-token-0123456789"
 SEED = 20261130
@@ -111,6 +109,22 @@ def _assert_history_intact(
     assert not changed, f"kill {kill}: events read before the crash changed or vanished: {changed}"
 
 
+def _assert_record_intact(
+    after: dict[str, Any], before: dict[str, Any], job_dir: Path, kill: int
+) -> None:
+    assert after["state"] == "interrupted", f"kill {kill}: {after}"
+    for field in ("id", "name", "spec", "created_at"):
+        assert after[field] == before[field], f"kill {kill}: the record's {field} changed"
+    assert (after["epoch"], after["step"]) >= (before["epoch"], before["step"]), (
+        f"kill {kill}: the record lost progress it had stored: {before} -> {after}"
+    )
+    listed = {info.name for info in list_checkpoints(job_dir)}
+    assert after["checkpoint"] is None or after["checkpoint"] in listed, (
+        f"kill {kill}: the record names checkpoint {after['checkpoint']!r}, "
+        f"which is not on disk (there: {sorted(listed)})"
+    )
+
+
 def _pointer(job_dir: Path, which: str) -> str | None:
     """The checkpoint a pointer file names (the documented layout: ``latest.json``)."""
     try:
@@ -136,6 +150,7 @@ def _final_model(job_dir: Path) -> dict[str, torch.Tensor]:
     return model
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_loses_nothing_durable_and_resumes_exactly(
     tmp_path: Path,
 ) -> None:
@@ -161,6 +176,7 @@ def test_sigkill_at_random_moments_loses_nothing_durable_and_resumes_exactly(
         for kill, moment in enumerate(plan, 1):
             with server.client() as client:
                 seen.update((e["seq"], e) for e in all_events(client, job_id))
+                before = client.job(job_id)
             moment_rng = random.Random(rng.random())
             happened = _kill_at(moment, moment_rng, zygote, server, job_dir, epoch_seconds)
             server = zygote.serve(data_dir)
@@ -170,7 +186,7 @@ def test_sigkill_at_random_moments_loses_nothing_durable_and_resumes_exactly(
                     partial(client.events, job_id, after_seq=start_seq, types="job_interrupted"),
                     "the restarted server to store job_interrupted",
                 )[0]
-                assert client.job(job_id)["state"] == "interrupted", f"kill {kill}"
+                _assert_record_intact(client.job(job_id), before, job_dir, kill)
                 events = all_events(client, job_id)
                 _assert_history_intact(events, seen, kill)
                 epochs = [e for e in events[start_seq:] if e["type"] == "fit_epoch_end"]
@@ -225,3 +241,28 @@ def test_sigkill_at_random_moments_loses_nothing_durable_and_resumes_exactly(
         final_weights_equal=True,
         seconds=round(time.monotonic() - started, 1),
     )
+
+
+def test_the_checkpoint_a_job_record_names_outlives_the_next_write(tmp_path: Path) -> None:
+    """The job record learns the newest checkpoint's name from ``checkpoint_saved``, after
+    retention ran: the checkpoint announced before must survive that write, also for a new
+    writer after a restart, or a crash in between leaves the record naming a deleted one."""
+    job_dir = tmp_path / "jobs" / "record"
+
+    def write_one(epoch: int) -> str:
+        writer = CheckpointWriter(  # a new writer each time, as after a restart
+            job_id="record", job_dir=job_dir, bus=None, keep_last=1, keep_best=0
+        )
+        trainer = ToyTrainer("record")
+        writer.bind(trainer)
+        trainer.epoch, trainer.step, trainer.save_reason = epoch, epoch + 1, "command"
+        trainer.run_callbacks("on_model_save")
+        writer.close(timeout=60)
+        name = writer.statistics().last_checkpoint
+        assert name is not None
+        return name
+
+    first, second = write_one(0), write_one(1)
+    assert {info.name for info in list_checkpoints(job_dir)} == {first, second}
+    third = write_one(2)
+    assert {info.name for info in list_checkpoints(job_dir)} == {second, third}
