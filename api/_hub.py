@@ -108,8 +108,9 @@ class ClientBuffer:
         self.ended: tuple[int, str] | None = None
         """Set by :meth:`end`: the close code and reason the connection must close with."""
         self.replaying = False
-        """While the connection replays history, drops are refilled from the store later and do
-        not count as lag: the client is not slow, the server is busy catching it up."""
+        """While the connection reads history from the store, drops are refilled from the store
+        later and do not count as lag: the client is not slow, the server is busy catching it
+        up. While it sends, they count: then it is the client that holds the stream up."""
         self._items: deque[Item] = deque()
         self._missed: dict[str, list[int]] = {}  # job -> [from_seq, to_seq, count]
         self._lag = 0  # events missed since the client last emptied its buffer
@@ -189,6 +190,10 @@ class ClientBuffer:
             self._lag = 0
         self.delivered += len(batch)
         return missed, batch
+
+    def progressed(self) -> None:
+        """The client took a message: the events it missed before no longer count as lag."""
+        self._lag = 0
 
     def close(self) -> None:
         self.closed = True

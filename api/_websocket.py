@@ -104,14 +104,31 @@ class _Stream:
         self.job_id = job_id
         self.types = types
         self.last_sent = last_sent
+        """The highest seq queued for this client (what the stream need not send again)."""
+        self.delivered = last_sent
+        """The highest seq actually handed to the connection: where a closed client resumes."""
         self.max_events = services.settings.ws_max_message_events
         self.history: EventHistory | None = services.history if job_id is not None else None
         self.violation: tuple[int, str] | None = None
         """Set when the client broke the protocol: the close code and reason."""
 
-    async def send(self, encoded: list[str]) -> None:
-        for start in range(0, len(encoded), self.max_events):
-            await self.websocket.send_text(_message(encoded[start : start + self.max_events]))
+    async def send(self, messages: list[tuple[int, str]]) -> None:
+        """Send ``(seq, encoded event)`` pairs, at most ``ws_max_message_events`` a message."""
+        for start in range(0, len(messages), self.max_events):
+            chunk = messages[start : start + self.max_events]
+            await self.websocket.send_text(_message([encoded for _, encoded in chunk]))
+            self.delivered = max(self.delivered, chunk[-1][0])
+
+    async def _send_history(self, encoded: list[tuple[int, str]]) -> None:
+        """Send stored events; a client that holds this send up is slow, and its live drops
+        count as lag (a client that never reads must not stay open by asking for history)."""
+        client = self.client
+        client.replaying = False
+        try:
+            await self.send(encoded)
+        finally:
+            client.replaying = True
+        client.progressed()
 
     async def replay(self, job_id: str, after_seq: int, upto: int) -> None:
         """Send the stored events in ``(after_seq, upto]``, in pages."""
@@ -128,20 +145,17 @@ class _Stream:
             events = [e for e in events if e.seq <= upto]
             if not events:
                 break
-            await self.send([encode_event(e) for e in events])
+            await self._send_history([(e.seq, encode_event(e)) for e in events])
             cursor = events[-1].seq
             self.last_sent = max(self.last_sent, cursor)
             if len(events) < self.max_events:
                 break
         if self.types is None and self.last_sent < upto:
             # the store did not have everything: say so rather than skip it silently
-            await self.send(
-                [
-                    gap_notice(
-                        job_id, self.last_sent + 1, upto, upto - self.last_sent, "event_store"
-                    )[2]
-                ]
+            notice = gap_notice(
+                job_id, self.last_sent + 1, upto, upto - self.last_sent, "event_store"
             )
+            await self.send([notice[1:]])
         self.last_sent = max(self.last_sent, upto)
 
     async def live(self) -> None:
@@ -151,7 +165,7 @@ class _Stream:
             if client.too_slow or client.closed:
                 return
             missed, items = client.take(self.max_events)
-            encoded: list[str] = []
+            encoded: list[tuple[int, str]] = []
             if missed:
                 client.replaying = self.history is not None
                 try:
@@ -167,14 +181,16 @@ class _Stream:
                         items = [item for item in items if item[1] > last]
                     if items:
                         self.last_sent = items[-1][1]
-                encoded.extend([item[2] for item in items])
+                encoded.extend([(seq, text) for _, seq, text in items])
             if encoded:
                 await self.send(encoded)
 
-    async def _refill(self, job_id: str, from_seq: int, to_seq: int, count: int) -> list[str]:
+    async def _refill(
+        self, job_id: str, from_seq: int, to_seq: int, count: int
+    ) -> list[tuple[int, str]]:
         """Events this client's buffer dropped: from the store when possible, else a gap."""
         if self.history is None:
-            return [gap_notice(job_id, from_seq, to_seq, count, "websocket")[2]]
+            return [gap_notice(job_id, from_seq, to_seq, count, "websocket")[1:]]
         start = max(from_seq - 1, self.last_sent)
         if to_seq <= start:
             return []
@@ -183,10 +199,10 @@ class _Stream:
             job_id, after_seq=start, types=self.types, limit=to_seq - start
         )
         events = [e for e in events if e.seq <= to_seq]
-        encoded = [encode_event(e) for e in events]
+        encoded = [(e.seq, encode_event(e)) for e in events]
         have = events[-1].seq if events else start
         if self.types is None and have < to_seq:
-            encoded.append(gap_notice(job_id, have + 1, to_seq, to_seq - have, "websocket")[2])
+            encoded.append(gap_notice(job_id, have + 1, to_seq, to_seq - have, "websocket")[1:])
         self.last_sent = max(self.last_sent, to_seq)
         return encoded
 
@@ -262,7 +278,7 @@ async def _serve(
         code, reason = (
             CLOSE_TOO_SLOW,
             (
-                f"too slow; resume with after_seq={stream.last_sent}"
+                f"too slow; resume with after_seq={stream.delivered}"
                 if job_id is not None
                 else "too slow; reconnect"
             ),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import socket
 import threading
 from typing import Any
 
@@ -202,9 +203,7 @@ async def test_all_jobs_stream_sends_live_events_only(
         async with _connect(transport_server, "/events/ws") as socket:
             bus.publish("live-only-1", EventType.TRAIN_END, {})
             events = await _receive(socket)
-    assert [(e["job_id"], e["seq"], e["type"]) for e in events] == [
-        ("live-only-1", 2, "train_end")
-    ]
+    assert [(e["job_id"], e["seq"], e["type"]) for e in events] == [("live-only-1", 2, "train_end")]
 
 
 async def test_deleting_a_job_closes_its_streams_with_4404(
@@ -238,3 +237,87 @@ async def test_deleting_a_job_closes_its_streams_with_4404(
         # the other job's stream goes on
         bus.publish("kept-1", EventType.TRAIN_START, {})
         assert [e["seq"] for e in await _receive(kept)] == [1]
+
+
+async def _publish_paced(
+    server: LiveServer, job_id: str, healthy: Any, rounds: int, first_seq: int
+) -> None:
+    """Publish ``rounds`` chunks of 50 padded events; a healthy all-jobs client reads each."""
+    bus = server.services.bus
+    padding = "x" * 1000  # big events fill the socket buffers of a client that never reads
+    seq = first_seq - 1
+    for _ in range(rounds):
+        for _ in range(50):
+            bus.publish(job_id, EventType.TRAIN_BATCH_END, {"pad": padding})
+        seq += 50
+        await _collect_until(healthy, seq)
+
+
+def _connect_never_reading(server: LiveServer, path: str) -> Any:
+    """A client that reads nothing: a small receive buffer (no autotuning) and ``max_queue=1``
+    (the client library stops reading the socket once a message waits)."""
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    tcp.connect(("127.0.0.1", int(server.url.rsplit(":", 1)[1])))
+    tcp.setblocking(False)
+    return _connect(server, path, max_queue=1, max_size=None, sock=tcp)
+
+
+async def _read_until_closed(socket: Any) -> tuple[list[int], ConnectionClosed]:
+    seqs: list[int] = []
+    with anyio.fail_after(30):
+        try:
+            while True:
+                payload = json.loads(await socket.recv())
+                seqs.extend(e["seq"] for e in (payload if isinstance(payload, list) else [payload]))
+        except ConnectionClosed as closed:
+            return seqs, closed
+
+
+async def test_a_slow_client_resumes_from_the_close_reason_without_loss_or_duplicate(
+    transport_server: LiveServer, fake_jobs: FakeJobs
+) -> None:
+    fake_jobs.add("resume-slow-1")
+    gave_up = threading.Event()
+    transport_server.services.hub.too_slow_listeners.append(gave_up.set)
+    rounds = 200
+    async with (
+        _connect_never_reading(transport_server, "/jobs/resume-slow-1/events/ws") as slow,
+        _connect(transport_server, "/events/ws?types=train_batch_end") as healthy,
+    ):
+        await _publish_paced(transport_server, "resume-slow-1", healthy, rounds, 1)
+        assert await anyio.to_thread.run_sync(gave_up.wait, 30)
+        before, closed = await _read_until_closed(slow)
+    assert closed.rcvd is not None and closed.rcvd.code == CLOSE_TOO_SLOW
+    after_seq = int(closed.rcvd.reason.rsplit("=", 1)[1])
+    # the resume point is the last event the client actually got: nothing skipped
+    assert before == list(range(1, after_seq + 1))
+    async with _connect(
+        transport_server, f"/jobs/resume-slow-1/events/ws?after_seq={after_seq}", max_size=None
+    ) as resumed:
+        rest = await _collect_until(resumed, rounds * 50)
+    assert before + [e["seq"] for e in rest] == list(range(1, rounds * 50 + 1))
+
+
+async def test_a_client_that_asks_for_history_and_never_reads_is_closed_too_slow(
+    transport_server: LiveServer, fake_jobs: FakeJobs
+) -> None:
+    fake_jobs.add("history-slow-1")
+    bus = transport_server.services.bus
+    history = 8000  # 8 MB of stored events: more than the socket buffers take in
+    for _ in range(history):
+        bus.publish("history-slow-1", EventType.TRAIN_BATCH_END, {"pad": "x" * 1000})
+    store = transport_server.services.history
+    assert store is not None and await store.wait_for("history-slow-1", history)
+    gave_up = threading.Event()
+    transport_server.services.hub.too_slow_listeners.append(gave_up.set)
+    async with (
+        _connect_never_reading(transport_server, "/jobs/history-slow-1/events/ws") as slow,
+        _connect(transport_server, "/events/ws?types=train_batch_end") as healthy,
+    ):
+        # live events flow while the replay waits on a client that reads nothing
+        await _publish_paced(transport_server, "history-slow-1", healthy, 100, history + 1)
+        assert await anyio.to_thread.run_sync(gave_up.wait, 30)
+        before, closed = await _read_until_closed(slow)
+    assert closed.rcvd is not None and closed.rcvd.code == CLOSE_TOO_SLOW
+    assert before == list(range(1, int(closed.rcvd.reason.rsplit("=", 1)[1]) + 1))
