@@ -84,6 +84,7 @@ class EventBus:
         self._pending_wake: list[Subscription] = []
         self._wake_scheduled = False
         self._blocked_publishers = 0
+        self._processed_waiters = 0  # threads in wait_processed: gathering readers take now
         self._async_space_waiters: list[anyio.Event] = []
         self._task_group: TaskGroup | None = None
         self._handles: list[SubscriberHandle] = []
@@ -227,7 +228,7 @@ class EventBus:
             seq = log.seq = log.seq + 1
             event = _new_event(Event, (job_id, seq, type, _now(), _EMPTY if data is None else data))
             log.events.append(event)
-            wake = self._waiting and self._collect_wake(log)
+            wake = self._waiting and self._collect_wake(log, type)
         finally:
             lock.release()
         if wake:
@@ -263,7 +264,10 @@ class EventBus:
                 event = _new_event(Event, (job_id, seq, type, now, data))
                 append(event)
                 published.append(event)
-            wake = self._waiting and self._collect_wake(log)
+            wake = False
+            if self._waiting:
+                for event in published:
+                    wake = self._collect_wake(log, event.type) or wake
         finally:
             lock.release()
         if wake:
@@ -334,7 +338,7 @@ class EventBus:
             seq = log.seq = log.seq + 1
             event = _new_event(Event, (job_id, seq, type, _now(), _EMPTY if data is None else data))
             log.events.append(event)
-            wake = self._waiting and self._collect_wake(log)
+            wake = self._waiting and self._collect_wake(log, type)
         if wake:
             self._schedule_wake()
         return event
@@ -355,6 +359,7 @@ class EventBus:
         Returns True when the next event fits. With ``wait``, a plain thread waits for room;
         the event-loop thread never waits.
         """
+        log.skip_filtered()
         log.trim(self._trimmed_counts)
         log.refresh_limit()
         if log.seq < log.lossless_bound(exempt):
@@ -396,15 +401,23 @@ class EventBus:
             for subscription in subscriptions:
                 subscription._add_wait(seconds)
 
-    def _collect_wake(self, log: JobLog) -> bool:
-        """With the lock held: queue waiting readers of ``log``; True to schedule a wake.
+    def _collect_wake(self, log: JobLog, event_type: EventType | None) -> bool:
+        """With the lock held: queue waiting readers of ``log`` that want ``event_type``
+        (None: every waiting reader); True to schedule a wake.
 
         ``_waiting`` counts consumers that wait and are not queued yet, so once they are
-        queued, further publishes skip this until a consumer waits again.
+        queued, further publishes skip this until a consumer waits again. A reader whose
+        filter skips ``event_type`` is not woken for it: the slow path of publishing moves
+        its cursor past such events (``JobLog.skip_filtered``) without a wake-up.
         """
         for cursor in log.cursors:
             subscription = cursor.subscription
-            if subscription._waiter is not None and not subscription._wake_pending:
+            types = subscription.types
+            if (
+                subscription._waiter is not None
+                and not subscription._wake_pending
+                and (types is None or event_type is None or event_type in types)
+            ):
                 subscription._wake_pending = True
                 self._waiting -= 1
                 self._pending_wake.append(subscription)
@@ -449,20 +462,31 @@ class EventBus:
                 await self._quiet_signal.wait()
                 self._quiet_signal = anyio.Event()
                 interval = self.wake_interval
+                published = self._published_marker()
                 while True:
                     await anyio.sleep(interval)
                     with self._lock:
                         if not self._pending_wake:
-                            self._wake_scheduled = False
-                            break
+                            # Nobody to wake; the spell goes on while events keep coming
+                            # (readers busy handling a batch gather the next at a round).
+                            marker, published = published, self._published_marker()
+                            if marker == published:
+                                self._wake_scheduled = False
+                                break
+                            continue
+                        published = self._published_marker()
                     self._wake_waiters(keep_scheduled=True)
                     interval = min(interval * 2, self.max_wake_interval)
+
+    def _published_marker(self) -> int:
+        """With the lock held: a number that changes whenever an event is published."""
+        return sum(log.seq for log in self._logs.values())
 
     def _wake_readers_now(self, log: JobLog) -> None:
         """With the lock held, before a publisher waits for room: wake the readers of ``log``
         now, not at the coalescer's next round (``publish_many`` may have appended events it
         has not announced yet)."""
-        if not (self._waiting and self._collect_wake(log)):
+        if not (self._waiting and self._collect_wake(log, None)):
             self._hurry()
             return
         notifier = self._notifier  # _collect_wake handed the scheduling of a wake-up to us
@@ -601,15 +625,21 @@ class EventBus:
             if h.subscription.policy is DeliveryPolicy.LOSSLESS
             and h.subscription.matches(event.job_id, event.type)
         ]
-        if handles:
+        if not handles:
+            return True
+        with self._lock:
+            self._processed_waiters += 1
+            self._hurry()
+        try:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            for handle in handles:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if not handle.wait_processed(event.job_id, event.seq, remaining):
+                    return False
+            return True
+        finally:
             with self._lock:
-                self._hurry()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for handle in handles:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not handle.wait_processed(event.job_id, event.seq, remaining):
-                return False
-        return True
+                self._processed_waiters -= 1
 
     # -- introspection ----------------------------------------------------------------------
 

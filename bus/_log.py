@@ -43,6 +43,20 @@ class Cursor:
     def backlog(self) -> int:
         return self.last_readable() - self.next_seq + 1
 
+    def skip_filtered(self) -> None:
+        """Move past the unread events the subscription's type filter skips anyway (not
+        past events a lossy reader lost: it still hears of those as a ``gap``)."""
+        types = self.subscription.types
+        log = self.log
+        if types is None or self.next_seq < log.base:
+            return
+        events = log.events
+        position = self.next_seq - log.base
+        last = self.last_readable() - log.base
+        while position <= last and events[position].type not in types:
+            position += 1
+        self.next_seq = log.base + position
+
 
 class JobLog:
     """The buffered events of one job and the cursors reading them.
@@ -70,6 +84,16 @@ class JobLog:
             if cursor.end_seq is None and not subscription._lossy and subscription is not exempt:
                 bound = min(bound, cursor.next_seq + subscription.buffer_size - 1)
         return bound
+
+    def skip_filtered(self) -> None:
+        """Move each filtering cursor past the unread events its filter skips anyway.
+
+        Readers are woken only for events they want; this keeps a lossless reader that
+        waits for rarer types from holding the log (and its publishers) back.
+        """
+        for cursor in self.cursors:
+            if cursor.subscription.types is not None:
+                cursor.skip_filtered()
 
     def trim(self, counts: Counter[EventType]) -> None:
         """Drop the events no cursor still needs, counting their types into ``counts``.

@@ -168,7 +168,7 @@ async def _consume(
             await _report(bus, subscriber, subscription, None, error)
         while True:
             try:
-                batch = await subscription.receive_batch(subscriber.max_batch)
+                batch = await subscription.receive_batch(subscriber.max_batch, gather=True)
             except anyio.EndOfStream:
                 break
             read_up_to = subscription._taken  # set by the take that gave ``batch``

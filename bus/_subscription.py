@@ -93,6 +93,28 @@ class Subscription:
     def _has_pending(self) -> bool:
         return any(c.next_seq <= c.last_readable() for c in self._cursors.values())
 
+    def _defer_for_round(self, limit: float) -> bool:
+        """With the bus lock held: True when a gathering reader should wait for the bus's
+        next wake-up round; it is queued for that round here."""
+        bus = self._bus
+        if (
+            self._closed
+            or not bus._wake_scheduled  # a quiet bus: a round may never come
+            or bus._blocked_publishers
+            or bus._processed_waiters
+            or self._waiter is not None
+        ):
+            return False
+        backlog = 0
+        for cursor in self._cursors.values():
+            cursor.skip_filtered()  # count only what this reader will be handed
+            backlog += max(0, cursor.backlog())
+        if backlog == 0 or backlog >= limit:
+            return False
+        self._wake_pending = True  # queued, so not counted in bus._waiting
+        bus._pending_wake.append(self)
+        return True
+
     def _add_wait(self, seconds: float) -> None:
         self._wait_seconds += seconds
 
@@ -156,9 +178,16 @@ class Subscription:
                 raise anyio.EndOfStream
         raise WouldBlock
 
-    async def receive_batch(self, max_items: int | None = None) -> list[Event]:
+    async def receive_batch(
+        self, max_items: int | None = None, *, gather: bool = False
+    ) -> list[Event]:
         """Wait for events and return every buffered one (at most ``max_items``), in order.
 
+        :param gather: while publishers keep the bus busy, wait for its next wake-up round
+            (at most ``max_wake_interval``) instead of returning the few events buffered
+            now, unless ``max_items`` are buffered already: a consumer that pays per batch
+            (a transaction, a thread hand-over) then handles fewer, fuller batches. A thread
+            in :meth:`EventBus.wait_processed` or a publisher waiting for room ends the wait.
         :raises anyio.EndOfStream: once the subscription or bus is closed and drained.
         """
         limit = math.inf if max_items is None else max_items
@@ -166,17 +195,22 @@ class Subscription:
             raise ValueError("max_items must be at least 1")
         while True:
             with self._lock:
-                if self._has_pending():
-                    batch = self._take(limit)
-                    if batch:
-                        return batch
-                if self._closed:
-                    raise anyio.EndOfStream
-                waiter = self._waiter
-                if waiter is None or waiter.is_set():
-                    if waiter is None:
-                        self._bus._waiting += 1
+                if gather and self._defer_for_round(limit):
+                    gather = False  # once: after the round, take what is there
                     waiter = self._waiter = anyio.Event()
+                else:
+                    if self._has_pending():
+                        batch = self._take(limit)
+                        if batch:
+                            return batch
+                    if self._closed:
+                        raise anyio.EndOfStream
+                    current = self._waiter
+                    if current is None or current.is_set():
+                        if current is None:
+                            self._bus._waiting += 1
+                        current = self._waiter = anyio.Event()
+                    waiter = current
             await waiter.wait()
 
     async def receive(self) -> Event:

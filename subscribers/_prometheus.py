@@ -24,7 +24,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from bus import DeliveryPolicy, Event, EventBus, EventType, Subscriber
+from bus import BATCH_EVENT_TYPES, DeliveryPolicy, Event, EventBus, EventType, Subscriber
 
 from ._prometheus_bus import collect_bus
 
@@ -128,7 +128,7 @@ class PrometheusExporter(Subscriber):
     - ``process_cpu_seconds_total``, ``process_resident_memory_bytes`` and the rest of
       prometheus-client's process collector.
 
-    Batch events are read as the trainer sends them: ``step``, ``epoch``, ``lr``, the loss
+    Of the batch events only ``train_batch_end`` is read: ``step``, ``epoch``, ``lr``, the loss
     as ``loss`` or ``metrics.loss``/``metrics.train_loss``, samples as a running
     ``samples`` count or a ``batch_size`` per batch (else ``samples_per_s * epoch_seconds``
     from ``train_epoch_end`` metrics), the step duration as ``step_seconds`` or else the
@@ -144,6 +144,9 @@ class PrometheusExporter(Subscriber):
     policy = DeliveryPolicy.DROP_OLDEST
     buffer_size = 8192
     max_batch = 1024
+    # Of the per-batch events only ``train_batch_end`` carries what is exported (the others
+    # repeat its epoch and step): the bus skips them instead of handing them over.
+    types = frozenset(EventType) - (BATCH_EVENT_TYPES - {EventType.TRAIN_BATCH_END})
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(

@@ -180,3 +180,79 @@ async def test_threads_waiting_on_a_busy_bus_each_return_without_waiting_for_rou
     assert elapsed < 2.0  # each thread waits 4 times: held to rounds, at least 4 s
     for counter in counters:
         assert len(counter.events) == 600
+
+
+class SlowBatchCounter(BatchCounter):
+    """Pays per batch (as a store pays a transaction): gathering gives it fuller batches."""
+
+    async def on_events(self, events: Sequence[Event]) -> None:
+        await anyio.sleep(0.005)
+        await super().on_events(events)
+
+
+async def test_a_subscriber_that_pays_per_batch_gathers_while_the_bus_is_busy() -> None:
+    counter = SlowBatchCounter()
+    async with EventBus(wake_interval=0.001, max_wake_interval=0.05) as bus:
+        bus.attach(counter)
+
+        def paced_publish_for(seconds: float) -> tuple[int, float]:
+            started = time.monotonic()
+            published = 0
+            while time.monotonic() - started < seconds:
+                for _ in range(10):  # a training step's events, then the step itself
+                    published += 1
+                    last = bus.publish("job", BATCH_END, {"step": published})
+                time.sleep(0.0005)  # pacing the producer, not waiting for anything
+            assert bus.wait_processed(last, 30)
+            return published, time.monotonic() - started
+
+        published, elapsed = await anyio.to_thread.run_sync(paced_publish_for, 0.6)
+    # Taking whatever is buffered after each 5 ms batch would make over 100 batches.
+    assert counter.batches <= elapsed / 0.05 + 30
+    assert [e.data["step"] for e in counter.events] == list(range(1, published + 1))
+
+
+class EpochEndWatcher(Subscriber):
+    buffer_size = 8
+
+    def __init__(self) -> None:
+        self.epochs: list[int] = []
+
+    async def on_fit_epoch_end(self, event: Event) -> None:
+        self.epochs.append(event.data["epoch"])
+
+
+async def test_a_filtering_lossless_subscriber_never_holds_publishers_of_other_types() -> None:
+    watcher = EpochEndWatcher()
+    async with EventBus() as bus:
+        handle = bus.attach(watcher)
+
+        def train() -> None:
+            for epoch in range(3):
+                for step in range(500):  # far more than the watcher's 8-event buffer
+                    bus.publish("job", BATCH_END, {"step": step})
+                event = bus.publish("job", EventType.FIT_EPOCH_END, {"epoch": epoch})
+                assert bus.wait_processed(event, 10)
+
+        await anyio.to_thread.run_sync(train)
+        statistics = handle.subscription.statistics()
+    assert watcher.epochs == [0, 1, 2]
+    assert statistics.publisher_wait_seconds == 0.0
+    assert statistics.delivered == 3
+
+
+async def test_a_lossy_filtering_reader_still_hears_of_what_it_lost() -> None:
+    async with EventBus() as bus:
+        subscription = bus.subscribe(
+            "lossy", types=[BATCH_END], buffer_size=4, policy="drop_oldest"
+        )
+        for step in range(20):
+            bus.publish("job", EventType.OPTIMIZER_STEP, {"step": step})
+            bus.publish("job", BATCH_END, {"step": step})
+        batch = subscription.receive_batch_nowait()
+    gap, *events = batch
+    assert gap.type is EventType.GAP
+    assert gap.data["from_seq"] == 1
+    assert [e.data["step"] for e in events] == [18, 19]
+    # The buffer holds the last 4 events of every type (seq 37-40): 1-36 were lost.
+    assert (gap.data["to_seq"], gap.data["missed"]) == (36, 36)
