@@ -197,6 +197,10 @@ async def job_events(
         await services.jobs.get(job_id)  # raises the job-not-found error
     if services.history is None:
         raise ServiceUnavailable("the event store is not running")
+    # The store writes a little behind the live stream: wait (bounded) until it holds what the
+    # job had published when the request came, so that a state its record already shows (a
+    # pause, a stop) is in the answer too.
+    await services.history.wait_for(job_id, services.bus.last_seq(job_id))
     events = await services.history.read(job_id, after_seq=after_seq, types=selected, limit=limit)
     return [finite(event.to_dict()) for event in events]
 

@@ -541,3 +541,43 @@ async def test_a_stop_sent_as_the_job_is_marked_running_is_honoured(data_dir: Pa
         ended = await manager.wait_for(job.id, ["stopped", "completed", "failed"], timeout=60)
         assert ended.state is JobState.STOPPED and ended.stop_reason == "changed my mind"
         assert command.kind == "stop"
+
+
+@pytest.mark.slow
+def test_events_read_once_the_record_shows_a_change_include_it(data_dir: Path) -> None:
+    # The record said paused (or running, or stopped) but GET /jobs/{id}/events, read at once,
+    # did not have the job_paused (job_resumed, job_stopped) event yet: the store writes
+    # behind the live stream. Found by the state machine's end-of-run check.
+    settings_ = make_settings(data_dir, max_running_jobs=2)
+    cycles = sized(5, 100)
+    steps = [
+        ("pause", "paused", "job_paused"),
+        ("resume", "running", "job_resumed"),
+        ("stop", "stopped", "job_stopped"),
+        ("resume", "running", "job_started"),
+    ]
+    with (
+        run_server(create_app(settings_), settings_) as server,
+        httpx.Client(base_url=server.url, headers=server.headers, timeout=30.0) as client,
+    ):
+        client.post("/jobs", json=job_spec(10 * LONG_EPOCHS))  # keeps the store busy
+        job_id = client.post("/jobs", json=job_spec(10 * LONG_EPOCHS)).json()["id"]
+        _wait_until(
+            lambda: client.get(f"/jobs/{job_id}").json()["state"] == "running",
+            30.0,
+            lambda: "the job did not start",
+        )
+        for cycle in range(1, cycles + 1):
+            for action, state, event_type in steps:
+                answer = client.post(f"/jobs/{job_id}/{action}")
+                assert answer.status_code == 202, answer.text
+                _wait_until(
+                    lambda s=state: client.get(f"/jobs/{job_id}").json()["state"] == s,  # type: ignore[misc]
+                    COMMAND_EFFECT_BOUND_S,
+                    lambda s=state: f"{job_id} never became {s}",  # type: ignore[misc]
+                )
+                seen = _events(client, job_id, event_type)
+                expected = cycle + 1 if event_type == "job_started" else cycle  # + the first
+                assert len(seen) == expected, f"cycle {cycle}: {action} -> {state}, saw {seen}"
+        client.post(f"/jobs/{job_id}/stop")
+    record("events_after_state_change", cycles=cycles, reads=cycles * len(steps), missing=0)
