@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CollectorRegistry
 
@@ -36,7 +36,7 @@ from ._auth import (
 from ._errors import install_error_handlers
 from ._history import EventHistory, EventSource
 from ._hub import EventHub
-from ._limits import BodyLimitMiddleware, PathGuardMiddleware
+from ._limits import BodyLimitMiddleware, PathGuardMiddleware, known_query_parameters
 from ._metrics import HubCollector
 from ._routes_jobs import router as jobs_router
 from ._routes_system import router as system_router
@@ -166,6 +166,7 @@ def create_app(
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        dependencies=[Depends(known_query_parameters)],
     )
     app.state.settings = settings
     app.state.services = None
@@ -207,6 +208,10 @@ def _loopback_origin_regex(origins: OriginPolicy) -> str | None:
 
 _ERROR_CONTENT = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
 _UNPARSABLE_BODY = {"description": "The body is not parsable JSON", "content": _ERROR_CONTENT}
+_BAD_PATH = {
+    "description": "The path holds a '.' or '..' segment, a NUL byte or a backslash",
+    "content": _ERROR_CONTENT,
+}
 _BODY_TOO_LARGE = {"description": "The body is over the size limit", "content": _ERROR_CONTENT}
 
 
@@ -227,6 +232,8 @@ def _add_security_scheme(app: FastAPI) -> None:
         schema["security"] = [{"bearer": []}]
         for by_method in schema.get("paths", {}).values():
             for operation in by_method.values():
+                if any(param.get("in") == "path" for param in operation.get("parameters", ())):
+                    operation["responses"].setdefault("400", _BAD_PATH)
                 if "requestBody" in operation:
                     operation["responses"].setdefault("400", _UNPARSABLE_BODY)
                     operation["responses"].setdefault("413", _BODY_TOO_LARGE)

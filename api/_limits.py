@@ -4,6 +4,8 @@ Bodies: one larger than ``max_body_bytes`` is refused with 413 before it is read
 (declared ``Content-Length``) or as soon as it grows past the limit (chunked uploads).
 Paths: a decoded path with a ``.`` or ``..`` segment, a NUL byte or a backslash names no
 resource here and is refused with 400, so that no route, redirect or file lookup sees one.
+Query strings: a parameter the endpoint does not take is refused with 422 (a misspelt
+``after_seq`` would otherwise silently return everything).
 """
 
 from __future__ import annotations
@@ -11,9 +13,17 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import HTTPConnection
 
-__all__ = ["BodyLimitMiddleware", "PathGuardMiddleware", "body_too_large", "hostile_path"]
+__all__ = [
+    "BodyLimitMiddleware",
+    "PathGuardMiddleware",
+    "body_too_large",
+    "hostile_path",
+    "known_query_parameters",
+]
 
 
 def body_too_large(limit: int) -> HTTPException:
@@ -103,6 +113,31 @@ class PathGuardMiddleware:
             return
         await send({"type": f"{prefix}.response.start", "status": 400, "headers": headers})
         await send({"type": f"{prefix}.response.body", "body": body})
+
+
+async def known_query_parameters(connection: HTTPConnection) -> None:
+    """An app-wide dependency: refuse query parameters the matched endpoint does not declare.
+
+    :raises RequestValidationError: naming the unknown parameters and the known ones.
+    """
+    route = connection.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if connection.scope["type"] != "http" or dependant is None:
+        return
+    known = {param.alias for param in dependant.query_params}
+    unknown = sorted(set(connection.query_params) - known)
+    if unknown:
+        takes = ", ".join(sorted(known)) or "no query parameters"
+        raise RequestValidationError(
+            [
+                {
+                    "type": "extra_forbidden",
+                    "loc": ("query", name),
+                    "msg": f"unknown query parameter; this endpoint takes {takes}",
+                }  # no "input": a token put in the wrong place is not echoed
+                for name in unknown[:5]
+            ]
+        )
 
 
 def _content_length(scope: Any) -> int | None:

@@ -535,3 +535,17 @@ def test_symlinks_planted_in_the_data_folder_are_not_followed_out_of_it(
         sentinel_in_responses=len(leaked),
         **figures,
     )
+
+
+def test_unknown_query_parameters_are_refused_naming_the_known_ones(hostile: Hostile) -> None:
+    """A misspelt ``after_seq`` must not silently return every event from the start."""
+    for path, unknown, known in (
+        ("/jobs/_server/events?after=5", "after", "after_seq"),
+        ("/jobs?limt=1", "limt", "limit"),
+        ("/jobs?state=running&__proto__=x", "__proto__", "state"),
+    ):
+        response = hostile.request("GET", path)
+        assert response.status_code == 422, (path, response.text)
+        body = _strict_json(response)
+        assert body["detail"][0]["loc"] == ["query", unknown]
+        assert known in body["detail"][0]["msg"]
