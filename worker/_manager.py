@@ -22,6 +22,7 @@ from bus import (
     CommandKind,
     ControlChannel,
     ControlError,
+    Event,
     EventBus,
     EventType,
     Subscriber,
@@ -43,6 +44,10 @@ SubscriberFactory = Callable[["JobHandle"], Sequence[Subscriber]]
 CheckpointLoader = Callable[[str, Path], "dict[str, Any] | None"]
 
 _LIVE_STATES = frozenset({JobState.RUNNING, JobState.PAUSED})
+_COMMAND_MOVES = {  # applied command -> (the record's state before, after)
+    EventType.JOB_PAUSED: (JobState.RUNNING, JobState.PAUSED),
+    EventType.JOB_RESUMED: (JobState.PAUSED, JobState.RUNNING),
+}
 _OUTCOME_STATES = {
     Outcome.COMPLETED: JobState.COMPLETED,
     Outcome.STOPPED: JobState.STOPPED,
@@ -380,7 +385,7 @@ class JobManager:
                 resumed = self.get(job_id).started_at is not None  # it ran before
                 self._active.add(job_id)
                 self._idle = anyio.Event()
-                control = ControlChannel(job_id, publish=self.bus.publish)
+                control = ControlChannel(job_id, publish=self._publish_command_applied)
                 self._controls[job_id] = control
                 await self._transition(job_id, JobState.RUNNING, resumed=resumed)
                 assert self._task_group is not None
@@ -389,6 +394,18 @@ class JobManager:
                 )
             await self._wakeup.wait()
             self._wakeup = anyio.Event()
+
+    def _publish_command_applied(
+        self, job_id: str, event_type: EventType, data: Mapping[str, Any]
+    ) -> Event:
+        """Publish what a trainer did with a command (on its thread); a pause or resume moves
+        the record first, so that whoever sees ``job_paused`` finds the job paused."""
+        moves = _COMMAND_MOVES.get(event_type)
+        if moves is not None:
+            record = self.store.get(job_id)
+            if record is not None and record.state is moves[0]:
+                self.store.update(job_id, state=moves[1])
+        return self.bus.publish(job_id, event_type, data)
 
     async def _run(self, job_id: str, resumed: bool, control: ControlChannel) -> None:
         handle: JobHandle | None = None
@@ -505,10 +522,8 @@ class JobManager:
                 if record is None:
                     continue
                 data = event.data
-                if event.type is EventType.JOB_PAUSED and record.state is JobState.RUNNING:
-                    self.store.update(event.job_id, state=JobState.PAUSED)
-                elif event.type is EventType.JOB_RESUMED and record.state is JobState.PAUSED:
-                    self.store.update(event.job_id, state=JobState.RUNNING)
+                if event.type in _COMMAND_MOVES:
+                    pass  # the record moved as the trainer published it; wake wait_for()
                 elif event.type is EventType.FIT_EPOCH_END and record.state in _LIVE_STATES:
                     self.store.update(
                         event.job_id,

@@ -18,6 +18,7 @@ What must hold, whatever the order and overlap of the requests:
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -38,6 +39,7 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
+from websockets.asyncio.client import connect
 
 from api import create_app
 from bus import ControlChannel, EventBus
@@ -581,3 +583,40 @@ def test_events_read_once_the_record_shows_a_change_include_it(data_dir: Path) -
                 assert len(seen) == expected, f"cycle {cycle}: {action} -> {state}, saw {seen}"
         client.post(f"/jobs/{job_id}/stop")
     record("events_after_state_change", cycles=cycles, reads=cycles * len(steps), missing=0)
+
+
+async def _next_of(socket: Any, wanted: str) -> dict[str, Any]:
+    """The next event of type ``wanted`` on a job's WebSocket stream."""
+    with anyio.fail_after(COMMAND_EFFECT_BOUND_S):
+        while True:
+            payload = json.loads(await socket.recv())
+            for event in payload if isinstance(payload, list) else [payload]:
+                if event["type"] == wanted:
+                    return dict(event)
+
+
+@pytest.mark.slow
+async def test_a_record_shows_a_pause_or_resume_by_the_time_its_event_is_seen(
+    data_dir: Path,
+) -> None:
+    # A client that saw job_paused on the WebSocket and then read the record found it still
+    # running, and its resume was refused with 409: the record followed the event instead of
+    # leading it (tests/api/test_end_to_end.py failed on it about one run in three).
+    cycles = sized(10, 200)
+    settings_ = make_settings(data_dir)
+    with run_server(create_app(settings_), settings_) as server:
+        async with httpx.AsyncClient(base_url=server.url, headers=server.headers) as client:
+            job_id = (await client.post("/jobs", json=job_spec(10 * LONG_EPOCHS))).json()["id"]
+            stream = f"{server.ws_url}/jobs/{job_id}/events/ws?types={STATE_TYPES}"
+            async with connect(stream, additional_headers=server.headers, proxy=None) as socket:
+                await _next_of(socket, "job_started")
+                for _ in range(cycles):
+                    assert (await client.post(f"/jobs/{job_id}/pause")).status_code == 202
+                    await _next_of(socket, "job_paused")
+                    assert (await client.get(f"/jobs/{job_id}")).json()["state"] == "paused"
+                    resume = await client.post(f"/jobs/{job_id}/resume")
+                    assert resume.status_code == 202, resume.text
+                    await _next_of(socket, "job_resumed")
+                    assert (await client.get(f"/jobs/{job_id}")).json()["state"] == "running"
+            assert (await client.post(f"/jobs/{job_id}/stop")).status_code == 202
+    record("record_leads_events", cycles=cycles, reads=2 * cycles)
