@@ -1,0 +1,495 @@
+"""Slow and hostile WebSocket clients against a real ``trainbus serve`` process.
+
+While a real job trains, clients that never read, clients that send garbage (binary junk,
+invalid JSON, messages past the server's 4 KiB limit) and a flood of hundreds of connections
+hit the server. What must hold:
+
+- abusive connections are closed with the proper code (1003 binary, 1008 text, 1009 too big,
+  4008 too slow, with the ``after_seq`` the client actually got up to);
+- the server's resident memory (VmRSS of the process, sampled every 20 ms) grows less than
+  :data:`RSS_BOUND_MIB` over its peak without hostile clients;
+- the job's throughput while the attack holds drops less than 5%: the median epoch time (the
+  server's own event times) of the epochs that start once the flood's connections are all open,
+  best of :data:`RUNS` runs each way, interleaved. The connection storm itself (about 2 ms of
+  server CPU per handshake) and the whole-job times are recorded, not bounded: on a shared
+  2-core machine a whole job's wall time varies by tens of percent from run to run;
+- well-behaved clients following the same job receive every event, in order, within
+  :data:`MAX_LATENCY` seconds.
+
+Both the quiet and the hostile runs have the same two well-behaved followers; the flood's
+connections wait for the job's end (``types`` = the terminal events), as CI scripts and
+dashboards do, so the flood measures the cost of holding connections, not of fanning out to
+them. On loopback the kernel takes in up to ~4 MiB per connection before a send blocks, so the
+never-reading clients are closed (4008) only in the second test, whose job publishes ~26,000
+events; in the first they hold their connection open through the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket as socket_module
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from tests.conftest import free_port
+
+from .conftest import record, sized
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS from /proc"),
+]
+
+TOKEN = "hostile-test-token-42"
+SERVE = (sys.executable, "-m", "api.cli", "serve")
+TERMINAL = ("job_completed", "job_stopped", "job_failed")
+RUNS = sized(3, 5)
+FLOOD = sized(300, 1000)
+NEVER_READING = sized(3, 20)
+GARBAGE_ROUNDS = sized(5, 50)
+FOLLOWERS = 2
+RSS_BOUND_MIB = 64.0
+"""Most the server's VmRSS may grow under attack (the peak over the quiet runs' peak)."""
+MAX_SLOWDOWN = 0.05
+MAX_LATENCY = 2.0
+"""Seconds a well-behaved client may wait for an event (publish to receipt, worst case)."""
+MAX_LAG = 1000
+"""The server's ``ws_max_lag`` here: small, so that never-reading clients pass it in time."""
+JOB = {
+    "model": {"name": "mlp", "params": {"hidden_sizes": [256, 256]}},
+    "dataset": {"name": "digits"},
+    "epochs": 16,
+    "batch_size": 16,
+    "seed": 0,
+    "torch_threads": 1,
+    "checkpoint": {"enabled": False},
+}
+EVENTFUL_JOB = {
+    "model": {"name": "mlp", "params": {"hidden_sizes": [16]}},
+    "dataset": {"name": "digits"},
+    "epochs": sized(4, 8),
+    "batch_size": 1,
+    "seed": 0,
+    "torch_threads": 1,
+    "checkpoint": {"enabled": False},
+}
+"""Many events a second (one batch per sample): more than the kernel's socket buffers (up to
+4 MiB on loopback) absorb, so that a client that never reads falls ``MAX_LAG`` behind."""
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    url: str
+
+    @property
+    def ws_url(self) -> str:
+        return self.url.replace("http://", "ws://")
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {TOKEN}"}
+
+    def rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError("no VmRSS line")
+
+
+@contextlib.contextmanager
+def _serve(data_dir: Path) -> Iterator[Server]:
+    port = free_port()
+    process = subprocess.Popen(
+        [*SERVE, "--port", str(port), "--data-dir", str(data_dir), "--log-level", "warning"],
+        env={
+            **os.environ,
+            "TRAINBUS_TOKEN": TOKEN,
+            "TRAINBUS_WS_MAX_LAG": str(MAX_LAG),
+            "TRAINBUS_WS_BUFFER_SIZE": "256",
+        },
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    server = Server(process, f"http://127.0.0.1:{port}")
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, "the server exited during start-up"
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(server.url + "/readyz", headers=server.headers).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "the server did not become ready"
+            time.sleep(0.05)  # polling interval while waiting for readiness, bounded above
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+class PeakRss:
+    """Samples the server's VmRSS every 20 ms while the block runs."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            self.peak = max(self.peak, self.server.rss_mib())
+            if self._stop.wait(0.02):
+                return
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.server.rss_mib())
+
+
+def _connect(server: Server, path: str, **options: Any) -> Any:
+    return connect(
+        server.ws_url + path,
+        additional_headers=server.headers,
+        compression=None,
+        proxy=None,
+        open_timeout=60,
+        **options,
+    )
+
+
+async def _events(socket: ClientConnection, timeout: float = 60.0) -> list[dict[str, Any]]:
+    with anyio.fail_after(timeout):
+        payload = json.loads(await socket.recv())
+    return payload if isinstance(payload, list) else [payload]
+
+
+@dataclass
+class Follower:
+    """A well-behaved client: reads every event of the job until its end."""
+
+    seqs: list[int] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
+    times: dict[str, float] = field(default_factory=dict)
+    ended: anyio.Event = field(default_factory=anyio.Event)
+    epochs: dict[int, list[float]] = field(default_factory=dict)
+    """Epoch -> [train_epoch_start time, train_epoch_end time] (the server's clock)."""
+
+    def median_epoch_seconds(self, first: int) -> float:
+        """The median training time of epochs ``first`` onwards (a burst of outside load on
+        the shared machine moves the median less than the sum)."""
+        return statistics.median(
+            end - start for e, (start, end) in self.epochs.items() if e >= first
+        )
+
+    async def follow(self, server: Server, job_id: str, started: anyio.Event) -> None:
+        async with _connect(server, f"/jobs/{job_id}/events/ws", max_size=None) as socket:
+            started.set()
+            while True:
+                events = await _events(socket)
+                received = time.time()
+                for event in events:
+                    self.seqs.append(event["seq"])
+                    self.latencies.append(received - event["time"])
+                    self.times.setdefault(event["type"], event["time"])
+                    if event["type"] in ("train_epoch_start", "train_epoch_end"):
+                        self.epochs.setdefault(event["data"]["epoch"], []).append(event["time"])
+                if events[-1]["type"] in TERMINAL:
+                    self.ended.set()
+                    return
+
+
+async def _eventually(check: Callable[[], Awaitable[bool]], timeout: float = 100.0) -> None:
+    """Wait, with a deadline, for a condition only the server process can tell."""
+    with anyio.fail_after(timeout):
+        while not await check():  # noqa: ASYNC110 - the state lives in another process
+            await anyio.sleep(0.05)
+
+
+@dataclass
+class Attack:
+    """The hostile clients of one run and what the server answered them."""
+
+    expect_too_slow: bool = False
+    """Never-reading clients wait for the server to give up on them (else they just vanish)."""
+    close_codes: dict[str, list[int]] = field(default_factory=dict)
+    flood: int = 0
+    flood_connected: int = 0
+    flood_connected_at: float = 0.0
+    """When the last flood connection was open (time.time(), the server's clock too)."""
+    flood_saw_end: int = 0
+    too_slow_reasons: list[str] = field(default_factory=list)
+    garbage_rounds: int = 0
+    never_reading: int = 0
+
+    async def garbage(self, server: Server, job_id: str, kind: str, message: str | bytes) -> None:
+        for _ in range(self.garbage_rounds):
+            async with _connect(server, f"/jobs/{job_id}/events/ws", max_size=None) as socket:
+                await socket.send(message)
+                with anyio.fail_after(30), contextlib.suppress(ConnectionClosed):
+                    while True:
+                        await socket.recv()
+                assert socket.close_code is not None
+                self.close_codes.setdefault(kind, []).append(socket.close_code)
+
+    async def never_read(self, server: Server, job_id: str, given_up: anyio.Event) -> None:
+        """Stop reading at once; once ``given_up`` is set, read what is left (the close)."""
+        # A small receive buffer (a client on a slow link) and max_queue=1 (the client library
+        # stops reading the socket once a message waits): the server's sends soon block.
+        tcp = socket_module.socket(socket_module.AF_INET, socket_module.SOCK_STREAM)
+        tcp.setsockopt(socket_module.SOL_SOCKET, socket_module.SO_RCVBUF, 4096)
+        tcp.connect(("127.0.0.1", int(server.url.rsplit(":", 1)[1])))
+        tcp.setblocking(False)
+        async with _connect(server, f"/jobs/{job_id}/events/ws", max_queue=1, sock=tcp) as ws:
+            await given_up.wait()
+            if not self.expect_too_slow:
+                ws.transport.abort()
+                return
+            with anyio.fail_after(30), contextlib.suppress(ConnectionClosed):
+                while True:
+                    await ws.recv()
+            self.close_codes.setdefault("never_reading", []).append(ws.close_code or -1)
+            self.too_slow_reasons.append(ws.close_reason or "")
+
+    async def flood_connections(self, server: Server, job_id: str, release: anyio.Event) -> None:
+        limit = anyio.Semaphore(50)  # handshakes in flight at once
+        path = f"/jobs/{job_id}/events/ws?types={','.join(TERMINAL)}"
+
+        async def hold() -> None:
+            async with limit:
+                ws = await _connect(server, path).__aenter__()
+            try:
+                self.flood_connected += 1
+                if self.flood_connected == self.flood:
+                    self.flood_connected_at = time.time()
+                events = await _events(ws, timeout=120)
+                if events[-1]["type"] in TERMINAL:
+                    self.flood_saw_end += 1
+                await release.wait()
+            finally:
+                await ws.close()
+
+        async with anyio.create_task_group() as group:
+            for _ in range(self.flood):
+                group.start_soon(hold)
+
+    async def run(
+        self,
+        server: Server,
+        http: httpx.AsyncClient,
+        job_id: str,
+        followers: list[Follower],
+    ) -> None:
+        """Attack while the followers follow ``job_id``; returns once they have all ended."""
+        release, given_up = anyio.Event(), anyio.Event()
+        closed = await _slow_clients_closed(http)
+        hostile: list[Callable[[], Coroutine[Any, Any, None]]] = [
+            lambda: self.flood_connections(server, job_id, release),
+            lambda: self.garbage(server, job_id, "binary", b"\x00\xffjunk" * 8),
+            lambda: self.garbage(server, job_id, "invalid_json", '{"oops": '),
+            lambda: self.garbage(server, job_id, "huge", "x" * 65_536),
+        ]
+        hostile += [lambda: self.never_read(server, job_id, given_up)] * self.never_reading
+        async with anyio.create_task_group() as attackers:
+            for start in hostile:
+                attackers.start_soon(start)
+            with anyio.fail_after(100):
+                for follower in followers:
+                    await follower.ended.wait()
+            release.set()
+            if self.expect_too_slow:
+
+                async def all_closed() -> bool:
+                    return await _slow_clients_closed(http) >= closed + self.never_reading
+
+                await _eventually(all_closed)
+            given_up.set()
+
+
+async def _slow_clients_closed(http: httpx.AsyncClient) -> float:
+    text = (await http.get("/metrics")).text
+    for line in text.splitlines():
+        if line.startswith("trainbus_websocket_slow_clients_closed_total"):
+            return float(line.split()[-1])
+    raise AssertionError("no slow-client counter on /metrics")
+
+
+async def _run_job(
+    server: Server, http: httpx.AsyncClient, job: dict[str, Any], attack: Attack | None
+) -> tuple[float, list[Follower], float]:
+    """Run ``job`` with followers (and ``attack``); its train_start..train_end seconds, the
+    followers and the server's peak RSS."""
+    response = await http.post("/jobs", json=job)
+    assert response.status_code == 201, response.text
+    job_id = response.json()["id"]
+    followers = [Follower() for _ in range(FOLLOWERS)]
+    with PeakRss(server) as rss:
+        async with anyio.create_task_group() as group:
+            for follower in followers:
+                started = anyio.Event()
+                group.start_soon(follower.follow, server, job_id, started)
+                await started.wait()
+            if attack is not None:
+                await attack.run(server, http, job_id, followers)
+    times = followers[0].times
+    return times["train_end"] - times["train_start"], followers, rss.peak
+
+
+def _check_followers(followers: list[Follower]) -> tuple[float, float]:
+    """Every event in order; the p99 and largest publish-to-receipt latency."""
+    for follower in followers:
+        assert follower.seqs == list(range(1, len(follower.seqs) + 1))
+    latencies = sorted(x for f in followers for x in f.latencies)
+    worst = latencies[-1]
+    assert worst < MAX_LATENCY, f"a well-behaved client waited {worst:.2f} s for an event"
+    return latencies[int(len(latencies) * 0.99)], worst
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server that has run one short job: torch, the dataset and the allocator are warm, so
+    that memory and time measured afterwards are the clients' doing."""
+    with _serve(tmp_path_factory.mktemp("data")) as live:
+        response = httpx.post(
+            live.url + "/jobs", json={**JOB, "epochs": 1}, headers=live.headers, timeout=30
+        )
+        assert response.status_code == 201, response.text
+        job_url = f"{live.url}/jobs/{response.json()['id']}"
+        deadline = time.monotonic() + 60
+        while httpx.get(job_url, headers=live.headers).json()["state"] != "completed":
+            assert time.monotonic() < deadline, "the warm-up job did not complete"
+            time.sleep(0.05)  # polling the job's state, bounded above
+        yield live
+
+
+async def test_hostile_clients_neither_slow_the_job_nor_starve_others(server: Server) -> None:
+    started = time.monotonic()
+    quiet: list[float] = []
+    hostile: list[float] = []
+    quiet_runs: list[Follower] = []
+    hostile_runs: list[Follower] = []
+    quiet_rss: list[float] = []
+    hostile_rss: list[float] = []
+    attacks: list[Attack] = []
+    followers: list[Follower] = []
+    async with httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=30) as http:
+        for _ in range(RUNS):  # interleaved, so that a drift in machine load hits both
+            seconds, quiet_followers, peak = await _run_job(server, http, JOB, None)
+            quiet.append(seconds)
+            quiet_rss.append(peak)
+            quiet_runs.append(quiet_followers[0])
+            attack = Attack(flood=FLOOD, garbage_rounds=GARBAGE_ROUNDS, never_reading=NEVER_READING)
+            seconds, hostile_followers, peak = await _run_job(server, http, JOB, attack)
+            hostile.append(seconds)
+            hostile_rss.append(peak)
+            hostile_runs.append(hostile_followers[0])
+            attacks.append(attack)
+            followers += quiet_followers + hostile_followers
+        assert (await http.get("/healthz")).status_code == 200
+
+        async def no_clients_left() -> bool:
+            metrics = (await http.get("/metrics")).text
+            return "trainbus_websocket_clients 0.0" in metrics.splitlines()
+
+        await _eventually(no_clients_left, timeout=30)  # no connection left behind
+
+    p99, worst = _check_followers(followers)
+    for attack in attacks:
+        assert set(attack.close_codes["binary"]) == {1003}
+        assert set(attack.close_codes["invalid_json"]) == {1008}
+        assert set(attack.close_codes["huge"]) == {1009}
+        assert attack.flood_connected == attack.flood_saw_end == FLOOD
+    rss_growth = max(hostile_rss) - max(quiet_rss)
+    # Throughput while the attack holds: the epochs that started once all the flood's
+    # connections were open (the same epochs of every run). The connection storm itself costs
+    # the server a one-off ~2 ms of CPU per handshake; it is in the whole-job figures.
+    first = max(
+        min(e for e, (start, _) in run.epochs.items() if start >= attack.flood_connected_at)
+        for run, attack in zip(hostile_runs, attacks, strict=True)
+    )
+    epochs = JOB["epochs"]
+    assert isinstance(epochs, int) and first <= epochs // 2, "the attack outlasted half the job"
+
+    quiet_window = [run.median_epoch_seconds(first) for run in quiet_runs]
+    hostile_window = [run.median_epoch_seconds(first) for run in hostile_runs]
+    slowdown = min(hostile_window) / min(quiet_window) - 1
+    record(
+        "hostile_clients",
+        runs_each=RUNS,
+        job=JOB,
+        flood_connections=FLOOD,
+        never_reading_clients=NEVER_READING,
+        garbage_connections_per_kind=GARBAGE_ROUNDS,
+        close_codes={k: sorted(set(v)) for k, v in attacks[0].close_codes.items()},
+        job_seconds_quiet=[round(s, 3) for s in quiet],
+        job_seconds_hostile=[round(s, 3) for s in hostile],
+        whole_job_slowdown_best_of=round(min(hostile) / min(quiet) - 1, 4),
+        window_first_epoch=first,
+        median_epoch_seconds_quiet=[round(s, 4) for s in quiet_window],
+        median_epoch_seconds_hostile=[round(s, 4) for s in hostile_window],
+        window_slowdown_best_of=round(slowdown, 4),
+        slowdown_bound=MAX_SLOWDOWN,
+        rss_peak_mib_quiet=[round(r, 1) for r in quiet_rss],
+        rss_peak_mib_hostile=[round(r, 1) for r in hostile_rss],
+        rss_growth_mib=round(rss_growth, 1),
+        rss_bound_mib=RSS_BOUND_MIB,
+        follower_latency_p99_s=round(p99, 4),
+        follower_latency_max_s=round(worst, 4),
+        wall_s=round(time.monotonic() - started, 1),
+    )
+    assert rss_growth < RSS_BOUND_MIB, f"RSS grew {rss_growth:.1f} MiB under attack"
+    assert slowdown < MAX_SLOWDOWN, f"the job took {slowdown:.1%} longer under attack"
+
+
+async def test_clients_that_never_read_are_closed_4008_with_a_resume_point(
+    server: Server,
+) -> None:
+    started = time.monotonic()
+    attack = Attack(expect_too_slow=True, never_reading=NEVER_READING)
+    async with httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=30) as http:
+        baseline = server.rss_mib()
+        _, followers, peak = await _run_job(server, http, EVENTFUL_JOB, attack)
+    p99, worst = _check_followers(followers)
+    events = len(followers[0].seqs)
+    record(
+        "never_reading_clients",
+        job=EVENTFUL_JOB,
+        events=events,
+        never_reading_clients=NEVER_READING,
+        close_codes=sorted(set(attack.close_codes["never_reading"])),
+        rss_before_mib=round(baseline, 1),
+        rss_peak_mib=round(peak, 1),
+        rss_bound_mib=RSS_BOUND_MIB,
+        follower_latency_p99_s=round(p99, 4),
+        follower_latency_max_s=round(worst, 4),
+        wall_s=round(time.monotonic() - started, 1),
+    )
+    assert attack.close_codes["never_reading"] == [4008] * NEVER_READING
+    for reason in attack.too_slow_reasons:
+        assert reason.startswith("too slow; resume with after_seq=")
+        assert 0 < int(reason.rsplit("=", 1)[1]) <= events
+    assert peak - baseline < RSS_BOUND_MIB
