@@ -32,8 +32,6 @@ from tests.api.server import LiveServer, make_settings, run_server
 
 from .conftest import record
 
-pytestmark = pytest.mark.slow
-
 PUBLIC = {("GET", "/healthz"), ("GET", "/metrics")}
 """No token needed, by design: liveness for orchestrators, metrics for Prometheus (unless
 ``metrics_require_token``). Nothing else."""

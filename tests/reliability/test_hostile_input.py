@@ -32,8 +32,6 @@ from tests.api.server import LiveServer, make_settings, run_server
 
 from .conftest import record
 
-pytestmark = pytest.mark.slow
-
 BASE: dict[str, Any] = {"model": {"name": "mlp"}, "dataset": {"name": "iris"}, "epochs": 1}
 
 
@@ -291,6 +289,7 @@ def test_specs_with_code_urls_import_paths_or_absurd_sizes_are_refused(hostile: 
     )
 
 
+@pytest.mark.slow  # runs a real job
 def test_code_in_a_job_name_is_kept_as_text_and_never_run(hostile: Hostile) -> None:
     marker = hostile.outside / "ran"
     name = f"__import__('os').system('touch {marker}') {{{{7*7}}}} $(touch {marker})"
@@ -422,7 +421,7 @@ async def test_ids_and_names_that_leave_their_folder_are_refused_on_every_route(
                 pass
         tried += 1
         assert 400 <= refused.value.response.status_code < 500
-    # the absolute path and the names with separators never became a path on disk
+    # refused DELETEs and commands left the real job and its checkpoint as they were
     assert hostile.request("GET", f"/jobs/{job_id}").json()["state"] == "completed"
     assert hostile.request("GET", f"/jobs/{job_id}/checkpoints/{checkpoint}").status_code == 200
     record(
@@ -448,6 +447,7 @@ def _fake_checkpoint(real: Path, target: Path, content: bytes) -> None:
     (target / "manifest.json").write_text(json.dumps(manifest))
 
 
+@pytest.mark.slow  # runs three real jobs
 def test_symlinks_planted_in_the_data_folder_are_not_followed_out_of_it(
     hostile: Hostile,
 ) -> None:
