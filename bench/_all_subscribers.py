@@ -55,7 +55,7 @@ async def all_subscribers_run(spec: JobSpec, data_dir: Path) -> tuple[float, int
         trainer = await anyio.to_thread.run_sync(
             lambda: Trainer(job_id=JOB, spec=spec, bus=bus, control=control, data_dir=data_dir)
         )
-        per_job = [
+        per_job: list[CheckpointWriter | EarlyStopController | LRPlateauController] = [
             CheckpointWriter(
                 job_id=JOB,
                 job_dir=job_dir,

@@ -1,7 +1,10 @@
-"""Training overhead: the same work as a bare hand-written torch loop and as a trainbus job
-that publishes every batch event to four lossless subscribers, alternated in one process.
+"""Training overhead: the same work as a bare hand-written torch loop, as a trainbus job
+that publishes every batch event to four lossless subscribers, and as one with every default
+subscriber (``bench/_all_subscribers.py``), alternated in one process.
 
-Last line: one JSON object; ``ratio`` is trainbus wall time over bare wall time (1.00 = free).
+Last line: one JSON object; ``ratio`` is trainbus wall time over bare wall time (1.00 = free),
+``ratio_all_subscribers`` the same for the run with every default subscriber; the ``cpu_``
+ratios compare CPU time of all threads (steadier on a busy machine).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import _no_shadow  # noqa: F401  (must come first: bench/bus.py shadows the bus 
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -23,6 +27,14 @@ import torch
 
 from bus import ControlChannel, Event, EventBus, Subscriber
 from worker import JobSpec, Trainer, default_registry
+
+sys.path.append(str(Path(__file__).resolve().parent))  # last: ``bus`` is imported already
+from _all_subscribers import all_subscribers_run
+
+WORKLOADS = {
+    "tiny": {"batch_size": 64, "hidden": 64},
+    "typical": {"batch_size": 256, "hidden": 512},
+}
 
 
 class Consumer(Subscriber):
@@ -128,51 +140,82 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--samples", type=int, default=20_000)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument(
+        "--workload",
+        choices=sorted(WORKLOADS),
+        default="tiny",
+        help="tiny: batch 64, hidden 64 (a ~0.4 ms step: the worst case for per-batch costs); "
+        "typical: batch 256, hidden 512 (a more usual step)",
+    )
+    parser.add_argument("--batch-size", type=int, help="overrides the workload's")
+    parser.add_argument("--hidden", type=int, help="overrides the workload's")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier timing)")
     args = parser.parse_args()
+    for name, value in WORKLOADS[args.workload].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     torch.set_num_threads(args.threads)
     spec = make_spec(args)
     data_dir = Path(tempfile.mkdtemp(prefix="trainbus-bench-"))
     bare_loop(spec, data_dir)  # warm-up: caches, allocator, lazy imports
     anyio.run(trainbus_run, spec, data_dir)
-    bare_times: list[float] = []
-    bus_times: list[float] = []
-    bare_cpus: list[float] = []
-    bus_cpus: list[float] = []
-    events = 0
-    samples = 0
+    anyio.run(all_subscribers_run, spec, data_dir)
+    walls: dict[str, list[float]] = {"bare": [], "trainbus": [], "all": []}
+    cpus: dict[str, list[float]] = {"bare": [], "trainbus": [], "all": []}
+    events = all_events = samples = 0
     for round_ in range(args.rounds):
         bare_seconds, samples, bare_cpu = bare_loop(spec, data_dir)
         bus_seconds, _, events, bus_cpu = anyio.run(trainbus_run, spec, data_dir)
-        bare_times.append(bare_seconds)
-        bus_times.append(bus_seconds)
-        bare_cpus.append(bare_cpu)
-        bus_cpus.append(bus_cpu)
+        all_seconds, _, all_events, all_cpu = anyio.run(all_subscribers_run, spec, data_dir)
+        for name, wall, cpu in (
+            ("bare", bare_seconds, bare_cpu),
+            ("trainbus", bus_seconds, bus_cpu),
+            ("all", all_seconds, all_cpu),
+        ):
+            walls[name].append(wall)
+            cpus[name].append(cpu)
         print(
             f"round {round_ + 1}: bare {bare_seconds:.3f} s ({bare_cpu:.3f} s CPU)  "
-            f"trainbus {bus_seconds:.3f} s ({bus_cpu:.3f} s CPU)  "
-            f"({events} events to 4 lossless subscribers)  ratio {bus_seconds / bare_seconds:.3f}"
+            f"trainbus {bus_seconds:.3f} s ({bus_cpu:.3f} s CPU, {events} events to 4 lossless "
+            f"subscribers)  all subscribers {all_seconds:.3f} s ({all_cpu:.3f} s CPU, "
+            f"{all_events} events)  ratios {bus_seconds / bare_seconds:.3f} "
+            f"{all_seconds / bare_seconds:.3f}"
         )
     # The fastest round of each is the least disturbed by whatever else the machine runs
     # (other processes only ever add time); the median of the paired ratios is shown too.
-    bare = min(bare_times)
-    with_bus = min(bus_times)
-    paired = statistics.median(b / a for a, b in zip(bare_times, bus_times, strict=True))
+    fastest = {name: min(times) for name, times in walls.items()}
+    least_cpu = {name: min(times) for name, times in cpus.items()}
+
+    def paired(name: str) -> float:
+        return statistics.median(b / a for a, b in zip(walls["bare"], walls[name], strict=True))
+
     print(
-        f"fastest: bare {bare:.3f} s, trainbus {with_bus:.3f} s for {samples} samples "
-        f"({events} events per trainbus run); median of paired ratios {paired:.3f}; "
-        f"CPU time (all threads) ratio {min(bus_cpus) / min(bare_cpus):.3f}"
+        f"fastest: bare {fastest['bare']:.3f} s, trainbus {fastest['trainbus']:.3f} s, all "
+        f"subscribers {fastest['all']:.3f} s for {samples} samples; median of paired ratios "
+        f"{paired('trainbus'):.3f} and {paired('all'):.3f}; CPU time (all threads) ratios "
+        f"{least_cpu['trainbus'] / least_cpu['bare']:.3f} and "
+        f"{least_cpu['all'] / least_cpu['bare']:.3f}"
     )
     print(
         json.dumps(
             {
                 "bench": "overhead",
-                "bare_samples_per_s": round(samples / bare),
-                "trainbus_samples_per_s": round(samples / with_bus),
-                "ratio": round(with_bus / bare, 3),
+                "workload": {
+                    "name": args.workload,
+                    "samples": args.samples,
+                    "epochs": args.epochs,
+                    "batch_size": args.batch_size,
+                    "hidden": args.hidden,
+                    "torch_threads": args.threads,
+                },
+                "bare_samples_per_s": round(samples / fastest["bare"]),
+                "trainbus_samples_per_s": round(samples / fastest["trainbus"]),
+                "all_subscribers_samples_per_s": round(samples / fastest["all"]),
+                "ratio": round(fastest["trainbus"] / fastest["bare"], 3),
+                "ratio_all_subscribers": round(fastest["all"] / fastest["bare"], 3),
+                "cpu_ratio": round(least_cpu["trainbus"] / least_cpu["bare"], 3),
+                "cpu_ratio_all_subscribers": round(least_cpu["all"] / least_cpu["bare"], 3),
             }
         )
     )
