@@ -14,6 +14,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,11 +138,27 @@ class ServerZygote:
         self._log.close()
 
 
-def all_events(client: TrainbusClient, job_id: str) -> list[dict[str, Any]]:
-    """Every stored event of the job, in ``seq`` order (page by page)."""
+@contextmanager
+def live_events(
+    client: TrainbusClient, job_id: str, after_seq: int, types: str
+) -> Iterator[Iterator[dict[str, Any]]]:
+    """The job's events over its WebSocket stream (stored ones after ``after_seq``, then live
+    as they are published); the connection closes when the block ends."""
+    stream = client.stream(job_id, after_seq=after_seq, types=types)
+    try:
+        yield stream
+    finally:
+        close = getattr(stream, "close", None)  # a generator: closing it closes the socket
+        if close is not None:
+            close()
+
+
+def all_events(client: TrainbusClient, job_id: str, after_seq: int = 0) -> list[dict[str, Any]]:
+    """Every stored event of the job after ``after_seq``, in ``seq`` order (page by page; for
+    a job that is not training, or the pages could go on as long as it does)."""
     events: list[dict[str, Any]] = []
     while True:
-        after = events[-1]["seq"] if events else 0
+        after = events[-1]["seq"] if events else after_seq
         page = client.events(job_id, after_seq=after, limit=10_000)
         if not page:
             return events

@@ -12,7 +12,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,19 +20,19 @@ from typing import Any
 import pytest
 import torch
 
-from api import TrainbusClient
 from subscribers import CheckpointWriter, list_checkpoints, load_checkpoint, verify_checkpoint
 
 from ..subscribers.toy import ToyTrainer
-from ._kill_server import Server, ServerZygote, all_events
+from ._kill_server import Server, ServerZygote, all_events, live_events
 from .conftest import record, sized
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
 TOKEN = "server-kill-token-0123456789"
-SEED = 20261130
+SEED = int(os.environ.get("TRAINBUS_KILL_SEED", "20261130"))  # printed and recorded
 KILLS = sized(10, 50)
 MOMENTS = ("batch", "epoch_end", "checkpoint_write")
+LIVE = "train_start,fit_epoch_end,job_completed"  # what the test follows on the live stream
 SPEC: dict[str, Any] = {
     "name": "killed-again-and-again",
     "model": {"name": "mlp", "params": {"hidden_sizes": [256, 256]}},  # ~1 MB checkpoints
@@ -64,38 +64,34 @@ def _temporary_entries(job_dir: Path) -> list[str]:
         return []
 
 
-def _run_start(client: TrainbusClient, job_id: str, after_seq: int) -> dict[str, Any]:
-    """The ``train_start`` of the run that began after ``after_seq``."""
-    return dict(
-        _poll(
-            lambda: client.events(job_id, after_seq=after_seq, types="train_start"),
-            "the resumed run to start training",
-        )[0]
-    )
+def _next_live(live: Iterator[dict[str, Any]], event_type: str) -> dict[str, Any]:
+    """The next event of ``event_type`` on the job's live stream."""
+    for event in live:
+        if event["type"] == event_type:
+            return event
+    raise AssertionError(f"the job's stream ended before a {event_type} event")
 
 
 def _kill_at(
     moment: str,
     rng: random.Random,
+    live: Iterator[dict[str, Any]],
     zygote: ServerZygote,
     server: Server,
     job_dir: Path,
     epoch_seconds: float,
 ) -> dict[str, Any]:
     """Wait for a moment of the given kind, SIGKILL the server then; say what was going on."""
-    with server.client() as client:
-        job_id = job_dir.name
-        if moment == "batch":  # anywhere within the next one and a half epochs
-            delay = rng.uniform(0.0, 1.5 * epoch_seconds)
-            time.sleep(delay)  # the random kill moment itself, not a synchronisation
-        elif moment == "epoch_end":  # just after the trainer reported an epoch
-            epoch = client.job(job_id)["epoch"]
-            _poll(lambda: client.job(job_id)["epoch"] != epoch, "an epoch to end")
-            delay = rng.uniform(0.0, 0.03)
-            time.sleep(delay)  # the random kill moment itself, not a synchronisation
-        else:  # while a checkpoint (or a pointer) is being written
-            delay = 0.0
-            _poll(lambda: _temporary_entries(job_dir), "a checkpoint write to start")
+    if moment == "batch":  # anywhere within the next one and a half epochs
+        delay = rng.uniform(0.0, 1.5 * epoch_seconds)
+        time.sleep(delay)  # the random kill moment itself, not a synchronisation
+    elif moment == "epoch_end":  # just after the trainer reported an epoch
+        _next_live(live, "fit_epoch_end")
+        delay = rng.uniform(0.0, 0.03)
+        time.sleep(delay)  # the random kill moment itself, not a synchronisation
+    else:  # while a checkpoint (or a pointer) is being written or old ones deleted
+        delay = 0.0
+        _poll(lambda: _temporary_entries(job_dir), "a checkpoint write to start")
     zygote.kill(server)
     return {"moment": moment, "delay": round(delay, 4), "temporary": _temporary_entries(job_dir)}
 
@@ -168,41 +164,47 @@ def test_sigkill_at_random_moments_loses_nothing_durable_and_resumes_exactly(
         server = zygote.serve(data_dir)
         with server.client() as client:
             job_id = client.submit(SPEC)["id"]
-            start_seq = _run_start(client, job_id, 0)["seq"]
         job_dir = data_dir / "jobs" / job_id
-        seen: dict[int, dict[str, Any]] = {}
-        epoch_seconds = 0.2
+        seen: dict[int, dict[str, Any]] = {}  # seq -> the event as read before a kill
+        epoch_seconds, resume_step, run_after = 0.2, 0, 0
         kills: list[dict[str, Any]] = []
         for kill, moment in enumerate(plan, 1):
-            with server.client() as client:
-                seen.update((e["seq"], e) for e in all_events(client, job_id))
+            # The live stream (not the store, which may lag under load) says when the run
+            # trains and when an epoch ends.
+            with (
+                server.client() as client,
+                live_events(client, job_id, run_after, LIVE) as live,
+            ):
+                run = _next_live(live, "train_start")
+                assert run["data"]["step"] == resume_step, (
+                    f"kill {kill}: the run started at step {run['data']['step']}, "
+                    f"the newest complete checkpoint is at step {resume_step}"
+                )
+                # one page of what is new (paging to the end could chase a training job)
+                newer = client.events(job_id, after_seq=max(seen, default=0), limit=10_000)
+                seen.update((e["seq"], e) for e in newer)
                 before = client.job(job_id)
-            moment_rng = random.Random(rng.random())
-            happened = _kill_at(moment, moment_rng, zygote, server, job_dir, epoch_seconds)
+                moment_rng = random.Random(rng.random())
+                happened = _kill_at(
+                    moment, moment_rng, live, zygote, server, job_dir, epoch_seconds
+                )
             server = zygote.serve(data_dir)
             happened["restart_seconds"] = round(server.ready_seconds, 3)
             with server.client() as client:
                 interrupted = _poll(
-                    partial(client.events, job_id, after_seq=start_seq, types="job_interrupted"),
+                    partial(client.events, job_id, after_seq=run["seq"], types="job_interrupted"),
                     "the restarted server to store job_interrupted",
                 )[0]
                 _assert_record_intact(client.job(job_id), before, job_dir, kill)
                 events = all_events(client, job_id)
                 _assert_history_intact(events, seen, kill)
-                epochs = [e for e in events[start_seq:] if e["type"] == "fit_epoch_end"]
+                epochs = [e for e in events[run["seq"] :] if e["type"] == "fit_epoch_end"]
                 if len(epochs) >= 2:
                     epoch_seconds = (epochs[-1]["time"] - epochs[0]["time"]) / (len(epochs) - 1)
                 resume_step = _assert_pointers_complete(job_dir, kill)
                 client.resume(job_id)
-                run = _run_start(client, job_id, interrupted["seq"])
-                assert run["data"]["step"] == resume_step, (
-                    f"kill {kill} ({happened}): resumed at step {run['data']['step']}, "
-                    f"the newest complete checkpoint is at step {resume_step}"
-                )
-                start_seq = run["seq"]
-            happened.update(
-                kill=kill, events=len(events), resumed_at_step=resume_step,
-            )  # fmt: skip
+                run_after = interrupted["seq"]
+            happened.update(kill=kill, events=len(events), resume_step=resume_step)
             kills.append(happened)
             print(happened)
         with server.client() as client:
