@@ -7,12 +7,16 @@ What must hold, whatever the order and overlap of the requests:
   says why;
 - every state change a job publishes is a legal transition (``worker._records.TRANSITIONS``),
   each run of a job ends with exactly one ending event, and completed or failed jobs stay so;
+- each accepted command takes effect with no further request: a stop ends the run, a pause
+  holds it, a resume lets it go on;
 - a pause halts training: no optimizer step between ``job_paused`` and the next resume or
   end, and the time from the request to the halt stays bounded;
 - progress is never lost or repeated: a job's optimizer steps count up by one across pauses,
   stops and resumes;
 - a deleted job is gone, events included;
 - at the end, no task is left on the server's loop and no thread outlives the server.
+
+Below the machine, one deterministic regression test per defect it found.
 """
 
 from __future__ import annotations
