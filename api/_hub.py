@@ -27,6 +27,7 @@ __all__ = [
     "ClientBuffer",
     "EventHub",
     "HubStatistics",
+    "Item",
     "encode_event",
     "finite",
     "gap_notice",
