@@ -236,6 +236,7 @@ def test_sigkill_at_random_moments_loses_nothing_durable_and_resumes_exactly(
         kills=KILLS,
         moments={m: plan.count(m) for m in MOMENTS},
         killed_during_write=sum(bool(k["temporary"]) for k in kills),
+        resume_steps=[k["resume_step"] for k in kills],
         events=len(events),
         steps=final["step"],
         restart_seconds_max=max(k["restart_seconds"] for k in kills),
