@@ -317,6 +317,10 @@ def main() -> None:
         f"{client_cpu / elapsed:.0%} in {args.client_processes} processes (100% = one core; "
         f"{os.cpu_count()} cores)"
     )
+    # Latency here is mostly CPU the server and the clients could not get: on a shared machine,
+    # read p99 next to the load the other processes put on it.
+    load = os.getloadavg()
+    print(f"load average (1, 5, 15 min): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     ru_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"server peak RSS {rss.peak / 2**20:.1f} MiB (ru_maxrss {ru_peak_mb:.1f} MiB)")
     print(
@@ -330,6 +334,9 @@ def main() -> None:
                 "lost": lost,
                 "stalled_client_handled": hub.too_slow >= 1,
                 "peak_rss_mb": round(rss.peak / 2**20, 1),
+                "server_cpu": round(server_cpu / elapsed, 2),
+                "clients_cpu": round(client_cpu / elapsed, 2),
+                "load_1min": round(load[0], 2),
             }
         )
     )
