@@ -30,6 +30,7 @@ from subscribers import (
     PrometheusExporter,
     ResourceMonitor,
     UnsafeCheckpoint,
+    checkpoint_path,
     latest_valid_state,
     list_checkpoints,
     verify_checkpoint,
@@ -103,6 +104,15 @@ def job_subscribers(handle: JobHandle, bus: EventBus) -> list[Subscriber]:
         plateau.bind(trainer)
         built.append(plateau)
     return built
+
+
+def _latest_checkpoint(job_id: str, job_dir: Path) -> str | None:
+    """The checkpoint ``latest`` names, else the newest complete one (None: it has none)."""
+    try:
+        return checkpoint_path(job_dir, "latest").name
+    except CheckpointNotFound:
+        listed = list_checkpoints(job_dir)
+        return listed[0].name if listed else None
 
 
 def _record(record: Any) -> dict[str, Any]:
@@ -224,6 +234,7 @@ async def default_runtime(settings: Settings, bus: EventBus) -> AsyncIterator[Ru
         max_running=settings.max_running_jobs,
         subscriber_factory=lambda handle: job_subscribers(handle, bus),
         checkpoint_loader=latest_valid_state,
+        latest_checkpoint=_latest_checkpoint,
         last_seq=store.last_seq,
     )
     monitor = ResourceMonitor(bus=bus, interval_seconds=settings.resource_interval_seconds)

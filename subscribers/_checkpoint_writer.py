@@ -85,8 +85,7 @@ class CheckpointWriter(Subscriber):
 
     After each write: the ``latest`` pointer moves (and ``best`` when the monitored value
     is the best so far), checkpoints outside the retention (``keep_last`` newest plus
-    ``keep_best`` best; the one announced before is kept until this one is announced) are
-    deleted, and a ``checkpoint_saved`` event is published with
+    ``keep_best`` best) are deleted, and a ``checkpoint_saved`` event is published with
     ``name``, ``epoch``, ``step``, ``metric`` (the monitored value), ``bytes``, ``seconds``
     (snapshot + write), ``reason`` and ``best``. Orphaned temporary folders of the job are
     removed when the writer is created.
@@ -156,7 +155,6 @@ class CheckpointWriter(Subscriber):
         self._requested = self._written = self._replaced = self._failed = 0
         self._waited = 0.0
         self._last_name: str | None = None
-        self._announced = read_pointer(self.job_dir, "latest")  # the job record may name it
 
         removed = clean_orphans(self.job_dir)
         if removed:
@@ -341,17 +339,13 @@ class CheckpointWriter(Subscriber):
             keep_last=self.keep_last,
             keep_best=self.keep_best,
             mode=self.mode,
-            # The job record names the last announced checkpoint until the checkpoint_saved
-            # below reaches the job manager: a crash in between must not leave it naming a
-            # deleted one.
-            protect=[info.name] if self._announced is None else [info.name, self._announced],
+            protect=[info.name],
         )
         seconds = request.snapshot_seconds + time.perf_counter() - started
         with self._condition:
             self._written += 1
             self._last_name = info.name
         self._publish(info, request, seconds, best, deleted)
-        self._announced = info.name
 
     def _publish(
         self,

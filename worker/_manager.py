@@ -42,6 +42,7 @@ logger = logging.getLogger("trainbus.worker")
 
 SubscriberFactory = Callable[["JobHandle"], Sequence[Subscriber]]
 CheckpointLoader = Callable[[str, Path], "dict[str, Any] | None"]
+CheckpointNamer = Callable[[str, Path], "str | None"]
 
 _LIVE_STATES = frozenset({JobState.RUNNING, JobState.PAUSED})
 _COMMAND_MOVES = {  # applied command -> (the record's state before, after)
@@ -83,6 +84,9 @@ class JobManager:
     :param subscriber_factory: per-job subscribers, attached for each run and drained after.
     :param checkpoint_loader: ``(job_id, job_dir) -> state or None``, to resume a job whose
         trainer is no longer in memory (after a restart).
+    :param latest_checkpoint: ``(job_id, job_dir) -> name or None``, the job's newest complete
+        checkpoint: a crash can come between checkpoint retention and the record learning
+        the newer name, so the record of a job interrupted that way is put right at start-up.
     :param last_seq: ``job_id -> last stored seq``, to continue each job's numbering.
     :param registry: models and datasets (default: built-ins plus installed plugins).
     :param fit_epoch_end_timeout: how long a trainer waits at each ``fit_epoch_end`` for
@@ -99,6 +103,7 @@ class JobManager:
         max_running: int = 1,
         subscriber_factory: SubscriberFactory | None = None,
         checkpoint_loader: CheckpointLoader | None = None,
+        latest_checkpoint: CheckpointNamer | None = None,
         last_seq: Callable[[str], int] | None = None,
         registry: Registry | None = None,
         fit_epoch_end_timeout: float = 30.0,
@@ -111,6 +116,7 @@ class JobManager:
         self.max_running = max_running
         self.subscriber_factory = subscriber_factory
         self.checkpoint_loader = checkpoint_loader
+        self.latest_checkpoint = latest_checkpoint
         self.registry = registry or default_registry()
         self.fit_epoch_end_timeout = fit_epoch_end_timeout
         self.keep_ended_states = keep_ended_states
@@ -152,6 +158,11 @@ class JobManager:
         await self._task_group.__aenter__()
         await self._task_group.start(self._follow_events)
         for job_id in self._store.ids_in_states(JobState.RUNNING, JobState.PAUSED):
+            if self.latest_checkpoint is not None:
+                name = await anyio.to_thread.run_sync(
+                    self.latest_checkpoint, job_id, self._job_dir(job_id)
+                )
+                self._store.update(job_id, checkpoint=name)
             await self._transition(
                 job_id, JobState.INTERRUPTED, reason="the server stopped while the job was running"
             )

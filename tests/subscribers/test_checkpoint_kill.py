@@ -97,10 +97,9 @@ def test_sigkill_during_writes_never_loses_the_newest_committed(tmp_path: Path) 
             leftovers = [p.name for p in folder.iterdir()] if folder.is_dir() else []
             assert not [name for name in leftovers if name.startswith(".")]
             if len(committed) > commits_before:
-                # retention ran at that commit (keep_last=2 + keep_best=1 + the checkpoint
-                # announced before it, which the job record may still name); a kill between
+                # retention ran at that commit (keep_last=2 + keep_best=1); a kill between
                 # the next rename and its retention leaves one more
-                assert len(list_checkpoints(job_dir)) <= 5
+                assert len(list_checkpoints(job_dir)) <= 4
     finally:
         zygote.stdin.close()
         zygote.wait(timeout=30)
