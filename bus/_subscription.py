@@ -34,7 +34,8 @@ class Subscription:
 
     ``buffer_size`` bounds how far, in events of a job, the subscription may fall behind the
     publishers: a lossless one holds them back, a lossy one loses the oldest. With a type
-    filter, events of other types count too, since they are published in between.
+    filter, events of other types count too, since they are published in between; but a
+    lossless reader never holds a publisher back for them (the bus skips them for it).
     """
 
     def __init__(
