@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import uvicorn
 from fastapi import FastAPI
 
@@ -9,7 +11,7 @@ from ._app import create_app
 from ._settings import Settings
 from ._websocket import MAX_CLIENT_MESSAGE_BYTES
 
-__all__ = ["serve", "uvicorn_config"]
+__all__ = ["listening_socket", "serve", "uvicorn_config"]
 
 KEEP_ALIVE_SECONDS = 75  # nginx's default
 
@@ -37,13 +39,29 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
     )
 
 
+def listening_socket(config: uvicorn.Config, settings: Settings) -> socket.socket:
+    """The server's bound socket, its connections' kernel send buffer capped.
+
+    Linux grows a loopback connection's send buffer to 4 MiB on its own: a WebSocket client
+    that never reads would hold that much kernel memory and keep the server encoding and
+    writing for it for thousands of events before a send ever blocked. With the cap, its
+    sends block after ``socket_send_buffer_bytes`` (accepted connections inherit the
+    listening socket's buffer size), its buffer fills and it is closed 4008 for lagging.
+    """
+    sock = config.bind_socket()
+    if settings.socket_send_buffer_bytes is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.socket_send_buffer_bytes)
+    return sock
+
+
 def serve(settings: Settings) -> None:
     """Run the service until SIGINT/SIGTERM (then shut down gracefully).
 
     :raises ValueError: for a non-loopback host without an explicit token.
     """
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn_config(app, settings))
-    server.run()
+    config = uvicorn_config(app, settings)
+    server = uvicorn.Server(config)
+    server.run(sockets=[listening_socket(config, settings)])
     if server.started is False:
         raise SystemExit(1)

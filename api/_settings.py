@@ -90,6 +90,12 @@ class Settings(BaseSettings):
         ge=1024,
         description="Largest request body accepted (413 beyond); a job spec needs a few KiB.",
     )
+    socket_send_buffer_bytes: int | None = Field(
+        default=256 * 1024,
+        ge=4096,
+        description="Kernel send buffer of each connection (none: the kernel's autotuning, up "
+        "to 4 MiB a connection): bounds what a client that never reads can hold.",
+    )
     ws_buffer_size: int = Field(
         default=2048, ge=1, description="Events buffered per WebSocket client before it gets a gap."
     )

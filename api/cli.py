@@ -155,14 +155,15 @@ def _demo(settings: Settings, console: Console) -> int:
 
     from ._app import create_app
     from ._auth import ensure_token, write_token_file
-    from ._server import uvicorn_config
+    from ._server import listening_socket, uvicorn_config
 
     settings, generated = ensure_token(settings)
     assert settings.token is not None
     token = settings.token.get_secret_value()
     if generated:  # local CLI commands find it there (readable by this user only)
         write_token_file(settings.data_dir, settings.token)
-    server = uvicorn.Server(uvicorn_config(create_app(settings), settings))
+    config = uvicorn_config(create_app(settings), settings)
+    server = uvicorn.Server(config)
     url = f"http://{settings.host}:{settings.port}"
 
     def submit_when_ready() -> None:
@@ -196,7 +197,7 @@ def _demo(settings: Settings, console: Console) -> int:
         )
 
     threading.Thread(target=submit_when_ready, daemon=True).start()
-    server.run()
+    server.run(sockets=[listening_socket(config, settings)])
     return 0
 
 
