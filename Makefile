@@ -44,6 +44,7 @@ bench: $(INSTALLED)
 	$(BIN)/python bench/bus.py
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/checkpoint.py
+	$(BIN)/python bench/store.py
 	$(BIN)/python bench/fanout.py
 
 ## The reliability suite at soak size (more kills, reconnects, schemathesis cases); figures are
