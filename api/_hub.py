@@ -43,6 +43,8 @@ except ImportError:  # pragma: no cover - the standard library is the fallback
 
 Item = tuple[str, int, str]
 """What a client buffer holds: ``(job_id, seq, encoded JSON)``, shared by every client."""
+TypeFilter = frozenset[EventType] | None
+"""A client's event types (None: every type)."""
 
 
 def finite(value: Any) -> Any:
@@ -239,8 +241,11 @@ class EventHub:
         self._bus = bus
         self._batch_interval = batch_interval
         self._buffer_size = buffer_size
-        self._by_job: dict[str, set[ClientBuffer]] = {}
-        self._every_job: set[ClientBuffer] = set()
+        # Clients grouped by job and by type filter: a round selects each filter's events once
+        # and skips a whole group its events miss (hundreds of clients waiting for a job's end
+        # cost one dictionary entry per round, not one call each).
+        self._by_job: dict[str, dict[TypeFilter, set[ClientBuffer]]] = {}
+        self._every_job: dict[TypeFilter, set[ClientBuffer]] = {}
         self._events = 0
         self._hub_missed = 0
         self._dropped_by_closed = 0
@@ -267,27 +272,27 @@ class EventHub:
             max_lag=max_lag,
             on_too_slow=[self._count_too_slow],
         )
-        if job_id is None:
-            self._every_job.add(client)
-        else:
-            self._by_job.setdefault(job_id, set()).add(client)
+        groups = self._every_job if job_id is None else self._by_job.setdefault(job_id, {})
+        groups.setdefault(client.types, set()).add(client)
         return client
 
     def remove(self, client: ClientBuffer) -> None:
         client.close()
         self._dropped_by_closed += client.dropped
-        if client.job_id is None:
-            self._every_job.discard(client)
-        else:
-            clients = self._by_job.get(client.job_id)
-            if clients is not None:
-                clients.discard(client)
-                if not clients:
-                    del self._by_job[client.job_id]
+        groups = self._every_job if client.job_id is None else self._by_job.get(client.job_id)
+        if groups is None:
+            return
+        clients = groups.get(client.types)
+        if clients is not None:
+            clients.discard(client)
+            if not clients:
+                del groups[client.types]
+        if not groups and client.job_id is not None:
+            del self._by_job[client.job_id]
 
     def close_job(self, job_id: str, code: int, reason: str) -> int:
         """End every stream that follows ``job_id`` alone (a deleted job); how many there were."""
-        clients = list(self._by_job.get(job_id, ()))
+        clients = [c for group in self._by_job.get(job_id, {}).values() for c in group]
         for client in clients:
             client.end(code, reason)
         return len(clients)
@@ -325,9 +330,9 @@ class EventHub:
             client.close()
 
     def clients(self) -> list[ClientBuffer]:
-        clients = list(self._every_job)
-        for job_clients in self._by_job.values():
-            clients.extend(job_clients)
+        clients = [c for group in self._every_job.values() for c in group]
+        for groups in self._by_job.values():
+            clients.extend(c for group in groups.values() for c in group)
         return clients
 
     def _fan_out(self, batch: list[Event]) -> None:
@@ -340,39 +345,38 @@ class EventHub:
                 events.append(event)
         gap = EventType.GAP
         for job_id, events in by_job.items():
-            clients = list(self._by_job.get(job_id, ()))
-            clients.extend(self._every_job)
+            groups = [*self._by_job.get(job_id, {}).items(), *self._every_job.items()]
             # Gap notices from the bus mean the hub itself fell behind: every client missed them.
             notices = [e for e in events if e.type is gap]
             if notices:
                 events = [e for e in events if e.type is not gap]
                 for notice in notices:
                     self._hub_missed += int(notice.data["missed"])
-                    for client in clients:
-                        client._gap(
-                            job_id,
-                            int(notice.data["from_seq"]),
-                            int(notice.data["to_seq"]),
-                            int(notice.data["missed"]),
-                        )
+                    for _types, clients in groups:
+                        for client in clients:
+                            client._gap(
+                                job_id,
+                                int(notice.data["from_seq"]),
+                                int(notice.data["to_seq"]),
+                                int(notice.data["missed"]),
+                            )
             if not events:
                 continue
             self._events += len(events)
-            if not clients:
+            if not groups:
                 continue
             items = [(job_id, e.seq, encode_event(e)) for e in events]
-            filtered: dict[frozenset[EventType], list[Item]] = {}  # one list per distinct filter
-            for client in clients:
-                types = client.types
+            for types, clients in groups:
                 if types is None:
-                    client._extend(items)
-                    continue
-                selected = filtered.get(types)
-                if selected is None:
-                    selected = filtered[types] = [
+                    selected = items
+                else:
+                    selected = [
                         item for item, e in zip(items, events, strict=True) if e.type in types
                     ]
-                client._extend(selected)
+                    if not selected:
+                        continue
+                for client in list(clients):  # a client may end (and leave) while extended
+                    client._extend(selected)
 
     def statistics(self) -> HubStatistics:
         clients = self.clients()

@@ -613,9 +613,12 @@ class EventBus:
         if handle in self._handles:
             self._handles.remove(handle)
 
-    def wait_processed(self, event: Event, timeout: float | None = None) -> bool:
+    def wait_processed(
+        self, event: Event, timeout: float | None = None, *, steering_only: bool = False
+    ) -> bool:
         """From a non-loop thread, wait until every attached lossless subscriber that receives
-        ``event`` has handled it. Returns False on timeout.
+        ``event`` has handled it (with ``steering_only``, those whose ``steers_training`` is
+        set). Returns False on timeout.
 
         Trainers use this at epoch ends so that controllers decide before the next epoch.
         """
@@ -624,6 +627,7 @@ class EventBus:
             for h in list(self._handles)
             if h.subscription.policy is DeliveryPolicy.LOSSLESS
             and h.subscription.matches(event.job_id, event.type)
+            and (h.subscriber.steers_training or not steering_only)
         ]
         if not handles:
             return True

@@ -38,7 +38,8 @@ class Subscriber:
     handlers exist, the subscription is filtered to those types.
 
     Class attributes (overridable per instance) choose the delivery: ``policy``,
-    ``buffer_size``, ``max_batch``, and the filters ``job_id`` and ``types``.
+    ``buffer_size``, ``max_batch``, and the filters ``job_id`` and ``types``; ``steers_training``
+    says whether a trainer waits for it at epoch ends (see below).
     A handler that raises is reported as a ``subscriber_error`` event; the subscriber keeps
     running and neither the job nor other subscribers notice.
     """
@@ -48,6 +49,11 @@ class Subscriber:
     max_batch: int = 512
     job_id: str | None = None
     types: Iterable[EventType | str] | None = None
+    steers_training: ClassVar[bool] = True
+    """True (the default): at each epoch end the trainer waits until this lossless subscriber
+    has handled ``fit_epoch_end``, so that what it sends back (a stop, a new learning rate)
+    takes effect before the next epoch. Subscribers that only record (an event store, an
+    exporter) set False, and training never waits for them."""
 
     @property
     def name(self) -> str:

@@ -141,6 +141,8 @@ class PrometheusExporter(Subscriber):
     :param clock: monotonic clock (seconds), replaceable in tests.
     """
 
+    steers_training = False  # it records; training never waits for it
+
     policy = DeliveryPolicy.DROP_OLDEST
     buffer_size = 8192
     max_batch = 1024

@@ -88,6 +88,8 @@ class EventStore(Subscriber):
     :param busy_timeout: seconds to wait for another connection's write lock.
     """
 
+    steers_training = False  # it records; training never waits for it
+
     policy = DeliveryPolicy.LOSSLESS
     # Measured with bench/store.py (2 cores): batches of 512 behind a buffer of 2048 gave
     # 105-120k events/s; 4096 behind 16384 gave 65-80k (bigger batches fall out of the CPU

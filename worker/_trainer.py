@@ -507,8 +507,9 @@ class Trainer:
             EventType.FIT_EPOCH_END,
             {"epoch": self.epoch, "step": self.step, "metrics": dict(self.metrics)},
         )
-        # Lossless controllers (early stop, LR plateau) decide before the next epoch starts.
-        if not self.bus.wait_processed(event, self.fit_epoch_end_timeout):
+        # Lossless controllers (early stop, LR plateau) decide before the next epoch starts;
+        # recorders (the event store) catch up in their own time.
+        if not self.bus.wait_processed(event, self.fit_epoch_end_timeout, steering_only=True):
             logger.warning(
                 "job %s: controllers did not finish with epoch %d in time", self.job_id, self.epoch
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from functools import partial
 
 import anyio
 import pytest
@@ -173,6 +174,37 @@ async def test_wait_processed_lets_a_thread_wait_for_lossless_subscribers() -> N
         other = bus.publish("job", BATCH_END)
         # Gate does not receive batch events, so only the recorder matters for this one.
         assert await anyio.to_thread.run_sync(bus.wait_processed, other, 10)
+
+
+async def test_training_waits_for_steering_subscribers_not_for_recorders() -> None:
+    class SlowRecorder(Subscriber):
+        steers_training = False
+
+        def __init__(self) -> None:
+            self.release = anyio.Event()
+
+        async def on_fit_epoch_end(self, event: Event) -> None:
+            await self.release.wait()
+
+    class Controller(Subscriber):
+        def __init__(self) -> None:
+            self.seen: list[int] = []
+
+        async def on_fit_epoch_end(self, event: Event) -> None:
+            self.seen.append(event.seq)
+
+    recorder, controller = SlowRecorder(), Controller()
+    async with EventBus() as bus:
+        bus.attach(recorder)
+        bus.attach(controller)
+        event = bus.publish("job", EventType.FIT_EPOCH_END, {"epoch": 0})
+        wait = partial(bus.wait_processed, event, 10, steering_only=True)
+        assert await anyio.to_thread.run_sync(wait)
+        assert controller.seen == [event.seq]
+        # the recorder is still holding the event: a plain wait_processed waits for it too
+        assert not await anyio.to_thread.run_sync(bus.wait_processed, event, 0.05)
+        recorder.release.set()
+        assert await anyio.to_thread.run_sync(bus.wait_processed, event, 10)
 
 
 async def test_sequence_restored_from_a_store_continues_without_reuse() -> None:
