@@ -150,7 +150,21 @@ def plain_name(name: str) -> bool:
     return bool(name) and "/" not in name and "\\" not in name and not name.startswith(".")
 
 
+def refuse_links(*paths: Path) -> None:
+    """Checkpoints are never read, listed or deleted through a symbolic link: the writer never
+    makes one, so a link was planted (possibly leading out of the data folder).
+
+    :raises CheckpointCorrupt: naming the first path that is a link.
+    """
+    for path in paths:
+        if path.is_symlink():
+            raise CheckpointCorrupt(
+                f"{path.name!r} is a symbolic link; checkpoints are never read through links"
+            )
+
+
 def read_manifest(path: Path) -> CheckpointInfo:
+    refuse_links(path.parent.parent, path.parent, path, path / MANIFEST_FILE)
     try:
         manifest = json.loads((path / MANIFEST_FILE).read_bytes())
         return CheckpointInfo.from_manifest(path, manifest)
@@ -189,6 +203,7 @@ def checkpoint_path(job_dir: Path, name: str) -> Path:
     if resolved is None or not plain_name(resolved):
         raise CheckpointNotFound(f"no checkpoint named {name!r}")
     path = checkpoints_dir(job_dir) / resolved
-    if not (path / MANIFEST_FILE).is_file():
+    linked = any(p.is_symlink() for p in (Path(job_dir), path.parent, path))
+    if linked or not (path / MANIFEST_FILE).is_file():
         raise CheckpointNotFound(f"no checkpoint named {name!r}")
     return path

@@ -21,6 +21,7 @@ from ._checkpoint_layout import (
     plain_name,
     read_manifest,
     read_pointer,
+    refuse_links,
 )
 from ._errors import CheckpointCorrupt, CheckpointNotFound, UnsafeCheckpoint
 
@@ -42,6 +43,7 @@ def _read_verified(path: Path) -> tuple[CheckpointInfo, bytes]:
     for file_name, expected in info.files.items():
         if not plain_name(file_name):
             raise CheckpointCorrupt(f"checkpoint {info.name!r} lists a bad file {file_name!r}")
+        refuse_links(path / file_name)
         try:
             data = (path / file_name).read_bytes()
         except OSError as error:

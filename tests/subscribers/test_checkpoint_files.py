@@ -145,3 +145,35 @@ def test_clean_orphans(tmp_path: Path) -> None:
     assert sorted(clean_orphans(tmp_path)) == [".tmp-epoch-0002-abcd", ".tmp-latest-1234.json"]
     assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []
     assert load_checkpoint(tmp_path)["epoch"] == 1
+
+
+def test_checkpoints_are_never_read_through_symbolic_links(tmp_path: Path) -> None:
+    """A link planted in a job's folder (to a valid checkpoint elsewhere) is never followed:
+    not as a checkpoint folder, not as its state file, not as the whole checkpoints folder."""
+    outside = tmp_path / "outside"
+    planted = _save(outside, 9.0)
+    job = tmp_path / "job"
+    own = _save(job, 1.0)
+    # a checkpoint folder that is a link, made the newest and pointed at by `latest`
+    (job / "checkpoints" / "linked").symlink_to(outside / "checkpoints" / planted)
+    (job / "checkpoints" / "latest.json").write_text(json.dumps({"name": "linked"}))
+    assert [info.name for info in list_checkpoints(job)] == [own]
+    with pytest.raises(CheckpointNotFound):
+        checkpoint_path(job, "linked")
+    state = latest_valid_state("job", job)  # what a resume loads
+    assert state is not None and torch.equal(state["weights"], torch.full((4,), 1.0))
+
+    # a real checkpoint folder whose state file is a link to another checkpoint's state
+    state_file = job / "checkpoints" / own / "state.pt"
+    state_file.unlink()
+    state_file.symlink_to(outside / "checkpoints" / planted / "state.pt")
+    with pytest.raises(CheckpointCorrupt, match="symbolic link"):
+        verify_checkpoint(job, own)
+    assert latest_valid_state("job", job) is None
+
+    # the whole checkpoints folder a link
+    linked_job = tmp_path / "linked-job"
+    linked_job.mkdir()
+    (linked_job / "checkpoints").symlink_to(outside / "checkpoints")
+    assert list_checkpoints(linked_job) == []
+    assert latest_valid_state("linked-job", linked_job) is None
