@@ -157,17 +157,31 @@ class JobManager:
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
         await self._task_group.start(self._follow_events)
+        if self.latest_checkpoint is not None:
+            await anyio.to_thread.run_sync(self._correct_checkpoint_names)
         for job_id in self._store.ids_in_states(JobState.RUNNING, JobState.PAUSED):
-            if self.latest_checkpoint is not None:
-                name = await anyio.to_thread.run_sync(
-                    self.latest_checkpoint, job_id, self._job_dir(job_id)
-                )
-                self._store.update(job_id, checkpoint=name)
             await self._transition(
                 job_id, JobState.INTERRUPTED, reason="the server stopped while the job was running"
             )
         self._task_group.start_soon(self._schedule)
         return self
+
+    def _correct_checkpoint_names(self) -> None:
+        """Make every record name the checkpoint that is on disk: a crash between checkpoint
+        retention and the record learning the newer name leaves it naming a deleted one (for a
+        job that was running, or one that had just finished). One pointer read per job."""
+        assert self.latest_checkpoint is not None
+        store = self.store
+        for job_id in store.all_ids():
+            record = store.get(job_id)
+            if record is None or (
+                record.checkpoint is None
+                and record.state not in (JobState.RUNNING, JobState.PAUSED)
+            ):
+                continue
+            name = self.latest_checkpoint(job_id, self._job_dir(job_id))
+            if name != record.checkpoint:
+                store.update(job_id, checkpoint=name)
 
     async def __aexit__(
         self,

@@ -250,12 +250,15 @@ def test_sigkill_at_random_moments_loses_nothing_durable_and_resumes_exactly(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    ("crashed_state", "after_restart"), [("running", "interrupted"), ("completed", "completed")]
+)
 def test_a_record_left_naming_a_deleted_checkpoint_is_put_right_at_restart(
-    tmp_path: Path,
+    tmp_path: Path, crashed_state: str, after_restart: str
 ) -> None:
     """A crash between checkpoint retention and the job record learning the newer name (the
-    test above hit it) leaves a running job's record naming a deleted checkpoint; the
-    restarted server names the newest complete one instead."""
+    test above hit it) leaves the record of a running job, or of one that had just finished,
+    naming a deleted checkpoint; the restarted server names the newest complete one instead."""
     data_dir = tmp_path / "data"
     spec = {**SPEC, "epochs": 2, "model": {"name": "mlp", "params": {"hidden_sizes": [16]}}}
     settings = make_settings(data_dir)
@@ -268,8 +271,8 @@ def test_a_record_left_naming_a_deleted_checkpoint_is_put_right_at_restart(
     latest = verify_checkpoint(data_dir / "jobs" / job_id, "latest").name
     with closing(sqlite3.connect(data_dir / "trainbus.db")) as db, db:  # what the crash left
         db.execute(
-            "UPDATE jobs SET state = 'running', checkpoint = ? WHERE id = ?",
-            ("epoch-0000-step-00000045", job_id),  # deleted by retention, as in that crash
+            "UPDATE jobs SET state = ?, checkpoint = ? WHERE id = ?",
+            (crashed_state, "epoch-0000-step-00000045", job_id),  # deleted by retention
         )
     settings = make_settings(data_dir)
     with (
@@ -277,5 +280,5 @@ def test_a_record_left_naming_a_deleted_checkpoint_is_put_right_at_restart(
         TrainbusClient(server.url, server.token) as client,
     ):
         record = client.job(job_id)
-    assert record["state"] == "interrupted"
+    assert record["state"] == after_restart
     assert record["checkpoint"] == latest
