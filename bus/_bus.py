@@ -343,6 +343,15 @@ class EventBus:
             self._schedule_wake()
         return event
 
+    def report_error(self, subscriber: Subscriber, job_id: str, data: Mapping[str, Any]) -> Event:
+        """Report a failure an attached subscriber caught itself (a checkpoint that could not
+        be written): counted in its statistics' ``errors`` like a raising handler, and
+        published as a ``subscriber_error`` event of ``job_id`` with ``data``. Any thread."""
+        for handle in list(self._handles):
+            if handle.subscriber is subscriber:
+                handle.subscription.errors += 1
+        return self.publish(job_id, EventType.SUBSCRIBER_ERROR, data)
+
     def _publish_report(self, job_id: str, data: Mapping[str, Any]) -> None:
         """Publish a ``subscriber_error``, also while the bus drains after being closed.
 

@@ -312,7 +312,7 @@ class CheckpointWriter(Subscriber):
             "latest": read_pointer(self.job_dir, "latest"),
         }
         try:
-            self.bus.publish(self._job, EventType.SUBSCRIBER_ERROR, data)
+            self.bus.report_error(self, self._job, data)
         except Exception as publish_error:  # a closed bus: the log above still says it
             logger.warning(
                 "job %s: checkpoint failure not published: %r", self.job_id, publish_error

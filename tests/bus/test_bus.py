@@ -207,6 +207,18 @@ async def test_training_waits_for_steering_subscribers_not_for_recorders() -> No
         assert await anyio.to_thread.run_sync(bus.wait_processed, event, 10)
 
 
+async def test_a_failure_a_subscriber_caught_itself_is_counted_and_published() -> None:
+    recorder = Recorder()
+    async with EventBus() as bus:
+        handle = bus.attach(recorder)
+        reports = bus.subscribe("reports", types=["subscriber_error"])
+        data = {"subscriber": recorder.name, "message": "disk full"}
+        event = await anyio.to_thread.run_sync(bus.report_error, recorder, "job", data)
+        assert event.type is EventType.SUBSCRIBER_ERROR and event.data["message"] == "disk full"
+        assert (await reports.receive()).seq == event.seq
+        assert handle.subscription.statistics().errors == 1
+
+
 async def test_sequence_restored_from_a_store_continues_without_reuse() -> None:
     async with EventBus() as bus:
         bus.restore_sequence("job", 41)
