@@ -245,6 +245,9 @@ async def _serve(
     )
     client.on_too_slow.append(cancel.cancel)
     client.on_end.append(cancel.cancel)
+    if job_id is not None and not await has_events(services, job_id):
+        # deleted while this stream was being set up, before the hub knew of it
+        client.end(CLOSE_JOB_DELETED, "job deleted")
     stream = _Stream(websocket, services, client, job_id, types, after_seq)
     try:
         await websocket.accept(subprotocol=subprotocol)

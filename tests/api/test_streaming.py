@@ -239,6 +239,35 @@ async def test_deleting_a_job_closes_its_streams_with_4404(
         assert [e["seq"] for e in await _receive(kept)] == [1]
 
 
+async def test_a_job_deleted_while_its_stream_is_set_up_closes_it_with_4404(
+    transport_server: LiveServer, fake_jobs: FakeJobs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stream checks the job, then joins the hub; a delete in between (its streams were
+    closed before this one joined) must still end it, not leave it waiting for ever."""
+    import api._websocket as websocket_module
+    from api._websocket import CLOSE_JOB_DELETED, close_job_streams
+
+    fake_jobs.add("doomed-2")
+    real_has_events = websocket_module.has_events
+    calls = 0
+
+    async def deleted_right_after_the_check(services: Any, job_id: str) -> bool:
+        nonlocal calls
+        calls += 1
+        found = await real_has_events(services, job_id)
+        if calls == 1:  # the delete lands between the check and joining the hub
+            await services.jobs.delete(job_id)
+            close_job_streams(services, job_id)
+        return found
+
+    monkeypatch.setattr(websocket_module, "has_events", deleted_right_after_the_check)
+    async with _connect(transport_server, "/jobs/doomed-2/events/ws") as doomed:
+        with anyio.fail_after(10), pytest.raises(ConnectionClosed) as closed:
+            await _drain(doomed)
+    assert closed.value.rcvd is not None
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (CLOSE_JOB_DELETED, "job deleted")
+
+
 async def _publish_paced(
     server: LiveServer, job_id: str, healthy: Any, rounds: int, first_seq: int
 ) -> None:
