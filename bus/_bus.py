@@ -7,13 +7,14 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskGroup
 
-from ._delivery import BusStatistics, DeliveryPolicy
+from ._delivery import BusStatistics, DeliveryPolicy, SubscriptionStatistics
 from ._errors import BusClosed, BusError, WouldBlock
 from ._events import Event, EventType, event_type_for, event_types
 from ._log import JobLog
@@ -88,6 +89,10 @@ class EventBus:
         self._async_space_waiters: list[anyio.Event] = []
         self._task_group: TaskGroup | None = None
         self._handles: list[SubscriberHandle] = []
+        # Subscriptions that ended count on in statistics until their counters are final, then
+        # fold into per-name totals: a per-job subscriber's counters never fall back.
+        self._ended: list[Subscription] = []
+        self._retired: dict[str, SubscriptionStatistics] = {}
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -584,6 +589,7 @@ class EventBus:
         with self._lock:
             if subscription in self._subscriptions:
                 self._subscriptions.remove(subscription)
+                self._ended.append(subscription)
             for job_id, cursor in list(subscription._cursors.items()):
                 if keep_buffered and cursor.backlog() > 0:
                     cursor.end_seq = cursor.log.seq
@@ -611,6 +617,7 @@ class EventBus:
             buffer_size=subscriber.buffer_size,
             policy=subscriber.policy,
         )
+        subscription.consumer_running = True
         handle = SubscriberHandle(subscriber, subscription)
         self._handles.append(handle)
         self._task_group.start_soon(
@@ -662,8 +669,21 @@ class EventBus:
             return tuple(self._subscriptions)
 
     def statistics(self) -> BusStatistics:
-        """A snapshot of the bus's counters and of every subscription's statistics."""
+        """A snapshot of the bus's counters and of every subscription's statistics; those of
+        subscriptions that have ended are in ``retired``, summed per name."""
         subscriptions = self.subscriptions
+        with self._lock:
+            ended = list(self._ended)
+        still_counting: list[SubscriptionStatistics] = []
+        for subscription in ended:
+            done = subscription.finished  # first: statistics taken after it are final
+            snapshot = subscription.statistics()
+            if not done:
+                still_counting.append(snapshot)
+                continue
+            with self._lock:
+                self._ended.remove(subscription)
+            self._retired[snapshot.name] = _summed(self._retired.get(snapshot.name), snapshot)
         with self._lock:
             counts = Counter(self._trimmed_counts)
             for log in self._logs.values():
@@ -672,6 +692,23 @@ class EventBus:
         return BusStatistics(
             published=sum(counts.values()),
             published_by_type={t.value: n for t, n in counts.items() if n},
-            subscriptions=tuple(s.statistics() for s in subscriptions),
+            subscriptions=(*(s.statistics() for s in subscriptions), *still_counting),
             closed=closed,
+            retired=tuple(self._retired.values()),
         )
+
+
+def _summed(
+    total: SubscriptionStatistics | None, ended: SubscriptionStatistics
+) -> SubscriptionStatistics:
+    """``ended``'s final counters added to ``total`` (nothing stays buffered in either)."""
+    if total is None:
+        return replace(ended, buffered=0)
+    return replace(
+        total,
+        delivered=total.delivered + ended.delivered,
+        dropped=total.dropped + ended.dropped,
+        gaps=total.gaps + ended.gaps,
+        errors=total.errors + ended.errors,
+        publisher_wait_seconds=total.publisher_wait_seconds + ended.publisher_wait_seconds,
+    )

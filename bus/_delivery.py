@@ -51,9 +51,12 @@ class SubscriptionStatistics:
 
 @dataclass(frozen=True, slots=True)
 class BusStatistics:
-    """A snapshot of the bus: events published (in all and by type) and every subscription."""
+    """A snapshot of the bus: events published (in all and by type), every subscription, and
+    the summed counters of subscriptions that ended."""
 
     published: int
     published_by_type: Mapping[str, int]
     subscriptions: tuple[SubscriptionStatistics, ...]
     closed: bool
+    retired: tuple[SubscriptionStatistics, ...] = ()
+    """Subscriptions that have ended, one entry per name with their counters summed."""

@@ -198,6 +198,7 @@ async def _consume(
             except Exception:
                 logger.exception("subscriber %s failed while stopping", subscriber.name)
                 subscription.errors += 1
+        subscription.consumer_running = False
         subscription.close()
         bus._handle_finished(handle)
         handle.finished.set()

@@ -67,6 +67,8 @@ class Subscription:
         self._gaps = 0
         self.errors = 0
         self._wait_seconds = 0.0
+        self.consumer_running = False
+        """True while an attached subscriber's task may still count into this subscription."""
         self._taken: dict[str, int] = {}  # per job, the last seq the latest take read past
 
     def __repr__(self) -> str:
@@ -246,6 +248,16 @@ class Subscription:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def finished(self) -> bool:
+        """Closed, drained and without a running consumer: its counters can no longer change."""
+        with self._lock:
+            return (
+                self._closed
+                and not self.consumer_running
+                and all(cursor.backlog() <= 0 for cursor in self._cursors.values())
+            )
 
     def close(self) -> None:
         """Stop receiving new events; what is already buffered can still be read."""

@@ -22,7 +22,7 @@ def collect_bus(bus: EventBus) -> Iterator[Metric]:
         published.add_metric([kind], count)
     yield published
     totals: dict[str, list[float]] = {}
-    for sub in statistics.subscriptions:
+    for sub in (*statistics.subscriptions, *statistics.retired):  # counters never fall back
         row = totals.setdefault(sub.name, [0.0] * 5)
         row[0] += sub.buffered
         row[1] += sub.delivered

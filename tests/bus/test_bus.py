@@ -219,6 +219,29 @@ async def test_a_failure_a_subscriber_caught_itself_is_counted_and_published() -
         assert handle.subscription.statistics().errors == 1
 
 
+async def test_counters_of_ended_subscriptions_never_fall_back() -> None:
+    """Per-job subscribers come and go; their counters stay in statistics (summed per name
+    under ``retired``), so a Prometheus counter built on them never decreases."""
+    async with EventBus() as bus:
+        for job in ("job-1", "job-2"):
+            failing = Exploding()
+            failing.job_id = job
+            handle = bus.attach(failing)
+            last = bus.publish(job, BATCH_END, {"step": 1})
+            assert await anyio.to_thread.run_sync(bus.wait_processed, last, 10)
+            await handle.detach()
+        plain = bus.subscribe("plain", job_id="job-1")
+        bus.publish("job-1", BATCH_END, {"step": 2})
+        assert (await plain.receive()).data == {"step": 2}
+        plain.close()
+        statistics = bus.statistics()
+    live = {s.name for s in statistics.subscriptions}
+    retired = {s.name: s for s in statistics.retired}
+    assert "exploding" not in live and "plain" not in live
+    assert retired["exploding"].errors == 2 and retired["exploding"].delivered == 2
+    assert retired["plain"].delivered == 1
+
+
 async def test_sequence_restored_from_a_store_continues_without_reuse() -> None:
     async with EventBus() as bus:
         bus.restore_sequence("job", 41)
