@@ -47,6 +47,7 @@ from worker import (
 
 from ._app import Runtime
 from ._errors import Conflict, NotFound
+from ._history import EventHistory
 from ._hub import finite
 from ._settings import Settings
 
@@ -183,7 +184,11 @@ class ManagerJobs:
         return {"command_id": command.id, "job_id": job_id, "command": command.kind.value}
 
     async def delete(self, job_id: str) -> None:
-        await self.manager.delete(job_id)
+        last_seq = await self.manager.delete(job_id)
+        # the store may not have written the job's last events yet: deleting before it has
+        # would let them come back after the delete
+        if not await EventHistory(self.store).wait_for(job_id, last_seq):
+            logger.warning("job %s: event store behind at delete; late events may remain", job_id)
         await anyio.to_thread.run_sync(self.store.delete_job, job_id)
 
     async def checkpoints(self, job_id: str) -> list[dict[str, Any]]:

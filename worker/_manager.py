@@ -131,6 +131,8 @@ class JobManager:
         # resume in the same process continues exactly even without checkpoints.
         self._ended_states: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._active: set[str] = set()
+        self._publishing: dict[str, anyio.Event] = {}
+        """Jobs whose state event is being published (set once it is on the bus)."""
         self._changes: dict[str, anyio.Event] = {}
         self._wakeup = anyio.Event()
         self._closing = False
@@ -346,11 +348,15 @@ class JobManager:
             job_id, record.state, "resume", ["paused", "stopped", "interrupted"]
         )
 
-    async def delete(self, job_id: str) -> None:
-        """Remove an ended job's record and its folder (events are the store's business).
+    async def delete(self, job_id: str) -> int:
+        """Remove an ended job's record and its folder (events are the store's business);
+        returns the ``seq`` of the job's last event, which an event store must hold before it
+        deletes the job's events (else it writes a straggler back after the delete).
 
         :raises IllegalTransition: unless the job has ended.
         """
+        while (publishing := self._publishing.get(job_id)) is not None:
+            await publishing.wait()  # the record has ended; its event is not on the bus yet
         record = self.get(job_id)
         if record.state not in ENDED_STATES or job_id in self._active:
             raise IllegalTransition(
@@ -361,8 +367,10 @@ class JobManager:
         self._ended_states.pop(job_id, None)
         job_dir = self._job_dir(job_id)
         await anyio.to_thread.run_sync(lambda: shutil.rmtree(job_dir, ignore_errors=True))
+        last_seq = self.bus.last_seq(job_id)
         self.bus.forget(job_id)
         self._changed(job_id)
+        return last_seq
 
     def _send(
         self, job_id: str, state: JobState, action: str, send: Callable[[ControlChannel], Command]
@@ -394,10 +402,16 @@ class JobManager:
             fields["started_at"] = time.time()
         if state in ENDED_STATES:
             fields["ended_at"] = time.time()
-        self.store.update(job_id, **fields)
-        await self.bus.publish_async(
-            job_id, state.event_type, {"epoch": record.epoch, "step": record.step, **data}
-        )
+        published = self._publishing[job_id] = anyio.Event()
+        try:
+            self.store.update(job_id, **fields)
+            await self.bus.publish_async(
+                job_id, state.event_type, {"epoch": record.epoch, "step": record.step, **data}
+            )
+        finally:
+            if self._publishing.get(job_id) is published:
+                del self._publishing[job_id]
+            published.set()
         self._changed(job_id)
 
     async def _schedule(self) -> None:

@@ -589,6 +589,40 @@ def test_events_read_once_the_record_shows_a_change_include_it(data_dir: Path) -
     record("events_after_state_change", cycles=cycles, reads=cycles * len(steps), missing=0)
 
 
+def test_a_job_deleted_as_it_ends_leaves_no_events_behind(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The soak run's state machine deleted a job whose job_stopped event the event store had
+    # not written yet: the store wrote it after the delete, and the deleted job had events
+    # again (200 instead of 404). Here the store is slowed down so that it always lags.
+    from subscribers import EventStore
+
+    write = EventStore.on_events
+
+    async def lagging(self: EventStore, events: Any) -> None:
+        await anyio.sleep(0.05)
+        await write(self, events)
+
+    monkeypatch.setattr(EventStore, "on_events", lagging)
+    settings_ = make_settings(data_dir)
+    with (
+        run_server(create_app(settings_), settings_) as server,
+        httpx.Client(base_url=server.url, headers=server.headers, timeout=30.0) as client,
+    ):
+        job_id = client.post("/jobs", json=job_spec(1)).json()["id"]
+        _wait_until(
+            lambda: client.get(f"/jobs/{job_id}").json()["state"] == "completed",
+            30.0,
+            lambda: "the job did not complete",
+        )
+        assert client.delete(f"/jobs/{job_id}").status_code == 204
+        deadline = time.monotonic() + 1.0  # twenty of the store's slowed-down writes
+        while time.monotonic() < deadline:
+            events = client.get(f"/jobs/{job_id}/events")
+            assert events.status_code == 404, f"deleted {job_id} has events: {events.text}"
+            time.sleep(0.05)  # polling interval, bounded by the deadline
+
+
 async def _next_of(socket: Any, wanted: str) -> dict[str, Any]:
     """The next event of type ``wanted`` on a job's WebSocket stream."""
     with anyio.fail_after(COMMAND_EFFECT_BOUND_S):
