@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,3 +31,17 @@ def record(item: str, **figures: Any) -> None:
     line = {"item": item, "soak": SOAK, "time": round(time.time(), 3), **figures}
     with Path(target).open("a", encoding="utf-8") as report:
         report.write(json.dumps(line) + "\n")
+
+
+def poll(
+    condition: Callable[[], Any], what: str, timeout: float = 60.0, interval: float = 0.005
+) -> Any:
+    """``condition()``'s first truthy value, asked every ``interval`` seconds until ``timeout``
+    (then the test fails naming ``what``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(interval)  # polling interval, bounded by the deadline

@@ -26,7 +26,6 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ from subscribers import CheckpointWriter, list_checkpoints, load_checkpoint, ver
 
 from ..api.server import make_settings, run_server
 from ..subscribers.toy import ToyTrainer
-from .conftest import record
+from .conftest import poll, record
 
 pytestmark = pytest.mark.slow
 
@@ -174,16 +173,6 @@ class _FaultyFile(io.FileIO):
         return written or 0
 
 
-def _poll(condition: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)  # polling interval, bounded by the deadline
-
-
 def _checkpoint_outcomes(client: TrainbusClient, job_id: str, after: int) -> list[dict[str, Any]]:
     """Checkpoints saved and checkpoint writes that failed, after seq ``after``."""
     events = client.events(
@@ -205,7 +194,7 @@ def _pause_and_settle(client: TrainbusClient, job_id: str, after: int) -> list[d
     checkpoint outcomes (saved or failed) since ``after``. Nothing writes while it holds."""
     client.pause(job_id)
     client.wait(job_id, {"paused"}, timeout=60, interval=0.01)
-    outcomes: list[dict[str, Any]] = _poll(
+    outcomes: list[dict[str, Any]] = poll(
         lambda: (
             (found := _checkpoint_outcomes(client, job_id, after))
             and any(e["data"]["reason"] == "pause" for e in found)
@@ -257,7 +246,7 @@ def test_disk_full_and_short_writes_never_cost_a_good_checkpoint(
             client.resume(job_id)
             client.wait(job_id, {"running"}, timeout=60, interval=0.01)
             if fault != "space_returned":
-                _poll(lambda: disk.fired, f"the {fault} fault to hit a checkpoint write")
+                poll(lambda: disk.fired, f"the {fault} fault to hit a checkpoint write")
             outcomes = _pause_and_settle(client, job_id, mark)
             failures = [e for e in outcomes if e["type"] == "subscriber_error"]
             saved = [e for e in outcomes if e["type"] == "checkpoint_saved"]
@@ -278,7 +267,7 @@ def test_disk_full_and_short_writes_never_cost_a_good_checkpoint(
                 assert f"step {data['step']}" in data["message"], outcome
                 assert data["latest"] == latest, f"{fault}: the pointer moved: {outcome}"
             _assert_checkpoints_sound(job_dir, latest, fault)
-            _poll(
+            poll(
                 partial(_record_names, client, job_id, latest),
                 f"{fault}: the job record to name the latest good checkpoint",
             )

@@ -27,7 +27,7 @@ from subscribers import list_checkpoints, load_checkpoint, verify_checkpoint
 
 from ..api.server import make_settings, run_server
 from ._kill_server import Server, ServerZygote, all_events, live_events
-from .conftest import record, sized
+from .conftest import poll, record, sized
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -48,16 +48,6 @@ SPEC: dict[str, Any] = {
     "device": "cpu",
     "torch_threads": 1,
 }
-
-
-def _poll(condition: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.002)  # polling interval, bounded by the deadline
 
 
 def _temporary_entries(job_dir: Path) -> list[str]:
@@ -282,3 +272,8 @@ def test_a_record_left_naming_a_deleted_checkpoint_is_put_right_at_restart(
         record = client.job(job_id)
     assert record["state"] == after_restart
     assert record["checkpoint"] == latest
+
+
+def _poll(condition: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
+    """Polls faster than the default: a kill must land close to the moment it waits for."""
+    return poll(condition, what, timeout, interval=0.002)
