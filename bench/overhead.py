@@ -73,7 +73,8 @@ def make_spec(args: argparse.Namespace) -> JobSpec:
 
 
 def bare_loop(spec: JobSpec, data_dir: Path) -> tuple[float, int, float]:
-    """What a user writes by hand: shuffle, forward, backward, step, log the loss, validate."""
+    """What a user writes by hand: shuffle, forward, backward, step, log the loss, validate
+    (loss and accuracy)."""
     entry = default_registry().dataset(spec.dataset.name)
     data = entry.load(entry.params.model_validate(spec.dataset.params), spec.seed, 0.2, data_dir)
     torch.manual_seed(spec.seed)
@@ -103,12 +104,13 @@ def bare_loop(spec: JobSpec, data_dir: Path) -> tuple[float, int, float]:
             total += loss.item() * len(targets)
             samples += len(targets)
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad():  # validation loss and accuracy, as the trainer reports them
+            val_loss, correct = 0.0, 0
             for start in range(0, len(data.y_val), batch_size):
-                loss_fn(
-                    model(data.x_val[start : start + batch_size]),
-                    data.y_val[start : start + batch_size],
-                ).item()
+                outputs = model(data.x_val[start : start + batch_size])
+                targets = data.y_val[start : start + batch_size]
+                val_loss += loss_fn(outputs, targets).item() * len(targets)
+                correct += int((outputs.argmax(1) == targets).sum())
     return time.perf_counter() - started, samples, time.process_time() - cpu_started
 
 

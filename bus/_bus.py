@@ -241,11 +241,18 @@ class EventBus:
         return event
 
     def publish_many(
-        self, job_id: str, items: Iterable[tuple[EventType | str, Mapping[str, Any]]]
+        self,
+        job_id: str,
+        items: Iterable[
+            tuple[EventType | str, Mapping[str, Any]]
+            | tuple[EventType | str, Mapping[str, Any], float]
+        ],
     ) -> list[Event]:
         """Publish several events of one job in order, as consecutive ``seq`` numbers, under
-        one lock and with at most one wake-up; they share one ``time``. Waits for room like
-        :meth:`publish`. A trainer publishes the events that end a batch with one call.
+        one lock and with at most one wake-up. Each item is ``(type, data)`` or ``(type,
+        data, time)``: an item's own ``time`` says when it happened (a trainer publishing the
+        batch events it buffered passes it); the others share the time of the call. Waits for
+        room like :meth:`publish`.
 
         :raises BusClosed: if the bus is closed.
         """
@@ -260,19 +267,23 @@ class EventBus:
                 log = self._new_log(job_id)
             now = _now()
             append = log.events.append
-            for type, data in items:
+            add = published.append
+            for item in items:
+                type = item[0]
                 if type.__class__ is not EventType:
                     type = event_type_for(type)
                 if log.seq >= log.limit:
                     self._make_room(log, wait=True, exempt=None)
                 seq = log.seq = log.seq + 1
-                event = _new_event(Event, (job_id, seq, type, now, data))
+                event = _new_event(
+                    Event, (job_id, seq, type, item[2] if len(item) > 2 else now, item[1])
+                )
                 append(event)
-                published.append(event)
+                add(event)
             wake = False
             if self._waiting:
-                for event in published:
-                    wake = self._collect_wake(log, event.type) or wake
+                for type in {event.type for event in published}:
+                    wake = self._collect_wake(log, type) or wake
         finally:
             lock.release()
         if wake:

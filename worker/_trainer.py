@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from time import time as _now
 from typing import Any, Protocol
 
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 
 from bus import CallbackRegistry, Command, CommandKind, ControlChannel, EventBus, EventType
 
+from ._batch_events import BatchEventBuffer
 from ._building import build_optimizer, build_scheduler, check_runtime
 from ._datasets import DatasetSplit
 from ._errors import SpecError
@@ -146,6 +148,7 @@ class Trainer:
         self._loss_sum = 0.0
         self._loss_pending: torch.Tensor | None = None  # CUDA: summed on the device
         self._seen = 0
+        self._batch_events = BatchEventBuffer(bus, job_id)
 
     # -- wiring -----------------------------------------------------------------------------
 
@@ -158,6 +161,7 @@ class Trainer:
         self._statefuls[name] = obj
 
     def _report_callback_error(self, event_type: EventType, fn: object, error: Exception) -> None:
+        self._batch_events.flush()
         self.bus.publish(
             self.job_id,
             EventType.SUBSCRIBER_ERROR,
@@ -229,6 +233,7 @@ class Trainer:
     # -- running ----------------------------------------------------------------------------
 
     def _emit(self, event_type: EventType, data: dict[str, Any]) -> None:
+        self._batch_events.flush()  # what happened before goes out first
         self.callbacks.run_callbacks(event_type, self)
         self.bus.publish(self.job_id, event_type, data)
 
@@ -311,10 +316,8 @@ class Trainer:
         spec = self.spec
         every = spec.batch_event_every
         batch_size = spec.batch_size
-        publish = self.bus.publish
-        publish_many = self.bus.publish_many
+        record = self._batch_events.train_batch
         run_callbacks = self.callbacks.run_callbacks
-        job_id = self.job_id
         control = self.control
         optimizer = self.optimizer
         scheduler = (
@@ -344,6 +347,7 @@ class Trainer:
         callbacks = self.callbacks
         callbacks_version = -1
         inline = True
+        batch_started = 0.0
         for batch in range(self.batch_index, self.batches_per_epoch):
             if control.pending:
                 self._apply(control.take())
@@ -351,17 +355,13 @@ class Trainer:
                 callbacks_version = callbacks.version
                 inline = callbacks.has_callbacks(TRAIN_BATCH_TYPES)
             loud = batch % every == 0
+            if loud:
+                batch_started = _now()
             index = order[batch * batch_size : (batch + 1) * batch_size]
             inputs = x_train[index]
             targets = y_train[index]
             if inline:
                 run_callbacks(TRAIN_BATCH_START, self)
-            if loud:
-                publish(
-                    job_id,
-                    TRAIN_BATCH_START,
-                    {"epoch": self.epoch, "batch": batch, "step": self.step},
-                )
             if mixed:
                 with self._autocast():
                     outputs = model(inputs)
@@ -391,40 +391,23 @@ class Trainer:
                 scheduler.step()
             self._seen += count
             step = self.step = self.step + 1
-            epoch = self.epoch
             if inline:
                 run_callbacks(OPTIMIZER_STEP, self)
-                if loud:
-                    publish(job_id, OPTIMIZER_STEP, {"epoch": epoch, "step": step})
                 run_callbacks(BEFORE_ZERO_GRAD, self)
-                if loud:
-                    publish(job_id, BEFORE_ZERO_GRAD, {"epoch": epoch, "step": step})
             optimizer.zero_grad(set_to_none=True)
             self.batch_index = batch + 1
-            end = None
-            if loud:
-                end = {
-                    "epoch": epoch,
-                    "batch": batch,
-                    "step": step,
-                    "loss": loss_value,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "batch_size": count,
-                }
             if inline:
                 run_callbacks(TRAIN_BATCH_END, self)
-                if end is not None:
-                    publish(job_id, TRAIN_BATCH_END, end)
-            elif end is not None:
-                # No inline callback sits between them, so the three events that end a batch
-                # go out in one call: one lock and one wake-up check instead of three.
-                publish_many(
-                    job_id,
-                    (
-                        (OPTIMIZER_STEP, {"epoch": epoch, "step": step}),
-                        (BEFORE_ZERO_GRAD, {"epoch": epoch, "step": step}),
-                        (TRAIN_BATCH_END, end),
-                    ),
+            if loud:
+                # the four batch events go out in bulk (worker/_batch_events.py)
+                record(
+                    batch_started,
+                    self.epoch,
+                    batch,
+                    step,
+                    loss_value,
+                    optimizer.param_groups[0]["lr"],
+                    count,
                 )
         loss_sum = self._folded_loss_sum()
         if not math.isfinite(loss_sum):  # CUDA: a non-finite loss in an unpublished batch
@@ -462,18 +445,17 @@ class Trainer:
         self._emit(EventType.VAL_START, {"epoch": self.epoch, "step": self.step})
         host_loss = self.device.type != "cuda"
         run_callbacks = self.callbacks.run_callbacks
-        publish = self.bus.publish
+        record = self._batch_events.val_batch
+        batch_started = 0.0
         loss_sum: float | torch.Tensor = 0.0
         predictions: list[torch.Tensor] = []  # compared with the targets once, at the end
         for batch, start in enumerate(range(0, len(self.y_val), batch_size)):
             inputs = self.x_val[start : start + batch_size]
             targets = self.y_val[start : start + batch_size]
             loud = batch % every == 0
-            run_callbacks(EventType.VAL_BATCH_START, self)
             if loud:
-                publish(
-                    self.job_id, EventType.VAL_BATCH_START, {"epoch": self.epoch, "batch": batch}
-                )
+                batch_started = _now()
+            run_callbacks(EventType.VAL_BATCH_START, self)
             with self._autocast():
                 outputs = self.model(inputs)
                 loss = self.loss_fn(outputs, targets)
@@ -483,11 +465,7 @@ class Trainer:
                 predictions.append(outputs.argmax(1))
             run_callbacks(EventType.VAL_BATCH_END, self)
             if loud:
-                publish(
-                    self.job_id,
-                    EventType.VAL_BATCH_END,
-                    {"epoch": self.epoch, "batch": batch, "loss": loss_value},
-                )
+                record(batch_started, self.epoch, batch, loss_value)
         loss_sum = float(loss_sum)
         count = max(1, len(self.y_val))
         validation = {"val_loss": loss_sum / count}
@@ -501,6 +479,7 @@ class Trainer:
             EventType.VAL_END, {"epoch": self.epoch, "step": self.step, "metrics": dict(validation)}
         )
         self.epoch_complete = True
+        self._batch_events.flush()
         self.callbacks.run_callbacks(EventType.FIT_EPOCH_END, self)
         event = self.bus.publish(
             self.job_id,
@@ -533,6 +512,7 @@ class Trainer:
 
     def _apply(self, commands: list[Command]) -> None:
         """Apply commands in order; raises :class:`_StopRun` when one ends the run."""
+        self._batch_events.flush()  # the batches before the command come first
         for index, command in enumerate(commands):
             kind = command.kind
             if kind is CommandKind.STOP:
@@ -598,6 +578,7 @@ class Trainer:
     def _save(self, reason: str, command: Command | None = None) -> None:
         """Run the ``on_model_save`` callbacks (a checkpoint writer snapshots here) and
         publish ``model_save``."""
+        self._batch_events.flush()
         self.save_reason = reason
         try:
             self.callbacks.run_callbacks(EventType.MODEL_SAVE, self)
