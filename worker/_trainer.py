@@ -492,7 +492,6 @@ class Trainer:
             logger.warning(
                 "job %s: controllers did not finish with epoch %d in time", self.job_id, self.epoch
             )
-        self._save("epoch_end")
         if self.scheduler is not None and not isinstance(
             self.scheduler, torch.optim.lr_scheduler.OneCycleLR
         ):
@@ -503,6 +502,11 @@ class Trainer:
                     EventType.PARAMS_UPDATE,
                     {"epoch": self.epoch, "step": self.step, "lr": self.lr, "source": "scheduler"},
                 )
+        # The epoch-end checkpoint is what an interrupted job resumes from: it must hold the
+        # state the next epoch starts with (the scheduler stepped, the controllers' commands
+        # applied), or a resumed run would train its next epoch differently.
+        self._check_commands()
+        self._save("epoch_end")
 
     def _check_commands(self) -> None:
         if self.control.pending:

@@ -58,12 +58,11 @@ async def test_a_two_epoch_run_publishes_the_vocabulary_in_order(
     epoch = [
         "train_epoch_start", *batch, *batch, "train_epoch_end",
         "val_start", "val_batch_start", "val_batch_end", "val_end",
-        "fit_epoch_end", "model_save",
+        "fit_epoch_end", "params_update", "model_save",  # the saved state is the stepped one
     ]  # fmt: skip
     assert types == [
         "pretrain_routine_start", "pretrain_routine_end", "train_start",
-        *epoch, "params_update", *epoch, "params_update",
-        "model_save", "train_end", "teardown",
+        *epoch, *epoch, "model_save", "train_end", "teardown",
     ]  # fmt: skip
 
 
@@ -171,6 +170,37 @@ async def test_exact_resume_at_any_batch_boundary(
     reference = await anyio.to_thread.run_sync(train_uninterrupted, bus, data_dir, spec)
     resumed = await anyio.to_thread.run_sync(train_interrupted, bus, data_dir, spec, at_step)
     assert_same_training_state(reference, resumed)
+
+
+def train_from_epoch_end_save(bus: EventBus, data_dir: Path, spec: dict[str, Any]) -> Trainer:
+    """Resume from the state a checkpoint writer snapshots at the first epoch's end (the
+    ``on_model_save`` callback with ``save_reason == "epoch_end"``)."""
+    first = make_trainer(bus, data_dir, spec, job_id="from-epoch-end")
+    saved: list[bytes] = []
+
+    def snapshot(trainer: Trainer) -> None:
+        if trainer.save_reason == "epoch_end" and not saved:
+            buffer = io.BytesIO()
+            torch.save(trainer.state_dict(), buffer)
+            saved.append(buffer.getvalue())
+
+    first.add_callback("on_model_save", snapshot)
+    assert first.run().outcome is Outcome.COMPLETED
+    second = make_trainer(bus, data_dir, spec, job_id="from-epoch-end")
+    second.load_state_dict(torch.load(io.BytesIO(saved[0]), weights_only=True))
+    assert second.run().outcome is Outcome.COMPLETED
+    return second
+
+
+async def test_exact_resume_from_the_checkpoint_taken_at_an_epoch_end(
+    bus: EventBus, data_dir: Path
+) -> None:
+    # the step scheduler (gamma 0.9 each epoch) must have stepped in the saved state
+    spec = small_spec()
+    reference = await anyio.to_thread.run_sync(train_uninterrupted, bus, data_dir, spec)
+    resumed = await anyio.to_thread.run_sync(train_from_epoch_end_save, bus, data_dir, spec)
+    assert_same_training_state(reference, resumed)
+    assert resumed.lr == reference.lr
 
 
 async def test_exact_resume_with_adamw_and_onecycle(bus: EventBus, data_dir: Path) -> None:
