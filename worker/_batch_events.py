@@ -3,9 +3,11 @@
 A training step of a small model takes well under a millisecond, and building and publishing
 its four batch events one call at a time cost that step ~5% (bench/overhead.py, tiny
 workload). The trainer therefore records each batch as one plain tuple while it trains and
-turns the records into events in one ``publish_many`` call, at most ``flush_seconds`` after
-the oldest record (and before the trainer publishes anything else, so a job's events keep
-the order in which they happened). Each event keeps the time at which it happened.
+turns the records into events in one ``publish_many`` call when a record arrives
+``flush_seconds`` or more after the last such call (so a slow step's events go out at once,
+and fast steps' in bulk about every ``flush_seconds``), and before the trainer publishes
+anything else, so that a job's events keep the order in which they happened. Each event keeps
+the time at which it happened.
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ _VAL = 1
 class BatchEventBuffer:
     """Collects one job's batch records; :meth:`flush` publishes them as events.
 
-    Used from the training thread only. ``flush_seconds`` bounds how late a batch event
-    reaches the bus (the bus's own wake-up coalescing adds up to its ``max_wake_interval``).
+    Used from the training thread only. A batch's events reach the bus within
+    ``flush_seconds`` of the batch's end, or when the next batch ends if that takes longer
+    (the bus's wake-up coalescing adds up to its ``max_wake_interval`` for subscribers).
     """
 
-    __slots__ = ("_bus", "_first", "_job_id", "_records", "flush_seconds", "max_records")
+    __slots__ = ("_bus", "_flushed", "_job_id", "_records", "flush_seconds", "max_records")
 
     def __init__(
         self, bus: EventBus, job_id: str, *, flush_seconds: float = 0.02, max_records: int = 256
@@ -43,7 +46,7 @@ class BatchEventBuffer:
         self._bus = bus
         self._job_id = job_id
         self._records: list[tuple[Any, ...]] = []
-        self._first = 0.0
+        self._flushed = 0.0  # when flush last published
         self.flush_seconds = flush_seconds
         self.max_records = max_records
 
@@ -64,20 +67,16 @@ class BatchEventBuffer:
         ``train_batch_start``, ``optimizer_step``, ``before_zero_grad``, ``train_batch_end``."""
         now = _now()
         records = self._records
-        if not records:
-            self._first = now
         records.append((_TRAIN, started, now, epoch, batch, step, loss, lr, batch_size))
-        if now - self._first >= self.flush_seconds or len(records) >= self.max_records:
+        if now - self._flushed >= self.flush_seconds or len(records) >= self.max_records:
             self.flush()
 
     def val_batch(self, started: float, epoch: int, batch: int, loss: float) -> None:
         """Record a finished validation batch; publishes ``val_batch_start``, ``val_batch_end``."""
         now = _now()
         records = self._records
-        if not records:
-            self._first = now
         records.append((_VAL, started, now, epoch, batch, 0, loss, 0.0, 0))
-        if now - self._first >= self.flush_seconds or len(records) >= self.max_records:
+        if now - self._flushed >= self.flush_seconds or len(records) >= self.max_records:
             self.flush()
 
     def flush(self) -> None:
@@ -86,6 +85,7 @@ class BatchEventBuffer:
         if not records:
             return
         self._records = []
+        self._flushed = _now()
         items: list[tuple[EventType, dict[str, Any], float]] = []
         add = items.append
         for kind, started, ended, epoch, batch, step, loss, lr, batch_size in records:
