@@ -87,7 +87,10 @@ class _Job:
 
 
 def _number(value: Any) -> float | None:
-    if isinstance(value, int | float) and not isinstance(value, bool):
+    kind = type(value)
+    if kind is float:  # the common case first: this runs several times per batch event
+        return value  # type: ignore[no-any-return]
+    if kind is int or (isinstance(value, int | float) and not isinstance(value, bool)):
         return float(value)
     return None
 
