@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import importlib
 import socket
 
 import uvicorn
@@ -11,9 +14,13 @@ from ._app import create_app
 from ._settings import Settings
 from ._websocket import MAX_CLIENT_MESSAGE_BYTES
 
-__all__ = ["listening_socket", "serve", "uvicorn_config"]
+__all__ = ["freeze_heap", "listening_socket", "serve", "uvicorn_config"]
 
 KEEP_ALIVE_SECONDS = 75  # nginx's default
+PRELOADED = ("torch._dynamo", "sklearn.datasets")
+"""Modules a job imports lazily (the first optimizer a process builds imports torch._dynamo,
+~120,000 objects; the bundled datasets load through sklearn.datasets, ~60,000), imported
+before the heap is frozen so that they are frozen too."""
 
 
 def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
@@ -54,6 +61,25 @@ def listening_socket(config: uvicorn.Config, settings: Settings) -> socket.socke
     return sock
 
 
+def freeze_heap() -> None:
+    """Move every object alive now (the service's modules: torch, numpy, pydantic, FastAPI,
+    some 330,000 objects) out of the cyclic garbage collector's reach (``gc.freeze``).
+
+    They live as long as the process, yet every full collection walked them all: 130-210 ms
+    with the GIL held, so the training thread stood still too. Connections allocate enough
+    for a full collection every few hundred WebSocket handshakes, so a flood of them cost a
+    running job whole epochs' worth of pauses (and a third of the server's CPU per handshake).
+    With the heap frozen a full collection walks only what was allocated since.
+    """
+    for name in PRELOADED:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    # The young generations only: a full collection here found nothing to free and cost a
+    # start-up (a restart after a crash) 150 ms.
+    gc.collect(1)
+    gc.freeze()
+
+
 def serve(settings: Settings) -> None:
     """Run the service until SIGINT/SIGTERM (then shut down gracefully).
 
@@ -62,6 +88,7 @@ def serve(settings: Settings) -> None:
     app = create_app(settings)
     config = uvicorn_config(app, settings)
     server = uvicorn.Server(config)
+    freeze_heap()
     server.run(sockets=[listening_socket(config, settings)])
     if server.started is False:
         raise SystemExit(1)

@@ -65,8 +65,12 @@ class Services:
 
 async def has_events(services: Services, job_id: str) -> bool:
     """True for a job the manager knows, or any id with events (such as ``_server``, whose
-    events are the machine's resource samples)."""
-    if await services.jobs.exists(job_id) or services.bus.last_seq(job_id) > 0:
+    events are the machine's resource samples).
+
+    The bus is asked first: it answers from memory for any job with events since start-up,
+    where the manager reads and validates the job's whole record from SQLite (every WebSocket
+    handshake asks, twice)."""
+    if services.bus.last_seq(job_id) > 0 or await services.jobs.exists(job_id):
         return True
     return services.history is not None and await services.history.last_seq(job_id) > 0
 
