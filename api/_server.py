@@ -9,18 +9,44 @@ import socket
 
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from ._app import create_app
 from ._settings import Settings
 from ._websocket import MAX_CLIENT_MESSAGE_BYTES
 
-__all__ = ["freeze_heap", "listening_socket", "serve", "uvicorn_config"]
+__all__ = ["WebSocketProtocol", "freeze_heap", "listening_socket", "serve", "uvicorn_config"]
 
 KEEP_ALIVE_SECONDS = 75  # nginx's default
 PRELOADED = ("torch._dynamo", "sklearn.datasets")
 """Modules a job imports lazily (the first optimizer a process builds imports torch._dynamo,
 ~120,000 objects; the bundled datasets load through sklearn.datasets, ~60,000), imported
 before the heap is frozen so that they are frozen too."""
+
+
+class WebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's sans-I/O WebSocket protocol, except that a connection the app is done with is
+    dropped (``transport.abort``) if it is still open :attr:`drop_after` seconds later.
+
+    uvicorn ends a connection with ``transport.close()``, which waits for what is buffered to
+    be written first. A client that never reads never takes it: its send buffers stay full, the
+    close frame never goes out and the connection (socket, buffers) stayed open for as long as
+    the client kept it, however long after the app had closed it 4008. With this, a
+    never-reading client's connection is gone at most ``ws_close_timeout`` (the app's wait to
+    queue the close frame) plus :attr:`drop_after` after it was marked too slow; the client
+    sees the connection dropped (1006), not the 4008 it did not read.
+    """
+
+    drop_after: float = 5.0
+
+    async def run_asgi(self) -> None:
+        await super().run_asgi()
+        if not self.disconnected:
+            self.loop.call_later(self.drop_after, self._drop_if_open)
+
+    def _drop_if_open(self) -> None:
+        if not self.disconnected:
+            self.transport.abort()
 
 
 def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
@@ -30,7 +56,9 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        ws="websockets-sansio",
+        ws=type(
+            "WebSocketProtocol", (WebSocketProtocol,), {"drop_after": settings.ws_close_timeout}
+        ),
         ws_ping_interval=settings.ws_ping_interval,
         ws_ping_timeout=settings.ws_ping_timeout,
         lifespan="on",

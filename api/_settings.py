@@ -115,7 +115,10 @@ class Settings(BaseSettings):
         default=20.0, description="Seconds to wait for a pong before dropping the connection."
     )
     ws_close_timeout: float = Field(
-        default=5.0, gt=0, description="Seconds to wait for a slow client to take a close frame."
+        default=5.0,
+        gt=0,
+        description="Seconds to wait for a slow client to take a close frame; a connection "
+        "still open this long after its stream ended is dropped (a client that never reads).",
     )
     ws_batch_interval: float = Field(
         default=0.01,

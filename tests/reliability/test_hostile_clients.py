@@ -22,8 +22,11 @@ dashboards do, so the flood measures the cost of holding connections, not of fan
 them. The server caps each connection's kernel send buffer (``socket_send_buffer_bytes``,
 256 KiB; left to itself Linux grows it to 4 MiB on loopback), so a never-reading client's sends
 block after a few thousand events; the second test's job publishes ~26,000 events and checks
-that such clients are closed 4008. Before the cap the three never-reading clients cost this job
-5.8-6.5% of its throughput on a quiet 2-core machine (2.5-3.4% with it).
+that the server lets go of such clients' connections in bounded time although they never read
+(their close frame cannot reach them: they see 1006, or 4008 where it fitted), and that a slow
+client that reads again gets 4008 with the seq of the last event it got. Before the cap the
+three never-reading clients cost this job 5.8-6.5% of its throughput on a quiet 2-core machine
+(2.5-3.4% with it).
 """
 
 from __future__ import annotations
@@ -73,6 +76,15 @@ MAX_LATENCY = 2.0
 """Seconds a well-behaved client may wait for an event (publish to receipt, worst case)."""
 MAX_LAG = 1000
 """The server's ``ws_max_lag`` here: small, so that never-reading clients pass it in time."""
+CLOSE_TIMEOUT = 5.0
+"""The server's ``ws_close_timeout`` (its default): how long it waits to queue a close frame
+for a client, and how long after that it keeps a connection it is done with open."""
+SLOW_READER_RESUMES_AT = 5000
+"""Events the job publishes before the slow reader reads again: past the ~3,000 (its buffers
+and ``MAX_LAG``) that get it marked too slow, soon enough to take the close frame in time."""
+FREED_WITHIN = 2 * CLOSE_TIMEOUT + 5.0
+"""Seconds within which the server must hold no connection of a never-reading client once the
+last of them was marked too slow (its two waits, plus slack for a busy 2-core machine)."""
 JOB = {
     "model": {"name": "mlp", "params": {"hidden_sizes": [256, 256]}},
     "dataset": {"name": "digits"},
@@ -125,6 +137,7 @@ def _serve(data_dir: Path) -> Iterator[Server]:
             "TRAINBUS_TOKEN": TOKEN,
             "TRAINBUS_WS_MAX_LAG": str(MAX_LAG),
             "TRAINBUS_WS_BUFFER_SIZE": "256",
+            "TRAINBUS_WS_CLOSE_TIMEOUT": str(CLOSE_TIMEOUT),
         },
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -147,6 +160,25 @@ def _serve(data_dir: Path) -> Iterator[Server]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def _server_peer_ports(server: Server) -> set[int]:
+    """The client ports of the TCP connections the server process holds open (its socket
+    file descriptors, looked up in the kernel's connection table)."""
+    pid = server.process.pid
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[9] in inodes:
+                ports.add(int(fields[2].rsplit(":", 1)[1], 16))
+    return ports
 
 
 class PeakRss:
@@ -248,6 +280,15 @@ class Attack:
     too_slow_reasons: list[str] = field(default_factory=list)
     garbage_rounds: int = 0
     never_reading: int = 0
+    never_reading_ports: list[int] = field(default_factory=list)
+    freed_after_s: float | None = None
+    """Seconds from the last never-reading client marked too slow to the server holding none
+    of their connections (measured while they still do not read)."""
+    slow_reader: bool = False
+    """Also run one client that stops reading, falls behind, then reads again: it must see the
+    4008 close frame with a resume point equal to the last event it got."""
+    slow_reader_seqs: list[int] = field(default_factory=list)
+    slow_reader_close: tuple[int | None, str] = (None, "")
 
     async def garbage(self, server: Server, job_id: str, kind: str, message: str | bytes) -> None:
         for _ in range(self.garbage_rounds):
@@ -267,6 +308,7 @@ class Attack:
         tcp.setsockopt(socket_module.SOL_SOCKET, socket_module.SO_RCVBUF, 4096)
         tcp.connect(("127.0.0.1", int(server.url.rsplit(":", 1)[1])))
         tcp.setblocking(False)
+        self.never_reading_ports.append(tcp.getsockname()[1])
         async with _connect(server, f"/jobs/{job_id}/events/ws", max_queue=1, sock=tcp) as ws:
             await given_up.wait()
             if not self.expect_too_slow:
@@ -277,6 +319,22 @@ class Attack:
                     await ws.recv()
             self.close_codes.setdefault("never_reading", []).append(ws.close_code or -1)
             self.too_slow_reasons.append(ws.close_reason or "")
+
+    async def read_late(self, server: Server, job_id: str, follower: Follower) -> None:
+        """Stop reading until the job has published :data:`SLOW_READER_RESUMES_AT` events (by
+        then this client is past ``MAX_LAG``), then read everything until the server closes."""
+        tcp = socket_module.socket(socket_module.AF_INET, socket_module.SOCK_STREAM)
+        tcp.setsockopt(socket_module.SOL_SOCKET, socket_module.SO_RCVBUF, 4096)
+        tcp.connect(("127.0.0.1", int(server.url.rsplit(":", 1)[1])))
+        tcp.setblocking(False)
+        async with _connect(server, f"/jobs/{job_id}/events/ws", max_queue=1, sock=tcp) as ws:
+            with anyio.fail_after(100):
+                while len(follower.seqs) < SLOW_READER_RESUMES_AT:  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+            with anyio.fail_after(30), contextlib.suppress(ConnectionClosed):
+                while True:
+                    self.slow_reader_seqs += [event["seq"] for event in await _events(ws)]
+            self.slow_reader_close = (ws.close_code, ws.close_reason or "")
 
     async def flood_connections(self, server: Server, job_id: str, release: anyio.Event) -> None:
         limit = anyio.Semaphore(50)  # handshakes in flight at once
@@ -317,6 +375,8 @@ class Attack:
             lambda: self.garbage(server, job_id, "huge", "x" * 65_536),
         ]
         hostile += [lambda: self.never_read(server, job_id, given_up)] * self.never_reading
+        if self.slow_reader:
+            hostile.append(lambda: self.read_late(server, job_id, followers[0]))
         async with anyio.create_task_group() as attackers:
             for start in hostile:
                 attackers.start_soon(start)
@@ -327,9 +387,21 @@ class Attack:
             if self.expect_too_slow:
 
                 async def all_closed() -> bool:
-                    return await _slow_clients_closed(http) >= closed + self.never_reading
+                    return await _slow_clients_closed(http) >= closed + self.never_reading + (
+                        1 if self.slow_reader else 0
+                    )
 
                 await _eventually(all_closed)
+                # The server must let go of them in bounded time although they still do not
+                # read (their buffers are full: the close frame cannot reach them).
+                marked = time.monotonic()
+                ports = set(self.never_reading_ports)
+
+                async def all_freed() -> bool:
+                    return not (_server_peer_ports(server) & ports)
+
+                await _eventually(all_freed, timeout=FREED_WITHIN)
+                self.freed_after_s = time.monotonic() - marked
             given_up.set()
 
 
@@ -483,11 +555,11 @@ async def test_hostile_clients_neither_slow_the_job_nor_starve_others(
     assert slowdown < MAX_SLOWDOWN, f"the job took {slowdown:.1%} longer under attack"
 
 
-async def test_clients_that_never_read_are_closed_4008_with_a_resume_point(
+async def test_clients_that_never_read_are_dropped_and_slow_readers_closed_4008(
     server: Server,
 ) -> None:
     started = time.monotonic()
-    attack = Attack(expect_too_slow=True, never_reading=NEVER_READING)
+    attack = Attack(expect_too_slow=True, never_reading=NEVER_READING, slow_reader=True)
     async with httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=30) as http:
         baseline = server.rss_mib()
         _, followers, peak = await _run_job(server, http, EVENTFUL_JOB, attack)
@@ -499,6 +571,14 @@ async def test_clients_that_never_read_are_closed_4008_with_a_resume_point(
         events=events,
         never_reading_clients=NEVER_READING,
         close_codes=sorted(set(attack.close_codes["never_reading"])),
+        close_codes_count={
+            str(code): attack.close_codes["never_reading"].count(code)
+            for code in sorted(set(attack.close_codes["never_reading"]))
+        },
+        server_freed_all_after_s=round(attack.freed_after_s or -1, 2),
+        freed_bound_s=FREED_WITHIN,
+        slow_reader_close=list(attack.slow_reader_close),
+        slow_reader_events=len(attack.slow_reader_seqs),
         rss_before_mib=round(baseline, 1),
         rss_peak_mib=round(peak, 1),
         rss_bound_mib=RSS_BOUND_MIB,
@@ -506,8 +586,27 @@ async def test_clients_that_never_read_are_closed_4008_with_a_resume_point(
         follower_latency_max_s=round(worst, 4),
         wall_s=round(time.monotonic() - started, 1),
     )
-    assert attack.close_codes["never_reading"] == [4008] * NEVER_READING
-    for reason in attack.too_slow_reasons:
-        assert reason.startswith("too slow; resume with after_seq=")
-        assert 0 < int(reason.rsplit("=", 1)[1]) <= events
+    # A client that never reads cannot be expected to see the close frame: its buffers are
+    # full, so the server drops the connection (1006 on the client's side) once it has waited
+    # for them (FREED_WITHIN, asserted in Attack.run). Where the frame did get through (a
+    # client marked while its buffers still had room), it must be 4008 with a resume point.
+    # (This test used to expect 4008 from every one of them: it held only while all of them
+    # were marked within ws_close_timeout of each other, as 3 are and 20 are not.)
+    assert len(attack.close_codes["never_reading"]) == NEVER_READING
+    assert set(attack.close_codes["never_reading"]) <= {4008, 1006}, attack.close_codes
+    for code, reason in zip(
+        attack.close_codes["never_reading"], attack.too_slow_reasons, strict=True
+    ):
+        if code == 4008:
+            assert reason.startswith("too slow; resume with after_seq=")
+            assert 0 < int(reason.rsplit("=", 1)[1]) <= events
+    assert attack.freed_after_s is not None and attack.freed_after_s < FREED_WITHIN
+    # A slow client that does read again gets the close frame: 4008, and the resume point is
+    # exactly the last event it received (nothing lost, nothing to skip).
+    code, reason = attack.slow_reader_close
+    assert code == 4008, attack.slow_reader_close
+    assert reason.startswith("too slow; resume with after_seq="), reason
+    seqs = attack.slow_reader_seqs
+    assert seqs and seqs == list(range(1, len(seqs) + 1))
+    assert int(reason.rsplit("=", 1)[1]) == seqs[-1]
     assert peak - baseline < RSS_BOUND_MIB
