@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -19,10 +20,11 @@ import pytest
 import schemathesis
 import torch
 from hypothesis import HealthCheck, given, settings
-from hypothesis.errors import Unsatisfiable
+from hypothesis.errors import FlakyStrategyDefinition, Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import CHECKS, load_all_checks
 from schemathesis.core.failures import Failure, FailureGroup
+from schemathesis.specs.openapi.checks import negative_data_rejection
 
 from api import create_app
 from bus import UnknownEventName, event_type_for
@@ -35,6 +37,8 @@ from .conftest import SOAK, record, sized
 pytestmark = pytest.mark.slow
 
 EXAMPLES_PER_OPERATION_AND_MODE = sized(12, 250)
+MACHINE_RUNS = 5
+"""Runs of the state machine, at most, for one that Hypothesis does not cut short."""
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +66,34 @@ def _dataset_params(case: Any) -> dict[str, Any] | None:
     return params if isinstance(params, dict) else None
 
 
-def _over_dataset_budget(case: Any) -> bool:
-    """Synthetic datasets bound ``n_samples x n_features`` (worker ``MAX_VALUES``)."""
+def _whole_number(value: Any) -> int | None:
+    """``value`` as the server reads an integer field: JSON Schema's ``integer`` admits any
+    number with a zero fractional part, so schemathesis sends ``1001.0`` and ``1e3`` too (and
+    pydantic takes them); booleans are not numbers there. None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _dataset_size(case: Any) -> tuple[int, int] | None:
+    """``(n_samples, n_features)`` of a synthetic dataset in the body (defaults filled in),
+    None where either is not a whole number (then the schema itself refuses it)."""
     params = _dataset_params(case) or {}
-    samples, features = params.get("n_samples", 2_000), params.get("n_features", 20)
-    return (
-        isinstance(samples, int) and isinstance(features, int) and samples * features > MAX_VALUES
-    )
+    samples = _whole_number(params.get("n_samples", 2_000))
+    features = _whole_number(params.get("n_features", 20))
+    return None if samples is None or features is None else (samples, features)
+
+
+def _over_dataset_budget(case: Any) -> bool:
+    """Synthetic datasets bound ``n_samples x n_features`` (worker ``MAX_VALUES``): a product
+    of two fields, which JSON Schema cannot state (short of one ``anyOf`` branch per value of
+    ``n_features`` over 25, some 4,000), so the schema cannot carry it."""
+    size = _dataset_size(case)
+    return size is not None and size[0] * size[1] > MAX_VALUES
 
 
 def _needs_missing_hardware(case: Any) -> bool:
@@ -97,6 +122,15 @@ def _names_unknown_event_types(case: Any) -> bool:
     return False
 
 
+def _invalid_part_not_sent(case: Any) -> bool:
+    """A query parameter whose value is an empty list is not sent at all (no ``name=`` in the
+    URL). Schemathesis makes invalid cases that way (``{"limit": 1, "": []}``: an unknown
+    parameter, invalid) and then expects a refusal; but the request that reaches the server is
+    the valid ``?limit=1``, which it rightly answers 200 (soak run, ST201 on ``GET /jobs``)."""
+    query = case.query if isinstance(case.query, dict) else {}
+    return any(value == [] for value in query.values())
+
+
 def _outside_the_schema(case: Any) -> bool:
     return (
         _over_dataset_budget(case)
@@ -108,8 +142,9 @@ def _outside_the_schema(case: Any) -> bool:
 def _within_the_rules(case: Any) -> Any:
     if _over_dataset_budget(case):
         params = _dataset_params(case)
-        assert params is not None
-        params["n_samples"] = max(10, MAX_VALUES // params.get("n_features", 20))
+        size = _dataset_size(case)
+        assert params is not None and size is not None
+        params["n_samples"] = max(10, MAX_VALUES // size[1])
     if _needs_missing_hardware(case):
         case.body.update(device="cpu", precision="fp32")
     if _names_unknown_event_types(case):
@@ -120,6 +155,12 @@ def _within_the_rules(case: Any) -> Any:
 def _strategy(operation: Any, mode: GenerationMode) -> Any:
     strategy = operation.as_strategy(mode)
     return strategy.map(_within_the_rules) if mode is GenerationMode.POSITIVE else strategy
+
+
+def _excluded_checks(case: Any) -> list[Any]:
+    """``negative_data_rejection`` expects a refusal of what was sent; not where the invalid
+    part never left (every other check still applies)."""
+    return [negative_data_rejection] if _invalid_part_not_sent(case) else []
 
 
 def _stop_created_job(server: LiveServer, response: Any) -> None:
@@ -151,9 +192,14 @@ def test_every_check_holds_for_generated_requests(server: LiveServer) -> None:
             statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
             _stop_created_job(server, response)
             try:
-                case.validate_response(response, checks=checks, headers=server.headers)
+                case.validate_response(
+                    response,
+                    checks=checks,
+                    excluded_checks=_excluded_checks(case),
+                    headers=server.headers,
+                )
             except (Failure, FailureGroup, AssertionError) as failure:
-                failures.append(f"{case.method} {case.formatted_path}: {str(failure)[:600]}")
+                failures.append(f"{case.method} {case.formatted_path}: {str(failure)[:1500]}")
 
         try:
             check()
@@ -192,22 +238,50 @@ def test_generated_sequences_of_calls_hold_every_check(server: LiveServer) -> No
             steps.append((case.method, case.path, response.status_code))
             _stop_created_job(server, response)
 
-        def validate_response(self, response: Any, case: Any, *args: Any, **kwargs: Any) -> None:
+        def validate_response(
+            self, response: Any, case: Any, additional_checks: Any = None, **kwargs: Any
+        ) -> None:
             if response.status_code == 422 and _outside_the_schema(case):
                 return  # valid by the schema, but outside a rule it cannot state (above)
-            super().validate_response(response, case, *args, **kwargs)
+            try:
+                case.validate_response(
+                    response,
+                    additional_checks=additional_checks,
+                    excluded_checks=_excluded_checks(case),
+                    transport_kwargs=kwargs or None,
+                    recorder=self.recorder,
+                )
+            except BaseException:
+                check_failed.append(True)
+                raise
 
+    check_failed: list[bool] = []
+    inconsistent_runs = 0
     started = time.monotonic()
-    Sequences.run(
-        settings=settings(
-            max_examples=sized(10, 200),
-            stateful_step_count=6,
-            deadline=None,
-            suppress_health_check=list(HealthCheck),
-            derandomize=not SOAK,
-            database=None,
-        )
-    )
+    for _ in range(MACHINE_RUNS):
+        try:
+            Sequences.run(
+                settings=settings(
+                    max_examples=sized(10, 200),
+                    stateful_step_count=6,
+                    deadline=None,
+                    suppress_health_check=list(HealthCheck),
+                    derandomize=not SOAK,
+                    database=None,
+                )
+            )
+            break
+        except FlakyStrategyDefinition:
+            # What a step draws depends on the server's answers (a listing's jobs, a job's
+            # state), which change as jobs train and end: replaying a prefix can draw
+            # differently and Hypothesis stops the run. Unless a check had failed, that says
+            # nothing about the server; schemathesis' own runner treats it the same way (a
+            # success, and it runs the machine again). It failed 4 of 5 soak-size runs here.
+            if check_failed:
+                raise
+            inconsistent_runs += 1
+    else:
+        pytest.fail(f"every one of {MACHINE_RUNS} runs of the state machine was cut short")
     elapsed = time.monotonic() - started
     statuses = sorted({status for _, _, status in steps})
     on_created_jobs = sum(1 for _, _, status in steps if status in (202, 204))
@@ -217,8 +291,33 @@ def test_generated_sequences_of_calls_hold_every_check(server: LiveServer) -> No
         operations=len({(method, path) for method, path, _ in steps}),
         statuses=statuses,
         commands_and_deletes_on_created_jobs=on_created_jobs,
+        runs_cut_short_by_inconsistent_generation=inconsistent_runs,
         seconds=round(elapsed, 2),
     )
     assert not any(status >= 500 for status in statuses), statuses
     assert on_created_jobs > 0, "no sequence reached a job it created"
     assert httpx.get(server.url + "/healthz", timeout=5).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("n_samples", "n_features"),
+    [(50_000, 1001), (50_000, 1001.0), (5e4, 1001), (5e4, 1.001e3), (2_000_000, 26.0)],
+)
+def test_the_size_rule_reads_every_form_of_an_integer(n_samples: Any, n_features: Any) -> None:
+    """Soak regression: schemathesis sent ``n_features=1001.0``, the size rule read only ints,
+    and the server's 422 for a body over its budget failed the run. Every form JSON Schema's
+    ``integer`` admits is over the budget here, and brought within it."""
+
+    params: dict[str, Any] = {"n_samples": n_samples, "n_features": n_features}
+    case = SimpleNamespace(
+        body={"dataset": {"name": "synthetic_classification", "params": params}}, query={}
+    )
+    assert _over_dataset_budget(case) and _outside_the_schema(case)
+    _within_the_rules(case)
+    assert not _over_dataset_budget(case)
+    assert params["n_samples"] * params["n_features"] <= MAX_VALUES
+    # a boolean or a fraction is no integer to the schema: the server refuses it as invalid
+    params.update(n_samples=50_000, n_features=1001.5)
+    assert not _over_dataset_budget(case)
+    params.update(n_features=True)
+    assert not _over_dataset_budget(case)
