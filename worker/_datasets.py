@@ -15,6 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ._errors import DatasetError
+from ._numbers import Float, Int
 
 __all__ = [
     "CSVParams",
@@ -67,10 +68,10 @@ class SyntheticClassificationParams(BaseModel):
     """Gaussian clusters, one per class, generated from the job's seed."""
 
     model_config = ConfigDict(extra="forbid")
-    n_samples: int = Field(default=2_000, ge=10, le=2_000_000)
-    n_features: int = Field(default=20, ge=1, le=4_096)
-    n_classes: int = Field(default=4, ge=2, le=1_000)
-    noise: float = Field(default=1.0, ge=0.0, le=100.0)
+    n_samples: Int = Field(default=2_000, ge=10, le=2_000_000)
+    n_features: Int = Field(default=20, ge=1, le=4_096)
+    n_classes: Int = Field(default=4, ge=2, le=1_000)
+    noise: Float = Field(default=1.0, ge=0.0, le=100.0)
 
     @model_validator(mode="after")
     def _bounded(self) -> SyntheticClassificationParams:
@@ -82,9 +83,9 @@ class SyntheticRegressionParams(BaseModel):
     """A noisy linear function of Gaussian features, generated from the job's seed."""
 
     model_config = ConfigDict(extra="forbid")
-    n_samples: int = Field(default=2_000, ge=10, le=2_000_000)
-    n_features: int = Field(default=20, ge=1, le=4_096)
-    noise: float = Field(default=0.1, ge=0.0, le=100.0)
+    n_samples: Int = Field(default=2_000, ge=10, le=2_000_000)
+    n_features: Int = Field(default=20, ge=1, le=4_096)
+    noise: Float = Field(default=0.1, ge=0.0, le=100.0)
 
     @model_validator(mode="after")
     def _bounded(self) -> SyntheticRegressionParams:

@@ -9,6 +9,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from ._numbers import Float, Int
+
 __all__ = ["CNNParams", "LinearParams", "MLPParams", "build_cnn", "build_linear", "build_mlp"]
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
@@ -25,10 +27,10 @@ class MLPParams(BaseModel):
     """A multi-layer perceptron."""
 
     model_config = ConfigDict(extra="forbid")
-    hidden_sizes: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
+    hidden_sizes: list[Annotated[Int, Field(ge=1, le=4096)]] = Field(
         default=[64, 64], max_length=8, description="Width of each hidden layer (1..4096)."
     )
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    dropout: Float = Field(default=0.0, ge=0.0, lt=1.0)
     activation: Literal["relu", "gelu", "tanh"] = "relu"
 
 
@@ -37,11 +39,11 @@ class CNNParams(BaseModel):
     (8x8 digits: 64 features)."""
 
     model_config = ConfigDict(extra="forbid")
-    channels: list[Annotated[int, Field(ge=1, le=512)]] = Field(
+    channels: list[Annotated[Int, Field(ge=1, le=512)]] = Field(
         default=[16, 32], min_length=1, max_length=4, description="Channels of each layer."
     )
-    kernel_size: int = Field(default=3, ge=1, le=7)
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    kernel_size: Int = Field(default=3, ge=1, le=7)
+    dropout: Float = Field(default=0.0, ge=0.0, lt=1.0)
 
 
 def build_linear(params: LinearParams, in_features: int, out_features: int) -> nn.Module:

@@ -17,6 +17,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails
 
 from ._errors import SpecError
+from ._numbers import Float, Int
 from ._registry import default_registry
 
 __all__ = [
@@ -140,7 +141,7 @@ class DatasetSpec(BaseModel):
     )
     name: str = Field(max_length=64, examples=["digits"])
     params: dict[str, Any] = Field(default_factory=dict, validate_default=True)
-    val_fraction: float = Field(default=0.2, ge=0.05, le=0.5)
+    val_fraction: Float = Field(default=0.2, ge=0.05, le=0.5)
 
     @field_validator("name")
     @classmethod
@@ -157,9 +158,9 @@ class DatasetSpec(BaseModel):
 class OptimizerSpec(BaseModel):
     model_config = _STRICT
     name: Literal["sgd", "adam", "adamw"] = "adam"
-    lr: float = Field(default=1e-3, gt=0, le=10)
-    momentum: float = Field(default=0.9, ge=0, lt=1)
-    weight_decay: float = Field(default=0.0, ge=0, le=1)
+    lr: Float = Field(default=1e-3, gt=0, le=10)
+    momentum: Float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: Float = Field(default=0.0, ge=0, le=1)
 
 
 _SCHEDULER_PARAMS: dict[str, dict[str, Any]] = {
@@ -198,7 +199,7 @@ class SchedulerSpec(BaseModel):
         extra="forbid", allow_inf_nan=False, json_schema_extra=_scheduler_schema
     )
     name: Literal["none", "step", "cosine", "onecycle"] = "none"
-    params: dict[str, float] = Field(default_factory=dict)
+    params: dict[str, Float] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _params(self) -> SchedulerSpec:
@@ -234,10 +235,10 @@ class CheckpointSpec(BaseModel):
     enabled: bool = True
     monitor: str = Field(default="val_loss", max_length=64)
     mode: Mode = "min"
-    every_n_epochs: int | None = Field(default=1, ge=1, le=100_000)
-    every_n_steps: int | None = Field(default=None, ge=1, le=100_000_000)
-    keep_last: int = Field(default=1, ge=1, le=100)
-    keep_best: int = Field(default=1, ge=0, le=100)
+    every_n_epochs: Int | None = Field(default=1, ge=1, le=100_000)
+    every_n_steps: Int | None = Field(default=None, ge=1, le=100_000_000)
+    keep_last: Int = Field(default=1, ge=1, le=100)
+    keep_best: Int = Field(default=1, ge=0, le=100)
     save_on_pause: bool = True
     save_on_stop: bool = True
     save_on_failure: bool = True
@@ -250,13 +251,13 @@ class EarlyStopSpec(BaseModel):
     enabled: bool = False
     monitor: str = Field(default="val_loss", max_length=64)
     mode: Mode = "min"
-    patience: int = Field(default=3, ge=0, le=100_000)
-    min_delta: float = Field(default=0.0, ge=0)
-    baseline: float | None = None
-    stopping_threshold: float | None = None
-    divergence_threshold: float | None = None
+    patience: Int = Field(default=3, ge=0, le=100_000)
+    min_delta: Float = Field(default=0.0, ge=0)
+    baseline: Float | None = None
+    stopping_threshold: Float | None = None
+    divergence_threshold: Float | None = None
     check_finite: bool = True
-    start_from_epoch: int = Field(default=0, ge=0)
+    start_from_epoch: Int = Field(default=0, ge=0)
     restore_best: bool = False
 
 
@@ -267,17 +268,17 @@ class LRPlateauSpec(BaseModel):
     enabled: bool = False
     monitor: str = Field(default="val_loss", max_length=64)
     mode: Mode = "min"
-    factor: float = Field(default=0.1, gt=0, lt=1)
-    patience: int = Field(default=2, ge=0, le=100_000)
-    min_delta: float = Field(default=1e-4, ge=0)
-    cooldown: int = Field(default=0, ge=0, le=100_000)
-    min_lr: float = Field(default=0.0, ge=0)
+    factor: Float = Field(default=0.1, gt=0, lt=1)
+    patience: Int = Field(default=2, ge=0, le=100_000)
+    min_delta: Float = Field(default=1e-4, ge=0)
+    cooldown: Int = Field(default=0, ge=0, le=100_000)
+    min_lr: Float = Field(default=0.0, ge=0)
 
 
 class ResourcesSpec(BaseModel):
     model_config = _STRICT
     enabled: bool = True
-    interval_seconds: float = Field(default=5.0, ge=0.1, le=3600)
+    interval_seconds: Float = Field(default=5.0, ge=0.1, le=3600)
 
 
 class JobSpec(BaseModel):
@@ -310,14 +311,14 @@ class JobSpec(BaseModel):
     dataset: DatasetSpec
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
-    epochs: int = Field(ge=1, le=100_000)
-    batch_size: int = Field(default=32, ge=1, le=65_536)
-    seed: int = Field(default=0, ge=0, le=2**32 - 1)
-    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda|cuda:\d{1,2})$")
+    epochs: Int = Field(ge=1, le=100_000)
+    batch_size: Int = Field(default=32, ge=1, le=65_536)
+    seed: Int = Field(default=0, ge=0, le=2**32 - 1)
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda|cuda:(0|[1-9][0-9]?))$")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    batch_event_every: int = Field(default=1, ge=1, le=1_000_000)
+    batch_event_every: Int = Field(default=1, ge=1, le=1_000_000)
     nonfinite_loss: Literal["fail", "stop"] = "fail"
-    torch_threads: int | None = Field(default=None, ge=1, le=256)
+    torch_threads: Int | None = Field(default=None, ge=1, le=256)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     early_stop: EarlyStopSpec = Field(default_factory=EarlyStopSpec)
     lr_plateau: LRPlateauSpec = Field(default_factory=LRPlateauSpec)

@@ -82,6 +82,23 @@ def test_unknown_model_lists_the_available_ones() -> None:
         ({"scheduler": {"name": "step", "params": {"warp": 1}}}, ("scheduler",), "unknown"),
         ({"early_stop": {"patience": -1}}, ("early_stop", "patience"), "greater than"),
         ({"checkpoint": {"keep_last": 0}}, ("checkpoint", "keep_last"), "greater than"),
+        # booleans are not numbers (pydantic's lax mode would read true as 1)
+        ({"epochs": True}, ("epochs",), "got the boolean true"),
+        ({"optimizer": {"lr": True}}, ("optimizer", "lr"), "got the boolean true"),
+        ({"early_stop": {"start_from_epoch": True}}, ("early_stop", "start_from_epoch"), "boolean"),
+        ({"torch_threads": False}, ("torch_threads",), "got the boolean false"),
+        (
+            {"model": {"name": "mlp", "params": {"hidden_sizes": [64, True]}}},
+            ("model", "params", "hidden_sizes", 1),
+            "boolean",
+        ),
+        (
+            {"dataset": {"name": "synthetic_regression", "params": {"n_samples": True}}},
+            ("dataset", "params", "n_samples"),
+            "boolean",
+        ),
+        # a CUDA index is written without leading zeros (torch.device refuses "cuda:04")
+        ({"device": "cuda:04"}, ("device",), "pattern"),
     ],
 )
 def test_bad_specs_name_the_field_to_fix(
@@ -90,6 +107,18 @@ def test_bad_specs_name_the_field_to_fix(
     loc, message = error_for({**MINIMAL, **change})
     assert loc == location, (loc, message)
     assert says in message
+
+
+def test_integral_numbers_in_any_json_spelling_are_integers() -> None:
+    spec = JobSpec.model_validate(
+        {
+            **MINIMAL,
+            "epochs": 3.0,
+            "dataset": {"name": "synthetic_classification", "params": {"n_features": 1e2}},
+        }
+    )
+    assert spec.epochs == 3 and spec.dataset.params["n_features"] == 100
+    assert JobSpec.model_validate({**MINIMAL, "device": "cuda:10"}).device == "cuda:10"
 
 
 def test_the_schema_carries_examples_for_openapi() -> None:

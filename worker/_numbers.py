@@ -1,0 +1,25 @@
+"""Numeric field types for job specs: JSON numbers, never booleans.
+
+pydantic's lax mode reads ``true`` as 1 for an ``int`` field and as 1.0 for a ``float`` one,
+so ``{"epochs": true}`` would train for one epoch. A spec field typed ``Int`` or ``Float``
+refuses booleans and keeps everything else the lax mode allows (``1001.0`` and ``1e3`` are
+integers in JSON Schema's sense, and the API's schema says so).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator
+
+__all__ = ["Float", "Int"]
+
+
+def _not_a_boolean(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_a_boolean)]
+Float = Annotated[float, BeforeValidator(_not_a_boolean)]
