@@ -8,6 +8,12 @@ turns the records into events in one ``publish_many`` call when a record arrives
 and fast steps' in bulk about every ``flush_seconds``), and before the trainer publishes
 anything else, so that a job's events keep the order in which they happened. Each event keeps
 the time at which it happened.
+
+``flush_seconds`` is 0.1 s, tqdm's refresh interval: a person watching a stream sees no
+difference, while each flush wakes every subscriber on the event loop, whose work holds the
+GIL the training thread needs. At 0.02 s the loop spent 22-27 ms of CPU on four lossless
+subscribers during a 0.95 s tiny run and the run was 4.4% slower than a bare loop; at 0.1 s,
+8-10 ms and 1.6% (bench/overhead.py, tiny workload, 50,000 samples, 4 epochs).
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ class BatchEventBuffer:
     __slots__ = ("_bus", "_flushed", "_job_id", "_records", "flush_seconds", "max_records")
 
     def __init__(
-        self, bus: EventBus, job_id: str, *, flush_seconds: float = 0.02, max_records: int = 256
+        self, bus: EventBus, job_id: str, *, flush_seconds: float = 0.1, max_records: int = 1024
     ) -> None:
         self._bus = bus
         self._job_id = job_id
