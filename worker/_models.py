@@ -9,7 +9,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from ._numbers import Float, Int
+from ._numbers import Float, Int, not_a_boolean
 
 __all__ = ["CNNParams", "LinearParams", "MLPParams", "build_cnn", "build_linear", "build_mlp"]
 
@@ -27,7 +27,7 @@ class MLPParams(BaseModel):
     """A multi-layer perceptron."""
 
     model_config = ConfigDict(extra="forbid")
-    hidden_sizes: list[Annotated[Int, Field(ge=1, le=4096)]] = Field(
+    hidden_sizes: list[Annotated[int, Field(ge=1, le=4096), not_a_boolean]] = Field(
         default=[64, 64], max_length=8, description="Width of each hidden layer (1..4096)."
     )
     dropout: Float = Field(default=0.0, ge=0.0, lt=1.0)
@@ -39,7 +39,7 @@ class CNNParams(BaseModel):
     (8x8 digits: 64 features)."""
 
     model_config = ConfigDict(extra="forbid")
-    channels: list[Annotated[Int, Field(ge=1, le=512)]] = Field(
+    channels: list[Annotated[int, Field(ge=1, le=512), not_a_boolean]] = Field(
         default=[16, 32], min_length=1, max_length=4, description="Channels of each layer."
     )
     kernel_size: Int = Field(default=3, ge=1, le=7)

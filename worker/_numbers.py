@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator
 
-__all__ = ["Float", "Int"]
+__all__ = ["Float", "Int", "not_a_boolean"]
 
 
 def _not_a_boolean(value: Any) -> Any:
@@ -21,5 +21,11 @@ def _not_a_boolean(value: Any) -> Any:
     return value
 
 
-Int = Annotated[int, BeforeValidator(_not_a_boolean)]
-Float = Annotated[float, BeforeValidator(_not_a_boolean)]
+not_a_boolean = BeforeValidator(_not_a_boolean)
+"""For a constrained number inside a union or a list, put the constraints before it:
+``Annotated[int, Field(ge=1), not_a_boolean] | None``. Constraints that come after a validator
+(``Annotated[Int, Field(ge=1)]``, or ``Int | None = Field(ge=1)``) still apply, but pydantic
+writes them into the JSON schema as raw ``ge``/``le`` keys that no client understands."""
+
+Int = Annotated[int, not_a_boolean]
+Float = Annotated[float, not_a_boolean]

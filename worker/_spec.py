@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -17,7 +17,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails
 
 from ._errors import SpecError
-from ._numbers import Float, Int
+from ._numbers import Float, Int, not_a_boolean
 from ._registry import default_registry
 
 __all__ = [
@@ -235,8 +235,8 @@ class CheckpointSpec(BaseModel):
     enabled: bool = True
     monitor: str = Field(default="val_loss", max_length=64)
     mode: Mode = "min"
-    every_n_epochs: Int | None = Field(default=1, ge=1, le=100_000)
-    every_n_steps: Int | None = Field(default=None, ge=1, le=100_000_000)
+    every_n_epochs: Annotated[int, Field(ge=1, le=100_000), not_a_boolean] | None = 1
+    every_n_steps: Annotated[int, Field(ge=1, le=100_000_000), not_a_boolean] | None = None
     keep_last: Int = Field(default=1, ge=1, le=100)
     keep_best: Int = Field(default=1, ge=0, le=100)
     save_on_pause: bool = True
@@ -318,7 +318,7 @@ class JobSpec(BaseModel):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     batch_event_every: Int = Field(default=1, ge=1, le=1_000_000)
     nonfinite_loss: Literal["fail", "stop"] = "fail"
-    torch_threads: Int | None = Field(default=None, ge=1, le=256)
+    torch_threads: Annotated[int, Field(ge=1, le=256), not_a_boolean] | None = None
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     early_stop: EarlyStopSpec = Field(default_factory=EarlyStopSpec)
     lr_plateau: LRPlateauSpec = Field(default_factory=LRPlateauSpec)
