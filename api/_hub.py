@@ -89,7 +89,9 @@ class ClientBuffer:
 
     :param job_id: only this job's events (``None``: every job).
     :param types: only these event types (``None``: every type); gaps always pass.
-    :param buffer_size: events kept; past it the oldest are dropped and reported as a gap.
+    :param buffer_size: events kept while the client is behind; past it the oldest are
+        dropped and reported as a gap (a client that had taken everything gets a whole
+        round of the hub, however large).
     :param max_lag: events the client may miss before it is marked :attr:`too_slow`.
     """
 
@@ -131,8 +133,12 @@ class ClientBuffer:
     def _extend(self, items: list[Item]) -> None:
         if self.closed or self.too_slow or not items:
             return
+        # A client that had taken everything gets the whole round, however large (a trainer
+        # publishes 0.1 s of batch events at once): the bound is on what a client leaves
+        # behind, so that a prompt reader is never sent to the event store for a burst.
+        limit = self.buffer_size if self._items else max(self.buffer_size, len(items))
         self._items.extend(items)
-        excess = len(self._items) - self.buffer_size
+        excess = len(self._items) - limit
         if excess > 0:
             self._drop(excess)
         self._wake.set()

@@ -14,6 +14,10 @@ difference, while each flush wakes every subscriber on the event loop, whose wor
 GIL the training thread needs. At 0.02 s the loop spent 22-27 ms of CPU on four lossless
 subscribers during a 0.95 s tiny run and the run was 4.4% slower than a bare loop; at 0.1 s,
 8-10 ms and 1.6% (bench/overhead.py, tiny workload, 50,000 samples, 4 epochs).
+
+``max_records`` (256 batches: at most 1,024 events at once) bounds a flush. The server's
+WebSocket fan-out hands a client that has taken everything a whole flush, however large
+(``api/_hub.py``); its per-client bound applies to what a client leaves behind.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ class BatchEventBuffer:
     __slots__ = ("_bus", "_flushed", "_job_id", "_records", "flush_seconds", "max_records")
 
     def __init__(
-        self, bus: EventBus, job_id: str, *, flush_seconds: float = 0.1, max_records: int = 1024
+        self, bus: EventBus, job_id: str, *, flush_seconds: float = 0.1, max_records: int = 256
     ) -> None:
         self._bus = bus
         self._job_id = job_id

@@ -27,11 +27,26 @@ def test_encoding_turns_non_finite_numbers_into_null() -> None:
 
 def test_overflow_drops_oldest_and_reports_the_range() -> None:
     client = ClientBuffer(job_id="j", types=None, buffer_size=3, max_lag=100)
-    client._extend(_items("j", range(1, 6)))
+    client._extend(_items("j", range(1, 3)))  # not taken yet: the next round overflows
+    client._extend(_items("j", range(3, 6)))
     missed, items = client.take(10)
     assert missed == [("j", 1, 2, 2)]
     assert [seq for _, seq, _ in items] == [3, 4, 5]
     assert not client.too_slow
+
+
+def test_a_client_that_took_everything_gets_a_whole_burst() -> None:
+    # a trainer publishes 0.1 s of batch events at once; a prompt reader must get them live,
+    # not from the event store, even when the burst is larger than its buffer
+    client = ClientBuffer(job_id="j", types=None, buffer_size=3, max_lag=100)
+    client._extend(_items("j", range(1, 9)))
+    missed, items = client.take(100)
+    assert missed == [] and [seq for _, seq, _ in items] == list(range(1, 9))
+    client._extend(_items("j", range(9, 17)))  # taken everything again: a whole burst again
+    assert len(client) == 8
+    client._extend(_items("j", range(17, 19)))  # behind now: the bound applies
+    missed, items = client.take(100)
+    assert missed == [("j", 9, 15, 7)] and [seq for _, seq, _ in items] == [16, 17, 18]
 
 
 def test_past_the_lag_limit_the_client_is_too_slow_and_listeners_hear_it() -> None:
@@ -39,7 +54,8 @@ def test_past_the_lag_limit_the_client_is_too_slow_and_listeners_hear_it() -> No
     client = ClientBuffer(
         job_id="j", types=None, buffer_size=2, max_lag=5, on_too_slow=[lambda: heard.append(True)]
     )
-    client._extend(_items("j", range(1, 10)))
+    client._extend(_items("j", range(1, 3)))
+    client._extend(_items("j", range(3, 10)))
     assert client.too_slow and heard == [True]
     assert len(client) == 0  # nothing more is kept for it
 
@@ -47,7 +63,8 @@ def test_past_the_lag_limit_the_client_is_too_slow_and_listeners_hear_it() -> No
 def test_drops_while_replaying_do_not_count_as_lag() -> None:
     client = ClientBuffer(job_id="j", types=None, buffer_size=2, max_lag=5)
     client.replaying = True
-    client._extend(_items("j", range(1, 50)))
+    client._extend(_items("j", range(1, 3)))
+    client._extend(_items("j", range(3, 50)))
     assert not client.too_slow
     missed, _ = client.take(10)
     assert missed == [("j", 1, 47, 47)]
