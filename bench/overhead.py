@@ -151,7 +151,7 @@ def main() -> None:
     )
     parser.add_argument("--batch-size", type=int, help="overrides the workload's")
     parser.add_argument("--hidden", type=int, help="overrides the workload's")
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier timing)")
     args = parser.parse_args()
     for name, value in WORKLOADS[args.workload].items():
