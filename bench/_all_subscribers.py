@@ -6,7 +6,7 @@ checkpoint each epoch (``CheckpointWriter``), ``EarlyStopController``,
 would), the ``ResourceMonitor`` (every second) and the ``EventStore`` (SQLite under
 ``data_dir``). Returns ``(seconds, samples, events published, CPU seconds of all
 threads)``, like ``trainbus_run``; ``ratio_all_subscribers`` is its time over the bare
-loop's.
+loop's. ``parts`` attaches only some of them (:data:`PARTS`), for a breakdown of the cost.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import anyio
@@ -29,15 +30,21 @@ from subscribers import (
 )
 from worker import JobSpec, Trainer
 
-__all__ = ["all_subscribers_run"]
+__all__ = ["PARTS", "all_subscribers_run"]
 
 JOB = "overhead-all"
+PARTS = ("store", "exporter", "resources", "checkpoint", "controllers")
 
 
-async def all_subscribers_run(spec: JobSpec, data_dir: Path) -> tuple[float, int, int, float]:
+async def all_subscribers_run(
+    spec: JobSpec, data_dir: Path, parts: Iterable[str] = PARTS
+) -> tuple[float, int, int, float]:
+    parts = frozenset(parts)
     spec = spec.model_copy(
         update={
-            "checkpoint": spec.checkpoint.model_copy(update={"enabled": True, "every_n_epochs": 1}),
+            "checkpoint": spec.checkpoint.model_copy(
+                update={"enabled": "checkpoint" in parts, "every_n_epochs": 1}
+            ),
             "early_stop": spec.early_stop.model_copy(update={"enabled": True, "patience": 100}),
             "lr_plateau": spec.lr_plateau.model_copy(update={"enabled": True, "patience": 100}),
         }
@@ -47,21 +54,27 @@ async def all_subscribers_run(spec: JobSpec, data_dir: Path) -> tuple[float, int
     store = EventStore(run_dir / "trainbus.db")
     async with EventBus() as bus, anyio.create_task_group() as group:
         exporter = PrometheusExporter(bus=bus)
-        bus.attach(exporter)
-        bus.attach(store)
-        monitor = ResourceMonitor(bus=bus, interval_seconds=1.0)
-        group.start_soon(monitor.run)
+        if "exporter" in parts:
+            bus.attach(exporter)
+        if "store" in parts:
+            bus.attach(store)
+        if "resources" in parts:
+            group.start_soon(ResourceMonitor(bus=bus, interval_seconds=1.0).run)
         control = ControlChannel(JOB, publish=bus.publish)
         trainer = await anyio.to_thread.run_sync(
             lambda: Trainer(job_id=JOB, spec=spec, bus=bus, control=control, data_dir=data_dir)
         )
-        per_job: list[CheckpointWriter | EarlyStopController | LRPlateauController] = [
-            CheckpointWriter(
-                job_id=JOB,
-                job_dir=job_dir,
-                bus=bus,
-                **spec.checkpoint.model_dump(exclude={"enabled"}),
-            ),
+        per_job: list[CheckpointWriter | EarlyStopController | LRPlateauController] = []
+        if "checkpoint" in parts:
+            per_job.append(
+                CheckpointWriter(
+                    job_id=JOB,
+                    job_dir=job_dir,
+                    bus=bus,
+                    **spec.checkpoint.model_dump(exclude={"enabled"}),
+                )
+            )
+        controllers = [
             EarlyStopController(
                 job_id=JOB,
                 channel=control,
@@ -75,17 +88,20 @@ async def all_subscribers_run(spec: JobSpec, data_dir: Path) -> tuple[float, int
                 **spec.lr_plateau.model_dump(exclude={"enabled"}),
             ),
         ]
+        if "controllers" in parts:
+            per_job += controllers
         for subscriber in per_job:
             subscriber.bind(trainer)
         handles = [bus.attach(subscriber) for subscriber in per_job]
-        scrapes = bus.subscribe("scrapes", job_id=JOB, types=[EventType.FIT_EPOCH_END])
+        if "exporter" in parts:
+            scrapes = bus.subscribe("scrapes", job_id=JOB, types=[EventType.FIT_EPOCH_END])
 
-        async def scrape() -> None:
-            async with scrapes:
-                async for _ in scrapes:
-                    await anyio.to_thread.run_sync(exporter.render)
+            async def scrape() -> None:
+                async with scrapes:
+                    async for _ in scrapes:
+                        await anyio.to_thread.run_sync(exporter.render)
 
-        group.start_soon(scrape)
+            group.start_soon(scrape)
         started = time.perf_counter()
         cpu_started = time.process_time()  # every thread: training, loop, subscribers, writer
         await anyio.to_thread.run_sync(trainer.run)

@@ -29,7 +29,7 @@ from bus import ControlChannel, Event, EventBus, Subscriber
 from worker import JobSpec, Trainer, default_registry
 
 sys.path.append(str(Path(__file__).resolve().parent))  # last: ``bus`` is imported already
-from _all_subscribers import all_subscribers_run
+from _all_subscribers import PARTS, all_subscribers_run
 
 WORKLOADS = {
     "tiny": {"batch_size": 64, "hidden": 64},
@@ -153,6 +153,11 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, help="overrides the workload's")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier timing)")
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also run each default subscriber alone (as many rounds) and report its ratio",
+    )
     args = parser.parse_args()
     for name, value in WORKLOADS[args.workload].items():
         if getattr(args, name) is None:
@@ -199,6 +204,7 @@ def main() -> None:
         f"{least_cpu['trainbus'] / least_cpu['bare']:.3f} and "
         f"{least_cpu['all'] / least_cpu['bare']:.3f}"
     )
+    breakdown = _breakdown(spec, data_dir, args.rounds, walls["bare"]) if args.breakdown else {}
     print(
         json.dumps(
             {
@@ -218,9 +224,26 @@ def main() -> None:
                 "ratio_all_subscribers": round(fastest["all"] / fastest["bare"], 3),
                 "cpu_ratio": round(least_cpu["trainbus"] / least_cpu["bare"], 3),
                 "cpu_ratio_all_subscribers": round(least_cpu["all"] / least_cpu["bare"], 3),
+                **({"breakdown": breakdown} if breakdown else {}),
             }
         )
     )
+
+
+def _breakdown(
+    spec: JobSpec, data_dir: Path, rounds: int, bare_walls: list[float]
+) -> dict[str, float]:
+    """Each default subscriber alone: its run's fastest time over the bare loop's (another
+    round of bare runs alternates with them, so that both see the same machine)."""
+    walls: dict[str, list[float]] = {part: [] for part in PARTS}
+    bare = list(bare_walls)
+    for _ in range(rounds):
+        bare.append(bare_loop(spec, data_dir)[0])
+        for part in PARTS:
+            walls[part].append(anyio.run(all_subscribers_run, spec, data_dir, (part,))[0])
+    ratios = {part: round(min(times) / min(bare), 3) for part, times in walls.items()}
+    print("each default subscriber alone (fastest over fastest bare):", ratios)
+    return ratios
 
 
 if __name__ == "__main__":
