@@ -74,22 +74,21 @@ async def all_subscribers_run(
                     **spec.checkpoint.model_dump(exclude={"enabled"}),
                 )
             )
-        controllers = [
-            EarlyStopController(
-                job_id=JOB,
-                channel=control,
-                bus=bus,
-                **spec.early_stop.model_dump(exclude={"enabled"}),
-            ),
-            LRPlateauController(
-                job_id=JOB,
-                channel=control,
-                bus=bus,
-                **spec.lr_plateau.model_dump(exclude={"enabled"}),
-            ),
-        ]
         if "controllers" in parts:
-            per_job += controllers
+            per_job += [
+                EarlyStopController(
+                    job_id=JOB,
+                    channel=control,
+                    bus=bus,
+                    **spec.early_stop.model_dump(exclude={"enabled"}),
+                ),
+                LRPlateauController(
+                    job_id=JOB,
+                    channel=control,
+                    bus=bus,
+                    **spec.lr_plateau.model_dump(exclude={"enabled"}),
+                ),
+            ]
         for subscriber in per_job:
             subscriber.bind(trainer)
         handles = [bus.attach(subscriber) for subscriber in per_job]

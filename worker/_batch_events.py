@@ -76,16 +76,16 @@ class BatchEventBuffer:
         """Record a finished training batch (``step`` counts its optimizer step); publishes
         ``train_batch_start``, ``optimizer_step``, ``before_zero_grad``, ``train_batch_end``."""
         now = _now()
-        records = self._records
-        records.append((_TRAIN, started, now, epoch, batch, step, loss, lr, batch_size))
-        if now - self._flushed >= self.flush_seconds or len(records) >= self.max_records:
-            self.flush()
+        self._add((_TRAIN, started, now, epoch, batch, step, loss, lr, batch_size), now)
 
     def val_batch(self, started: float, epoch: int, batch: int, loss: float) -> None:
         """Record a finished validation batch; publishes ``val_batch_start``, ``val_batch_end``."""
         now = _now()
+        self._add((_VAL, started, now, epoch, batch, 0, loss, 0.0, 0), now)
+
+    def _add(self, record: tuple[Any, ...], now: float) -> None:
         records = self._records
-        records.append((_VAL, started, now, epoch, batch, 0, loss, 0.0, 0))
+        records.append(record)
         if now - self._flushed >= self.flush_seconds or len(records) >= self.max_records:
             self.flush()
 

@@ -17,7 +17,15 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from bus import CallbackRegistry, Command, CommandKind, ControlChannel, EventBus, EventType
+from bus import (
+    CallbackRegistry,
+    Command,
+    CommandKind,
+    ControlChannel,
+    Event,
+    EventBus,
+    EventType,
+)
 
 from ._batch_events import BatchEventBuffer
 from ._building import build_optimizer, build_scheduler, check_runtime
@@ -232,10 +240,10 @@ class Trainer:
 
     # -- running ----------------------------------------------------------------------------
 
-    def _emit(self, event_type: EventType, data: dict[str, Any]) -> None:
+    def _emit(self, event_type: EventType, data: dict[str, Any]) -> Event:
         self._batch_events.flush()  # what happened before goes out first
         self.callbacks.run_callbacks(event_type, self)
-        self.bus.publish(self.job_id, event_type, data)
+        return self.bus.publish(self.job_id, event_type, data)
 
     def run(self) -> RunResult:
         """Train to the end, or until a command or a failure ends the run."""
@@ -479,10 +487,7 @@ class Trainer:
             EventType.VAL_END, {"epoch": self.epoch, "step": self.step, "metrics": dict(validation)}
         )
         self.epoch_complete = True
-        self._batch_events.flush()
-        self.callbacks.run_callbacks(EventType.FIT_EPOCH_END, self)
-        event = self.bus.publish(
-            self.job_id,
+        event = self._emit(
             EventType.FIT_EPOCH_END,
             {"epoch": self.epoch, "step": self.step, "metrics": dict(self.metrics)},
         )
