@@ -108,6 +108,12 @@ class Settings(BaseSettings):
     ws_max_message_events: int = Field(
         default=1000, ge=1, description="Most events sent in one WebSocket message (a JSON array)."
     )
+    ws_max_message_bytes: int = Field(
+        default=256 * 1024,
+        ge=1024,
+        description="Most bytes of events in one WebSocket message, under the 1 MiB a client "
+        "library takes by default (websockets' max_size); a larger single event goes alone.",
+    )
     ws_ping_interval: float | None = Field(
         default=20.0, description="Seconds between WebSocket keep-alive pings (none: off)."
     )

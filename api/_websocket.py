@@ -83,6 +83,30 @@ def _message(items: Sequence[Item]) -> str:
     return items[0][2] if len(items) == 1 else "[" + ",".join(map(_text, items)) + "]"
 
 
+def _size(text: str) -> int:
+    """Bytes of ``text`` in UTF-8 (``isascii`` is a flag lookup: most events need no encoding)."""
+    return len(text) if text.isascii() else len(text.encode())
+
+
+def _messages(items: list[Item], max_events: int, max_bytes: int) -> list[list[Item]]:
+    """``items`` cut into messages of at most ``max_events`` events and ``max_bytes`` of JSON."""
+    if len(items) <= max_events and sum(map(_size, map(_text, items))) + len(items) <= max_bytes:
+        return [items]  # the usual case, checked at C speed
+    chunks: list[list[Item]] = []
+    chunk: list[Item] = []
+    size = 0
+    for item in items:
+        length = _size(item[2]) + 1  # the comma or bracket
+        if chunk and (len(chunk) == max_events or size + length > max_bytes):
+            chunks.append(chunk)
+            chunk, size = [], 0
+        chunk.append(item)
+        size += length
+    if chunk:
+        chunks.append(chunk)
+    return chunks
+
+
 async def _refuse(websocket: WebSocket, status: int, detail: str) -> None:
     from fastapi.responses import JSONResponse
 
@@ -114,18 +138,15 @@ class _Stream:
         self.delivered = last_sent
         """The highest seq actually handed to the connection: where a closed client resumes."""
         self.max_events = services.settings.ws_max_message_events
+        self.max_bytes = services.settings.ws_max_message_bytes
         self.history: EventHistory | None = services.history if job_id is not None else None
         self.violation: tuple[int, str] | None = None
         """Set when the client broke the protocol: the close code and reason."""
 
     async def send(self, items: list[Item]) -> None:
-        """Send encoded events, at most ``ws_max_message_events`` a message."""
-        if len(items) <= self.max_events:
-            await self.websocket.send_text(_message(items))
-            self.delivered = max(self.delivered, items[-1][1])
-            return
-        for start in range(0, len(items), self.max_events):
-            chunk = items[start : start + self.max_events]
+        """Send encoded events, at most ``ws_max_message_events`` and ``ws_max_message_bytes``
+        a message (a single larger event goes alone)."""
+        for chunk in _messages(items, self.max_events, self.max_bytes):
             await self.websocket.send_text(_message(chunk))
             self.delivered = max(self.delivered, chunk[-1][1])
 

@@ -94,6 +94,31 @@ async def test_replay_then_live_has_no_gap_or_duplicate_at_the_seam(
     assert [e["seq"] for e in events] == list(range(101, 601))
 
 
+async def test_big_events_come_in_messages_a_default_client_accepts(
+    transport_server: LiveServer, fake_jobs: FakeJobs
+) -> None:
+    # 1,500 events of ~1.1 kB: a page of replay (1,000 events) would be a 1.1 MB message, over
+    # the 1 MiB a websockets client takes by default; the server cuts it at 256 KiB
+    fake_jobs.add("big-1")
+    bus = transport_server.services.bus
+    for _ in range(1500):
+        bus.publish("big-1", EventType.TRAIN_BATCH_END, {"pad": "é" * 500})  # 2 bytes each
+    store = transport_server.services.history
+    assert store is not None and await store.wait_for("big-1", 1500)
+    sizes: list[int] = []
+    seqs: list[int] = []
+    async with _connect(transport_server, "/jobs/big-1/events/ws") as socket:
+        with anyio.fail_after(30):
+            while not seqs or seqs[-1] < 1500:
+                message = await socket.recv()
+                sizes.append(len(message.encode()))
+                payload = json.loads(message)
+                seqs.extend(e["seq"] for e in (payload if isinstance(payload, list) else [payload]))
+    assert seqs == list(range(1, 1501))
+    assert max(sizes) <= transport_server.services.settings.ws_max_message_bytes
+    assert len(sizes) >= 6  # 1.65 MB of events in messages of at most 256 KiB
+
+
 async def test_types_filter(transport_server: LiveServer, fake_jobs: FakeJobs) -> None:
     fake_jobs.add("types-1")
     async with _connect(
