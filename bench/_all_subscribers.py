@@ -52,6 +52,7 @@ async def all_subscribers_run(
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=data_dir))
     job_dir = run_dir / "jobs" / JOB
     store = EventStore(run_dir / "trainbus.db")
+    await anyio.to_thread.run_sync(store.open)  # as the server does at start-up, not per job
     async with EventBus() as bus, anyio.create_task_group() as group:
         exporter = PrometheusExporter(bus=bus)
         if "exporter" in parts:
