@@ -51,6 +51,7 @@ from ._checkpoint_layout import (
 __all__ = [
     "apply_retention",
     "clean_orphans",
+    "last_serial",
     "write_checkpoint",
     "write_pointer",
 ]
@@ -105,6 +106,11 @@ def _next_serial(directory: Path) -> int:
     return max(serials, default=0) + 1
 
 
+def last_serial(infos: Iterable[CheckpointInfo]) -> int:
+    """The highest serial among ``infos`` (0 for none): the next checkpoint takes one more."""
+    return max((info.serial for info in infos), default=0)
+
+
 def write_checkpoint(
     job_dir: Path,
     state: Mapping[str, Any],
@@ -115,11 +121,14 @@ def write_checkpoint(
     metrics: Mapping[str, float] | None = None,
     monitor: str | None = None,
     name: str | None = None,
+    serial: int | None = None,
 ) -> CheckpointInfo:
     """Write ``state`` durably as a new checkpoint of the job and return its description.
 
-    The name defaults to ``epoch-<epoch>-step-<step>``; a suffix keeps it unique. Pointers
-    and retention are left to the caller (:func:`write_pointer`, :func:`apply_retention`).
+    The name defaults to ``epoch-<epoch>-step-<step>``; a suffix keeps it unique. ``serial``
+    (the order of checkpoints) defaults to one more than the highest on disk; a writer that
+    knows it passes it. Pointers and retention are left to the caller (:func:`write_pointer`,
+    :func:`apply_retention`).
     """
     directory = checkpoints_dir(job_dir)
     directory.mkdir(parents=True, exist_ok=True)
@@ -138,7 +147,7 @@ def write_checkpoint(
             os.fsync(raw.fileno())
         manifest = {
             "format_version": FORMAT_VERSION,
-            "serial": _next_serial(directory),
+            "serial": _next_serial(directory) if serial is None else int(serial),
             "epoch": int(epoch),
             "step": int(step),
             "reason": reason,
@@ -186,13 +195,16 @@ def apply_retention(
     keep_best: int,
     mode: Mode,
     protect: Iterable[str] = (),
+    infos: list[CheckpointInfo] | None = None,
 ) -> list[str]:
     """Delete checkpoints beyond the ``keep_last`` newest and the ``keep_best`` best.
 
     The newest checkpoint, the ones the pointers name, and ``protect`` are always kept.
+    ``infos``: :func:`list_checkpoints` of the job, when the caller has just read it.
     Returns the deleted names.
     """
-    infos = list_checkpoints(job_dir)
+    if infos is None:
+        infos = list_checkpoints(job_dir)
     keep = {info.name for info in infos[: max(keep_last, 1)]}
     sign = 1.0 if mode == "min" else -1.0
     scored = [

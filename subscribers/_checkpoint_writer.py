@@ -14,7 +14,13 @@ import anyio
 
 from bus import DeliveryPolicy, EventBus, EventType, Subscriber
 
-from ._checkpoint_files import apply_retention, clean_orphans, write_checkpoint, write_pointer
+from ._checkpoint_files import (
+    apply_retention,
+    clean_orphans,
+    last_serial,
+    write_checkpoint,
+    write_pointer,
+)
 from ._checkpoint_layout import CheckpointInfo, is_better, list_checkpoints, read_pointer
 from ._snapshot import snapshot
 from ._trainer import TrainerLike
@@ -159,21 +165,24 @@ class CheckpointWriter(Subscriber):
         removed = clean_orphans(self.job_dir)
         if removed:
             logger.info("job %s: removed unfinished checkpoint files %s", job_id, removed)
-        self._best_value = self._best_on_disk()
+        on_disk = list_checkpoints(self.job_dir)
+        self._serial = last_serial(on_disk)  # the writer numbers its checkpoints on from here
+        self._best_value = self._best_on_disk(on_disk)
         self._last_step_saved: int | None = None
 
-    def _best_on_disk(self) -> float | None:
-        best = self._best_checkpoint()
+    def _best_on_disk(self, infos: list[CheckpointInfo] | None = None) -> float | None:
+        best = self._best_checkpoint(infos)
         return None if best is None else best.monitor_value
 
-    def _best_checkpoint(self) -> CheckpointInfo | None:
-        """The best checkpoint on disk by the monitored value (the newest among equals).
+    def _best_checkpoint(self, infos: list[CheckpointInfo] | None = None) -> CheckpointInfo | None:
+        """The best checkpoint on disk by the monitored value (the newest among equals);
+        ``infos``: the job's checkpoints when just listed.
 
         Read from the manifests, not the ``best`` pointer: a write killed between moving
         ``latest`` and ``best`` leaves that pointer behind, and this puts it right.
         """
         best: CheckpointInfo | None = None
-        for info in list_checkpoints(self.job_dir):  # newest first
+        for info in list_checkpoints(self.job_dir) if infos is None else infos:  # newest first
             value = info.monitor_value
             if info.monitor != self.monitor or value is None:
                 continue
@@ -293,7 +302,11 @@ class CheckpointWriter(Subscriber):
         """Count and report a write that failed (disk full, I/O error): the files it began are
         gone, the pointers still name the last good checkpoint, and training goes on; the
         next checkpoint is tried as usual, so saving resumes once the cause is gone."""
-        on_disk = self._best_on_disk() if request.best else None
+        listed = list_checkpoints(self.job_dir)
+        # a write can fail after its folder was renamed into place (the last fsync): number on
+        # from what is on disk
+        self._serial = max(self._serial, last_serial(listed))
+        on_disk = self._best_on_disk(listed) if request.best else None
         with self._condition:
             self._failed += 1
             if request.best and not (self._pending is not None and self._pending.best):
@@ -328,9 +341,12 @@ class CheckpointWriter(Subscriber):
             reason=request.reason,
             metrics=request.metrics,
             monitor=self.monitor,
+            serial=self._serial + 1,
         )
+        self._serial = info.serial
         write_pointer(self.job_dir, "latest", info)
-        best_info = self._best_checkpoint()
+        infos = list_checkpoints(self.job_dir)  # once a write: its Python competes with training
+        best_info = self._best_checkpoint(infos)
         best = best_info is not None and best_info.name == info.name
         if best_info is not None and read_pointer(self.job_dir, "best") != best_info.name:
             write_pointer(self.job_dir, "best", best_info)
@@ -340,6 +356,7 @@ class CheckpointWriter(Subscriber):
             keep_best=self.keep_best,
             mode=self.mode,
             protect=[info.name],
+            infos=infos,
         )
         seconds = request.snapshot_seconds + time.perf_counter() - started
         with self._condition:

@@ -186,3 +186,43 @@ def test_snapshot_keeps_checkpoints_loadable_with_weights_only(tmp_path: Path) -
     assert type(copied["reason"]) is str and type(copied["value"]) is float
     info = write_checkpoint(tmp_path, copied, epoch=0, step=0, reason="command")
     assert load_checkpoint(tmp_path, info.name) == copied
+
+
+def test_serials_keep_rising_across_a_write_that_failed_after_its_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The writer numbers checkpoints itself; a write whose last fsync fails has its folder in
+    # place already, and the next checkpoint must still come after it (and a new writer after
+    # both): the newest is what an interrupted job resumes from
+    import subscribers._checkpoint_files as files
+
+    trainer = ToyTrainer()
+    writer = _writer(tmp_path, keep_last=5)
+    writer.bind(trainer)
+    real_fsync_dir = files._fsync_dir
+    failing = {"on": False}
+
+    def fsync_dir(path: Path) -> None:
+        if failing["on"] and path.name == "checkpoints":
+            failing["on"] = False
+            raise OSError(5, "Input/output error")
+        real_fsync_dir(path)
+
+    monkeypatch.setattr(files, "_fsync_dir", fsync_dir)
+    for epoch in range(3):
+        trainer.train_step()
+        failing["on"] = epoch == 1
+        trainer.end_epoch({"val_loss": 1.0})
+        writer.flush()
+    assert writer.statistics().failed == 1
+    serials = [info.serial for info in list_checkpoints(tmp_path)]  # newest first
+    assert serials == [3, 2, 1]
+    writer.close()
+    again = _writer(tmp_path, keep_last=5)
+    again.bind(trainer)
+    trainer.train_step()
+    trainer.end_epoch({"val_loss": 1.0})
+    again.flush()
+    assert list_checkpoints(tmp_path)[0].serial == 4
+    assert checkpoint_path(tmp_path, "latest") == list_checkpoints(tmp_path)[0].path
+    again.close()
