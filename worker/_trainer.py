@@ -352,6 +352,7 @@ class Trainer:
         loss_value = math.nan
         x_train = self.x_train
         y_train = self.y_train
+        train_size = len(y_train)
         callbacks = self.callbacks
         callbacks_version = -1
         inline = True
@@ -377,7 +378,7 @@ class Trainer:
             else:
                 outputs = model(inputs)
                 loss = loss_fn(outputs, targets)
-            count = len(targets)
+            count = min(batch_size, train_size - batch * batch_size)  # len(targets), in ints
             if host_loss or loud:
                 loss_value = loss.item()
                 if not math.isfinite(loss_value):
