@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import shutil
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from bus import Event, EventBus, EventType, Subscriber
@@ -240,3 +243,132 @@ def test_samples_from_epoch_totals_when_batches_carry_none() -> None:
         _value(families, "trainbus_job_learning_rate", "trainbus_job_learning_rate", job_id="w")
         == 0.1
     )
+
+
+# Whatever event data may hold, odd values included: a huge int makes float() raise half-way.
+_values = st.one_of(
+    st.none(),
+    st.integers(min_value=-3, max_value=40),
+    st.floats(),
+    st.booleans(),
+    st.sampled_from([-0.0, "0.5", [1.0], {"loss": 1.0}, 10**400]),
+)
+_metrics = st.one_of(
+    _values,
+    st.fixed_dictionaries(
+        {},
+        optional={
+            key: _values
+            for key in (
+                "loss",
+                "train_loss",
+                "lr",
+                "val_accuracy",
+                "samples_per_s",
+                "epoch_seconds",
+            )
+        },
+    ),
+)
+_data = st.fixed_dictionaries(
+    {},
+    optional={
+        "epoch": _values,
+        "step": _values,
+        "loss": _values,
+        "metrics": _metrics,
+        "samples": _values,
+        "batch_size": _values,
+        "lr": _values,
+        "step_seconds": _values,
+        "value": _values,
+        "seconds": _values,
+        "bytes": _values,
+    },
+)
+_kinds = st.one_of(  # train_batch_end two times in three
+    st.just(EventType.TRAIN_BATCH_END),
+    st.just(EventType.TRAIN_BATCH_END),
+    st.sampled_from(
+        [
+            EventType.TRAIN_BATCH_START,
+            EventType.TRAIN_EPOCH_START,
+            EventType.TRAIN_EPOCH_END,
+            EventType.FIT_EPOCH_END,
+            EventType.JOB_STARTED,
+            EventType.JOB_COMPLETED,
+            EventType.LR_CHANGED,
+            EventType.CHECKPOINT_SAVED,
+            EventType.GAP,
+            # equal to TRAIN_BATCH_END (a StrEnum) but not read as one
+            cast(EventType, "train_batch_end"),
+        ]
+    ),
+)
+# Runs of one job and type, as the trainer publishes them; neighbours may extend a run.
+_segments = st.lists(
+    st.tuples(
+        st.sampled_from(["a", "b"]),
+        _kinds,
+        st.lists(
+            st.tuples(st.one_of(st.floats(0.0, 100.0), st.just(math.nan)), _data),
+            min_size=1,
+            max_size=8,
+        ),
+    ),
+    max_size=4,
+)
+_Segments = list[tuple[str, EventType, list[tuple[float, dict[str, Any]]]]]
+
+
+def _exported(calls: list[_Segments], *, one_at_a_time: bool) -> list[tuple[bytes, str | None]]:
+    """The metrics after each ``observe()`` call, and what it raised."""
+    exporter = PrometheusExporter(process_metrics=False, clock=lambda: 1000.0)
+    results = []
+    seq = 0
+    for segments in calls:
+        events = []
+        for job_id, kind, run in segments:
+            for time, data in run:
+                seq += 1
+                events.append(Event(job_id, seq, kind, time, data))
+        error = None
+        try:
+            if one_at_a_time:
+                for event in events:
+                    exporter.observe([event])
+            else:
+                exporter.observe(events)
+        except Exception as raised:  # both ways stop at the event that raised
+            error = repr(raised)
+        results.append((exporter.render(), error))
+    # What render() does not show but later events read: the last batch (a step duration
+    # from it) and whether samples are counted from batches (else from the epoch totals).
+    for job_id in ("a", "b"):
+        exporter.observe([Event(job_id, 0, EventType.TRAIN_BATCH_END, 500.0, {"step": 1000})])
+        exporter.observe(
+            [
+                Event(
+                    job_id,
+                    0,
+                    EventType.TRAIN_EPOCH_END,
+                    501.0,
+                    {"metrics": {"samples_per_s": 3.0, "epoch_seconds": 2.0}},
+                )
+            ]
+        )
+    results.append((exporter.render(), None))
+    return results
+
+
+_BATCH_END = EventType.TRAIN_BATCH_END
+
+
+@settings(max_examples=200, deadline=None)
+@given(calls=st.lists(_segments, min_size=1, max_size=5))
+# max(0.0, -0.0) is 0.0
+@example(calls=[[("a", _BATCH_END, [(1.0, {}), (2.0, {"samples": -0.0})])]])
+# the step raises before the epoch is set
+@example(calls=[[("a", _BATCH_END, [(1.0, {}), (2.0, {"epoch": 1, "step": 10**400})])]])
+def test_runs_of_batch_ends_give_what_one_event_at_a_time_gives(calls: list[_Segments]) -> None:
+    assert _exported(calls, one_at_a_time=False) == _exported(calls, one_at_a_time=True)
