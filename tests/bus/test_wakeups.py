@@ -141,6 +141,42 @@ async def test_publish_many_waits_for_room_in_a_small_lossless_buffer() -> None:
     assert statistics.dropped == 0
 
 
+async def test_a_bulk_of_events_is_delivered_at_once_each_time_without_rounds() -> None:
+    # A trainer publishes its batch events in bulks of hundreds: each is a batch already, and
+    # reaches the readers at once, not at the coalescer's next round (2 s here). A small bulk
+    # joins the rounds like single events do.
+    class Arrivals(BatchCounter):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen = threading.Condition()
+
+        async def on_events(self, events: Sequence[Event]) -> None:
+            await super().on_events(events)
+            with self.seen:
+                self.seen.notify_all()
+
+    arrivals = Arrivals()
+    async with EventBus(wake_interval=2.0, max_wake_interval=2.0) as bus:
+        bus.attach(arrivals)
+
+        def delivery_seconds(size: int, step: int) -> float:
+            items = [(BATCH_END, {"step": step + i}) for i in range(size)]
+            started = time.monotonic()
+            last = bus.publish_many("job", items)[-1]
+            with arrivals.seen:
+                arrivals.seen.wait_for(
+                    lambda: arrivals.events[-1:] and arrivals.events[-1].seq == last.seq, 10
+                )
+            return time.monotonic() - started
+
+        bulks = [await anyio.to_thread.run_sync(delivery_seconds, 200, 200 * i) for i in range(3)]
+        small = [await anyio.to_thread.run_sync(delivery_seconds, 4, 600 + 4 * i) for i in range(2)]
+    assert max(bulks) < 1.0, bulks
+    assert small[1] > 1.0, small  # the first small one after quiet goes at once; then rounds
+    assert [e.data["step"] for e in arrivals.events] == list(range(608))
+    assert arrivals.batches == 5
+
+
 async def test_processed_seq_counts_events_a_filter_skips_as_handled() -> None:
     class EpochEnds(Subscriber):
         async def on_fit_epoch_end(self, event: Event) -> None:
