@@ -301,7 +301,7 @@ async def test_shutdown_interrupts_running_jobs_which_resume_after_a_restart(
     settings = make_settings(data)
     with run_server(create_app(settings), settings) as first:
         async with AsyncTrainbusClient(first.url, first.token) as api:
-            job = await api.submit(digits_spec(epochs=8, batch_size=64))
+            job = await api.submit(digits_spec(epochs=60, batch_size=64))  # outlasts the shutdown
             async with _ws(first, job["id"]) as socket:
                 await _until(socket, {"fit_epoch_end"})
         # leaving the block shuts the server down as SIGTERM does (uvicorn's should_exit)
