@@ -156,15 +156,13 @@ class EventStore(Subscriber):
     steers_training = False  # it records; training never waits for it
 
     policy = DeliveryPolicy.LOSSLESS
-    # Batches of up to 2048: a trainer's 0.1 s of batch events (~850 on the tiny workload of
-    # bench/overhead.py) go in one hop to the writing thread and one transaction. Measured on
-    # 2 cores (store alone attached, tiny run, median of 15 paired ratios): 512 a batch 1.036,
-    # 1024 1.031, 2048 1.026. A flooding publisher (bench/store.py) gets less from bigger
-    # batches (163k events/s at 512, 131k at 2048), still far above what training produces.
-    # The buffer absorbs a few seconds of batch events while another connection holds the
-    # database lock.
-    buffer_size = 8192
-    max_batch = 2048
+    # Measured with bench/store.py (2 cores): batches of 512 behind a buffer of 2048 gave
+    # 105-163k events/s; bigger batches gave less. Batches of 2048 cut the store's share of a
+    # tiny training run a little (1.036 -> 1.026, median of 15 paired ratios, within the
+    # noise) but raised bench/fanout.py's p99 from 15 to 23-28 ms: kept at 512. The buffer
+    # still absorbs a second or more of batch events while another connection holds the lock.
+    buffer_size = 2048
+    max_batch = 512
 
     def __init__(
         self,
