@@ -101,11 +101,6 @@ def _unique_name(directory: Path, base: str) -> str:
     return name
 
 
-def _next_serial(directory: Path) -> int:
-    serials = [info.serial for info in list_checkpoints(directory.parent)]
-    return max(serials, default=0) + 1
-
-
 def last_serial(infos: Iterable[CheckpointInfo]) -> int:
     """The highest serial among ``infos`` (0 for none): the next checkpoint takes one more."""
     return max((info.serial for info in infos), default=0)
@@ -147,7 +142,9 @@ def write_checkpoint(
             os.fsync(raw.fileno())
         manifest = {
             "format_version": FORMAT_VERSION,
-            "serial": _next_serial(directory) if serial is None else int(serial),
+            "serial": (
+                last_serial(list_checkpoints(job_dir)) + 1 if serial is None else int(serial)
+            ),
             "epoch": int(epoch),
             "step": int(step),
             "reason": reason,

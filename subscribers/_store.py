@@ -270,15 +270,14 @@ class EventStore(Subscriber):
                         by_job[event[0]] = [event]
                     else:
                         kept.append(event)
-        else:
+            seen = {job_id: kept[-1][1] for job_id, kept in by_job.items()}
+        else:  # seen: skipped events count as handled too
             for event in self._thinned(events, seen, ended):
                 by_job.setdefault(event[0], []).append(event)
         if by_job or ended:
             self._commit(by_job, ended)
         # Only now, so that a reader never sees a seq as handled before it is readable.
         # (Per job, events arrive in seq order: the last one seen is the highest.)
-        for job_id, kept in by_job.items():
-            seen[job_id] = max(seen.get(job_id, 0), kept[-1][1])
         for job_id, seq in seen.items():
             if self._seen.get(job_id, 0) < seq:
                 self._seen[job_id] = seq
