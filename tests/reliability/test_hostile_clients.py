@@ -196,13 +196,24 @@ def _server_peer_ports(server: Server) -> set[int]:
     return ports
 
 
+_TICK = 1 / os.sysconf("SC_CLK_TCK")
+
+
 def _thread_cpu_seconds(pid: int) -> dict[str, float]:
-    """CPU seconds each thread of ``pid`` has run (the kernel's scheduler statistics, in ns)."""
+    """CPU seconds each thread of ``pid`` has run: the scheduler's own count (ns) where the
+    kernel keeps it, else user plus system time (clock ticks) from ``stat``."""
     seconds = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
+        task = Path(f"/proc/{pid}/task/{tid}")
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-            seconds[tid] = int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
-    return {tid: ns / 1e9 for tid, ns in seconds.items()}
+            try:
+                seconds[tid] = int((task / "schedstat").read_text().split()[0]) / 1e9
+            except FileNotFoundError:
+                if not task.exists():
+                    raise
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                seconds[tid] = (int(fields[11]) + int(fields[12])) * _TICK
+    return seconds
 
 
 class ServerSampler:
