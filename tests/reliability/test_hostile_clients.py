@@ -144,9 +144,8 @@ def _cpus() -> tuple[int | None, set[int]]:
 @contextlib.contextmanager
 def _serve(data_dir: Path, cpu: int | None = None) -> Iterator[Server]:
     port = free_port()
-    pin = () if cpu is None else ("taskset", "--cpu-list", str(cpu))
     process = subprocess.Popen(
-        [*pin, *SERVE, "--port", str(port), "--data-dir", str(data_dir), "--log-level", "warning"],
+        [*SERVE, "--port", str(port), "--data-dir", str(data_dir), "--log-level", "warning"],
         env={
             **os.environ,
             "TRAINBUS_TOKEN": TOKEN,
@@ -157,6 +156,10 @@ def _serve(data_dir: Path, cpu: int | None = None) -> Iterator[Server]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    if cpu is not None:
+        # Popen returns once the child has exec'd, before Python starts any thread: every
+        # thread the server starts inherits this.
+        os.sched_setaffinity(process.pid, {cpu})
     server = Server(process, f"http://127.0.0.1:{port}")
     try:
         deadline = time.monotonic() + 60
