@@ -219,6 +219,13 @@ class PrometheusExporter(Subscriber):
                     for event in run:
                         self._observe(event)
 
+    def _job(self, job_id: str) -> _Job:
+        """The series of ``job_id`` (new ones for a job seen for the first time)."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            job = self._jobs[job_id] = _Job()
+        return job
+
     def _observe(self, event: Event) -> None:
         kind = event.type
         data = event.data
@@ -227,9 +234,7 @@ class PrometheusExporter(Subscriber):
         if kind is EventType.RESOURCE_SAMPLE:
             self._observe_resources(data)
             return
-        job = self._jobs.get(event.job_id)
-        if job is None:
-            job = self._jobs[event.job_id] = _Job()
+        job = self._job(event.job_id)
         state = _STATE_OF_EVENT.get(kind)
         if state is not None:
             job.state = state
@@ -274,9 +279,7 @@ class PrometheusExporter(Subscriber):
         as do the fields it had already set.
         """
         first = next(events)
-        job = self._jobs.get(first.job_id)
-        if job is None:
-            job = self._jobs[first.job_id] = _Job()
+        job = self._job(first.job_id)
         events = chain((first,), events)
         job_epoch, job_step, job_loss = job.epoch, job.step, job.train_loss
         job_lr, job_samples = job.learning_rate, job.samples
