@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import anyio
@@ -189,3 +190,55 @@ def test_a_batch_mixing_plain_events_and_ones_orjson_cannot_write_keeps_every_va
     assert stored[19].data == {"big": 2**70}
     plain = [(e.seq, e.time, e.data) for e in stored if e.seq not in odd]
     assert plain == [(e.seq, e.time, e.data) for e in events if e.seq not in odd]
+
+
+def test_batch_events_go_in_as_one_chunk_a_write_and_read_back_merged_in_order(
+    data_dir: Path,
+) -> None:
+    path = data_dir / "trainbus.db"
+    events = [_event("a", seq, KINDS[seq % 3]) for seq in range(1, 61)]
+    with EventStore(path) as store:
+        store.write(events[:30])
+        store.write(events[30:])
+        assert store.read("a") == events
+        # after a seq in the middle of a chunk, with a type filter and a limit across both
+        assert store.read("a", after_seq=7, limit=5) == events[7:12]
+        batch_ends = [e for e in events if e.type is EventType.TRAIN_BATCH_END]
+        assert (
+            store.read("a", types=[EventType.TRAIN_BATCH_END], after_seq=20, limit=4)
+            == [e for e in batch_ends if e.seq > 20][:4]
+        )
+        assert (
+            store.read("a", types=["on_fit_epoch_end"], limit=3)
+            == [e for e in events if e.type is EventType.FIT_EPOCH_END][:3]
+        )
+        assert store.last_seq("a") == 60
+    with closing(sqlite3.connect(path)) as db:
+        # 20 batch events a write: one chunk each; the other 40 events one row each
+        assert db.execute("SELECT COUNT(*), SUM(count) FROM batch_events").fetchone() == (2, 20)
+        assert db.execute("SELECT COUNT(*) FROM events").fetchone() == (40,)
+
+
+def test_batch_events_stored_one_row_each_by_an_earlier_version_still_read(
+    data_dir: Path,
+) -> None:
+    path = data_dir / "trainbus.db"
+    old = [_event("a", seq) for seq in range(1, 6)]  # train_batch_end, as rows
+    with EventStore(path) as store:
+        pass  # creates the tables
+    with closing(sqlite3.connect(path)) as db, db:
+        db.executemany(
+            "INSERT INTO events VALUES (?, ?, ?, ?, ?)",
+            [(e.job_id, e.seq, e.type.value, e.time, json.dumps(e.data)) for e in old],
+        )
+    new = [_event("a", seq, KINDS[seq % 3]) for seq in range(6, 16)]
+    with EventStore(path, keep_batch_events="none_after_end") as store:
+        store.write(new)
+        assert store.read("a") == old + new
+        assert store.read("a", after_seq=3, limit=4) == (old + new)[3:7]
+        assert store.last_seq("a") == 15
+        store.write([_event("a", 16, EventType.JOB_COMPLETED)])
+        kept = [e.seq for e in store.read("a")]
+        assert kept == [e.seq for e in new if e.type is not EventType.TRAIN_BATCH_END] + [16]
+        assert store.delete_job("a") == len(kept)
+        assert store.read("a") == [] and store.job_ids() == []
