@@ -193,11 +193,13 @@ def apply_retention(
     mode: Mode,
     protect: Iterable[str] = (),
     infos: list[CheckpointInfo] | None = None,
+    pointed: Iterable[str | None] | None = None,
 ) -> list[str]:
     """Delete checkpoints beyond the ``keep_last`` newest and the ``keep_best`` best.
 
     The newest checkpoint, the ones the pointers name, and ``protect`` are always kept.
-    ``infos``: :func:`list_checkpoints` of the job, when the caller has just read it.
+    ``infos``: :func:`list_checkpoints` of the job, and ``pointed``: the names the ``latest``
+    and ``best`` pointers hold, when the caller knows them (else both are read from disk).
     Returns the deleted names.
     """
     if infos is None:
@@ -210,9 +212,9 @@ def apply_retention(
     scored.sort()
     keep.update(name for _, name in scored[: max(keep_best, 0)])
     keep.update(protect)
-    for pointed in (read_pointer(job_dir, "latest"), read_pointer(job_dir, "best")):
-        if pointed is not None:
-            keep.add(pointed)
+    if pointed is None:
+        pointed = (read_pointer(job_dir, "latest"), read_pointer(job_dir, "best"))
+    keep.update(name for name in pointed if name is not None)
     deleted = []
     for info in infos:
         if info.name not in keep:

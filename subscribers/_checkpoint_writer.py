@@ -165,10 +165,25 @@ class CheckpointWriter(Subscriber):
         removed = clean_orphans(self.job_dir)
         if removed:
             logger.info("job %s: removed unfinished checkpoint files %s", job_id, removed)
-        on_disk = list_checkpoints(self.job_dir)
-        self._serial = last_serial(on_disk)  # the writer numbers its checkpoints on from here
-        self._best_value = self._best_on_disk(on_disk)
+        self._serial = 0
+        self._on_disk: list[CheckpointInfo] = []
+        self._pointers: dict[str, str | None] = {}
+        self._read_disk()
+        self._best_value = self._best_on_disk(self._on_disk)
         self._last_step_saved: int | None = None
+
+    def _read_disk(self) -> None:
+        """Read the job's checkpoints and pointers from disk (at start and after a failed
+        write). In between the writer keeps them itself: it is the only one that writes this
+        job's checkpoints while it runs, and listing the folder and reading every manifest
+        each write took system calls, each a hand-over of the GIL with the training thread."""
+        self._on_disk = list_checkpoints(self.job_dir)  # newest first
+        self._pointers = {
+            "latest": read_pointer(self.job_dir, "latest"),
+            "best": read_pointer(self.job_dir, "best"),
+        }
+        # the writer numbers its checkpoints on from here
+        self._serial = max(self._serial, last_serial(self._on_disk))
 
     def _best_on_disk(self, infos: list[CheckpointInfo] | None = None) -> float | None:
         best = self._best_checkpoint(infos)
@@ -302,11 +317,10 @@ class CheckpointWriter(Subscriber):
         """Count and report a write that failed (disk full, I/O error): the files it began are
         gone, the pointers still name the last good checkpoint, and training goes on; the
         next checkpoint is tried as usual, so saving resumes once the cause is gone."""
-        listed = list_checkpoints(self.job_dir)
-        # a write can fail after its folder was renamed into place (the last fsync): number on
-        # from what is on disk
-        self._serial = max(self._serial, last_serial(listed))
-        on_disk = self._best_on_disk(listed) if request.best else None
+        # a write can fail after its folder was renamed into place (the last fsync), or after
+        # a pointer moved: start again from what is on disk, numbering on from there
+        self._read_disk()
+        on_disk = self._best_on_disk(self._on_disk) if request.best else None
         with self._condition:
             self._failed += 1
             if request.best and not (self._pending is not None and self._pending.best):
@@ -322,7 +336,7 @@ class CheckpointWriter(Subscriber):
             "epoch": request.epoch,
             "step": request.step,
             "reason": request.reason,
-            "latest": read_pointer(self.job_dir, "latest"),
+            "latest": self._pointers["latest"],
         }
         try:
             self.bus.report_error(self, self._job, data)
@@ -344,12 +358,15 @@ class CheckpointWriter(Subscriber):
             serial=self._serial + 1,
         )
         self._serial = info.serial
+        infos = [info, *self._on_disk]
+        self._on_disk = infos
         write_pointer(self.job_dir, "latest", info)
-        infos = list_checkpoints(self.job_dir)  # once a write: its Python competes with training
+        self._pointers["latest"] = info.name
         best_info = self._best_checkpoint(infos)
         best = best_info is not None and best_info.name == info.name
-        if best_info is not None and read_pointer(self.job_dir, "best") != best_info.name:
+        if best_info is not None and self._pointers["best"] != best_info.name:
             write_pointer(self.job_dir, "best", best_info)
+            self._pointers["best"] = best_info.name
         deleted = apply_retention(
             self.job_dir,
             keep_last=self.keep_last,
@@ -357,7 +374,11 @@ class CheckpointWriter(Subscriber):
             mode=self.mode,
             protect=[info.name],
             infos=infos,
+            pointed=self._pointers.values(),
         )
+        if deleted:
+            gone = set(deleted)
+            self._on_disk = [kept for kept in infos if kept.name not in gone]
         seconds = request.snapshot_seconds + time.perf_counter() - started
         with self._condition:
             self._written += 1
