@@ -242,3 +242,45 @@ def test_batch_events_stored_one_row_each_by_an_earlier_version_still_read(
         assert kept == [e.seq for e in new if e.type is not EventType.TRAIN_BATCH_END] + [16]
         assert store.delete_job("a") == len(kept)
         assert store.read("a") == [] and store.job_ids() == []
+
+
+READ_KINDS = [
+    EventType.TRAIN_BATCH_START,
+    EventType.TRAIN_BATCH_END,
+    EventType.VAL_BATCH_END,
+    EventType.FIT_EPOCH_END,
+    EventType.MODEL_SAVE,
+]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.sampled_from(READ_KINDS), min_size=1, max_size=60),
+    st.integers(1, 9),
+    st.lists(
+        st.tuples(
+            st.integers(0, 65),
+            st.none() | st.sets(st.sampled_from(READ_KINDS)),
+            st.none() | st.integers(0, 12),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+)
+def test_reads_after_a_seq_by_types_with_a_limit_match_a_plain_filter(
+    kinds: list[EventType],
+    writes_of: int,
+    reads: list[tuple[int, set[EventType] | None, int | None]],
+) -> None:
+    # batch events go in as chunks, the others as rows: every read merges both
+    import tempfile
+
+    events = [Event("a", seq, kind, 0.5 * seq, {"seq": seq}) for seq, kind in enumerate(kinds, 1)]
+    with tempfile.TemporaryDirectory() as folder, EventStore(Path(folder) / "t.db") as store:
+        for start in range(0, len(events), writes_of):
+            store.write(events[start : start + writes_of])
+        for after_seq, types, limit in reads:
+            expected = [
+                e for e in events if e.seq > after_seq and (types is None or e.type in types)
+            ][:limit]
+            assert store.read("a", after_seq=after_seq, types=types, limit=limit) == expected
