@@ -9,7 +9,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from ._numbers import Float, Int, not_a_boolean
+from ._numbers import Bool, Float, Int, not_a_boolean
 
 __all__ = ["CNNParams", "LinearParams", "MLPParams", "build_cnn", "build_linear", "build_mlp"]
 
@@ -20,7 +20,7 @@ class LinearParams(BaseModel):
     """A single linear layer (logistic or linear regression)."""
 
     model_config = ConfigDict(extra="forbid")
-    bias: bool = True
+    bias: Bool = True
 
 
 class MLPParams(BaseModel):

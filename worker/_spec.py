@@ -17,7 +17,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails
 
 from ._errors import SpecError
-from ._numbers import Float, Int, not_a_boolean
+from ._numbers import Bool, Float, Int, not_a_boolean
 from ._registry import default_registry
 
 __all__ = [
@@ -232,23 +232,23 @@ class CheckpointSpec(BaseModel):
     """Checkpoints: ``last`` each ``every_n_epochs`` and the ``keep_best`` best by ``monitor``."""
 
     model_config = _STRICT
-    enabled: bool = True
+    enabled: Bool = True
     monitor: str = Field(default="val_loss", max_length=64)
     mode: Mode = "min"
     every_n_epochs: Annotated[int, Field(ge=1, le=100_000), not_a_boolean] | None = 1
     every_n_steps: Annotated[int, Field(ge=1, le=100_000_000), not_a_boolean] | None = None
     keep_last: Int = Field(default=1, ge=1, le=100)
     keep_best: Int = Field(default=1, ge=0, le=100)
-    save_on_pause: bool = True
-    save_on_stop: bool = True
-    save_on_failure: bool = True
+    save_on_pause: Bool = True
+    save_on_stop: Bool = True
+    save_on_failure: Bool = True
 
 
 class EarlyStopSpec(BaseModel):
     """Early stopping with the parameters of Lightning and Keras."""
 
     model_config = _STRICT
-    enabled: bool = False
+    enabled: Bool = False
     monitor: str = Field(default="val_loss", max_length=64)
     mode: Mode = "min"
     patience: Int = Field(default=3, ge=0, le=100_000)
@@ -256,16 +256,16 @@ class EarlyStopSpec(BaseModel):
     baseline: Float | None = None
     stopping_threshold: Float | None = None
     divergence_threshold: Float | None = None
-    check_finite: bool = True
+    check_finite: Bool = True
     start_from_epoch: Int = Field(default=0, ge=0)
-    restore_best: bool = False
+    restore_best: Bool = False
 
 
 class LRPlateauSpec(BaseModel):
     """Keras' ReduceLROnPlateau, acting through ``set_lr`` commands."""
 
     model_config = _STRICT
-    enabled: bool = False
+    enabled: Bool = False
     monitor: str = Field(default="val_loss", max_length=64)
     mode: Mode = "min"
     factor: Float = Field(default=0.1, gt=0, lt=1)
@@ -277,7 +277,7 @@ class LRPlateauSpec(BaseModel):
 
 class ResourcesSpec(BaseModel):
     model_config = _STRICT
-    enabled: bool = True
+    enabled: Bool = True
     interval_seconds: Float = Field(default=5.0, ge=0.1, le=3600)
 
 

@@ -97,6 +97,14 @@ def test_unknown_model_lists_the_available_ones() -> None:
             ("dataset", "params", "n_samples"),
             "boolean",
         ),
+        # and numbers or words are not booleans (lax mode would read 0.0 and "yes" as ones)
+        ({"resources": {"enabled": 0.0}}, ("resources", "enabled"), "valid boolean"),
+        ({"checkpoint": {"save_on_stop": "yes"}}, ("checkpoint", "save_on_stop"), "boolean"),
+        (
+            {"model": {"name": "linear", "params": {"bias": 1}}},
+            ("model", "params", "bias"),
+            "boolean",
+        ),
         # a CUDA index is written without leading zeros (torch.device refuses "cuda:04")
         ({"device": "cuda:04"}, ("device",), "pattern"),
     ],
