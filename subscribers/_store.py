@@ -2,13 +2,14 @@
 
 Two tables. ``events`` holds one row per event of the rarer kinds (epochs, checkpoints,
 commands, job lifecycle), so that reading a job's epochs never touches its batches.
-``batch_events`` holds the per-batch events (``bus.BATCH_EVENT_TYPES``: four or six an
-optimizer step) as chunks: one row for each job's batch events of one write, a JSON array
-of ``[seq, type, time, data]``. A row per batch event cost SQLite ~5 us an event to parse
-and index, CPU that a small model's training run pays for (bench/overhead.py, tiny
-workload, every default subscriber: the process's CPU over the bare loop's fell from 1.185
-to 1.131 with chunks, wall time from 1.123 to 1.103 at their fastest). Reads merge both
-tables in ``seq`` order; databases written before chunks existed read as before.
+``batch_events`` holds the per-batch events (``bus.BATCH_EVENT_TYPES``: four a training
+batch, two a validation batch) as chunks: one row for each job's batch events of one write,
+a JSON array of ``[seq, type, time, data]``. A row per batch event cost SQLite ~5 us an
+event to parse and index, CPU that a small model's training run pays for
+(bench/overhead.py, tiny workload, every default subscriber: the process's CPU over the
+bare loop's fell from 1.185 to 1.131 with chunks, wall time from 1.123 to 1.103 at their
+fastest). Reads merge both tables in ``seq`` order; databases written before chunks
+existed read as before.
 """
 
 from __future__ import annotations
@@ -82,7 +83,6 @@ _INSERT_JSON = (
 # each, under SQLite's historical limit of 999).
 _ROWS_PER_INSERT = 100
 _BATCH_TYPES = tuple(sorted(t.value for t in BATCH_EVENT_TYPES))
-_BATCH_TYPE_SET = BATCH_EVENT_TYPES
 _json_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
 try:
@@ -155,7 +155,7 @@ def _decode_chunk(job_id: str, text: str) -> list[Event]:
 def _insert(connection: sqlite3.Connection, events: Sequence[Event]) -> None:
     """Insert ``events`` (one job's, in ``seq`` order): the batch events as one chunk, the
     others as rows."""
-    batch = [event for event in events if event[2] in _BATCH_TYPE_SET]
+    batch = [event for event in events if event[2] in BATCH_EVENT_TYPES]
     if batch:
         connection.execute(
             _INSERT_CHUNK,
@@ -163,7 +163,7 @@ def _insert(connection: sqlite3.Connection, events: Sequence[Event]) -> None:
         )
         if len(batch) == len(events):
             return
-        events = [event for event in events if event[2] not in _BATCH_TYPE_SET]
+        events = [event for event in events if event[2] not in BATCH_EVENT_TYPES]
     _insert_rows(connection, events)
 
 
