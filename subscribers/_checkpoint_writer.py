@@ -185,19 +185,19 @@ class CheckpointWriter(Subscriber):
         # the writer numbers its checkpoints on from here
         self._serial = max(self._serial, last_serial(self._on_disk))
 
-    def _best_on_disk(self, infos: list[CheckpointInfo] | None = None) -> float | None:
+    def _best_on_disk(self, infos: list[CheckpointInfo]) -> float | None:
         best = self._best_checkpoint(infos)
         return None if best is None else best.monitor_value
 
-    def _best_checkpoint(self, infos: list[CheckpointInfo] | None = None) -> CheckpointInfo | None:
-        """The best checkpoint on disk by the monitored value (the newest among equals);
-        ``infos``: the job's checkpoints when just listed.
+    def _best_checkpoint(self, infos: list[CheckpointInfo]) -> CheckpointInfo | None:
+        """The best of ``infos`` (the job's checkpoints, newest first) by the monitored value
+        (the newest among equals).
 
         Read from the manifests, not the ``best`` pointer: a write killed between moving
         ``latest`` and ``best`` leaves that pointer behind, and this puts it right.
         """
         best: CheckpointInfo | None = None
-        for info in list_checkpoints(self.job_dir) if infos is None else infos:  # newest first
+        for info in infos:
             value = info.monitor_value
             if info.monitor != self.monitor or value is None:
                 continue

@@ -14,6 +14,7 @@ existed read as before.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import heapq
 import json
@@ -22,6 +23,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import chain, islice
+from operator import itemgetter
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -83,6 +85,7 @@ _INSERT_JSON = (
 # each, under SQLite's historical limit of 999).
 _ROWS_PER_INSERT = 100
 _BATCH_TYPES = tuple(sorted(t.value for t in BATCH_EVENT_TYPES))
+_seq_of = itemgetter(1)  # Event is a named tuple; index 1 is its seq
 _json_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
 try:
@@ -363,20 +366,26 @@ class EventStore(Subscriber):
         return kept
 
     def _commit(self, by_job: dict[str, list[Event]], ended: list[str]) -> None:
+        with self._transaction() as connection:
+            for events in by_job.values():
+                _insert(connection, events)
+            marks = ",".join("?" * len(_BATCH_TYPES))
+            for job_id in ended:
+                connection.execute("DELETE FROM batch_events WHERE job_id = ?", (job_id,))
+                # rows of batch events: written before chunks existed
+                connection.execute(
+                    f"DELETE FROM events WHERE job_id = ? AND type IN ({marks})",
+                    (job_id, *_BATCH_TYPES),
+                )
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """The write connection, in a transaction committed at the end (rolled back on error)."""
         with self._write_lock:
             connection = self._write_connection()
             connection.execute("BEGIN IMMEDIATE")
             try:
-                for events in by_job.values():
-                    _insert(connection, events)
-                marks = ",".join("?" * len(_BATCH_TYPES))
-                for job_id in ended:
-                    connection.execute("DELETE FROM batch_events WHERE job_id = ?", (job_id,))
-                    # rows of batch events: written before chunks existed
-                    connection.execute(
-                        f"DELETE FROM events WHERE job_id = ? AND type IN ({marks})",
-                        (job_id, *_BATCH_TYPES),
-                    )
+                yield connection
             except BaseException:
                 connection.execute("ROLLBACK")
                 raise
@@ -487,19 +496,12 @@ class EventStore(Subscriber):
 
     def delete_job(self, job_id: str) -> int:
         """Delete every stored event of ``job_id``; return how many."""
-        with self._write_lock:
-            connection = self._write_connection()
-            connection.execute("BEGIN IMMEDIATE")
-            try:
-                (chunked,) = connection.execute(
-                    "SELECT COALESCE(SUM(count), 0) FROM batch_events WHERE job_id = ?", (job_id,)
-                ).fetchone()
-                connection.execute("DELETE FROM batch_events WHERE job_id = ?", (job_id,))
-                rows = connection.execute("DELETE FROM events WHERE job_id = ?", (job_id,)).rowcount
-            except BaseException:
-                connection.execute("ROLLBACK")
-                raise
-            connection.execute("COMMIT")
+        with self._transaction() as connection:
+            (chunked,) = connection.execute(
+                "SELECT COALESCE(SUM(count), 0) FROM batch_events WHERE job_id = ?", (job_id,)
+            ).fetchone()
+            connection.execute("DELETE FROM batch_events WHERE job_id = ?", (job_id,))
+            rows = connection.execute("DELETE FROM events WHERE job_id = ?", (job_id,)).rowcount
         self._seen.pop(job_id, None)
         for key in [key for key in self._batch_counts if key[0] == job_id]:
             del self._batch_counts[key]
@@ -513,7 +515,3 @@ def _in_order(rows: Iterable[Event], chunked: Iterable[Event]) -> Iterator[Event
         if event[1] > last:
             last = event[1]
             yield event
-
-
-def _seq_of(event: Event) -> int:
-    return event[1]
