@@ -46,6 +46,7 @@ bench: $(INSTALLED)
 	$(BIN)/python bench/checkpoint.py
 	$(BIN)/python bench/store.py
 	$(BIN)/python bench/fanout.py
+	$(BIN)/python bench/interference.py
 
 ## The reliability suite at soak size (more kills, reconnects, schemathesis cases); figures are
 ## appended to reliability-report.jsonl for docs/RELIABILITY.md.
