@@ -21,6 +21,7 @@ import _no_shadow  # noqa: F401  (must come first: bench/bus.py shadows the bus 
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -53,7 +54,7 @@ def start_load(duty: float) -> subprocess.Popen[bytes]:
     """A process that spins for ``duty`` of every 10 ms, on the other core where it can."""
     command = [sys.executable, "-c", LOAD, str(PERIOD_S * duty), str(PERIOD_S * (1 - duty))]
     cores = sorted(os.sched_getaffinity(0))
-    if len(cores) > 1 and Path("/usr/bin/taskset").exists():
+    if len(cores) > 1 and shutil.which("taskset"):
         command = ["taskset", "-c", str(cores[-1]), *command]
     load = subprocess.Popen(command)
     time.sleep(0.2)  # let it start spinning

@@ -15,6 +15,7 @@ import _no_shadow  # noqa: F401  (must come first: bench/bus.py shadows the bus 
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -208,7 +209,7 @@ def main() -> None:
     # step (the bus and four lossless subscribers), and every default subscriber's per epoch
     # (a checkpoint, the controllers' decision, a scrape, plus the store's and exporter's share
     # of the epoch's batch events).
-    steps = args.epochs * -(-(samples // args.epochs) // args.batch_size)
+    steps = args.epochs * math.ceil(samples // args.epochs / args.batch_size)
     per_step_us = (fastest["trainbus"] - fastest["bare"]) / steps * 1e6
     per_epoch_ms = (fastest["all"] - fastest["bare"]) / args.epochs * 1e3
     print(
