@@ -8,10 +8,11 @@ uses the backend's own non-blocking primitive (``loop.call_soon_threadsafe`` on 
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
 
-import sniffio
+from anyio.lowlevel import current_token
 
 __all__ = ["LoopNotifier"]
 
@@ -22,20 +23,14 @@ class LoopNotifier:
     __slots__ = ("_loop_thread", "_schedule")
 
     def __init__(self) -> None:
-        library = sniffio.current_async_library()
+        # anyio's token holds the backend's own handle: the asyncio loop, or trio's TrioToken.
+        native = current_token().native_token
         self._loop_thread = threading.get_ident()
-        if library == "asyncio":
-            import asyncio
-
-            self._schedule: Callable[[Callable[[], object]], object] = (
-                asyncio.get_running_loop().call_soon_threadsafe
-            )
-        elif library == "trio":
-            import trio
-
-            self._schedule = trio.lowlevel.current_trio_token().run_sync_soon
-        else:  # pragma: no cover - anyio supports only these two
-            raise RuntimeError(f"unsupported async library {library!r}")
+        self._schedule: Callable[[Callable[[], object]], object]
+        if isinstance(native, asyncio.AbstractEventLoop):
+            self._schedule = native.call_soon_threadsafe
+        else:
+            self._schedule = native.run_sync_soon  # type: ignore[attr-defined]
 
     def in_loop_thread(self) -> bool:
         """True when called from the thread that runs the event loop."""
