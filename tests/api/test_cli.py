@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -73,10 +74,23 @@ def test_every_command_is_there() -> None:
         "stop",
         "events",
         "demo",
+        "delete",
+        "checkpoints",
+        "download",
+        "models",
+        "datasets",
+        "predict",
     ]:
         assert (
             parser.parse_args(
-                [command] + ([] if command in ("serve", "demo", "jobs") else ["x"])
+                [command]
+                + (
+                    []
+                    if command in ("serve", "demo", "jobs", "models", "datasets")
+                    else ["x", "y"]
+                    if command == "predict"
+                    else ["x"]
+                )
             ).command
             == command
         )
@@ -156,3 +170,71 @@ def test_a_generated_token_survives_a_restart(tmp_path: Path) -> None:
     again, generated_again = ensure_token(Settings(data_dir=tmp_path, token=None))
     assert not generated_again
     assert again.token == first.token
+
+
+def test_a_bad_spec_file_gets_one_line_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = ["--url", "http://127.0.0.1:9", "--token", "unused-token-0000"]
+    assert main([*url, "submit", str(tmp_path / "missing.yaml")]) == 2
+    out = capsys.readouterr().out.strip()
+    assert "missing.yaml" in out and "\n" not in out and "Traceback" not in out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {name: mlp\ndataset: [\n")
+    assert main([*url, "submit", str(bad)]) == 2
+    out = capsys.readouterr().out.strip()
+    assert "bad.yaml is not valid YAML (line" in out and "\n" not in out
+
+
+def test_a_422_is_printed_field_by_field(
+    transport_server: LiveServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = tmp_path / "job.yaml"
+    spec.write_text("model:\n  name: mlp\nepochs: -1\n")
+    assert _cli(transport_server, "submit", str(spec)) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.strip().startswith("dataset: Field required") for line in lines), lines
+    assert any(line.strip().startswith("epochs: ") for line in lines), lines
+    assert "'loc'" not in "\n".join(lines)
+
+
+def test_status_shows_dates_and_events_pages_through_everything(
+    transport_server: LiveServer, fake_jobs: FakeJobs, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job_id = "many-events-1"
+    fake_jobs.add(job_id)
+    fake_jobs.records[job_id]["created_at"] = 1_797_000_000.0
+    done = threading.Event()
+
+    def publish() -> None:
+        for i in range(2_500):
+            transport_server.services.bus.publish(job_id, EventType.TRAIN_BATCH_END, {"i": i})
+        done.set()
+
+    transport_server.call_soon(publish)
+    assert done.wait(10)
+    assert _cli(transport_server, "status", job_id) == 0
+    status = capsys.readouterr().out
+    assert re.search(r"created_at\s+2026-\d\d-\d\d \d\d:\d\d:\d\d", status), status
+    assert "1797000000" not in status
+
+    assert _cli(transport_server, "events", job_id) == 0
+    seqs = [json.loads(line)["seq"] for line in capsys.readouterr().out.splitlines()]
+    assert seqs == list(range(1, 2_501))
+
+    assert _cli(transport_server, "events", job_id, "--limit", "10") == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 10
+    assert "--after-seq 10" in captured.err
+
+
+def test_delete_and_registry_commands(
+    transport_server: LiveServer, fake_jobs: FakeJobs, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_jobs.add("doomed-1")
+    assert _cli(transport_server, "delete", "doomed-1") == 0
+    assert "doomed-1" not in fake_jobs.records
+    assert _cli(transport_server, "models") == 0
+    assert _cli(transport_server, "datasets") == 0
+    assert _cli(transport_server, "checkpoints", "markup-1") == 0
+    capsys.readouterr()
