@@ -150,12 +150,18 @@ class CheckpointInfo(BaseModel):
                     "step": 114,
                     "reason": "epoch_end",
                     "metrics": {"val_loss": 0.31},
+                    "latest": True,
+                    "best": True,
                 }
             ]
         },
     )
 
     name: str
+    latest: bool = Field(False, description="The newest checkpoint (download it as 'latest')")
+    best: bool = Field(
+        False, description="The best by the spec's checkpoint.monitor (download it as 'best')"
+    )
 
 
 class RegistryBody(BaseModel):

@@ -18,9 +18,11 @@ accepted after the command) or ``TRAINBUS_TOKEN``; else in the server's data fol
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import shlex
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -504,7 +506,47 @@ def _print_registry(console: Console, entries: Any) -> None:
 
 
 def _predict(client: TrainbusClient, args: argparse.Namespace, console: Console) -> int:
-    raise UsageError("predict is not available yet")
+    """Download the job's checkpoint, rebuild the model with its preprocessing and print one
+    prediction per row of the CSV file."""
+    from worker import load_model
+
+    header, rows = _read_csv(args.csv)
+    with tempfile.TemporaryDirectory(prefix="trainbus-") as folder:
+        state = Path(folder) / "state.pt"
+        try:
+            client.download_checkpoint(args.job, args.checkpoint, state)
+        except TrainbusError as error:
+            if error.status != 404 or args.checkpoint != "best":
+                raise
+            client.download_checkpoint(args.job, "latest", state)  # no monitored metric
+        model = load_model(state)
+    if model.feature_names and set(model.feature_names) <= set(header):
+        columns = [header.index(name) for name in model.feature_names]
+    elif len(header) == model.num_features:
+        columns = list(range(len(header)))
+    else:
+        raise UsageError(
+            f"{args.csv} has {len(header)} columns; the model takes {model.num_features} "
+            "features" + (f" ({', '.join(model.feature_names)})" if model.feature_names else "")
+        )
+    try:
+        features = [[float(row[i]) for i in columns] for row in rows]
+    except (ValueError, IndexError) as error:
+        raise UsageError(f"{args.csv}: every feature must be a number ({error})") from None
+    for prediction in model.predict(features):
+        print(prediction)
+    return 0
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
+    try:
+        with path.open(newline="") as handle:
+            rows = list(csv.reader(handle))
+    except OSError as error:
+        raise UsageError(f"cannot read {path}: {error.strerror or error}") from None
+    if len(rows) < 2:
+        raise UsageError(f"{path} needs a header row and at least one row of features")
+    return rows[0], [row for row in rows[1:] if row]
 
 
 if __name__ == "__main__":  # pragma: no cover
