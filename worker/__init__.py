@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from ._datasets import DatasetSplit as DatasetSplit
 from ._datasets import resolve_dataset_file as resolve_dataset_file
+from ._datasets import split_and_standardise as split_and_standardise
 from ._errors import DatasetError as DatasetError
 from ._errors import IllegalTransition as IllegalTransition
 from ._errors import JobError as JobError
@@ -70,4 +71,5 @@ __all__ = [
     "default_registry",
     "load_model",
     "resolve_dataset_file",
+    "split_and_standardise",
 ]
