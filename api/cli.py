@@ -487,7 +487,7 @@ def _print_checkpoints(console: Console, checkpoints: list[dict[str, Any]]) -> N
         marks = [mark for mark in ("latest", "best") if info.get(mark)]
         table.add_row(
             Text(str(info["name"])),
-            Text(str(info.get("epoch", ""))),
+            Text(_one_based(info.get("epoch"))),
             Text(str(info.get("step", ""))),
             Text(str(info.get("reason", ""))),
             Text(format_metrics(info.get("metrics") or {})),
@@ -496,6 +496,11 @@ def _print_checkpoints(console: Console, checkpoints: list[dict[str, Any]]) -> N
         )
     console.print(table)
     console.print(f"{len(checkpoints)} checkpoints")
+
+
+def _one_based(epoch: Any) -> str:
+    """Epochs as users count them (the first is 1), as in checkpoint names and ``watch``."""
+    return str(epoch + 1) if isinstance(epoch, int) and not isinstance(epoch, bool) else ""
 
 
 def _print_registry(console: Console, entries: Any) -> None:
