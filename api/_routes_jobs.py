@@ -149,7 +149,10 @@ _COMMAND_RESPONSES: dict[int | str, dict[str, Any]] = {**_NOT_FOUND, **_CONFLICT
     summary="Pause a running job",
 )
 async def pause_job(request: Request, job_id: JobId) -> dict[str, Any]:
-    """Ask the trainer to checkpoint and hold at the next batch boundary."""
+    """Ask the trainer to checkpoint and hold at the next batch boundary.
+
+    A paused job keeps its running slot (``TRAINBUS_MAX_RUNNING_JOBS``): queued jobs wait
+    until it is resumed or stopped."""
     return await _command(request, job_id, "pause")
 
 
