@@ -48,11 +48,12 @@ DEMO_SPEC: dict[str, Any] = {
     "name": "demo-digits",
     "model": {"name": "mlp", "params": {"hidden_sizes": [256, 256]}},
     "dataset": {"name": "digits"},
-    "epochs": 30,
+    "epochs": 20,
     "batch_size": 16,
     "seed": 0,
 }
-"""About a minute of training on two CPU cores: long enough to watch, pause and resume."""
+"""About a minute of training on two busy CPU cores (about 4 s an epoch with the cores
+shared): long enough to watch, pause and resume."""
 
 
 def build_parser() -> argparse.ArgumentParser:
