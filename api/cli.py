@@ -3,10 +3,12 @@
 ::
 
     trainbus serve [--host H] [--port P] [--data-dir D]
-    trainbus demo                      # serve on ./data and submit a small digits job
+    trainbus demo                      # serve on ./data and submit a digits job to watch
     trainbus submit SPEC.yaml [--watch]
     trainbus jobs [--state S] | status JOB | watch JOB | events JOB
-    trainbus pause JOB | resume JOB | stop JOB
+    trainbus pause JOB | resume JOB | stop JOB | delete JOB
+    trainbus checkpoints JOB | download JOB [NAME|latest|best] | predict JOB FILE.csv
+    trainbus models | datasets
 
 Client commands find the server with ``--url`` and the token with ``--token`` (both also
 accepted after the command) or ``TRAINBUS_TOKEN``; else in the server's data folder
