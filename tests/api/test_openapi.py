@@ -26,3 +26,19 @@ def test_every_operation_documents_its_responses(transport_server: LiveServer) -
             assert any(code.startswith("2") for code in responses), f"{method} {path}"
             if path not in ("/healthz", "/metrics"):
                 assert "401" in responses, f"{method} {path} does not document 401"
+
+
+def test_a_browser_reads_the_docs_without_the_token(transport_server: LiveServer) -> None:
+    """The docs, the schema and ``/`` need no token; the schema names the bearer scheme the
+    docs page's Authorize button fills in, and holds no token."""
+    with httpx.Client(base_url=transport_server.url) as browser:
+        home = browser.get("/", follow_redirects=False)
+        assert home.status_code in (302, 307) and home.headers["location"] == "/docs"
+        docs = browser.get("/", follow_redirects=True)
+        assert docs.status_code == 200 and "swagger" in docs.text.lower()
+        assert browser.get("/redoc").status_code == 200
+        schema = browser.get("/openapi.json")
+        assert schema.status_code == 200
+        assert transport_server.token not in schema.text
+        assert schema.json()["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+        assert browser.get("/jobs").status_code == 401  # the API itself still needs it
