@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -94,7 +93,7 @@ class Subscription:
             cursor.log.cursors.remove(cursor)
 
     def _has_pending(self) -> bool:
-        return any(c.next_seq <= c.last_readable() for c in self._cursors.values())
+        return any(cursor.has_unread() for cursor in self._cursors.values())
 
     def _defer_for_round(self, limit: float) -> bool:
         """With the bus lock held: True when a gathering reader should wait for the bus's
@@ -111,7 +110,7 @@ class Subscription:
         backlog = 0
         for cursor in self._cursors.values():
             cursor.skip_filtered()  # count only what this reader will be handed
-            backlog += max(0, cursor.backlog())
+            backlog += cursor.unread()
         if backlog == 0 or backlog >= limit:
             return False
         self._wake_pending = True  # queued, so not counted in bus._waiting
@@ -122,41 +121,28 @@ class Subscription:
         self._wait_seconds += seconds
 
     def _take(self, limit: float) -> list[Event]:
-        """Read up to ``limit`` events (each hole announced first), with the bus lock held."""
+        """Read up to ``limit`` items (a ``gap`` counts as one), with the bus lock held."""
         batch: list[Event] = []
         taken = self._taken = {}
         advanced_lossless = False
         for cursor in list(self._cursors.values()):
-            if cursor.next_seq > cursor.last_readable():
+            if not cursor.has_unread():
                 if cursor.end_seq is not None:  # closed and drained: stop holding the log
                     self._unfollow(cursor.log.job_id)
                 continue
-            missed, events = cursor.log.read(cursor, limit - len(batch))
-            if missed is not None:
-                first, last = missed
-                count = last - first + 1
-                self._dropped += count
-                self._gaps += 1
-                batch.append(
-                    Event(
-                        cursor.log.job_id,
-                        last,
-                        EventType.GAP,
-                        time.time(),
-                        {
-                            "from_seq": first,
-                            "to_seq": last,
-                            "missed": count,
-                            "subscriber": self.name,
-                        },
-                    )
-                )
+            events = cursor.log.read(cursor, limit - len(batch))
             if events:
+                delivered = len(events)
+                if events[0].type is EventType.GAP:
+                    self._gaps += 1
+                    self._dropped += events[0].data["missed"]
+                    delivered -= 1
+                self._delivered += delivered
                 batch.extend(events)
-                self._delivered += len(events)
-            taken[cursor.log.job_id] = cursor.next_seq - 1
+            spill = cursor.spill
+            taken[cursor.log.job_id] = spill[0].seq - 1 if spill else cursor.next_seq - 1
             advanced_lossless = advanced_lossless or not self._lossy
-            if cursor.end_seq is not None and cursor.next_seq > cursor.end_seq:
+            if cursor.end_seq is not None and not cursor.has_unread():
                 self._unfollow(cursor.log.job_id)
             if len(batch) >= limit:
                 break
@@ -256,7 +242,7 @@ class Subscription:
             return (
                 self._closed
                 and not self.consumer_running
-                and all(cursor.backlog() <= 0 for cursor in self._cursors.values())
+                and not any(cursor.has_unread() for cursor in self._cursors.values())
             )
 
     def close(self) -> None:
@@ -294,11 +280,9 @@ class Subscription:
             buffered = 0
             pending_drops = 0
             for cursor in self._cursors.values():
-                backlog = max(0, cursor.backlog())
-                if self._lossy and backlog > self.buffer_size:
-                    pending_drops += backlog - self.buffer_size
-                    backlog = self.buffer_size
-                buffered += backlog
+                buffered += cursor.buffered()
+                if self._lossy:
+                    pending_drops += cursor.missed + cursor.overflow()
             return SubscriptionStatistics(
                 name=self.name,
                 policy=self.policy,
