@@ -48,6 +48,7 @@ class Cursor:
         "missed_from",
         "missed_to",
         "next_seq",
+        "slot",
         "spill",
         "subscription",
         "types",
@@ -60,6 +61,7 @@ class Cursor:
         self.buffer_size = subscription.buffer_size
         self.lossy = subscription.policy.is_lossy
         self.latest = subscription.policy is DeliveryPolicy.LATEST
+        self.slot = subscription.wait_slot  # how publishers of this job wake the reader
         self.next_seq = log.seq + 1
         self.end_seq: int | None = None  # set when the subscription closes: read up to here
         # Events of its types a trim took out of the log before this lossy reader read them.

@@ -5,20 +5,23 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 import anyio
+from anyio.abc import TaskGroup
 
 from ._delivery import DeliveryPolicy
 from ._errors import BusClosed
 from ._events import Event, EventType, event_types
-from ._subscription import Subscription
+from ._readers import ReaderWakeUps
+from ._subscription import Subscription, current_subscription
 
 if TYPE_CHECKING:
     from ._bus import EventBus
 
-__all__ = ["Subscriber", "SubscriberHandle"]
+__all__ = ["AttachedSubscribers", "Subscriber", "SubscriberHandle"]
 
 logger = logging.getLogger("trainbus.bus")
 
@@ -143,10 +146,79 @@ class SubscriberHandle:
         await self.finished.wait()
 
 
-async def run_subscriber(bus: EventBus, handle: SubscriberHandle) -> None:
-    """The task body of one attached subscriber."""
-    from ._bus import current_subscription
+class AttachedSubscribers:
+    """The running subscribers of one bus: their tasks, and waiting for them to catch up."""
 
+    def __init__(self, lock: threading.Lock, wakeups: ReaderWakeUps) -> None:
+        self._lock = lock
+        self._wakeups = wakeups
+        self._handles: list[SubscriberHandle] = []
+
+    def start(
+        self,
+        task_group: TaskGroup,
+        bus: EventBus,
+        subscriber: Subscriber,
+        subscription: Subscription,
+    ) -> SubscriberHandle:
+        """Run ``subscriber`` on ``subscription`` in a task of ``task_group``."""
+        subscription.consumer_running = True
+        handle = SubscriberHandle(subscriber, subscription)
+        self._handles.append(handle)
+        task_group.start_soon(
+            run_subscriber, bus, handle, self, name=f"subscriber {subscriber.name}"
+        )
+        return handle
+
+    def finished(self, handle: SubscriberHandle) -> None:
+        if handle in self._handles:
+            self._handles.remove(handle)
+
+    def count_error(self, subscriber: Subscriber) -> None:
+        """Count a failure ``subscriber`` caught itself in its statistics' ``errors``."""
+        for handle in list(self._handles):
+            if handle.subscriber is subscriber:
+                handle.subscription.errors += 1
+
+    async def drain(self, timeout: float) -> None:
+        """Give the subscribers ``timeout`` seconds to finish, then cancel the rest (only
+        their tasks: the bus's task group also encloses the body of its ``async with``)."""
+        with anyio.move_on_after(timeout):
+            for handle in list(self._handles):
+                await handle.finished.wait()
+        for handle in list(self._handles):
+            handle.cancel_scope.cancel()
+
+    def wait_processed(self, event: Event, timeout: float | None, *, steering_only: bool) -> bool:
+        """See :meth:`EventBus.wait_processed`."""
+        handles = [
+            h
+            for h in list(self._handles)
+            if h.subscription.policy is DeliveryPolicy.LOSSLESS
+            and h.subscription.matches(event.job_id, event.type)
+            and (h.subscriber.steers_training or not steering_only)
+        ]
+        if not handles:
+            return True
+        with self._lock:
+            self._wakeups.processed_waiters += 1
+            self._wakeups.hurry()
+        try:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            for handle in handles:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if not handle.wait_processed(event.job_id, event.seq, remaining):
+                    return False
+            return True
+        finally:
+            with self._lock:
+                self._wakeups.processed_waiters -= 1
+
+
+async def run_subscriber(
+    bus: EventBus, handle: SubscriberHandle, attached: AttachedSubscribers
+) -> None:
+    """The task body of one attached subscriber."""
     subscriber = handle.subscriber
     subscription = handle.subscription
     current_subscription.set(subscription)
@@ -155,7 +227,11 @@ async def run_subscriber(bus: EventBus, handle: SubscriberHandle) -> None:
     batch_handler = subscriber.on_events if subscriber._overrides("on_events") else None
 
     with handle.cancel_scope:
-        await _consume(bus, handle, subscriber, subscription, handlers, fallback, batch_handler)
+        try:
+            await _consume(bus, handle, subscriber, subscription, handlers, fallback, batch_handler)
+        finally:
+            attached.finished(handle)
+            handle.finished.set()
 
 
 async def _consume(
@@ -177,7 +253,7 @@ async def _consume(
                 batch = await subscription.receive_batch(subscriber.max_batch, gather=True)
             except anyio.EndOfStream:
                 break
-            read_up_to = subscription._taken  # set by the take that gave ``batch``
+            read_up_to = subscription.taken  # set by the take that gave ``batch``
             if batch_handler is not None:
                 try:
                     await batch_handler(batch)
@@ -200,8 +276,6 @@ async def _consume(
                 subscription.errors += 1
         subscription.consumer_running = False
         subscription.close()
-        bus._handle_finished(handle)
-        handle.finished.set()
 
 
 async def _report(
