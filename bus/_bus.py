@@ -74,7 +74,12 @@ class EventBus:
         self._closed = False
         self._draining = False  # closed, but subscribers may still report their errors
         self._task_group: TaskGroup | None = None
-        self._attached = AttachedSubscribers(self._lock, self._wakeups)
+        self._attached = AttachedSubscribers(
+            self._lock,
+            self._wakeups,
+            publish_report=self._publish_report,
+            drain_timeout=lambda: self.drain_timeout,
+        )
         self._ended = EndedSubscriptions(self._lock)
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -396,7 +401,7 @@ class EventBus:
             buffer_size=subscriber.buffer_size,
             policy=subscriber.policy,
         )
-        return self._attached.start(self._task_group, self, subscriber, subscription)
+        return self._attached.start(self._task_group, subscriber, subscription)
 
     def wait_processed(
         self, event: Event, timeout: float | None = None, *, steering_only: bool = False

@@ -6,8 +6,8 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import anyio
 from anyio.abc import TaskGroup
@@ -17,9 +17,6 @@ from ._errors import BusClosed
 from ._events import Event, EventType, event_types
 from ._readers import ReaderWakeUps
 from ._subscription import Subscription, current_subscription
-
-if TYPE_CHECKING:
-    from ._bus import EventBus
 
 __all__ = ["AttachedSubscribers", "Subscriber", "SubscriberHandle"]
 
@@ -149,15 +146,26 @@ class SubscriberHandle:
 class AttachedSubscribers:
     """The running subscribers of one bus: their tasks, and waiting for them to catch up."""
 
-    def __init__(self, lock: threading.Lock, wakeups: ReaderWakeUps) -> None:
+    def __init__(
+        self,
+        lock: threading.Lock,
+        wakeups: ReaderWakeUps,
+        *,
+        publish_report: Callable[[str, Mapping[str, Any]], object],
+        drain_timeout: Callable[[], float],
+    ) -> None:
+        """:param publish_report: publishes a ``subscriber_error`` of a job, also while the
+            bus drains after its close, never waiting for room.
+        :param drain_timeout: the seconds a stopping subscriber's ``on_stop`` may take."""
         self._lock = lock
         self._wakeups = wakeups
+        self.publish_report = publish_report
+        self.drain_timeout = drain_timeout
         self._handles: list[SubscriberHandle] = []
 
     def start(
         self,
         task_group: TaskGroup,
-        bus: EventBus,
         subscriber: Subscriber,
         subscription: Subscription,
     ) -> SubscriberHandle:
@@ -165,9 +173,7 @@ class AttachedSubscribers:
         subscription.consumer_running = True
         handle = SubscriberHandle(subscriber, subscription)
         self._handles.append(handle)
-        task_group.start_soon(
-            run_subscriber, bus, handle, self, name=f"subscriber {subscriber.name}"
-        )
+        task_group.start_soon(run_subscriber, handle, self, name=f"subscriber {subscriber.name}")
         return handle
 
     def finished(self, handle: SubscriberHandle) -> None:
@@ -215,9 +221,7 @@ class AttachedSubscribers:
                 self._wakeups.processed_waiters -= 1
 
 
-async def run_subscriber(
-    bus: EventBus, handle: SubscriberHandle, attached: AttachedSubscribers
-) -> None:
+async def run_subscriber(handle: SubscriberHandle, attached: AttachedSubscribers) -> None:
     """The task body of one attached subscriber."""
     subscriber = handle.subscriber
     subscription = handle.subscription
@@ -228,14 +232,16 @@ async def run_subscriber(
 
     with handle.cancel_scope:
         try:
-            await _consume(bus, handle, subscriber, subscription, handlers, fallback, batch_handler)
+            await _consume(
+                attached, handle, subscriber, subscription, handlers, fallback, batch_handler
+            )
         finally:
             attached.finished(handle)
             handle.finished.set()
 
 
 async def _consume(
-    bus: EventBus,
+    attached: AttachedSubscribers,
     handle: SubscriberHandle,
     subscriber: Subscriber,
     subscription: Subscription,
@@ -247,7 +253,7 @@ async def _consume(
         try:
             await subscriber.on_start()
         except Exception as error:
-            await _report(bus, subscriber, subscription, None, error)
+            await _report(attached, subscriber, subscription, None, error)
         while True:
             try:
                 batch = await subscription.receive_batch(subscriber.max_batch, gather=True)
@@ -258,17 +264,17 @@ async def _consume(
                 try:
                     await batch_handler(batch)
                 except Exception as error:
-                    await _report(bus, subscriber, subscription, batch[0], error)
+                    await _report(attached, subscriber, subscription, batch[0], error)
             else:
                 for event in batch:
                     try:
                         await handlers.get(event.type, fallback)(event)
                     except Exception as error:
-                        await _report(bus, subscriber, subscription, event, error)
+                        await _report(attached, subscriber, subscription, event, error)
             handle._mark_processed(read_up_to)
     finally:
         handle._mark_done()
-        with anyio.CancelScope(shield=True), anyio.move_on_after(bus.drain_timeout):
+        with anyio.CancelScope(shield=True), anyio.move_on_after(attached.drain_timeout()):
             try:
                 await subscriber.on_stop()
             except Exception:
@@ -279,7 +285,7 @@ async def _consume(
 
 
 async def _report(
-    bus: EventBus,
+    attached: AttachedSubscribers,
     subscriber: Subscriber,
     subscription: Subscription,
     event: Event | None,
@@ -300,6 +306,6 @@ async def _report(
     }
     job_id = subscriber.job_id or "" if event is None else event.job_id
     try:
-        bus._publish_report(job_id, data)
+        attached.publish_report(job_id, data)
     except BusClosed:
         logger.warning("subscriber %s error not published: the bus is closed", subscriber.name)

@@ -38,12 +38,11 @@ class Subscription:
     (:meth:`receive_batch`). Iteration ends once the subscription or the bus is closed and
     everything buffered has been read. Events of each job arrive in ``seq`` order; a lossy
     subscription receives a ``gap`` event (``seq`` = the last missed one) before the first
-    event after a hole.
+    event after a hole; the gap is one of the items a read returns.
 
-    ``buffer_size`` bounds how far, in events of a job, the subscription may fall behind the
-    publishers: a lossless one holds them back, a lossy one loses the oldest. With a type
-    filter, events of other types count too, since they are published in between; but a
-    lossless reader never holds a publisher back for them (the bus skips them for it).
+    ``buffer_size`` bounds how far, in events of a job that pass its filters, the
+    subscription may fall behind the publishers: a lossless one holds them back, a lossy one
+    loses its oldest, and its gaps count only missed events of its own types.
     """
 
     def __init__(
