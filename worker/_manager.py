@@ -32,6 +32,7 @@ from bus import (
 
 from ._building import check_runtime
 from ._errors import IllegalTransition, JobNotFound, ManagerClosed, SpecError
+from ._memory import estimate_memory, format_bytes
 from ._records import ENDED_STATES, TRANSITIONS, JobFailure, JobRecord, JobState, JobStore
 from ._registry import Registry, default_registry
 from ._spec import JobSpec
@@ -94,6 +95,8 @@ class JobManager:
     :param registry: models and datasets (default: built-ins plus installed plugins).
     :param fit_epoch_end_timeout: how long a trainer waits at each ``fit_epoch_end`` for
         lossless subscribers (controllers) to handle it.
+    :param memory_limit: bytes one job may take (its spec's estimate, ``worker/_memory.py``);
+        a job estimated above it is refused at submission. None: no limit.
 
     A job that is not running holds no tensors: a stopped or interrupted run writes its exact
     final state to ``<job_dir>/resume-state.pt`` (:data:`RESUME_STATE_FILE`), which the next
@@ -112,6 +115,7 @@ class JobManager:
         last_seq: Callable[[str], int] | None = None,
         registry: Registry | None = None,
         fit_epoch_end_timeout: float = 30.0,
+        memory_limit: int | None = None,
     ) -> None:
         if max_running < 1:
             raise ValueError(f"max_running must be at least 1, got {max_running}")
@@ -123,6 +127,7 @@ class JobManager:
         self.latest_checkpoint = latest_checkpoint
         self.registry = registry or default_registry()
         self.fit_epoch_end_timeout = fit_epoch_end_timeout
+        self.memory_limit = memory_limit
         self._last_seq = last_seq
         self._store: JobStore | None = None
         self._handles: dict[str, JobHandle] = {}
@@ -275,6 +280,8 @@ class JobManager:
             raise ManagerClosed("the server is shutting down and accepts no new jobs")
         spec = spec if isinstance(spec, JobSpec) else JobSpec.model_validate(spec)
         check_runtime(spec)  # e.g. a CUDA device on a server without one: refused now (422)
+        if self.memory_limit is not None:
+            await self._check_memory(spec, self.memory_limit)
         job_id = uuid.uuid4().hex[:12]
         record = JobRecord(
             id=job_id,
@@ -289,6 +296,18 @@ class JobManager:
         )
         self._wakeup.set()
         return record
+
+    async def _check_memory(self, spec: JobSpec, limit: int) -> None:
+        """:raises SpecError: if the job is estimated to take more than ``limit`` bytes."""
+        estimate = await anyio.to_thread.run_sync(
+            estimate_memory, spec, self.registry, self.data_dir
+        )
+        if estimate.total > limit:
+            raise SpecError(
+                f"the job would take about {format_bytes(estimate.total)} of memory "
+                f"({estimate.describe()}), more than the {format_bytes(limit)} a job may take "
+                "(setting max_job_memory_bytes): use a smaller model, dataset or batch_size"
+            )
 
     def pause(self, job_id: str, *, reason: str = "", source: str = "api") -> Command:
         """Ask a running job to hold at its next batch boundary.
