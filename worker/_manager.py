@@ -4,9 +4,12 @@ each on its own thread with its subscribers attached, and keeps their records.""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import logging
 import os
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -565,6 +568,8 @@ class JobManager:
         if handle is not None:
             handle.trainer = None  # free the model and the data; the state is kept above
         del trainer  # before the await: whoever sees the record ended finds the memory free
+        if handle is not None:
+            await anyio.to_thread.run_sync(_release_memory)
         await self._transition(job_id, state, **data)
         if self._active.get(job_id) is control:
             del self._active[job_id]
@@ -623,6 +628,28 @@ def _run_and_keep_state(handle: JobHandle) -> RunResult:
         except OSError:  # the checkpoints remain to resume from
             logger.exception("job %s: its final state was not kept", trainer.job_id)
     return result
+
+
+def _release_memory() -> None:
+    """Free an ended run's model and data now and give the memory back to the system: the
+    trainer is part of reference cycles (its callbacks), which wait for the garbage collector,
+    and glibc keeps freed memory for the process unless asked to trim it."""
+    gc.collect()
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return None
+    return trim
+
+
+_malloc_trim = _find_malloc_trim()
 
 
 def _load_kept_state(path: Path) -> dict[str, Any] | None:
