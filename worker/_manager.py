@@ -502,8 +502,9 @@ class JobManager:
                 for subscriber_handle in attached:
                     await subscriber_handle.detach()
         await self._finish(job_id, control, handle if started else None, result)
-        if handle is not None:
-            handle.trainer = None  # free the model and the data (also after a failed start)
+        if handle is not None and handle.trainer is not None:  # the run never started
+            handle.trainer = None
+            await anyio.to_thread.run_sync(_release_memory)
 
     def _build_trainer(self, handle: JobHandle) -> Trainer:
         handle.job_dir.mkdir(parents=True, exist_ok=True)
