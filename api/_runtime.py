@@ -254,6 +254,7 @@ async def default_runtime(settings: Settings, bus: EventBus) -> AsyncIterator[Ru
         checkpoint_loader=latest_valid_state,
         latest_checkpoint=_latest_checkpoint,
         last_seq=store.last_seq,
+        memory_limit=settings.job_memory_limit,
     )
     monitor = ResourceMonitor(bus=bus, interval_seconds=settings.resource_interval_seconds)
     try:

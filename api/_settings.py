@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
+import psutil
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -154,7 +155,20 @@ class Settings(BaseSettings):
         description="Which per-batch events the store keeps: all (exact replay), every_n, "
         "or none_after_end (dropped when the job ends).",
     )
+    max_job_memory_bytes: int | None = Field(
+        default=None,
+        ge=1,
+        description="Memory one job may take, by the estimate made from its spec at submission "
+        "(larger jobs are refused with 422); default: half of the machine's memory.",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
+
+    @property
+    def job_memory_limit(self) -> int:
+        """``max_job_memory_bytes``, else half of the machine's physical memory."""
+        if self.max_job_memory_bytes is not None:
+            return self.max_job_memory_bytes
+        return int(psutil.virtual_memory().total // 2)
 
     @field_validator("token")
     @classmethod

@@ -117,6 +117,7 @@ def write_checkpoint(
     monitor: str | None = None,
     name: str | None = None,
     serial: int | None = None,
+    weights: Mapping[str, Any] | None = None,
 ) -> CheckpointInfo:
     """Write ``state`` durably as a new checkpoint of the job and return its description.
 
@@ -124,8 +125,9 @@ def write_checkpoint(
     read them everywhere else; ``epoch`` and the manifest keep the 0-based index); a suffix
     keeps it unique. ``serial``
     (the order of checkpoints) defaults to one more than the highest on disk; a writer that
-    knows it passes it. Pointers and retention are left to the caller (:func:`write_pointer`,
-    :func:`apply_retention`).
+    knows it passes it. ``weights`` (when the model's weights are not the last trained ones,
+    e.g. the best epoch's) is written to the manifest as it is. Pointers and retention are
+    left to the caller (:func:`write_pointer`, :func:`apply_retention`).
     """
     directory = checkpoints_dir(job_dir)
     directory.mkdir(parents=True, exist_ok=True)
@@ -157,6 +159,8 @@ def write_checkpoint(
             "torch_version": torch.__version__,
             "files": {STATE_FILE: {"sha256": hashing.sha256.hexdigest(), "size": hashing.size}},
         }
+        if weights is not None:
+            manifest["weights"] = dict(weights)
         _write_json(temp / MANIFEST_FILE, manifest)
         _fsync_dir(temp)
         final = directory / name

@@ -30,7 +30,7 @@ __all__ = ["CheckpointWriter", "CheckpointWriterStatistics"]
 logger = logging.getLogger("trainbus.subscribers")
 
 # Requests for these reasons are never dropped: they are the states a user resumes from.
-_ESSENTIAL_REASONS = frozenset({"command", "pause", "stop", "failure", "end"})
+_ESSENTIAL_REASONS = frozenset({"command", "pause", "stop", "failure", "end", "shutdown"})
 
 
 @dataclass(slots=True)
@@ -43,6 +43,7 @@ class _Request:
     essential: bool
     best: bool
     snapshot_seconds: float
+    weights: dict[str, Any] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +75,8 @@ class CheckpointWriter(Subscriber):
     - ``epoch_end``: every ``every_n_epochs`` epochs, or when ``monitor`` improved (a
       ``best`` checkpoint, with ``keep_best`` > 0);
     - ``command``: always; ``pause`` / ``stop`` / ``failure``: per ``save_on_*``; ``end``:
-      always, so a finished job can be resumed or inspected;
+      always, so a finished job can be resumed or inspected; ``shutdown`` (the pause of a
+      server shutdown): always, so the job resumes after the restart;
     - every ``every_n_steps`` optimizer steps (an ``on_train_batch_end`` callback).
 
     Queueing (at most one write in flight, at most one request waiting): a new request
@@ -246,6 +248,8 @@ class CheckpointWriter(Subscriber):
         n = self.every_n_steps
         step = trainer.step
         if n and step > 0 and step % n == 0 and step != self._last_step_saved:
+            # the batches before this checkpoint reach the bus before its checkpoint_saved
+            trainer.flush_events()
             self.request(trainer, "step", essential=False, best=False)
 
     def request(
@@ -265,6 +269,7 @@ class CheckpointWriter(Subscriber):
             essential=essential,
             best=best,
             snapshot_seconds=time.perf_counter() - started,
+            weights=getattr(trainer, "weights_origin", None),
         )
         self._last_step_saved = request.step
         self._enqueue(request)
@@ -356,6 +361,7 @@ class CheckpointWriter(Subscriber):
             metrics=request.metrics,
             monitor=self.monitor,
             serial=self._serial + 1,
+            weights=request.weights,
         )
         self._serial = info.serial
         infos = [info, *self._on_disk]

@@ -178,8 +178,10 @@ class EarlyStopController(Subscriber):
     (``register_stateful("early_stop", ...)``) so that best value and wait count are saved in
     checkpoints and restored on resume; with ``restore_best`` it also keeps a CPU copy of the
     model's weights whenever the metric improves (an inline ``on_fit_epoch_end`` callback)
-    and loads them into ``trainer.model`` at ``on_train_end``. That copy is part of the
-    saved state, so it survives a resume.
+    and loads them into ``trainer.model`` at ``on_train_end``, which the trainer runs before
+    its final save: the job's last checkpoint holds the best weights, and its manifest says so
+    (``weights``: source, epoch, monitor, value). That copy is part of the saved state, so it
+    survives a resume.
 
     :param job_id: the job to watch.
     :param channel: the job's control channel.
@@ -306,6 +308,12 @@ class EarlyStopController(Subscriber):
             weights = self._best_weights
         if weights is not None:
             trainer.model.load_state_dict(weights)
+            trainer.weights_origin = {
+                "source": "early_stop.restore_best",
+                "epoch": self._best_weights_epoch,
+                "monitor": self.monitor,
+                "value": self.rules.best,
+            }
             logger.info(
                 "job %s: restored the weights of epoch %s", self._job, self._best_weights_epoch
             )

@@ -4,17 +4,21 @@ each on its own thread with its subscribers attached, and keeps their records.""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import logging
+import os
 import shutil
+import sys
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import anyio
+import torch
 from anyio.abc import TaskGroup
 
 from bus import (
@@ -31,6 +35,7 @@ from bus import (
 
 from ._building import check_runtime
 from ._errors import IllegalTransition, JobNotFound, ManagerClosed, SpecError
+from ._memory import estimate_memory, format_bytes
 from ._records import ENDED_STATES, TRANSITIONS, JobFailure, JobRecord, JobState, JobStore
 from ._registry import Registry, default_registry
 from ._spec import JobSpec
@@ -44,6 +49,8 @@ SubscriberFactory = Callable[["JobHandle"], Sequence[Subscriber]]
 CheckpointLoader = Callable[[str, Path], "dict[str, Any] | None"]
 CheckpointNamer = Callable[[str, Path], "str | None"]
 
+RESUME_STATE_FILE = "resume-state.pt"
+"""In a job's folder: the exact state its last stopped or interrupted run ended with."""
 _LIVE_STATES = frozenset({JobState.RUNNING, JobState.PAUSED})
 _COMMAND_MOVES = {  # applied command -> (the record's state before, after)
     EventType.JOB_PAUSED: (JobState.RUNNING, JobState.PAUSED),
@@ -91,8 +98,12 @@ class JobManager:
     :param registry: models and datasets (default: built-ins plus installed plugins).
     :param fit_epoch_end_timeout: how long a trainer waits at each ``fit_epoch_end`` for
         lossless subscribers (controllers) to handle it.
-    :param keep_ended_states: how many stopped or interrupted runs keep their final state in
-        memory for an exact resume without a checkpoint (oldest dropped first).
+    :param memory_limit: bytes one job may take (its spec's estimate, ``worker/_memory.py``);
+        a job estimated above it is refused at submission. None: no limit.
+
+    A job that is not running holds no tensors: a stopped or interrupted run writes its exact
+    final state to ``<job_dir>/resume-state.pt`` (:data:`RESUME_STATE_FILE`), which the next
+    run loads (else the last valid checkpoint) and removes once loaded.
     """
 
     def __init__(
@@ -107,7 +118,7 @@ class JobManager:
         last_seq: Callable[[str], int] | None = None,
         registry: Registry | None = None,
         fit_epoch_end_timeout: float = 30.0,
-        keep_ended_states: int = 8,
+        memory_limit: int | None = None,
     ) -> None:
         if max_running < 1:
             raise ValueError(f"max_running must be at least 1, got {max_running}")
@@ -119,18 +130,16 @@ class JobManager:
         self.latest_checkpoint = latest_checkpoint
         self.registry = registry or default_registry()
         self.fit_epoch_end_timeout = fit_epoch_end_timeout
-        self.keep_ended_states = keep_ended_states
+        self.memory_limit = memory_limit
         self._last_seq = last_seq
         self._store: JobStore | None = None
         self._handles: dict[str, JobHandle] = {}
         # Each active run's control channel, open from the moment the job is marked running
         # (before its trainer exists) until its run ends: commands sent meanwhile wait in it.
         self._controls: dict[str, ControlChannel] = {}
-        # The exact state of recently stopped or interrupted runs, captured on the training
-        # thread as the run ended (model and optimizer tensors only, not the data), so that a
-        # resume in the same process continues exactly even without checkpoints.
-        self._ended_states: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self._active: set[str] = set()
+        # Each run in progress by its control channel: a run that ends takes out only itself,
+        # not a new run of the same job resumed while the old one was finishing.
+        self._active: dict[str, ControlChannel] = {}
         self._publishing: dict[str, anyio.Event] = {}
         """Jobs whose state event is being published (set once it is on the bus)."""
         self._changes: dict[str, anyio.Event] = {}
@@ -274,6 +283,8 @@ class JobManager:
             raise ManagerClosed("the server is shutting down and accepts no new jobs")
         spec = spec if isinstance(spec, JobSpec) else JobSpec.model_validate(spec)
         check_runtime(spec)  # e.g. a CUDA device on a server without one: refused now (422)
+        if self.memory_limit is not None:
+            await self._check_memory(spec, self.memory_limit)
         job_id = uuid.uuid4().hex[:12]
         record = JobRecord(
             id=job_id,
@@ -288,6 +299,18 @@ class JobManager:
         )
         self._wakeup.set()
         return record
+
+    async def _check_memory(self, spec: JobSpec, limit: int) -> None:
+        """:raises SpecError: if the job is estimated to take more than ``limit`` bytes."""
+        estimate = await anyio.to_thread.run_sync(
+            estimate_memory, spec, self.registry, self.data_dir
+        )
+        if estimate.total > limit:
+            raise SpecError(
+                f"the job would take about {format_bytes(estimate.total)} of memory "
+                f"({estimate.describe()}), more than the {format_bytes(limit)} a job may take "
+                "(setting max_job_memory_bytes): use a smaller model, dataset or batch_size"
+            )
 
     def pause(self, job_id: str, *, reason: str = "", source: str = "api") -> Command:
         """Ask a running job to hold at its next batch boundary.
@@ -325,10 +348,11 @@ class JobManager:
         raise IllegalTransition(job_id, record.state, "stop", ["queued", "running", "paused"])
 
     async def resume(self, job_id: str, *, reason: str = "", source: str = "api") -> Command:
-        """Resume a paused job, or queue a stopped or interrupted one to continue from where it
-        ended (its trainer in memory, else its last valid checkpoint).
+        """Resume a paused job, or queue a stopped, interrupted or failed one to continue from
+        where it ended (the state its run kept, else its last valid checkpoint: for a failed
+        job, the last good state), e.g. once the cause of a failure is fixed.
 
-        :raises IllegalTransition: for queued, running, completed or failed jobs.
+        :raises IllegalTransition: for queued, running or completed jobs.
         :raises ManagerClosed: while shutting down.
         """
         record = self.get(job_id)
@@ -336,16 +360,16 @@ class JobManager:
             return self._send(
                 job_id, record.state, "resume", lambda c: c.resume(reason, source=source)
             )
-        if record.state in (JobState.STOPPED, JobState.INTERRUPTED):
+        if record.state in (JobState.STOPPED, JobState.INTERRUPTED, JobState.FAILED):
             if self._closing:
                 raise ManagerClosed("the server is shutting down and starts no jobs")
             command = _command(CommandKind.RESUME, source, reason)
-            self.store.update(job_id, stop_reason=None, ended_at=None)
+            self.store.update(job_id, stop_reason=None, ended_at=None, error=None)
             await self._transition(job_id, JobState.QUEUED, resumed=True, **command.to_dict())
             self._wakeup.set()
             return command
         raise IllegalTransition(
-            job_id, record.state, "resume", ["paused", "stopped", "interrupted"]
+            job_id, record.state, "resume", ["paused", "stopped", "interrupted", "failed"]
         )
 
     async def delete(self, job_id: str) -> int:
@@ -364,7 +388,6 @@ class JobManager:
             )
         self.store.delete(job_id)
         self._handles.pop(job_id, None)
-        self._ended_states.pop(job_id, None)
         job_dir = self._job_dir(job_id)
         await anyio.to_thread.run_sync(lambda: shutil.rmtree(job_dir, ignore_errors=True))
         last_seq = self.bus.last_seq(job_id)
@@ -422,9 +445,9 @@ class JobManager:
                     break
                 job_id = queued[0]
                 resumed = self.get(job_id).started_at is not None  # it ran before
-                self._active.add(job_id)
-                self._idle = anyio.Event()
                 control = ControlChannel(job_id, publish=self._publish_command_applied)
+                self._active[job_id] = control
+                self._idle = anyio.Event()
                 self._controls[job_id] = control
                 await self._transition(job_id, JobState.RUNNING, resumed=resumed)
                 assert self._task_group is not None
@@ -449,7 +472,7 @@ class JobManager:
     async def _run(self, job_id: str, resumed: bool, control: ControlChannel) -> None:
         handle: JobHandle | None = None
         attached: list[SubscriberHandle] = []
-        final_state: dict[str, Any] | None = None
+        started = False  # the trainer holds the job's progress (its state restored, or new)
         result: RunResult
         try:
             # Inside the try: a stored spec that no longer validates (a plugin was removed)
@@ -457,14 +480,15 @@ class JobManager:
             spec = JobSpec.model_validate(self.get(job_id).spec)
             handle = JobHandle(job_id, spec, self._job_dir(job_id), control)
             self._handles[job_id] = handle
-            trainer = await anyio.to_thread.run_sync(self._build_trainer, handle)
-            handle.trainer = trainer
+            # the handle is the one holder of the trainer: dropping it there frees the model
+            handle.trainer = await anyio.to_thread.run_sync(self._build_trainer, handle)
             for subscriber in self.subscriber_factory(handle) if self.subscriber_factory else ():
                 attached.append(self.bus.attach(subscriber))
             if resumed:
                 await self._restore(handle)
-            result, final_state = await anyio.to_thread.run_sync(
-                _run_and_capture, trainer, limiter=self._run_limiter
+            started = True
+            result = await anyio.to_thread.run_sync(
+                _run_and_keep_state, handle, limiter=self._run_limiter
             )
         except Exception as error:
             logger.exception("job %s could not run", job_id)
@@ -477,12 +501,10 @@ class JobManager:
             with anyio.CancelScope(shield=True):
                 for subscriber_handle in attached:
                     await subscriber_handle.detach()
-        if final_state is not None:
-            self._ended_states[job_id] = final_state
-            self._ended_states.move_to_end(job_id)
-            while len(self._ended_states) > self.keep_ended_states:
-                self._ended_states.popitem(last=False)
-        await self._finish(job_id, handle, result)
+        await self._finish(job_id, control, handle if started else None, result)
+        if handle is not None and handle.trainer is not None:  # the run never started
+            handle.trainer = None
+            await anyio.to_thread.run_sync(_release_memory)
 
     def _build_trainer(self, handle: JobHandle) -> Trainer:
         handle.job_dir.mkdir(parents=True, exist_ok=True)
@@ -497,47 +519,61 @@ class JobManager:
         )
 
     async def _restore(self, handle: JobHandle) -> None:
-        """Load the previous run's state into the new trainer: the state captured when that
-        run ended if this process still holds it, else the last valid checkpoint. With
-        neither, the job starts over (and says so in the log and its record)."""
-        trainer = handle.trainer
-        assert trainer is not None
-        state = self._ended_states.pop(handle.id, None)
-        source = "memory"
-        if state is None and self.checkpoint_loader is not None:
-            state = await anyio.to_thread.run_sync(
-                self.checkpoint_loader, handle.id, handle.job_dir
-            )
-            source = "checkpoint"
-        if state is None:
+        """Load the previous run's state into the new trainer: the state that run wrote as
+        it ended, if any, else the last valid checkpoint. With neither, the job starts over
+        (and says so in the log and its record). A state that fails to load raises and stays
+        where it is, for a resume once the cause is fixed."""
+        restored = await anyio.to_thread.run_sync(self._restore_on_thread, handle)
+        if not restored:
             logger.warning("job %s has no saved state to resume from: it starts over", handle.id)
             self.store.update(handle.id, epoch=0, step=0, metrics={})
-            return
-        await anyio.to_thread.run_sync(trainer.load_state_dict, state)
-        logger.info("job %s resumes from %s at step %d", handle.id, source, trainer.step)
 
-    async def _finish(self, job_id: str, handle: JobHandle | None, result: RunResult) -> None:
+    def _restore_on_thread(self, handle: JobHandle) -> bool:
+        # Everything here is a local of this call: an idle worker thread keeps the arguments
+        # of its last call, and they must not be the trainer or a state's tensors.
+        trainer = handle.trainer
+        assert trainer is not None
+        kept = handle.job_dir / RESUME_STATE_FILE
+        state = _load_kept_state(kept)
+        source = "the state its last run kept"
+        if state is None and self.checkpoint_loader is not None:
+            state = self.checkpoint_loader(handle.id, handle.job_dir)
+            source = "checkpoint"
+        if state is None:
+            return False
+        trainer.load_state_dict(state)
+        kept.unlink(missing_ok=True)  # loaded: the checkpoints take over from here
+        logger.info("job %s resumes from %s at step %d", handle.id, source, trainer.step)
+        return True
+
+    async def _finish(
+        self, job_id: str, control: ControlChannel, handle: JobHandle | None, result: RunResult
+    ) -> None:
+        """Store how the run ended; ``handle`` is None when the run never started (its state
+        did not load): the record keeps the progress of the run before."""
         state = _OUTCOME_STATES[result.outcome]
         trainer = None if handle is None else handle.trainer
         fields: dict[str, Any] = {"stop_reason": result.stop_reason}
+        data: dict[str, Any] = {"reason": result.stop_reason, **result.details}
         if result.error is not None:
             fields["error"] = JobFailure.model_validate(result.error).model_dump()
+            data["error"] = result.error
         if trainer is not None:
             fields.update(
                 epoch=trainer.epoch + int(trainer.epoch_complete),
                 step=trainer.step,
                 metrics=trainer.metrics,
             )
+            data["metrics"] = trainer.metrics
         self.store.update(job_id, **fields)
         if handle is not None:
             handle.trainer = None  # free the model and the data; the state is kept above
-        data: dict[str, Any] = {"reason": result.stop_reason, **result.details}
-        if result.error is not None:
-            data["error"] = result.error
-        if trainer is not None:
-            data["metrics"] = trainer.metrics
+        del trainer  # before the await: whoever sees the record ended finds the memory free
+        if handle is not None:
+            await anyio.to_thread.run_sync(_release_memory)
         await self._transition(job_id, state, **data)
-        self._active.discard(job_id)
+        if self._active.get(job_id) is control:
+            del self._active[job_id]
         if not self._active:
             self._idle.set()
         self._wakeup.set()
@@ -577,13 +613,55 @@ class JobManager:
                 self._changed(event.job_id)
 
 
-def _run_and_capture(trainer: Trainer) -> tuple[RunResult, dict[str, Any] | None]:
-    """Run ``trainer``; for a resumable ending, capture its state on the same thread at once,
-    before anything else moves the global random-number generators."""
+def _run_and_keep_state(handle: JobHandle) -> RunResult:
+    """Run the handle's trainer; for a resumable ending, write its exact state for the next
+    run (the job's checkpoints may be off, or older), so that no tensor stays in memory
+    meanwhile. Takes the handle, not the trainer: an idle worker thread keeps the arguments of
+    its last call."""
+    trainer = handle.trainer
+    assert trainer is not None
     result = trainer.run()
     if result.outcome in (Outcome.STOPPED, Outcome.INTERRUPTED):
-        return result, trainer.state_dict()
-    return result, None
+        try:
+            temporary = handle.job_dir / f".{RESUME_STATE_FILE}.tmp"
+            torch.save(trainer.state_dict(), temporary)
+            os.replace(temporary, handle.job_dir / RESUME_STATE_FILE)
+        except OSError:  # the checkpoints remain to resume from
+            logger.exception("job %s: its final state was not kept", trainer.job_id)
+    return result
+
+
+def _release_memory() -> None:
+    """Free an ended run's model and data now and give the memory back to the system: the
+    trainer is part of reference cycles (its callbacks), which wait for the garbage collector,
+    and glibc keeps freed memory for the process unless asked to trim it."""
+    gc.collect()
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return None
+    return trim
+
+
+_malloc_trim = _find_malloc_trim()
+
+
+def _load_kept_state(path: Path) -> dict[str, Any] | None:
+    try:
+        state: dict[str, Any] = torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        return None
+    except Exception:  # e.g. cut short by a power loss: the checkpoints remain
+        logger.exception("the kept state %s does not load; resuming from a checkpoint", path)
+        return None
+    return state
 
 
 def _command(kind: CommandKind, source: str, reason: str) -> Command:

@@ -65,7 +65,7 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     ),
     JobState.COMPLETED: frozenset(),
     JobState.STOPPED: frozenset({JobState.QUEUED}),
-    JobState.FAILED: frozenset(),
+    JobState.FAILED: frozenset({JobState.QUEUED}),  # resumed once the cause is fixed
     JobState.INTERRUPTED: frozenset({JobState.QUEUED}),
 }
 """Legal state changes. A paused job may still complete (a controller stop at the boundary

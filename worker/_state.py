@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+if TYPE_CHECKING:
+    from ._random import JobRandom
+
 __all__ = ["capture_rng_state", "restore_rng_state"]
 
 
-def capture_rng_state() -> dict[str, Any]:
-    """Python, NumPy, torch CPU and (when present) CUDA generator states, as tensors and
-    plain Python values only."""
+def capture_rng_state(job: JobRandom) -> dict[str, Any]:
+    """Python's and NumPy's global generator states and the job's own torch streams (CPU,
+    and CUDA for a CUDA job), as tensors and plain Python values only."""
     version, internal, gauss = random.getstate()
     kind, keys, position, has_gauss, cached = np.random.get_state(legacy=True)
     state: dict[str, Any] = {
@@ -29,14 +32,12 @@ def capture_rng_state() -> dict[str, Any]:
             "has_gauss": int(has_gauss),
             "cached": float(cached),
         },
-        "torch": torch.get_rng_state(),
+        **job.state_dict(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def restore_rng_state(state: dict[str, Any]) -> None:
+def restore_rng_state(state: dict[str, Any], job: JobRandom) -> None:
     """Put back what :func:`capture_rng_state` captured."""
     python = state["python"]
     random.setstate(
@@ -52,6 +53,4 @@ def restore_rng_state(state: dict[str, Any]) -> None:
             numpy["cached"],
         )
     )
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    job.load_state_dict(state)

@@ -31,9 +31,11 @@ from ._batch_events import BatchEventBuffer
 from ._building import build_optimizer, build_scheduler, check_runtime
 from ._datasets import DatasetSplit
 from ._errors import SpecError
+from ._random import JobRandom
 from ._registry import Registry, default_registry
 from ._spec import JobSpec
 from ._state import capture_rng_state, restore_rng_state
+from ._threads import torch_threads
 
 __all__ = ["Outcome", "RunResult", "Stateful", "Trainer"]
 
@@ -45,6 +47,8 @@ OPTIMIZER_STEP = EventType.OPTIMIZER_STEP
 BEFORE_ZERO_GRAD = EventType.BEFORE_ZERO_GRAD
 TRAIN_BATCH_END = EventType.TRAIN_BATCH_END
 TRAIN_BATCH_TYPES = (TRAIN_BATCH_START, OPTIMIZER_STEP, BEFORE_ZERO_GRAD, TRAIN_BATCH_END)
+SHUTDOWN_SOURCE = "shutdown"
+"""The source of the pause a server shutdown sends: its save reason is ``shutdown``."""
 CONTROLLER_SOURCES = frozenset({"early_stop", "lr_plateau"})
 """Stops from these sources end a job ``completed`` with its ``stop_reason`` set, as Keras,
 Lightning and Ultralytics end an early-stopped run normally."""
@@ -87,7 +91,7 @@ class Trainer:
 
     Attributes read by inline callbacks: ``job_id``, ``epoch`` (0-based, current or just
     finished), ``step`` (optimizer steps so far), ``metrics`` (latest), ``model``, ``control``,
-    ``save_reason`` (while ``on_model_save`` callbacks run).
+    ``save_reason`` (while ``on_model_save`` callbacks run), ``weights_origin``.
     """
 
     def __init__(
@@ -122,14 +126,16 @@ class Trainer:
             spec.dataset.val_fraction,
             data_dir,
         )
-        torch.manual_seed(spec.seed)  # model initialisation is reproducible from the seed
+        # initialisation and dropout draw from the job's own streams, seeded from its seed
+        self.random = JobRandom(spec.seed, self.device)
         model_entry = registry.model(spec.model.name)
         try:
-            model = model_entry.build(
-                model_entry.params.model_validate(spec.model.params),
-                self.data.num_features,
-                self.data.output_size,
-            )
+            with self.random:
+                model = model_entry.build(
+                    model_entry.params.model_validate(spec.model.params),
+                    self.data.num_features,
+                    self.data.output_size,
+                )
         except ValueError as error:
             raise SpecError(f"model {spec.model.name!r}: {error}") from None
         self.model: nn.Module = model.to(self.device)
@@ -153,6 +159,9 @@ class Trainer:
         self.epoch_complete = False
         self.metrics: dict[str, float] = {}
         self.save_reason: str | None = None
+        self.weights_origin: dict[str, Any] | None = None
+        """Set by a callback that loads other weights into the model than the ones trained
+        last (the best epoch's, at ``on_train_end``), so that a checkpoint says whose they are."""
         self._loss_sum = 0.0
         self._loss_pending: torch.Tensor | None = None  # CUDA: summed on the device
         self._seen = 0
@@ -183,6 +192,11 @@ class Trainer:
 
     # -- building ---------------------------------------------------------------------------
 
+    def flush_events(self) -> None:
+        """Publish the batch events recorded so far (before publishing, or asking another
+        thread to publish, something that happened after them)."""
+        self._batch_events.flush()
+
     @property
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -209,7 +223,7 @@ class Trainer:
                 "seen": self._seen,
             },
             "metrics": dict(self.metrics),
-            "rng": capture_rng_state(),
+            "rng": capture_rng_state(self.random),
             "controllers": {name: obj.state_dict() for name, obj in self._statefuls.items()},
             # what worker.load_model needs to rebuild a ready model from the checkpoint alone
             "spec": self.spec.model_dump(mode="json"),
@@ -236,7 +250,7 @@ class Trainer:
         self._loss_pending = None
         self._seen = int(accumulators["seen"])
         self.metrics = {k: float(v) for k, v in state.get("metrics", {}).items()}
-        restore_rng_state(state["rng"])
+        restore_rng_state(state["rng"], self.random)
         for name, controller_state in state.get("controllers", {}).items():
             if name in self._statefuls:
                 self._statefuls[name].load_state_dict(controller_state)
@@ -250,8 +264,10 @@ class Trainer:
 
     def run(self) -> RunResult:
         """Train to the end, or until a command or a failure ends the run."""
-        if self.spec.torch_threads:
-            torch.set_num_threads(self.spec.torch_threads)
+        with torch_threads(self.spec.torch_threads):
+            return self._run()
+
+    def _run(self) -> RunResult:
         try:
             self._emit(
                 EventType.PRETRAIN_ROUTINE_START,
@@ -277,21 +293,16 @@ class Trainer:
                     "resumed": self.step > 0,
                 },
             )
-            if self.epoch_complete:
+            # a run resumed after its last epoch's end has no epoch left to train
+            if self.epoch_complete and self.epoch + 1 < self.spec.epochs:
                 self._start_next_epoch()
-            while self.epoch < self.spec.epochs:
+            while not self.epoch_complete:
                 self._train_epoch()
                 self._validate_and_finish_epoch()
                 if self.epoch + 1 < self.spec.epochs:
                     self._check_commands()
                     self._start_next_epoch()
-                else:
-                    break
-            self._save("end")
-            self._emit(
-                EventType.TRAIN_END,
-                {"epoch": self.epoch, "step": self.step, "metrics": self.metrics},
-            )
+            self._end("end", {"epoch": self.epoch, "step": self.step, "metrics": self.metrics})
             return RunResult(Outcome.COMPLETED)
         except _StopRun as stop:
             return stop.result
@@ -360,6 +371,7 @@ class Trainer:
         callbacks_version = -1
         inline = True
         batch_started = 0.0
+        drawing = self.random
         for batch in range(self.batch_index, self.batches_per_epoch):
             if control.pending:
                 self._apply(control.take())
@@ -375,12 +387,13 @@ class Trainer:
             if inline:
                 run_callbacks(TRAIN_BATCH_START, self)
             if mixed:
-                with self._autocast():
+                with drawing, self._autocast():
                     outputs = model(inputs)
                     loss = loss_fn(outputs, targets)
             else:
-                outputs = model(inputs)
-                loss = loss_fn(outputs, targets)
+                with drawing:
+                    outputs = model(inputs)
+                    loss = loss_fn(outputs, targets)
             count = min(batch_size, train_size - batch * batch_size)  # len(targets), in ints
             if host_loss or loud:
                 loss_value = loss.item()
@@ -408,10 +421,9 @@ class Trainer:
                 run_callbacks(BEFORE_ZERO_GRAD, self)
             optimizer.zero_grad(set_to_none=True)
             self.batch_index = batch + 1
-            if inline:
-                run_callbacks(TRAIN_BATCH_END, self)
             if loud:
-                # the four batch events go out in bulk (worker/_batch_events.py)
+                # the four batch events go out in bulk (worker/_batch_events.py); recorded
+                # before the callbacks, so that what they publish comes after them
                 record(
                     batch_started,
                     self.epoch,
@@ -421,6 +433,8 @@ class Trainer:
                     optimizer.param_groups[0]["lr"],
                     count,
                 )
+            if inline:
+                run_callbacks(TRAIN_BATCH_END, self)
         loss_sum = self._folded_loss_sum()
         if not math.isfinite(loss_sum):  # CUDA: a non-finite loss in an unpublished batch
             self._non_finite(loss_sum)
@@ -468,7 +482,7 @@ class Trainer:
             if loud:
                 batch_started = _now()
             run_callbacks(EventType.VAL_BATCH_START, self)
-            with self._autocast():
+            with self.random, self._autocast():
                 outputs = self.model(inputs)
                 loss = self.loss_fn(outputs, targets)
             loss_value = loss.item() if host_loss or loud else math.nan
@@ -520,6 +534,15 @@ class Trainer:
         # else the run's ``end`` save follows at once with the same state: one checkpoint,
         # not two (the second cost a short run ~4% in bench/overhead.py)
 
+    def _end(self, save_reason: str, data: dict[str, Any]) -> None:
+        """End a completed run: the ``on_train_end`` callbacks run before the final save, so
+        that what they change (e.g. the best weights restored) is what the last checkpoint
+        holds; then ``model_save`` and ``train_end`` are published, in that order."""
+        self._batch_events.flush()
+        self.callbacks.run_callbacks(EventType.TRAIN_END, self)
+        self._save(save_reason)
+        self.bus.publish(self.job_id, EventType.TRAIN_END, data)
+
     def _check_commands(self) -> None:
         if self.control.pending:
             self._apply(self.control.take())
@@ -549,11 +572,10 @@ class Trainer:
     def _stop(self, command: Command) -> None:
         self.control.applied(command, step=self.step, epoch=self.epoch)
         reason = command.reason or f"stopped by {command.source}"
-        self._save("stop")
         outcome = Outcome.COMPLETED if command.source in CONTROLLER_SOURCES else Outcome.STOPPED
         if outcome is Outcome.COMPLETED:
-            self._emit(
-                EventType.TRAIN_END,
+            self._end(
+                "stop",
                 {
                     "epoch": self.epoch,
                     "step": self.step,
@@ -561,11 +583,15 @@ class Trainer:
                     "stop_reason": reason,
                 },
             )
+        else:
+            self._save("stop")
         raise _StopRun(RunResult(outcome, stop_reason=reason, details={"source": command.source}))
 
     def _pause(self, command: Command, taken: list[Command]) -> None:
         self.control.applied(command, step=self.step, epoch=self.epoch)
-        self._save("pause")
+        # a shutdown's pause is what the job resumes from after the restart: always saved
+        shutdown = command.source == SHUTDOWN_SOURCE
+        self._save("shutdown" if shutdown else "pause")
         commands = taken
         while True:
             for index, next_command in enumerate(commands):
@@ -577,6 +603,8 @@ class Trainer:
                     self._apply([next_command])
             commands = self.control.wait()
             if not commands and self.control.closed:
+                if not shutdown:  # paused by a user, then the server shut down
+                    self._save("shutdown")
                 raise _StopRun(RunResult(Outcome.INTERRUPTED, stop_reason=command.reason or None))
 
     def _set_lr(self, value: float) -> None:

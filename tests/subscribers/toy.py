@@ -27,6 +27,7 @@ class ToyTrainer:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=0.01)
         self.control = ControlChannel(job_id)
         self.save_reason: str | None = None
+        self.weights_origin: dict[str, Any] | None = None
         self.callbacks = CallbackRegistry(on_error=_reraise)
         self.statefuls: dict[str, Any] = {}
         generator = torch.Generator().manual_seed(seed)
@@ -38,6 +39,9 @@ class ToyTrainer:
 
     def run_callbacks(self, name: str) -> None:
         self.callbacks.run_callbacks(event_type_for(name), self)
+
+    def flush_events(self) -> None:
+        pass  # publishes no batch events
 
     def register_stateful(self, name: str, obj: Any) -> None:
         self.statefuls[name] = obj

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import io
+import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 import torch
 from torch import nn
@@ -19,6 +23,7 @@ from worker import (
     JobState,
     ModelEntry,
     SpecError,
+    Trainer,
     default_registry,
 )
 from worker._models import LinearParams
@@ -245,7 +250,7 @@ class StopAt(Subscriber):
         pass
 
 
-async def test_a_stopped_job_resumes_exactly_from_memory_without_checkpoints(
+async def test_a_stopped_job_resumes_exactly_without_checkpoints(
     bus: EventBus, data_dir: Path
 ) -> None:
     spec = small_spec(epochs=2, checkpoint={"enabled": False})
@@ -328,7 +333,7 @@ async def test_shutdown_saves_and_pauses_running_jobs_which_come_back_interrupte
     assert interrupted.state is JobState.INTERRUPTED
     seen = [e for e in watch.receive_batch_nowait() if e.type is not EventType.TRAIN_BATCH_END]
     assert [e.type for e in seen][-2:] == [EventType.MODEL_SAVE, EventType.JOB_INTERRUPTED]
-    assert seen[-2].data["reason"] == "pause"
+    assert seen[-2].data["reason"] == "shutdown"
     saved_step = seen[-2].data["step"]
     async with JobManager(
         bus=bus,
@@ -357,3 +362,115 @@ async def test_a_stop_from_a_controller_completes_the_job_with_its_reason(
         done = await manager.wait_for(record.id, TERMINAL, timeout=30)
     assert done.state is JobState.COMPLETED
     assert done.stop_reason == "val_loss stopped improving"
+
+
+async def test_a_resume_during_the_end_of_a_run_keeps_the_concurrency_limit(
+    bus: EventBus, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with JobManager(bus=bus, data_dir=data_dir, max_running=2) as manager:
+        x = await manager.submit(small_spec(epochs=200))
+        await manager.wait_for(x.id, ["running"], timeout=30)
+        # X's stop is stored, then held while it is published: X is resumed meanwhile
+        reached, release, published = anyio.Event(), anyio.Event(), anyio.Event()
+        publish_async = bus.publish_async
+
+        async def held(job_id: str, event_type: Any, data: Any = None) -> Event:
+            if job_id != x.id or event_type is not EventType.JOB_STOPPED or release.is_set():
+                return await publish_async(job_id, event_type, data)
+            reached.set()
+            await release.wait()
+            event = await publish_async(job_id, event_type, data)
+            published.set()
+            return event
+
+        monkeypatch.setattr(bus, "publish_async", held)
+        manager.stop(x.id)
+        with anyio.fail_after(30):
+            await reached.wait()
+        await manager.resume(x.id)
+        await manager.wait_for(x.id, ["running"], timeout=30)
+        y = await manager.submit(small_spec(epochs=200))
+        await manager.wait_for(y.id, ["running"], timeout=30)
+        release.set()
+        with anyio.fail_after(30):
+            await published.wait()  # the first run of X has ended
+        z = await manager.submit(small_spec(epochs=1))
+        manager.stop(y.id)
+        await manager.wait_for(z.id, ["running", "completed"], timeout=30)
+        manager.stop(x.id)
+        await manager.wait_for(x.id, ["stopped"], timeout=30)
+        y_ended, z_started = manager.get(y.id).ended_at, manager.get(z.id).started_at
+    # Z starts only once Y's end freed a slot (X's new run holds the other)
+    assert y_ended is not None and z_started is not None and z_started >= y_ended
+
+
+async def test_a_failed_restore_keeps_the_progress_and_the_job_resumes_once_fixed(
+    bus: EventBus, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = small_spec(epochs=3, checkpoint={"enabled": False})
+    runs: dict[str, int] = {}
+
+    def factory(handle: JobHandle) -> list[Subscriber]:
+        runs[handle.id] = runs.get(handle.id, 0) + 1
+        return [StopAt(handle, 13)] if runs[handle.id] == 1 else []
+
+    async with JobManager(bus=bus, data_dir=data_dir, subscriber_factory=factory) as manager:
+        job = await manager.submit(spec)
+        stopped = await manager.wait_for(job.id, TERMINAL, timeout=60)
+        assert stopped.state is JobState.STOPPED and stopped.step == 13
+        assert stopped.epoch == 1 and stopped.metrics
+
+        def broken(self: Any, state: Any) -> None:
+            raise RuntimeError("size mismatch for model.0.weight (simulated)")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(Trainer, "load_state_dict", broken)
+            await manager.resume(job.id)
+            failed = await manager.wait_for(job.id, ["failed"], timeout=60)
+        assert failed.error is not None and "size mismatch" in failed.error.message
+        assert (failed.epoch, failed.step, failed.metrics) == (1, 13, stopped.metrics)
+        await manager.resume(job.id)  # the cause is fixed
+        done = await manager.wait_for(job.id, ["completed", "failed"], timeout=60)
+        assert done.state is JobState.COMPLETED and done.step == 3 * 8 and done.error is None
+        reference = await manager.submit(spec)
+        runs[reference.id] = 1_000  # no StopAt
+        await manager.wait_for(reference.id, ["completed"], timeout=60)
+        expected = manager.get(reference.id).metrics
+    for name in ("train_loss", "val_loss", "val_accuracy"):
+        assert done.metrics[name] == expected[name], name  # continued exactly
+
+
+def tensors_sharing(storages: list[torch.UntypedStorage]) -> int:
+    """How many tensors alive in the process view the memory of ``storages``."""
+    gc.collect()
+    pointers = {storage.data_ptr() for storage in storages}
+    with warnings.catch_warnings():  # isinstance on some deprecated torch objects warns
+        warnings.simplefilter("ignore")
+        return sum(
+            1
+            for o in gc.get_objects()
+            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() in pointers
+        )
+
+
+async def test_jobs_that_are_not_running_hold_no_tensors(bus: EventBus, data_dir: Path) -> None:
+    models: list[weakref.ref[nn.Module]] = []
+    storages: list[torch.UntypedStorage] = []  # keeps the memory, so that no one else gets it
+
+    def factory(handle: JobHandle) -> list[Subscriber]:
+        assert handle.trainer is not None
+        models.append(weakref.ref(handle.trainer.model))
+        storages.extend(p.untyped_storage() for p in handle.trainer.model.parameters())
+        return [StopAt(handle, 5)]
+
+    async with JobManager(bus=bus, data_dir=data_dir, subscriber_factory=factory) as manager:
+        ids = []
+        for _ in range(3):
+            job = await manager.submit(small_spec(epochs=2, checkpoint={"enabled": False}))
+            assert (await manager.wait_for(job.id, TERMINAL, timeout=60)).state == "stopped"
+            ids.append(job.id)
+        assert tensors_sharing(storages) == 0
+        assert [model() for model in models] == [None] * 3
+        for job_id in ids:
+            await manager.delete(job_id)
+        assert tensors_sharing(storages) == 0

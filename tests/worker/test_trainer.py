@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 from bus import ControlChannel, Event, EventBus, EventType
-from worker import JobSpec, Outcome, Trainer
+from worker import JobSpec, Outcome, RunResult, Trainer
+from worker._threads import torch_threads
 
 from .conftest import small_spec
 
@@ -296,3 +298,88 @@ async def test_bf16_mixed_precision_runs_on_the_cpu(bus: EventBus, data_dir: Pat
     result = await anyio.to_thread.run_sync(trainer.run)
     assert result.outcome is Outcome.COMPLETED
     assert trainer.metrics["val_loss"] == trainer.metrics["val_loss"]  # not NaN
+
+
+def pause_after_the_last_epoch_and_resume(
+    bus: EventBus, data_dir: Path, spec: dict[str, Any]
+) -> tuple[Trainer, Trainer]:
+    reference = make_trainer(bus, data_dir, spec, job_id="reference")
+    assert reference.run().outcome is Outcome.COMPLETED
+    # paused at the boundary after the last fit_epoch_end, then the server shut down
+    first = make_trainer(bus, data_dir, spec, job_id="resumed")
+    first.add_callback(
+        "on_fit_epoch_end", lambda t: t.control.pause("at the end") if t.epoch == 1 else None
+    )
+    first.add_callback(
+        "on_model_save", lambda t: t.control.close() if t.save_reason == "pause" else None
+    )
+    assert first.run().outcome is Outcome.INTERRUPTED
+    state = first.state_dict()
+    second = make_trainer(bus, data_dir, spec, job_id="resumed")
+    second.load_state_dict(state)
+    assert second.run().outcome is Outcome.COMPLETED
+    return reference, second
+
+
+async def test_a_run_resumed_after_its_last_epoch_end_ends_at_that_epoch(
+    bus: EventBus, data_dir: Path
+) -> None:
+    ends = bus.subscribe("ends", types=["model_save", "train_end"], buffer_size=1_000)
+    reference, resumed = await anyio.to_thread.run_sync(
+        pause_after_the_last_epoch_and_resume, bus, data_dir, small_spec(epochs=2)
+    )
+    seen: dict[str, list[tuple[str, str, int, int]]] = {"reference": [], "resumed": []}
+    for e in ends.receive_batch_nowait():
+        reason = str(e.data.get("save_reason", ""))
+        seen[e.job_id].append((e.type.value, reason, e.data["epoch"], e.data["step"]))
+    assert seen["reference"][-2:] == [("model_save", "end", 1, 16), ("train_end", "", 1, 16)]
+    assert seen["resumed"][-2:] == seen["reference"][-2:]
+    assert resumed.epoch == reference.epoch == 1
+    assert_same_training_state(reference, resumed)
+
+
+def train_in_lockstep(bus: EventBus, data_dir: Path, specs: list[dict[str, Any]]) -> list[Trainer]:
+    """Train one trainer per spec at the same time, each batch of each starting together, so
+    that their forward passes interleave."""
+    trainers = [
+        make_trainer(bus, data_dir, spec, job_id=f"job-{i}") for i, spec in enumerate(specs)
+    ]
+    barrier = threading.Barrier(len(trainers), timeout=30)
+    for trainer in trainers:
+        trainer.add_callback("on_train_batch_start", lambda t: barrier.wait())
+    results: list[RunResult] = []
+    threads = [threading.Thread(target=lambda t=t: results.append(t.run())) for t in trainers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert [r.outcome for r in results] == [Outcome.COMPLETED] * len(trainers)
+    return trainers
+
+
+async def test_concurrent_jobs_with_dropout_train_as_each_would_alone(
+    bus: EventBus, data_dir: Path
+) -> None:
+    specs = [small_spec(seed=1), small_spec(seed=2, optimizer={"name": "adam", "lr": 0.01})]
+    alone = [
+        await anyio.to_thread.run_sync(train_uninterrupted, bus, data_dir, spec) for spec in specs
+    ]
+    together = await anyio.to_thread.run_sync(train_in_lockstep, bus, data_dir, specs)
+    for a, b in zip(alone, together, strict=True):
+        assert_same_training_state(a, b)
+    # numbers drawn outside a job do not move it
+    torch.rand(1000)
+    again = await anyio.to_thread.run_sync(train_uninterrupted, bus, data_dir, specs[0])
+    assert_same_training_state(alone[0], again)
+
+
+def test_torch_threads_is_the_latest_running_jobs_request() -> None:
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+        with torch_threads(2):  # a job started later
+            assert torch.get_num_threads() == 2
+            with torch_threads(None):  # one that asked for nothing changes nothing
+                assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 1  # the later job ended
+    assert torch.get_num_threads() == before
