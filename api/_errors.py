@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -95,16 +96,25 @@ def status_for(error: BaseException, statuses: Mapping[type[BaseException], int]
 def _detail(error: BaseException) -> str:
     detail = getattr(error, "detail", None)
     if isinstance(detail, str) and detail:
-        return detail
+        return printable(detail)
     text = str(error)
     if len(error.args) == 1 and isinstance(error.args[0], str):
         text = error.args[0]
-    return text or type(error).__name__
+    return printable(text) or type(error).__name__
 
 
 _ECHO_CHARACTERS = 200
 _ECHO_ITEMS = 20
 _ECHO_DEPTH = 4
+_SURROGATE = re.compile("[\ud800-\udfff]")
+MAX_LISTED_ERRORS = 20
+"""Most field errors a 422 lists; the rest are counted (a body of 100,000 unknown keys
+would otherwise be answered with megabytes)."""
+
+
+def printable(text: str) -> str:
+    """``text`` encodable as UTF-8: a lone surrogate (``"\\ud800"`` in JSON) becomes U+FFFD."""
+    return text if text.isascii() else _SURROGATE.sub("\ufffd", text)
 
 
 def echoed_input(value: Any, depth: int = 0) -> Any:
@@ -113,6 +123,7 @@ def echoed_input(value: Any, depth: int = 0) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, str):
+        value = printable(value)
         return value if len(value) <= _ECHO_CHARACTERS else value[:_ECHO_CHARACTERS] + "..."
     if isinstance(value, bool | int | float) or value is None:
         return value
@@ -121,7 +132,8 @@ def echoed_input(value: Any, depth: int = 0) -> Any:
     if isinstance(value, Mapping):
         items = list(value.items())
         shown = {
-            str(k)[:_ECHO_CHARACTERS]: echoed_input(v, depth + 1) for k, v in items[:_ECHO_ITEMS]
+            printable(str(k)[:_ECHO_CHARACTERS]): echoed_input(v, depth + 1)
+            for k, v in items[:_ECHO_ITEMS]
         }
         if len(items) > _ECHO_ITEMS:
             shown["..."] = f"{len(items) - _ECHO_ITEMS} more"
@@ -140,8 +152,14 @@ def _bounded_error(item: Mapping[str, Any]) -> dict[str, Any]:
         if key in bounded:
             bounded[key] = echoed_input(bounded[key])
     message = bounded.get("msg")
-    if isinstance(message, str) and len(message) > 1000:
-        bounded["msg"] = message[:1000] + "..."
+    if isinstance(message, str):
+        message = printable(message)
+        bounded["msg"] = message if len(message) <= 1000 else message[:1000] + "..."
+    # a location holds the keys the client sent: as hostile as the input itself
+    bounded["loc"] = [
+        part if isinstance(part, int) else printable(str(part))[:_ECHO_CHARACTERS]
+        for part in bounded.get("loc", ())
+    ]
     return bounded
 
 
@@ -167,14 +185,17 @@ def install_error_handlers(
 
     async def validation(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, RequestValidationError)
-        errors = [_bounded_error(item) for item in error.errors()]
-        errors = jsonable_encoder(errors, custom_encoder={Exception: str})
+        found = error.errors()
+        errors = [_bounded_error(item) for item in found[:MAX_LISTED_ERRORS]]
+        errors = jsonable_encoder(errors, custom_encoder={Exception: lambda e: printable(str(e))})
         fields = ", ".join(
             ".".join(str(part) for part in item.get("loc", ())) for item in errors[:5]
         )
-        return JSONResponse(
-            {"detail": errors, "message": f"invalid request: fix {fields}"}, status_code=422
-        )
+        body: dict[str, Any] = {"detail": errors, "message": f"invalid request: fix {fields}"}
+        if len(found) > MAX_LISTED_ERRORS:
+            body["message"] += f" ({len(found):,} errors in all; the first {len(errors)} listed)"
+            body["errors_not_listed"] = len(found) - len(errors)
+        return JSONResponse(body, status_code=422)
 
     app.add_exception_handler(RequestValidationError, validation)
 

@@ -11,7 +11,9 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
+from ._access_log import install_redactor
 from ._app import create_app
+from ._connections import ConnectionGuard, guarded_protocol
 from ._settings import Settings
 from ._websocket import MAX_CLIENT_MESSAGE_BYTES
 
@@ -50,12 +52,19 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
 
 
 def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
-    """The uvicorn configuration for ``app`` (WebSocket pings, no token in access logs)."""
-    return uvicorn.Config(
+    """The uvicorn configuration for ``app`` (WebSocket pings, bounds on connections that send
+    no request, no token in access logs); the connection bounds are ``app.state.connections``."""
+    guard = ConnectionGuard(
+        request_timeout=settings.request_timeout,
+        reserved_file_descriptors=settings.reserved_file_descriptors,
+    )
+    app.state.connections = guard
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        http=guarded_protocol(guard),
         ws=type(
             "WebSocketProtocol", (WebSocketProtocol,), {"drop_after": settings.ws_close_timeout}
         ),
@@ -72,6 +81,9 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
         ws_per_message_deflate=False,
         ws_max_size=MAX_CLIENT_MESSAGE_BYTES,  # the streams take no client messages (1009)
     )
+    # after Config: its logging set-up is done, and a filter on the logger survives a later one
+    install_redactor(() if settings.token is None else (settings.token.get_secret_value(),))
+    return config
 
 
 def listening_socket(config: uvicorn.Config, settings: Settings) -> socket.socket:

@@ -96,6 +96,19 @@ class Settings(BaseSettings):
         description="Kernel send buffer of each connection (none: the kernel's autotuning, up "
         "to 4 MiB a connection): bounds what a client that never reads can hold.",
     )
+    request_timeout: float = Field(
+        default=15.0,
+        gt=0,
+        description="Seconds a connection may take to send a complete request (from connecting, "
+        "or from its first byte after a keep-alive pause) before it is closed.",
+    )
+    reserved_file_descriptors: int = Field(
+        default=64,
+        ge=0,
+        description="File descriptors kept for the server's own files (checkpoints, the "
+        "database, logs): a connection that would use one of the last this many under the "
+        "open-file limit is closed at once.",
+    )
     ws_buffer_size: int = Field(
         default=2048, ge=1, description="Events buffered per WebSocket client before it gets a gap."
     )
