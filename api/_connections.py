@@ -9,15 +9,18 @@ protocol level, before any ASGI code runs:
 - a connection must send a complete request (head and body) within ``request_timeout``
   seconds of connecting, or of its first byte after a keep-alive pause; else it is closed;
 - a connection accepted onto a file descriptor in the top ``reserved_file_descriptors`` of
-  ``RLIMIT_NOFILE`` is closed at once. The kernel hands out the lowest free descriptor, so a
-  connection gets one of those only when every lower one is in use: connections never hold
-  the reserve, which stays for the server's own files.
+  ``RLIMIT_NOFILE`` is closed at once, inside the listening socket's ``accept`` (asyncio
+  accepts a whole backlog before any protocol sees a connection, so the check cannot wait for
+  the protocol). The kernel hands out the lowest free descriptor, so a connection gets one of
+  those only when every lower one is in use: connections never hold the reserve, which stays
+  for the server's own files.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +33,13 @@ try:
 except ImportError:  # pragma: no cover - Windows has no RLIMIT_NOFILE
     resource = None  # type: ignore[assignment]
 
-__all__ = ["ConnectionGuard", "GuardedH11Protocol", "guarded_protocol", "open_file_limit"]
+__all__ = [
+    "ConnectionGuard",
+    "GuardedH11Protocol",
+    "ReservingListener",
+    "guarded_protocol",
+    "open_file_limit",
+]
 
 logger = logging.getLogger("trainbus.api")
 
@@ -88,18 +97,36 @@ class ConnectionGuard:
             logger.warning(message, *args)
 
 
+class ReservingListener(socket.socket):
+    """A listening socket whose ``accept`` closes, on the spot, each connection that landed
+    on a descriptor the :class:`ConnectionGuard` keeps in reserve."""
+
+    guard: ConnectionGuard
+
+    @classmethod
+    def wrap(cls, sock: socket.socket, guard: ConnectionGuard) -> ReservingListener:
+        """Take over ``sock`` (bound and listening; ``sock`` is detached)."""
+        listener = cls(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        listener.guard = guard
+        return listener
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        while True:  # until one is admitted, or BlockingIOError: no connection is pending
+            connection, address = super().accept()
+            if self.guard.admits(connection.fileno()):
+                return connection, address
+            connection.close()
+
+
 class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with the :class:`ConnectionGuard` bounds."""
+    """uvicorn's h11 protocol that closes a connection that sends no complete request within
+    the :class:`ConnectionGuard`'s ``request_timeout``."""
 
     guard: ConnectionGuard = ConnectionGuard(request_timeout=15.0, reserved_file_descriptors=64)
     _request_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None and not self.guard.admits(sock.fileno()):
-            transport.abort()
-            return
         self._arm_request_timer()
 
     def data_received(self, data: bytes) -> None:

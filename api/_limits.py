@@ -112,7 +112,6 @@ class BodyLimitMiddleware:
                 raise
             await _refuse(send, error)
 
-
     async def _checked_json(self, scope: Any, receive: Any, send: Any) -> None:
         chunks: list[bytes] = []
         size = 0

@@ -13,7 +13,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 
 from ._access_log import install_redactor
 from ._app import create_app
-from ._connections import ConnectionGuard, guarded_protocol
+from ._connections import ConnectionGuard, ReservingListener, guarded_protocol
 from ._settings import Settings
 from ._websocket import MAX_CLIENT_MESSAGE_BYTES
 
@@ -87,7 +87,8 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
 
 
 def listening_socket(config: uvicorn.Config, settings: Settings) -> socket.socket:
-    """The server's bound socket, its connections' kernel send buffer capped.
+    """The server's bound socket, its connections' kernel send buffer capped, and connections
+    that would use the reserved file descriptors closed at accept.
 
     Linux grows a loopback connection's send buffer to 4 MiB on its own: a WebSocket client
     that never reads would hold that much kernel memory and keep the server encoding and
@@ -98,6 +99,9 @@ def listening_socket(config: uvicorn.Config, settings: Settings) -> socket.socke
     sock = config.bind_socket()
     if settings.socket_send_buffer_bytes is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.socket_send_buffer_bytes)
+    guard = config.app.state.connections if isinstance(config.app, FastAPI) else None
+    if isinstance(guard, ConnectionGuard):
+        return ReservingListener.wrap(sock, guard)
     return sock
 
 
