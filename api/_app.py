@@ -33,11 +33,12 @@ from ._auth import (
     ensure_token,
     write_token_file,
 )
+from ._connections import ConnectionGuard
 from ._errors import install_error_handlers
 from ._history import EventHistory, EventSource
 from ._hub import EventHub
 from ._limits import BodyLimitMiddleware, PathGuardMiddleware, known_query_parameters
-from ._metrics import HubCollector
+from ._metrics import ConnectionCollector, HubCollector
 from ._routes_jobs import router as jobs_router
 from ._routes_system import router as system_router
 from ._services import JobService, Services
@@ -146,9 +147,13 @@ def create_app(
                         ready_checks=built.ready_checks,
                     )
                     app.state.services = services
-                    collector = HubCollector(hub)
+                    collectors: list[HubCollector | ConnectionCollector] = [HubCollector(hub)]
+                    guard = getattr(app.state, "connections", None)
+                    if isinstance(guard, ConnectionGuard):  # set by uvicorn_config
+                        collectors.append(ConnectionCollector(guard))
                     if built.metrics_registry is not None:
-                        built.metrics_registry.register(collector)
+                        for collector in collectors:
+                            built.metrics_registry.register(collector)
                     try:
                         yield
                     finally:
@@ -156,7 +161,8 @@ def create_app(
                         services.shutting_down = True
                         logger.info("trainbus: shutting down")
                         if built.metrics_registry is not None:
-                            built.metrics_registry.unregister(collector)
+                            for collector in collectors:
+                                built.metrics_registry.unregister(collector)
             finally:
                 hub.close()
         app.state.services = None

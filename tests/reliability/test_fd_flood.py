@@ -152,6 +152,14 @@ def test_idle_connections_never_starve_the_server_of_descriptors(tmp_path: Path)
         assert client.checkpoints(job["id"])
         ready = httpx.get(url + "/readyz", headers={"Authorization": f"Bearer {TOKEN}"})
         assert ready.status_code == 200, ready.text
+        metrics = httpx.get(url + "/metrics").text
+        closed = {
+            name: float(line.split()[-1])
+            for line in metrics.splitlines()
+            for name in ("trainbus_connections_refused", "trainbus_connections_timed_out")
+            if line.startswith(name + "_total ")
+        }
+        assert sum(closed.values()) >= IDLE_CONNECTIONS, closed  # and refused /healthz polls
         second = client.submit({**SPEC, "epochs": 1})
         assert client.wait(second["id"], timeout=60)["state"] == "completed"
         process.send_signal(signal.SIGTERM)
@@ -167,4 +175,6 @@ def test_idle_connections_never_starve_the_server_of_descriptors(tmp_path: Path)
         healthz_after_seconds=round(healthy_after, 2),
         all_closed_after_seconds=round(closed_after, 2),
         flood_seconds=round(flood_seconds, 2),
+        refused_at_accept=closed["trainbus_connections_refused"],
+        timed_out=closed["trainbus_connections_timed_out"],
     )
