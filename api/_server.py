@@ -13,11 +13,19 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 
 from ._access_log import install_redactor
 from ._app import create_app
+from ._auth import write_token_file
 from ._connections import ConnectionGuard, ReservingListener, guarded_protocol
 from ._settings import Settings
 from ._websocket import MAX_CLIENT_MESSAGE_BYTES
 
-__all__ = ["WebSocketProtocol", "freeze_heap", "listening_socket", "serve", "uvicorn_config"]
+__all__ = [
+    "WebSocketProtocol",
+    "bind_then_write_token",
+    "freeze_heap",
+    "listening_socket",
+    "serve",
+    "uvicorn_config",
+]
 
 KEEP_ALIVE_SECONDS = 75  # nginx's default
 PRELOADED = ("torch._dynamo", "sklearn.datasets")
@@ -102,6 +110,28 @@ def listening_socket(config: uvicorn.Config, settings: Settings) -> socket.socke
     guard = config.app.state.connections if isinstance(config.app, FastAPI) else None
     if isinstance(guard, ConnectionGuard):
         return ReservingListener.wrap(sock, guard)
+    return sock
+
+
+def bind_then_write_token(
+    config: uvicorn.Config, settings: Settings, *, generated: bool
+) -> socket.socket:
+    """The :func:`listening_socket`, and only once it is bound, for a ``generated`` token,
+    the token file (:func:`write_token_file`).
+
+    A second server started on a busy port exits here (uvicorn raises ``SystemExit``) before
+    it could overwrite the token file of the server that holds the port.
+
+    :raises SystemExit: if the address cannot be bound (nothing is written).
+    :raises TokenFileRefused: if the token file cannot be written safely (the socket is closed).
+    """
+    sock = listening_socket(config, settings)
+    if generated and settings.token is not None:
+        try:
+            write_token_file(settings.data_dir, settings.token)
+        except BaseException:
+            sock.close()
+            raise
     return sock
 
 
