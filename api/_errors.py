@@ -17,7 +17,8 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from pathlib import Path, PurePath
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -36,6 +37,7 @@ __all__ = [
     "ServiceUnavailable",
     "install_error_handlers",
     "status_for",
+    "without_paths",
 ]
 
 logger = logging.getLogger("trainbus.api")
@@ -91,6 +93,20 @@ def status_for(error: BaseException, statuses: Mapping[type[BaseException], int]
         if cls in statuses:
             return statuses[cls]
     return None
+
+
+_QUOTED_ABSOLUTE_PATH = re.compile(r"""(['"])(/[^'"]*)\1""")
+
+
+def without_paths(text: str, folders: Iterable[Path] = ()) -> str:
+    """``text`` with absolute paths cut to their last part: an error says which file is wrong
+    (``'state.pt'``), not where the server keeps it. Quoted absolute paths (what ``OSError``
+    prints) and unquoted ones under ``folders`` (the data folder) are cut."""
+    text = _QUOTED_ABSOLUTE_PATH.sub(lambda m: m[1] + PurePath(m[2]).name + m[1], text)
+    for folder in sorted({str(f) for f in folders if str(f) not in ("", "/", ".")}, key=len)[::-1]:
+        pattern = re.escape(folder) + r"""(/[^\s'",;:]*)?"""
+        text = re.sub(pattern, lambda m: PurePath(m[0]).name if m[1] else "the data folder", text)
+    return text
 
 
 def _detail(error: BaseException) -> str:
@@ -163,6 +179,14 @@ def _bounded_error(item: Mapping[str, Any]) -> dict[str, Any]:
     return bounded
 
 
+def _data_folders(request: Request) -> list[Path]:
+    settings = getattr(request.app.state, "settings", None)
+    data_dir = getattr(settings, "data_dir", None)
+    if not isinstance(data_dir, Path):
+        return []
+    return [data_dir.absolute(), data_dir.resolve()]
+
+
 def install_error_handlers(
     app: FastAPI, statuses: Mapping[type[BaseException], int] | None = None
 ) -> None:
@@ -177,7 +201,8 @@ def install_error_handlers(
                 {"detail": "internal error; the server log has the details"}, status_code=500
             )
         headers = {"Retry-After": "5"} if status == 503 else None
-        return JSONResponse({"detail": _detail(error)}, status_code=status, headers=headers)
+        detail = without_paths(_detail(error), _data_folders(request))
+        return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
     for cls in table:
         if issubclass(cls, Exception):

@@ -61,7 +61,7 @@ def too_many_keys(body: bytes) -> int | None:
         json.loads(body, object_pairs_hook=_count_keys)
     except TooManyKeys as error:
         return int(error.args[0])
-    except ValueError:  # not JSON (or not UTF-8): the route's own parsing answers that
+    except (ValueError, RecursionError):  # not JSON, or too deep: the route's parsing answers
         return None
     return None
 

@@ -623,3 +623,28 @@ def test_a_token_sent_in_the_query_string_is_refused_and_never_logged(hostile: H
         access.removeHandler(keeper)
     assert any("/jobs?" in line for line in lines), lines
     assert not any(token in line or "s3cret-value" in line for line in lines), lines
+
+
+def test_error_bodies_name_no_path_of_the_server(hostile: Hostile) -> None:
+    """A broken checkpoint is reported by its name and what is wrong, not by where the server
+    keeps its files."""
+    response = hostile.request("POST", "/jobs", json=BASE)
+    assert response.status_code == 201, response.text
+    job_id = response.json()["id"]
+    assert hostile.wait_for_state(job_id, {"completed", "failed"})["state"] == "completed"
+    listed = hostile.request("GET", f"/jobs/{job_id}/checkpoints").json()
+    assert listed
+    name = listed[0]["name"]
+    state_file = hostile.data_dir / "jobs" / job_id / "checkpoints" / name / "state.pt"
+    state_file.unlink()
+    state_file.mkdir()  # a directory where the file is expected
+    try:
+        response = hostile.request("GET", f"/jobs/{job_id}/checkpoints/{name}")
+    finally:
+        state_file.rmdir()
+    assert response.status_code in (404, 409), response.text
+    detail = _strict_json(response)["detail"]
+    assert name in detail
+    for folder in {str(hostile.data_dir), str(hostile.data_dir.resolve())}:
+        assert folder not in response.text
+    assert "/jobs/" not in detail and "/checkpoints/" not in detail
