@@ -161,12 +161,19 @@ class ClientBuffer:
         else:
             missed[1] = to_seq
             missed[2] += count
-        if self._lag > self.max_lag and not self.too_slow:
-            self.too_slow = True
-            self._items.clear()
-            self._wake.set()
-            for callback in self.on_too_slow:
-                callback()
+        if self._lag > self.max_lag:
+            self.mark_too_slow()
+
+    def mark_too_slow(self) -> None:
+        """The client cannot keep up (too much lag, or a send it did not take in time): stop
+        buffering for it and run the :attr:`on_too_slow` callbacks, once."""
+        if self.too_slow or self.closed:
+            return
+        self.too_slow = True
+        self._items.clear()
+        self._wake.set()
+        for callback in self.on_too_slow:
+            callback()
 
     def _gap(self, job_id: str, from_seq: int, to_seq: int, count: int) -> None:
         """The hub itself missed events (its bus buffer overflowed)."""

@@ -44,10 +44,18 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
     the client kept it, however long after the app had closed it 4008. With this, a
     never-reading client's connection is gone at most ``ws_close_timeout`` (the app's wait to
     queue the close frame) plus :attr:`drop_after` after it was marked too slow; the client
-    sees the connection dropped (1006), not the 4008 it did not read.
+    sees the connection dropped (1006), not the 4008 it did not read. A connection whose
+    keep-alive ping goes unanswered is dropped the same way.
     """
 
     drop_after: float = 5.0
+
+    def keepalive_timeout(self) -> None:
+        # uvicorn closes a connection whose pong is late with ``transport.close()``, which
+        # waits for the buffered data a client that never reads never takes: drop it instead
+        super().keepalive_timeout()
+        if not self.disconnected:
+            self.transport.abort()
 
     async def run_asgi(self) -> None:
         await super().run_asgi()

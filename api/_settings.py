@@ -139,6 +139,13 @@ class Settings(BaseSettings):
         description="Seconds to wait for a slow client to take a close frame; a connection "
         "still open this long after its stream ended is dropped (a client that never reads).",
     )
+    ws_send_timeout: float = Field(
+        default=5.0,
+        gt=0,
+        description="Seconds one WebSocket message (live or replayed) may wait for a client "
+        "that does not read; past it the client is too slow and is let go (4008 where the "
+        "close frame still fits, else the connection is dropped).",
+    )
     ws_batch_interval: float = Field(
         default=0.01,
         ge=0,

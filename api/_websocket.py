@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from operator import itemgetter
 
 import anyio
+import anyio.lowlevel
 from fastapi import APIRouter, Path, Query, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
@@ -139,15 +140,26 @@ class _Stream:
         """The highest seq actually handed to the connection: where a closed client resumes."""
         self.max_events = services.settings.ws_max_message_events
         self.max_bytes = services.settings.ws_max_message_bytes
+        self.send_timeout = services.settings.ws_send_timeout
         self.history: EventHistory | None = services.history if job_id is not None else None
         self.violation: tuple[int, str] | None = None
         """Set when the client broke the protocol: the close code and reason."""
 
     async def send(self, items: list[Item]) -> None:
         """Send encoded events, at most ``ws_max_message_events`` and ``ws_max_message_bytes``
-        a message (a single larger event goes alone)."""
+        a message (a single larger event goes alone).
+
+        A message the client does not take within ``ws_send_timeout`` marks it too slow (its
+        stream is cancelled): how many other clients there are or whether it is replaying
+        does not matter, a client that never reads is let go in bounded time.
+        """
         for chunk in _messages(items, self.max_events, self.max_bytes):
-            await self.websocket.send_text(_message(chunk))
+            with anyio.move_on_after(self.send_timeout) as waited:
+                await self.websocket.send_text(_message(chunk))
+            if waited.cancelled_caught:
+                self.client.mark_too_slow()
+                await anyio.lowlevel.checkpoint()  # the stream's scope is cancelled now
+                return
             self.delivered = max(self.delivered, chunk[-1][1])
 
     async def _send_history(self, encoded: list[Item]) -> None:
@@ -294,6 +306,11 @@ async def _serve(
                 await stream.live()
             group.cancel_scope.cancel()
     except (WebSocketDisconnect, OSError):
+        return
+    except BaseExceptionGroup as group:  # the same, raised while the task group was open
+        if group.split((WebSocketDisconnect, OSError))[1] is not None:
+            raise
+        logger.debug("a WebSocket client of %s went away mid-stream", job_id or "every job")
         return
     finally:
         services.hub.remove(client)
