@@ -207,6 +207,7 @@ def main() -> None:
     import uvicorn
 
     from api import Settings, create_app, uvicorn_config
+    from api._server import listening_socket
 
     total = int(args.rate * args.seconds)
     with tempfile.TemporaryDirectory() as data_dir, PeakRss() as rss:
@@ -218,8 +219,11 @@ def main() -> None:
             log_level="warning",
         )
         app = create_app(settings)
-        server = uvicorn.Server(uvicorn_config(app, settings))
-        thread = threading.Thread(target=server.run, daemon=True)
+        config = uvicorn_config(app, settings)
+        server = uvicorn.Server(config)
+        # the socket `trainbus serve` listens on (each connection's send buffer capped)
+        sockets = [listening_socket(config, settings)]
+        thread = threading.Thread(target=server.run, kwargs={"sockets": sockets}, daemon=True)
         thread.start()
         base = f"http://127.0.0.1:{settings.port}"
         deadline = time.monotonic() + 60

@@ -4,6 +4,8 @@ is let go within its bound while many others are connected."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import socket
 import time
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 import anyio
 import httpx
 import pytest
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 
 from api import Settings, create_app
 from api._server import WebSocketProtocol, listening_socket
@@ -190,3 +192,68 @@ def test_a_never_reading_client_whose_replay_fit_in_the_buffers_is_let_go_by_kee
     finally:
         client.close()
     record("5 never-reading idle client", let_go_after_s=round(time.monotonic() - started, 2))
+
+
+async def test_a_never_reading_live_client_is_let_go_while_many_others_stream(
+    replayed: Replayed,
+) -> None:
+    """Live events at 3,000 a second to 30 readers and one client that never reads: the
+    stalled one is let go within its bound, and every reader gets every event."""
+    job, events, readers = "live-job", 12_000, 30
+    bus = replayed.server.services.bus
+    bus.publish(job, EventType.JOB_QUEUED, {})
+    first = bus.last_seq(job) + 1
+    last = first + events - 1
+    url = f"{replayed.server.ws_url}/jobs/{job}/events/ws?after_seq={first - 1}"
+    too_slow_before = replayed.server.services.hub.statistics().too_slow
+    got: list[int] = []
+
+    async def read(websocket: ClientConnection) -> None:
+        seen = 0
+        while seen < last:
+            message = json.loads(await websocket.recv())
+            for event in message if isinstance(message, list) else [message]:
+                seen = max(seen, event["seq"])
+        got.append(seen)
+
+    def publish() -> float:
+        started = time.monotonic()
+        for index in range(events):
+            bus.publish(job, EventType.TRAIN_BATCH_END, {"step": index, "loss": 0.5})
+            if index % 300 == 299:  # 3,000 events a second, in tenths of a second
+                time.sleep(max(0.0, started + (index + 1) / 3000 - time.monotonic()))
+        return time.monotonic()
+
+    async with contextlib.AsyncExitStack() as stack:
+        websockets = [
+            await stack.enter_async_context(
+                connect(url, additional_headers=replayed.server.headers, max_size=None)
+            )
+            for _ in range(readers)
+        ]
+        stalled = await anyio.to_thread.run_sync(
+            _never_reading_client, replayed.server, url.removeprefix(replayed.server.ws_url)
+        )
+        stack.callback(stalled.close)
+        with anyio.fail_after(120):
+            async with anyio.create_task_group() as group:
+                for websocket in websockets:
+                    group.start_soon(read, websocket)
+                published_at = await anyio.to_thread.run_sync(publish)
+        # the readers have everything: the stalled client must be gone within its bound
+        await anyio.to_thread.run_sync(
+            lambda: poll(
+                lambda: replayed.server.services.hub.statistics().too_slow > too_slow_before,
+                "the stalled client to be let go",
+                timeout=BOUND,
+                interval=0.05,
+            )
+        )
+        let_go_after = time.monotonic() - published_at
+    assert got == [last] * readers
+    record(
+        "5 stalled live client",
+        readers=readers,
+        events=events,
+        let_go_after_publishing_s=round(let_go_after, 2),
+    )
