@@ -65,8 +65,11 @@ Live events: `ws://HOST/jobs/{id}/events/ws?after_seq=N&types=a,b` (replay from 
 then live; neither gap nor duplicate; closed with 4404 when the job is deleted) and
 `ws://HOST/events/ws` (every job, live only: no replay, no `after_seq`). Each message
 is one JSON event `{"job_id", "seq", "type", "time", "data"}` or an array of them. A client
-that falls too far behind is closed with code 4008; the reason names the `after_seq` to
-reconnect with.
+that falls too far behind, or does not take a message within `TRAINBUS_WS_SEND_TIMEOUT`
+(replays included), is closed with code 4008 (the reason names the `after_seq` to reconnect
+with), or dropped if it does not read the close frame either.
+
+Connections that send no complete request within `TRAINBUS_REQUEST_TIMEOUT` are closed.
 """
 
 

@@ -140,11 +140,12 @@ class Settings(BaseSettings):
         "still open this long after its stream ended is dropped (a client that never reads).",
     )
     ws_send_timeout: float = Field(
-        default=5.0,
+        default=30.0,
         gt=0,
         description="Seconds one WebSocket message (live or replayed) may wait for a client "
         "that does not read; past it the client is too slow and is let go (4008 where the "
-        "close frame still fits, else the connection is dropped).",
+        "close frame still fits, else the connection is dropped). With the close timeout, "
+        "the bound is that of an idle client that stops answering pings (about 40 s).",
     )
     ws_batch_interval: float = Field(
         default=0.01,

@@ -16,8 +16,10 @@ Handshakes are refused before they are accepted (an HTTP 401/403/404/422 respons
 ``detail``). Close codes after accepting: 1001 the server is shutting down; 1003 the client
 sent a binary message; 1008 the client sent a text message; 1009 the client sent a message
 over :data:`MAX_CLIENT_MESSAGE_BYTES`; 4008 too slow (the client missed more than
-``ws_max_lag`` events; the reason reads ``too slow; resume with after_seq=<n>``); 4404 the job
-was deleted.
+``ws_max_lag`` events, or did not take a message, live or replayed, within ``ws_send_timeout``;
+the reason reads ``too slow; resume with after_seq=<n>``); 4404 the job was deleted. A client
+that reads neither its messages nor the close frame is dropped (1006). A client that goes
+away mid-stream ends its stream quietly (a debug line), not with an error.
 """
 
 from __future__ import annotations
