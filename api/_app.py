@@ -134,6 +134,7 @@ def create_app(
                 batch_interval=settings.ws_batch_interval,
             )
             await group.start(hub.run)
+            group.start_soon(hub.let_go_stalled_senders, settings.ws_send_timeout)
             try:
                 async with factory(settings, bus) as built:
                     services = Services(

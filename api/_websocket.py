@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from operator import itemgetter
 
 import anyio
-import anyio.lowlevel
 from fastapi import APIRouter, Path, Query, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
@@ -142,7 +142,6 @@ class _Stream:
         """The highest seq actually handed to the connection: where a closed client resumes."""
         self.max_events = services.settings.ws_max_message_events
         self.max_bytes = services.settings.ws_max_message_bytes
-        self.send_timeout = services.settings.ws_send_timeout
         self.history: EventHistory | None = services.history if job_id is not None else None
         self.violation: tuple[int, str] | None = None
         """Set when the client broke the protocol: the close code and reason."""
@@ -151,17 +150,17 @@ class _Stream:
         """Send encoded events, at most ``ws_max_message_events`` and ``ws_max_message_bytes``
         a message (a single larger event goes alone).
 
-        A message the client does not take within ``ws_send_timeout`` marks it too slow (its
-        stream is cancelled): how many other clients there are or whether it is replaying
-        does not matter, a client that never reads is let go in bounded time.
+        A message the client does not take within ``ws_send_timeout`` gets it marked too slow
+        by the hub (its stream is cancelled): how many other clients there are or whether it
+        is replaying does not matter, a client that never reads is let go in bounded time.
         """
+        client = self.client
         for chunk in _messages(items, self.max_events, self.max_bytes):
-            with anyio.move_on_after(self.send_timeout) as waited:
+            client.send_started = time.monotonic()
+            try:
                 await self.websocket.send_text(_message(chunk))
-            if waited.cancelled_caught:
-                self.client.mark_too_slow()
-                await anyio.lowlevel.checkpoint()  # the stream's scope is cancelled now
-                return
+            finally:
+                client.send_started = None
             self.delivered = max(self.delivered, chunk[-1][1])
 
     async def _send_history(self, encoded: list[Item]) -> None:
