@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import re
-import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from ._auth import (
     HostPolicy,
     OriginPolicy,
     TokenMiddleware,
+    announce_generated_token,
     ensure_token,
     write_token_file,
 )
@@ -121,12 +121,7 @@ def create_app(
         if generated:
             assert settings.token is not None
             path = write_token_file(settings.data_dir, settings.token)
-            print(
-                f"trainbus: generated API token (shown once): {settings.token.get_secret_value()}"
-                f"\ntrainbus: local CLI commands read it from {path}",
-                file=sys.stderr,
-                flush=True,
-            )
+            announce_generated_token(settings.token, path)
         async with EventBus() as bus, anyio.create_task_group() as group:
             hub = EventHub(
                 bus,

@@ -12,6 +12,7 @@ import ipaddress
 import os
 import secrets
 import stat
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ __all__ = [
     "TokenCheck",
     "TokenFileRefused",
     "TokenMiddleware",
+    "announce_generated_token",
     "ensure_token",
     "offered_subprotocols",
     "read_token_file",
@@ -112,6 +114,16 @@ def write_token_file(data_dir: Path, token: SecretStr) -> Path:
         temporary.unlink(missing_ok=True)
         raise
     return path
+
+
+def announce_generated_token(token: SecretStr, path: Path) -> None:
+    """Print a generated token once, and where local CLI commands find it (stderr)."""
+    print(
+        f"trainbus: generated API token (shown once): {token.get_secret_value()}"
+        f"\ntrainbus: local CLI commands read it from {path}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def read_token_file(data_dir: Path) -> str | None:

@@ -13,7 +13,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 
 from ._access_log import install_redactor
 from ._app import create_app
-from ._auth import write_token_file
+from ._auth import announce_generated_token, ensure_token, token_file, write_token_file
 from ._connections import ConnectionGuard, ReservingListener, guarded_protocol
 from ._settings import Settings
 from ._websocket import MAX_CLIENT_MESSAGE_BYTES
@@ -163,14 +163,20 @@ def freeze_heap() -> None:
 
 
 def serve(settings: Settings) -> None:
-    """Run the service until SIGINT/SIGTERM (then shut down gracefully).
+    """Run the service until SIGINT/SIGTERM (then shut down gracefully). A generated token is
+    written to the data folder once the port is bound.
 
     :raises ValueError: for a non-loopback host without an explicit token.
+    :raises TokenFileRefused: if the generated token cannot be written safely.
     """
+    settings, generated = ensure_token(settings)
     app = create_app(settings)
     config = uvicorn_config(app, settings)
     server = uvicorn.Server(config)
     freeze_heap()
-    server.run(sockets=[listening_socket(config, settings)])
+    sock = bind_then_write_token(config, settings, generated=generated)
+    if generated and settings.token is not None:
+        announce_generated_token(settings.token, token_file(settings.data_dir))
+    server.run(sockets=[sock])
     if server.started is False:
         raise SystemExit(1)

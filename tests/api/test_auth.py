@@ -6,6 +6,8 @@ from __future__ import annotations
 import gc
 import os
 import stat
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from api import Settings, create_app, uvicorn_config
 from api._auth import OriginPolicy, TokenFileRefused, ensure_token, write_token_file
 from api._server import bind_then_write_token
 
+from ..conftest import free_port
 from .server import LiveServer, make_settings, run_server
 
 
@@ -121,3 +124,22 @@ def test_a_second_server_on_a_busy_port_keeps_the_running_ones_token(tmp_path: P
                 bind_then_write_token(config, second, generated=True)
             gc.collect()
     assert (data_dir / "token").read_text() == "running-server-token\n"
+
+
+def test_serve_into_a_folder_others_can_write_says_so_without_a_traceback(tmp_path: Path) -> None:
+    data_dir = tmp_path / "shared"
+    data_dir.mkdir()
+    data_dir.chmod(0o777)
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("TRAINBUS_")}
+    port = str(free_port())
+    done = subprocess.run(
+        [sys.executable, "-m", "api.cli", "serve", "--port", port, "--data-dir", str(data_dir)],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output
+    assert "chmod go-w" in output and "Traceback" not in output, output
+    assert not (data_dir / "token").exists()
