@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import re
-import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
@@ -30,14 +29,16 @@ from ._auth import (
     HostPolicy,
     OriginPolicy,
     TokenMiddleware,
+    announce_generated_token,
     ensure_token,
     write_token_file,
 )
+from ._connections import ConnectionGuard
 from ._errors import install_error_handlers
 from ._history import EventHistory, EventSource
 from ._hub import EventHub
 from ._limits import BodyLimitMiddleware, PathGuardMiddleware, known_query_parameters
-from ._metrics import HubCollector
+from ._metrics import ConnectionCollector, HubCollector
 from ._routes_jobs import router as jobs_router
 from ._routes_system import router as system_router
 from ._services import JobService, Services
@@ -66,8 +67,11 @@ Live events: `ws://HOST/jobs/{id}/events/ws?after_seq=N&types=a,b` (replay from 
 then live; neither gap nor duplicate; closed with 4404 when the job is deleted) and
 `ws://HOST/events/ws` (every job, live only: no replay, no `after_seq`). Each message
 is one JSON event `{"job_id", "seq", "type", "time", "data"}` or an array of them. A client
-that falls too far behind is closed with code 4008; the reason names the `after_seq` to
-reconnect with.
+that falls too far behind, or does not take a message within `TRAINBUS_WS_SEND_TIMEOUT`
+(replays included), is closed with code 4008 (the reason names the `after_seq` to reconnect
+with), or dropped if it does not read the close frame either.
+
+Connections that send no complete request within `TRAINBUS_REQUEST_TIMEOUT` are closed.
 """
 
 
@@ -105,7 +109,7 @@ def create_app(
     """Build the trainbus FastAPI app.
 
     :param settings: the configuration (default: read from the environment now). Without a
-        token one is generated and printed once at start-up.
+        token one is generated and written to the data folder (never printed).
     :param runtime: builds the job side on the bus (default: the worker's job manager with
         the event store, Prometheus exporter and resource monitor).
     :raises ValueError: for a non-loopback host without an explicit token.
@@ -119,12 +123,7 @@ def create_app(
         if generated:
             assert settings.token is not None
             path = write_token_file(settings.data_dir, settings.token)
-            print(
-                f"trainbus: generated API token (shown once): {settings.token.get_secret_value()}"
-                f"\ntrainbus: local CLI commands read it from {path}",
-                file=sys.stderr,
-                flush=True,
-            )
+            announce_generated_token(path)
         async with EventBus() as bus, anyio.create_task_group() as group:
             hub = EventHub(
                 bus,
@@ -132,6 +131,7 @@ def create_app(
                 batch_interval=settings.ws_batch_interval,
             )
             await group.start(hub.run)
+            group.start_soon(hub.let_go_stalled_senders, settings.ws_send_timeout)
             try:
                 async with factory(settings, bus) as built:
                     services = Services(
@@ -148,9 +148,13 @@ def create_app(
                         ready_checks=built.ready_checks,
                     )
                     app.state.services = services
-                    collector = HubCollector(hub)
+                    collectors: list[HubCollector | ConnectionCollector] = [HubCollector(hub)]
+                    guard = getattr(app.state, "connections", None)
+                    if isinstance(guard, ConnectionGuard):  # set by uvicorn_config
+                        collectors.append(ConnectionCollector(guard))
                     if built.metrics_registry is not None:
-                        built.metrics_registry.register(collector)
+                        for collector in collectors:
+                            built.metrics_registry.register(collector)
                     try:
                         yield
                     finally:
@@ -158,7 +162,8 @@ def create_app(
                         services.shutting_down = True
                         logger.info("trainbus: shutting down")
                         if built.metrics_registry is not None:
-                            built.metrics_registry.unregister(collector)
+                            for collector in collectors:
+                                built.metrics_registry.unregister(collector)
             finally:
                 hub.close()
         app.state.services = None

@@ -11,6 +11,8 @@ from __future__ import annotations
 import ipaddress
 import os
 import secrets
+import stat
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,9 @@ __all__ = [
     "HostPolicy",
     "OriginPolicy",
     "TokenCheck",
+    "TokenFileRefused",
     "TokenMiddleware",
+    "announce_generated_token",
     "ensure_token",
     "offered_subprotocols",
     "read_token_file",
@@ -56,7 +60,7 @@ def ensure_token(settings: Settings) -> tuple[Settings, bool]:
             f"refusing to bind {settings.host!r} without an explicit token: set TRAINBUS_TOKEN "
             "(or --token), or bind 127.0.0.1"
         )
-    kept = read_token_file(settings.data_dir)
+    kept = _kept_token(settings.data_dir)
     if kept is not None and len(kept) >= 8:
         return settings.model_copy(update={"token": SecretStr(kept)}), False
     token = SecretStr(secrets.token_urlsafe(32))
@@ -68,15 +72,79 @@ def token_file(data_dir: Path) -> Path:
     return data_dir / "token"
 
 
+class TokenFileRefused(ValueError):
+    """Raised when the token file cannot be written safely (a folder others can write, a
+    symbolic link where the file goes)."""
+
+
+def _check_token_folder(folder: Path) -> None:
+    info = folder.stat()
+    if hasattr(os, "geteuid") and info.st_uid != os.geteuid():
+        raise TokenFileRefused(
+            f"refusing to write the API token into {folder}: the folder belongs to another "
+            "user; use a data folder of your own (--data-dir) or set TRAINBUS_TOKEN"
+        )
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise TokenFileRefused(
+            f"refusing to write the API token into {folder}: other users may write to the "
+            f"folder (mode {stat.filemode(info.st_mode)}); run 'chmod go-w {folder}', use "
+            "another data folder, or set TRAINBUS_TOKEN"
+        )
+
+
 def write_token_file(data_dir: Path, token: SecretStr) -> Path:
-    """Write ``token`` readable by its owner only."""
+    """Write ``token`` to ``data_dir/token``, readable by its owner only (mode 0600).
+
+    The token goes to a new file (``O_CREAT | O_EXCL | O_NOFOLLOW``, mode 0600) that then
+    replaces ``token``: an existing file of looser mode is replaced, never reused, and no
+    symbolic link is followed.
+
+    :raises TokenFileRefused: if the folder belongs to another user or others may write to
+        it, or ``token`` is a symbolic link.
+    """
     path = token_file(data_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as file:
-        file.write(token.get_secret_value() + "\n")
-    os.chmod(path, 0o600)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_token_folder(path.parent)
+    if path.is_symlink():
+        raise TokenFileRefused(
+            f"refusing to write the API token: {path} is a symbolic link; remove it"
+        )
+    temporary = path.with_name(f".token.{secrets.token_hex(8)}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(temporary, flags, 0o600)
+    try:
+        with os.fdopen(fd, "w") as file:
+            file.write(token.get_secret_value() + "\n")
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
     return path
+
+
+def announce_generated_token(path: Path) -> None:
+    """Say where a generated token was written (stderr); the token itself is never printed."""
+    print(
+        f"trainbus: generated an API token in {path} (readable by you only); local CLI "
+        "commands read it from there",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _kept_token(data_dir: Path) -> str | None:
+    """The token an earlier start wrote, if the file is still one only this user controls: a
+    regular file of this user's, mode 0600 or stricter, in a folder others cannot write."""
+    path = token_file(data_dir)
+    try:
+        info = path.lstat()
+    except OSError:
+        return None
+    _check_token_folder(data_dir)
+    owned = not hasattr(os, "geteuid") or info.st_uid == os.geteuid()
+    if not stat.S_ISREG(info.st_mode) or not owned or info.st_mode & 0o077:
+        return None  # a new token replaces it (or, for a symbolic link, is refused)
+    return read_token_file(data_dir)
 
 
 def read_token_file(data_dir: Path) -> str | None:

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path, PurePath
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -35,6 +37,7 @@ __all__ = [
     "ServiceUnavailable",
     "install_error_handlers",
     "status_for",
+    "without_paths",
 ]
 
 logger = logging.getLogger("trainbus.api")
@@ -92,19 +95,42 @@ def status_for(error: BaseException, statuses: Mapping[type[BaseException], int]
     return None
 
 
+_QUOTED_ABSOLUTE_PATH = re.compile(r"""(['"])(/[^'"]*)\1""")
+
+
+def without_paths(text: str, folders: Iterable[Path] = ()) -> str:
+    """``text`` with absolute paths cut to their last part: an error says which file is wrong
+    (``'state.pt'``), not where the server keeps it. Quoted absolute paths (what ``OSError``
+    prints) and unquoted ones under ``folders`` (the data folder) are cut."""
+    text = _QUOTED_ABSOLUTE_PATH.sub(lambda m: m[1] + PurePath(m[2]).name + m[1], text)
+    for folder in sorted({str(f) for f in folders if str(f) not in ("", "/", ".")}, key=len)[::-1]:
+        pattern = re.escape(folder) + r"""(/[^\s'",;:]*)?"""
+        text = re.sub(pattern, lambda m: PurePath(m[0]).name if m[1] else "the data folder", text)
+    return text
+
+
 def _detail(error: BaseException) -> str:
     detail = getattr(error, "detail", None)
     if isinstance(detail, str) and detail:
-        return detail
+        return printable(detail)
     text = str(error)
     if len(error.args) == 1 and isinstance(error.args[0], str):
         text = error.args[0]
-    return text or type(error).__name__
+    return printable(text) or type(error).__name__
 
 
 _ECHO_CHARACTERS = 200
 _ECHO_ITEMS = 20
 _ECHO_DEPTH = 4
+_SURROGATE = re.compile("[\ud800-\udfff]")
+MAX_LISTED_ERRORS = 20
+"""Most field errors a 422 lists; the rest are counted (a body of 100,000 unknown keys
+would otherwise be answered with megabytes)."""
+
+
+def printable(text: str) -> str:
+    """``text`` encodable as UTF-8: a lone surrogate (``"\\ud800"`` in JSON) becomes U+FFFD."""
+    return text if text.isascii() else _SURROGATE.sub("\ufffd", text)
 
 
 def echoed_input(value: Any, depth: int = 0) -> Any:
@@ -113,6 +139,7 @@ def echoed_input(value: Any, depth: int = 0) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, str):
+        value = printable(value)
         return value if len(value) <= _ECHO_CHARACTERS else value[:_ECHO_CHARACTERS] + "..."
     if isinstance(value, bool | int | float) or value is None:
         return value
@@ -121,7 +148,8 @@ def echoed_input(value: Any, depth: int = 0) -> Any:
     if isinstance(value, Mapping):
         items = list(value.items())
         shown = {
-            str(k)[:_ECHO_CHARACTERS]: echoed_input(v, depth + 1) for k, v in items[:_ECHO_ITEMS]
+            printable(str(k)[:_ECHO_CHARACTERS]): echoed_input(v, depth + 1)
+            for k, v in items[:_ECHO_ITEMS]
         }
         if len(items) > _ECHO_ITEMS:
             shown["..."] = f"{len(items) - _ECHO_ITEMS} more"
@@ -140,9 +168,23 @@ def _bounded_error(item: Mapping[str, Any]) -> dict[str, Any]:
         if key in bounded:
             bounded[key] = echoed_input(bounded[key])
     message = bounded.get("msg")
-    if isinstance(message, str) and len(message) > 1000:
-        bounded["msg"] = message[:1000] + "..."
+    if isinstance(message, str):
+        message = printable(message)
+        bounded["msg"] = message if len(message) <= 1000 else message[:1000] + "..."
+    # a location holds the keys the client sent: as hostile as the input itself
+    bounded["loc"] = [
+        part if isinstance(part, int) else printable(str(part))[:_ECHO_CHARACTERS]
+        for part in bounded.get("loc", ())
+    ]
     return bounded
+
+
+def _data_folders(request: Request) -> list[Path]:
+    settings = getattr(request.app.state, "settings", None)
+    data_dir = getattr(settings, "data_dir", None)
+    if not isinstance(data_dir, Path):
+        return []
+    return [data_dir.absolute(), data_dir.resolve()]
 
 
 def install_error_handlers(
@@ -159,7 +201,8 @@ def install_error_handlers(
                 {"detail": "internal error; the server log has the details"}, status_code=500
             )
         headers = {"Retry-After": "5"} if status == 503 else None
-        return JSONResponse({"detail": _detail(error)}, status_code=status, headers=headers)
+        detail = without_paths(_detail(error), _data_folders(request))
+        return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
     for cls in table:
         if issubclass(cls, Exception):
@@ -167,14 +210,17 @@ def install_error_handlers(
 
     async def validation(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, RequestValidationError)
-        errors = [_bounded_error(item) for item in error.errors()]
-        errors = jsonable_encoder(errors, custom_encoder={Exception: str})
+        found = error.errors()
+        errors = [_bounded_error(item) for item in found[:MAX_LISTED_ERRORS]]
+        errors = jsonable_encoder(errors, custom_encoder={Exception: lambda e: printable(str(e))})
         fields = ", ".join(
             ".".join(str(part) for part in item.get("loc", ())) for item in errors[:5]
         )
-        return JSONResponse(
-            {"detail": errors, "message": f"invalid request: fix {fields}"}, status_code=422
-        )
+        body: dict[str, Any] = {"detail": errors, "message": f"invalid request: fix {fields}"}
+        if len(found) > MAX_LISTED_ERRORS:
+            body["message"] += f" ({len(found):,} errors in all; the first {len(errors)} listed)"
+            body["errors_not_listed"] = len(found) - len(errors)
+        return JSONResponse(body, status_code=422)
 
     app.add_exception_handler(RequestValidationError, validation)
 

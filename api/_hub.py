@@ -124,6 +124,9 @@ class ClientBuffer:
         self.on_end: list[Callable[[], None]] = []
         self.delivered = 0
         self.dropped = 0
+        self.send_started: float | None = None
+        """When (``time.monotonic``) the connection began the send it is in, if it is in one:
+        the hub's :meth:`EventHub.let_go_stalled_senders` lets a send that lasts too long go."""
 
     def __len__(self) -> int:
         return len(self._items)
@@ -161,12 +164,19 @@ class ClientBuffer:
         else:
             missed[1] = to_seq
             missed[2] += count
-        if self._lag > self.max_lag and not self.too_slow:
-            self.too_slow = True
-            self._items.clear()
-            self._wake.set()
-            for callback in self.on_too_slow:
-                callback()
+        if self._lag > self.max_lag:
+            self.mark_too_slow()
+
+    def mark_too_slow(self) -> None:
+        """The client cannot keep up (too much lag, or a send it did not take in time): stop
+        buffering for it and run the :attr:`on_too_slow` callbacks, once."""
+        if self.too_slow or self.closed:
+            return
+        self.too_slow = True
+        self._items.clear()
+        self._wake.set()
+        for callback in self.on_too_slow:
+            callback()
 
     def _gap(self, job_id: str, from_seq: int, to_seq: int, count: int) -> None:
         """The hub itself missed events (its bus buffer overflowed)."""
@@ -256,6 +266,7 @@ class EventHub:
         self._hub_missed = 0
         self._dropped_by_closed = 0
         self._too_slow = 0
+        self._watch = anyio.CancelScope()
         self.too_slow_listeners: list[Callable[[], None]] = []
         """Called on the event loop each time a client is marked too slow."""
         self._subscription = bus.subscribe(
@@ -302,6 +313,20 @@ class EventHub:
         for client in clients:
             client.end(code, reason)
         return len(clients)
+
+    async def let_go_stalled_senders(self, timeout: float) -> None:
+        """Until :meth:`close`: mark too slow every client whose connection has been in one
+        send for over ``timeout`` seconds (a client that never reads, replaying or live, however
+        many others there are). One scan a second for all clients, nothing per send."""
+        clock = time.monotonic
+        with self._watch:
+            while True:
+                await anyio.sleep(min(1.0, timeout / 4))
+                now = clock()
+                for client in self.clients():
+                    started = client.send_started
+                    if started is not None and now - started > timeout:
+                        client.mark_too_slow()
 
     def _count_too_slow(self) -> None:
         self._too_slow += 1
@@ -396,3 +421,4 @@ class EventHub:
 
     def close(self) -> None:
         self._subscription.close()
+        self._watch.cancel()

@@ -1,4 +1,5 @@
-"""Prometheus metrics of the API itself: live WebSocket streaming (read at scrape time)."""
+"""Prometheus metrics of the API itself: live WebSocket streaming and connections closed by
+their bounds (read at scrape time)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,30 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from ._connections import ConnectionGuard
 from ._hub import EventHub
 
-__all__ = ["HubCollector"]
+__all__ = ["ConnectionCollector", "HubCollector"]
+
+
+class ConnectionCollector(Collector):
+    """Exports the :class:`ConnectionGuard`'s counters."""
+
+    def __init__(self, guard: ConnectionGuard) -> None:
+        self.guard = guard
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "trainbus_connections_refused",
+            "Connections closed at accept: they would have used the file descriptors kept for "
+            "the server's own files",
+            value=self.guard.refused,
+        )
+        yield CounterMetricFamily(
+            "trainbus_connections_timed_out",
+            "Connections closed for sending no complete request within TRAINBUS_REQUEST_TIMEOUT",
+            value=self.guard.timed_out,
+        )
 
 
 class HubCollector(Collector):

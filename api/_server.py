@@ -11,12 +11,22 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
+from ._access_log import install_redactor
 from ._app import create_app
+from ._auth import announce_generated_token, ensure_token, token_file, write_token_file
+from ._connections import ConnectionGuard, ReservingListener, guarded_protocol
 from ._local import bound_url, write_server_url
 from ._settings import Settings
 from ._websocket import MAX_CLIENT_MESSAGE_BYTES
 
-__all__ = ["WebSocketProtocol", "freeze_heap", "listening_socket", "serve", "uvicorn_config"]
+__all__ = [
+    "WebSocketProtocol",
+    "bind_then_write_token",
+    "freeze_heap",
+    "listening_socket",
+    "serve",
+    "uvicorn_config",
+]
 
 KEEP_ALIVE_SECONDS = 75  # nginx's default
 PRELOADED = ("torch._dynamo", "sklearn.datasets")
@@ -35,10 +45,18 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
     the client kept it, however long after the app had closed it 4008. With this, a
     never-reading client's connection is gone at most ``ws_close_timeout`` (the app's wait to
     queue the close frame) plus :attr:`drop_after` after it was marked too slow; the client
-    sees the connection dropped (1006), not the 4008 it did not read.
+    sees the connection dropped (1006), not the 4008 it did not read. A connection whose
+    keep-alive ping goes unanswered is dropped the same way.
     """
 
     drop_after: float = 5.0
+
+    def keepalive_timeout(self) -> None:
+        # uvicorn closes a connection whose pong is late with ``transport.close()``, which
+        # waits for the buffered data a client that never reads never takes: drop it instead
+        super().keepalive_timeout()
+        if not self.disconnected:
+            self.transport.abort()
 
     async def run_asgi(self) -> None:
         await super().run_asgi()
@@ -51,12 +69,19 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
 
 
 def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
-    """The uvicorn configuration for ``app`` (WebSocket pings, no token in access logs)."""
-    return uvicorn.Config(
+    """The uvicorn configuration for ``app`` (WebSocket pings, bounds on connections that send
+    no request, no token in access logs); the connection bounds are ``app.state.connections``."""
+    guard = ConnectionGuard(
+        request_timeout=settings.request_timeout,
+        reserved_file_descriptors=settings.reserved_file_descriptors,
+    )
+    app.state.connections = guard
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        http=guarded_protocol(guard),
         ws=type(
             "WebSocketProtocol", (WebSocketProtocol,), {"drop_after": settings.ws_close_timeout}
         ),
@@ -73,10 +98,14 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
         ws_per_message_deflate=False,
         ws_max_size=MAX_CLIENT_MESSAGE_BYTES,  # the streams take no client messages (1009)
     )
+    # after Config: its logging set-up is done, and a filter on the logger survives a later one
+    install_redactor(() if settings.token is None else (settings.token.get_secret_value(),))
+    return config
 
 
 def listening_socket(config: uvicorn.Config, settings: Settings) -> socket.socket:
-    """The server's bound socket, its connections' kernel send buffer capped.
+    """The server's bound socket, its connections' kernel send buffer capped, and connections
+    that would use the reserved file descriptors closed at accept.
 
     Linux grows a loopback connection's send buffer to 4 MiB on its own: a WebSocket client
     that never reads would hold that much kernel memory and keep the server encoding and
@@ -87,6 +116,31 @@ def listening_socket(config: uvicorn.Config, settings: Settings) -> socket.socke
     sock = config.bind_socket()
     if settings.socket_send_buffer_bytes is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.socket_send_buffer_bytes)
+    guard = config.app.state.connections if isinstance(config.app, FastAPI) else None
+    if isinstance(guard, ConnectionGuard):
+        return ReservingListener.wrap(sock, guard)
+    return sock
+
+
+def bind_then_write_token(
+    config: uvicorn.Config, settings: Settings, *, generated: bool
+) -> socket.socket:
+    """The :func:`listening_socket`, and only once it is bound, for a ``generated`` token,
+    the token file (:func:`write_token_file`).
+
+    A second server started on a busy port exits here (uvicorn raises ``SystemExit``) before
+    it could overwrite the token file of the server that holds the port.
+
+    :raises SystemExit: if the address cannot be bound (nothing is written).
+    :raises TokenFileRefused: if the token file cannot be written safely (the socket is closed).
+    """
+    sock = listening_socket(config, settings)
+    if generated and settings.token is not None:
+        try:
+            write_token_file(settings.data_dir, settings.token)
+        except BaseException:
+            sock.close()
+            raise
     return sock
 
 
@@ -110,16 +164,21 @@ def freeze_heap() -> None:
 
 
 def serve(settings: Settings) -> None:
-    """Run the service until SIGINT/SIGTERM (then shut down gracefully).
+    """Run the service until SIGINT/SIGTERM (then shut down gracefully). A generated token is
+    written to the data folder once the port is bound.
 
     :raises ValueError: for a non-loopback host without an explicit token.
+    :raises TokenFileRefused: if the generated token cannot be written safely.
     """
+    settings, generated = ensure_token(settings)
     app = create_app(settings)
     config = uvicorn_config(app, settings)
     server = uvicorn.Server(config)
     freeze_heap()
-    sock = listening_socket(config, settings)
+    sock = bind_then_write_token(config, settings, generated=generated)
     write_server_url(settings.data_dir, bound_url(sock))  # where local CLI commands look
+    if generated and settings.token is not None:
+        announce_generated_token(token_file(settings.data_dir))
     server.run(sockets=[sock])
     if server.started is False:
         raise SystemExit(1)

@@ -97,6 +97,19 @@ class Settings(BaseSettings):
         description="Kernel send buffer of each connection (none: the kernel's autotuning, up "
         "to 4 MiB a connection): bounds what a client that never reads can hold.",
     )
+    request_timeout: float = Field(
+        default=15.0,
+        gt=0,
+        description="Seconds a connection may take to send a complete request (from connecting, "
+        "or from its first byte after a keep-alive pause) before it is closed.",
+    )
+    reserved_file_descriptors: int = Field(
+        default=64,
+        ge=0,
+        description="File descriptors kept for the server's own files (checkpoints, the "
+        "database, logs): a connection that would use one of the last this many under the "
+        "open-file limit is closed at once.",
+    )
     ws_buffer_size: int = Field(
         default=2048, ge=1, description="Events buffered per WebSocket client before it gets a gap."
     )
@@ -126,6 +139,14 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds to wait for a slow client to take a close frame; a connection "
         "still open this long after its stream ended is dropped (a client that never reads).",
+    )
+    ws_send_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds one WebSocket message (live or replayed) may wait for a client "
+        "that does not read; past it the client is too slow and is let go (4008 where the "
+        "close frame still fits, else the connection is dropped). With the close timeout, "
+        "the bound is that of an idle client that stops answering pings (about 40 s).",
     )
     ws_batch_interval: float = Field(
         default=0.01,

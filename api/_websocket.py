@@ -16,14 +16,17 @@ Handshakes are refused before they are accepted (an HTTP 401/403/404/422 respons
 ``detail``). Close codes after accepting: 1001 the server is shutting down; 1003 the client
 sent a binary message; 1008 the client sent a text message; 1009 the client sent a message
 over :data:`MAX_CLIENT_MESSAGE_BYTES`; 4008 too slow (the client missed more than
-``ws_max_lag`` events; the reason reads ``too slow; resume with after_seq=<n>``); 4404 the job
-was deleted.
+``ws_max_lag`` events, or did not take a message, live or replayed, within ``ws_send_timeout``;
+the reason reads ``too slow; resume with after_seq=<n>``); 4404 the job was deleted. A client
+that reads neither its messages nor the close frame is dropped (1006). A client that goes
+away mid-stream ends its stream quietly (a debug line), not with an error.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from operator import itemgetter
 
@@ -145,9 +148,19 @@ class _Stream:
 
     async def send(self, items: list[Item]) -> None:
         """Send encoded events, at most ``ws_max_message_events`` and ``ws_max_message_bytes``
-        a message (a single larger event goes alone)."""
+        a message (a single larger event goes alone).
+
+        A message the client does not take within ``ws_send_timeout`` gets it marked too slow
+        by the hub (its stream is cancelled): how many other clients there are or whether it
+        is replaying does not matter, a client that never reads is let go in bounded time.
+        """
+        client = self.client
         for chunk in _messages(items, self.max_events, self.max_bytes):
-            await self.websocket.send_text(_message(chunk))
+            client.send_started = time.monotonic()
+            try:
+                await self.websocket.send_text(_message(chunk))
+            finally:
+                client.send_started = None
             self.delivered = max(self.delivered, chunk[-1][1])
 
     async def _send_history(self, encoded: list[Item]) -> None:
@@ -294,6 +307,11 @@ async def _serve(
                 await stream.live()
             group.cancel_scope.cancel()
     except (WebSocketDisconnect, OSError):
+        return
+    except BaseExceptionGroup as group:  # the same, raised while the task group was open
+        if group.split((WebSocketDisconnect, OSError))[1] is not None:
+            raise
+        logger.debug("a WebSocket client of %s went away mid-stream", job_id or "every job")
         return
     finally:
         services.hub.remove(client)

@@ -289,20 +289,18 @@ def _demo(settings: Settings, console: Console) -> int:
     import uvicorn
 
     from ._app import create_app
-    from ._auth import ensure_token, write_token_file
+    from ._auth import ensure_token
     from ._local import bound_url, write_server_url
-    from ._server import listening_socket, uvicorn_config
+    from ._server import bind_then_write_token, uvicorn_config
 
     settings, generated = ensure_token(settings)
     assert settings.token is not None
     token = settings.token.get_secret_value()
     config = uvicorn_config(create_app(settings), settings)
     server = uvicorn.Server(config)
-    # bind first: a second demo on a busy port stops here, before it touches the token file
-    sock = listening_socket(config, settings)
+    # a second demo on a busy port stops here, before it touches the token file
+    sock = bind_then_write_token(config, settings, generated=generated)
     url = bound_url(sock)
-    if generated:  # local CLI commands find it there (readable by this user only)
-        write_token_file(settings.data_dir, settings.token)
     write_server_url(settings.data_dir, url)
 
     def submit_when_ready() -> None:

@@ -90,8 +90,22 @@ async def _healthy(
     }
 
 
-async def _stalled(url: str, token: str, done: asyncio.Event) -> dict[str, Any]:
-    """Connect, then never read (websockets stops reading the socket once 1 message waits)."""
+def _established(sock: Any) -> bool:
+    """True while the TCP connection is open (Linux ``TCP_INFO``; elsewhere always True)."""
+    info = getattr(socket, "TCP_INFO", None)
+    if info is None:  # pragma: no cover - not Linux
+        return True
+    try:
+        return bool(sock.getsockopt(socket.IPPROTO_TCP, info, 1)[0] == 1)  # TCP_ESTABLISHED
+    except OSError:
+        return False
+
+
+async def _stalled(url: str, token: str, done: asyncio.Event, linger: float) -> dict[str, Any]:
+    """Connect, then never read (websockets stops reading the socket once 1 message waits).
+
+    Once the healthy clients are done it stays connected until the server lets it go, or
+    ``linger`` seconds (the server's bound for such a client) have passed."""
     from websockets.asyncio.client import connect
 
     ws = await connect(
@@ -104,18 +118,24 @@ async def _stalled(url: str, token: str, done: asyncio.Event) -> dict[str, Any]:
         ping_interval=None,
     )
     await done.wait()
+    sock = ws.transport.get_extra_info("socket")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + linger
+    # the kernel's connection state has no event to wait on: poll it
+    while loop.time() < deadline and _established(sock):  # noqa: ASYNC110
+        await asyncio.sleep(0.1)
     ws.transport.abort()
     return {}
 
 
 async def _clients(
-    url: str, token: str, clients: int, total: int, stalled_client: bool
+    url: str, token: str, clients: int, total: int, stalled_client: bool, linger: float
 ) -> dict[str, Any]:
     ready = asyncio.Event()
     done = asyncio.Event()
     connected = [0, clients]
     stalled = asyncio.create_task(
-        _stalled(url, token, done) if stalled_client else asyncio.sleep(0)
+        _stalled(url, token, done, linger) if stalled_client else asyncio.sleep(0)
     )
     tasks = [
         asyncio.create_task(_healthy(url, token, total, ready, connected)) for _ in range(clients)
@@ -191,6 +211,7 @@ def main() -> None:
         help="processes the healthy clients are spread over (default: by CPU count)",
     )
     parser.add_argument("--stalled", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--stalled-linger", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument(
         "--client-process", nargs=2, metavar=("URL", "TOKEN"), help=argparse.SUPPRESS
     )
@@ -199,7 +220,9 @@ def main() -> None:
 
     if args.client_process:
         url, token = args.client_process
-        result = asyncio.run(_clients(url, token, args.clients, args.total, args.stalled))
+        result = asyncio.run(
+            _clients(url, token, args.clients, args.total, args.stalled, args.stalled_linger)
+        )
         print(json.dumps(result), flush=True)
         return
 
@@ -207,6 +230,7 @@ def main() -> None:
     import uvicorn
 
     from api import Settings, create_app, uvicorn_config
+    from api._server import listening_socket
 
     total = int(args.rate * args.seconds)
     with tempfile.TemporaryDirectory() as data_dir, PeakRss() as rss:
@@ -218,8 +242,11 @@ def main() -> None:
             log_level="warning",
         )
         app = create_app(settings)
-        server = uvicorn.Server(uvicorn_config(app, settings))
-        thread = threading.Thread(target=server.run, daemon=True)
+        config = uvicorn_config(app, settings)
+        server = uvicorn.Server(config)
+        # the socket `trainbus serve` listens on (each connection's send buffer capped)
+        sockets = [listening_socket(config, settings)]
+        thread = threading.Thread(target=server.run, kwargs={"sockets": sockets}, daemon=True)
         thread.start()
         base = f"http://127.0.0.1:{settings.port}"
         deadline = time.monotonic() + 60
@@ -242,6 +269,9 @@ def main() -> None:
             f"ws://127.0.0.1:{settings.port}/jobs/{JOB}/events/ws"
             f"?after_seq={FIRST_SEQ - 1}&types=train_batch_end"
         )
+        # how long the server may take to let a never-reading client go: a send it does not
+        # take, the close frame it does not take, the drop after that (and a second of slack)
+        bound = settings.ws_send_timeout + 2 * settings.ws_close_timeout + 1.0
         shares = [args.clients // args.client_processes] * args.client_processes
         for i in range(args.clients % args.client_processes):
             shares[i] += 1
@@ -254,7 +284,7 @@ def main() -> None:
                     str(share),
                     "--total",
                     str(total),
-                    *(["--stalled"] if i == 0 else []),
+                    *(["--stalled", "--stalled-linger", str(bound)] if i == 0 else []),
                     "--client-process",
                     url,
                     settings.token.get_secret_value(),

@@ -12,13 +12,15 @@ from typing import Any
 import anyio
 import psutil
 
-from bus import EventBus, EventType
+from bus import BusClosed, EventBus, EventType
 
 __all__ = ["ResourceMonitor"]
 
 logger = logging.getLogger("trainbus.subscribers")
 
 SERVER_JOB_ID = "_server"
+MAX_BACKOFF_SECONDS = 300.0
+"""The longest wait between two tries after consecutive failed samples."""
 
 
 class ResourceMonitor:
@@ -50,6 +52,12 @@ class ResourceMonitor:
     figures are read only once this process has initialised CUDA (reading them must not
     create a CUDA context).
 
+    A sample that fails (psutil or NVML raising, EMFILE when the process is out of file
+    descriptors) never ends the monitor, nor the server that runs it: it is logged, published
+    as a ``subscriber_error`` event (``subscriber: "resource_monitor"``), counted in
+    :attr:`failures`, and tried again after a back-off that doubles with each consecutive
+    failure (from ``interval_seconds`` up to :data:`MAX_BACKOFF_SECONDS`).
+
     :param bus: where samples are published.
     :param interval_seconds: seconds between samples.
     :param job_id: the job id samples are published under.
@@ -72,6 +80,8 @@ class ResourceMonitor:
         self._nvml_module = nvml
         self._nvml: ModuleType | None = None
         self._nvml_tried = False
+        self.failures = 0
+        """Samples that failed since the monitor was made."""
         self._process = psutil.Process(os.getpid())
         self._process.cpu_percent(None)  # the first call only starts the measurement
         psutil.cpu_percent(None)
@@ -148,13 +158,41 @@ class ResourceMonitor:
     # -- the task ---------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Sample and publish every ``interval_seconds`` until cancelled."""
+        """Sample and publish every ``interval_seconds`` until cancelled or the bus closes."""
+        consecutive = 0
         try:
             while True:
-                await self.publish_sample()
-                await anyio.sleep(self.interval_seconds)
+                try:
+                    await self.publish_sample()
+                except BusClosed:
+                    return
+                except Exception as error:
+                    consecutive += 1
+                    self._report(error, consecutive)
+                    delay = min(self.interval_seconds * 2**consecutive, MAX_BACKOFF_SECONDS)
+                else:
+                    consecutive = 0
+                    delay = self.interval_seconds
+                await anyio.sleep(delay)
         finally:
             self.close()
+
+    def _report(self, error: Exception, consecutive: int) -> None:
+        self.failures += 1
+        logger.warning(
+            "resource sample failed (%d in a row; retrying with back-off): %r", consecutive, error
+        )
+        data = {
+            "subscriber": "resource_monitor",
+            "event_type": None,
+            "event_seq": None,
+            "error_type": type(error).__name__,
+            "message": str(error),
+        }
+        try:
+            self.bus.publish(self.job_id, EventType.SUBSCRIBER_ERROR, data)
+        except Exception as publishing:  # a full or closing bus: the log line stays
+            logger.warning("resource sample failure not published: %r", publishing)
 
     async def publish_sample(self) -> None:
         """Take one sample off the event loop and publish it."""

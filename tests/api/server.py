@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -46,12 +47,22 @@ class LiveServer:
 
 
 @contextmanager
-def run_server(app: FastAPI, settings: Settings, *, deadline: float = 30.0) -> Iterator[LiveServer]:
-    """Serve ``app`` until the block ends; waits for /healthz, never a fixed sleep."""
+def run_server(
+    app: FastAPI,
+    settings: Settings,
+    *,
+    deadline: float = 30.0,
+    sockets: Callable[[uvicorn.Config], list[socket.socket]] | None = None,
+) -> Iterator[LiveServer]:
+    """Serve ``app`` until the block ends; waits for /healthz, never a fixed sleep.
+
+    :param sockets: makes the listening sockets (default: uvicorn binds its own).
+    """
     assert settings.token is not None
     config = uvicorn_config(app, settings)
     config.log_level = "warning"
     server = uvicorn.Server(config)
+    listening = None if sockets is None else sockets(config)
     holder: dict[str, Any] = {}
 
     def target() -> None:
@@ -59,7 +70,7 @@ def run_server(app: FastAPI, settings: Settings, *, deadline: float = 30.0) -> I
 
         async def main() -> None:
             holder["loop"] = asyncio.get_running_loop()
-            await server.serve()
+            await server.serve(sockets=listening)
 
         asyncio.run(main())
 

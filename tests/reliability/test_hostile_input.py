@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import secrets
 import shutil
 import socket
@@ -549,3 +550,101 @@ def test_unknown_query_parameters_are_refused_naming_the_known_ones(hostile: Hos
         body = _strict_json(response)
         assert body["detail"][0]["loc"] == ["query", unknown]
         assert known in body["detail"][0]["msg"]
+
+
+def _body_of_unknown_keys(count: int) -> bytes:
+    """A job spec with ``count`` unknown four-character keys (9 bytes each)."""
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    keys = (
+        "".join(digits[index // 36**power % 36] for power in range(4)) for index in range(count)
+    )
+    extra = b",".join(b'"%s":0' % key.encode() for key in keys)
+    return json.dumps(BASE).encode()[:-1] + b"," + extra + b"}"
+
+
+def test_a_body_of_many_unknown_keys_gets_a_small_422_quickly(hostile: Hostile) -> None:
+    body = _body_of_unknown_keys(105_000)
+    assert 0.9 * 2**20 < len(body) <= 2**20  # under the body limit: the server must read it
+    started = time.monotonic()
+    response = hostile.submit_raw(body)
+    seconds = time.monotonic() - started
+    assert response.status_code == 422, response.text[:300]
+    assert len(response.content) < 16 * 1024
+    assert "105,0" in _strict_json(response)["message"]
+    assert seconds < 1.0
+    assert hostile.job_count() == hostile.job_count()  # still answering
+    record(
+        "4 many unknown keys",
+        body_bytes=len(body),
+        response_bytes=len(response.content),
+        seconds=round(seconds, 3),
+    )
+
+
+def test_a_422_lists_a_bounded_number_of_errors_and_counts_the_rest(hostile: Hostile) -> None:
+    body = _body_of_unknown_keys(900)  # under the key limit: the validator reports each one
+    response = hostile.submit_raw(body)
+    assert response.status_code == 422
+    answer = _strict_json(response)
+    assert len(answer["detail"]) <= 20
+    assert answer["errors_not_listed"] == 900 - len(answer["detail"])
+    assert "900 errors" in answer["message"]
+
+
+@pytest.mark.parametrize(
+    "fragment",
+    [b'{"name": "\\ud800"}', b'{"\\udfff": 1}', b'{"model": {"name": "\\ud800x"}}'],
+    ids=["lone surrogate value", "lone surrogate key", "surrogate in a nested name"],
+)
+def test_lone_surrogates_get_a_422_not_a_500(hostile: Hostile, fragment: bytes) -> None:
+    response = hostile.submit_raw(_raw_spec(fragment))
+    assert response.status_code == 422, response.text[:300]
+    assert response.headers["content-type"].startswith("application/json")
+    _strict_json(response)
+
+
+def test_a_token_sent_in_the_query_string_is_refused_and_never_logged(hostile: Hostile) -> None:
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    keeper = Keep()
+    access = logging.getLogger("uvicorn.access")
+    access.addHandler(keeper)
+    token = hostile.server.token
+    try:
+        refused = httpx.get(f"{hostile.server.url}/jobs?token={token}", timeout=30)
+        assert refused.status_code == 401
+        named = httpx.get(f"{hostile.server.url}/jobs?api_key=s3cret-value&x={token}", timeout=30)
+        assert named.status_code == 401
+    finally:
+        access.removeHandler(keeper)
+    assert any("/jobs?" in line for line in lines), lines
+    assert not any(token in line or "s3cret-value" in line for line in lines), lines
+
+
+def test_error_bodies_name_no_path_of_the_server(hostile: Hostile) -> None:
+    """A broken checkpoint is reported by its name and what is wrong, not by where the server
+    keeps its files."""
+    response = hostile.request("POST", "/jobs", json=BASE)
+    assert response.status_code == 201, response.text
+    job_id = response.json()["id"]
+    assert hostile.wait_for_state(job_id, {"completed", "failed"})["state"] == "completed"
+    listed = hostile.request("GET", f"/jobs/{job_id}/checkpoints").json()
+    assert listed
+    name = listed[0]["name"]
+    state_file = hostile.data_dir / "jobs" / job_id / "checkpoints" / name / "state.pt"
+    state_file.unlink()
+    state_file.mkdir()  # a directory where the file is expected
+    try:
+        response = hostile.request("GET", f"/jobs/{job_id}/checkpoints/{name}")
+    finally:
+        state_file.rmdir()
+    assert response.status_code in (404, 409), response.text
+    detail = _strict_json(response)["detail"]
+    assert name in detail
+    for folder in {str(hostile.data_dir), str(hostile.data_dir.resolve())}:
+        assert folder not in response.text
+    assert "/jobs/" not in detail and "/checkpoints/" not in detail

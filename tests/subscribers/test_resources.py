@@ -124,3 +124,43 @@ async def test_run_publishes_samples_until_cancelled(monkeypatch: pytest.MonkeyP
     assert {e.job_id for e in events} == {"_server"}
     assert [e.seq for e in events] == [1, 2, 3]
     assert len(events[0].data["gpus"]) == 2
+
+
+async def test_a_failing_sample_is_reported_and_retried_not_fatal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Out of file descriptors, psutil raises EMFILE: the monitor (and the server's task group
+    that runs it) must live on, report it, and sample again once it can."""
+    import errno
+
+    async with EventBus() as bus:
+        monitor = ResourceMonitor(bus=bus, interval_seconds=0.01, nvml=_no_gpu())
+        real_sample = monitor.sample
+        failures_left = 2
+
+        def sample() -> dict[str, Any]:
+            nonlocal failures_left
+            if failures_left:
+                failures_left -= 1
+                raise OSError(errno.EMFILE, "Too many open files")
+            return real_sample()
+
+        monkeypatch.setattr(monitor, "sample", sample)
+        async with (
+            bus.subscribe(
+                "t", types=[EventType.RESOURCE_SAMPLE, EventType.SUBSCRIBER_ERROR]
+            ) as sub,
+            anyio.create_task_group() as group,
+        ):
+            group.start_soon(monitor.run)
+            with anyio.fail_after(10):
+                events = [await sub.receive() for _ in range(3)]
+            group.cancel_scope.cancel()
+    assert [e.type for e in events] == [
+        EventType.SUBSCRIBER_ERROR,
+        EventType.SUBSCRIBER_ERROR,
+        EventType.RESOURCE_SAMPLE,
+    ]
+    assert events[0].data["subscriber"] == "resource_monitor"
+    assert events[0].data["error_type"] == "OSError"
+    assert monitor.failures == 2
