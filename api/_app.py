@@ -33,6 +33,8 @@ from ._auth import (
     ensure_token,
     write_token_file,
 )
+from ._dashboard import public_paths as dashboard_paths
+from ._dashboard import router as dashboard_router
 from ._errors import install_error_handlers
 from ._history import EventHistory, EventSource
 from ._hub import EventHub
@@ -175,8 +177,10 @@ def create_app(
     app.include_router(system_router)
     app.include_router(jobs_router)
     app.include_router(websocket_router)
+    app.include_router(dashboard_router)
     origins = OriginPolicy(settings.allowed_origins)
     exempt = ["/healthz"] if settings.metrics_require_token else ["/healthz", "/metrics"]
+    exempt += dashboard_paths()  # the page and its assets hold no data; the API asks the token
     app.add_middleware(TokenMiddleware, token=settings.token, origins=origins, exempt_paths=exempt)
     app.add_middleware(
         CORSMiddleware,
