@@ -16,6 +16,7 @@ from functools import cache
 from importlib import resources
 from typing import Annotated, Any
 
+import orjson
 import yaml
 from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
@@ -23,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 
 from ._errors import NotFound, ServiceUnavailable
 from ._hub import finite
-from ._schemas import JOB_ID_PATTERN
+from ._schemas import JOB_ID_PATTERN, ErrorBody, ValidationErrorBody
 from ._series import downsample_min_max, extract, source_types
 from ._services import has_events, services_of
 
@@ -122,7 +123,22 @@ _METRIC_PATTERN = r"^[A-Za-z0-9_./()@-]{1,100}$"
 _METRIC_RE = re.compile(_METRIC_PATTERN)
 
 
-@router.get("/jobs/{job_id}/series", tags=["jobs"], summary="Metric series of a job")
+_API_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "Missing or wrong API token"},
+    422: {"model": ValidationErrorBody, "description": "Invalid parameters or spec text"},
+}
+
+
+@router.get(
+    "/jobs/{job_id}/series",
+    tags=["jobs"],
+    summary="Metric series of a job",
+    responses={
+        **_API_RESPONSES,
+        404: {"model": ErrorBody, "description": "No job with this id"},
+        503: {"model": ErrorBody, "description": "The event store is not running"},
+    },
+)
 async def job_series(
     request: Request,
     job_id: Annotated[str, Path(pattern=JOB_ID_PATTERN, description="The job's id")],
@@ -178,8 +194,31 @@ async def job_series(
 _SPEC_TOO_DEEP = 64
 
 
-@router.post("/specs/parse", tags=["jobs"], summary="Read a job spec written in YAML or JSON")
-async def parse_spec(request: Request) -> dict[str, Any]:
+class _SpecLoader(yaml.SafeLoader):
+    """YAML without aliases: a few bytes of nested aliases expand to gigabytes of JSON."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed in a job spec", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
+@router.post(
+    "/specs/parse",
+    tags=["jobs"],
+    summary="Read a job spec written in YAML or JSON",
+    responses=_API_RESPONSES,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"text/plain": {"schema": {"type": "string"}, "example": "epochs: 3\n"}},
+        }
+    },
+)
+async def parse_spec(request: Request) -> Response:
     """The spec in the body (YAML, of which JSON is a subset) as a JSON object, ready to
     ``POST /jobs``; a 422 names the line of a syntax error. Nothing is validated or stored."""
     raw = await request.body()
@@ -188,7 +227,7 @@ async def parse_spec(request: Request) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise _spec_error("the spec is not UTF-8 text", None) from None
     try:
-        spec = yaml.safe_load(text)
+        spec = yaml.load(text, Loader=_SpecLoader)  # a SafeLoader without aliases
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark
         line = None if mark is None else mark.line + 1
@@ -199,8 +238,12 @@ async def parse_spec(request: Request) -> dict[str, Any]:
         raise _spec_error(f"the spec nests deeper than {_SPEC_TOO_DEEP} levels", None) from None
     if not isinstance(spec, dict):
         raise _spec_error("a job spec is a mapping of fields (name, model, dataset, ...)", 1)
-    parsed: dict[str, Any] = finite(jsonable_encoder(spec))
-    return parsed
+    try:
+        body = orjson.dumps(finite(jsonable_encoder(spec)))
+    except (TypeError, ValueError, RecursionError):
+        # lone surrogates, binary values, keys that are not text: nothing a spec holds
+        raise _spec_error("the spec holds values JSON cannot carry", None) from None
+    return Response(body, media_type="application/json")
 
 
 def _spec_error(message: str, line: int | None) -> RequestValidationError:

@@ -154,7 +154,8 @@ function markerPlugin(getMarkers) {
 }
 
 class Chart {
-  constructor(container, { labels, xLabel = "step", time = false, markers = () => [] }) {
+  constructor(container, { labels, xLabel = "step", time = false, markers = () => [], yValues }) {
+    this.yValues = yValues;
     this.container = container;
     this.labels = labels;
     this.xLabel = xLabel;
@@ -183,10 +184,11 @@ class Chart {
       series: [
         { label: this.xLabel },
         ...this.labels.map((label, index) => ({
-          label, stroke: seriesColor(index), width: 1.5, spanGaps: true, points: { show: false },
+          // uPlot draws the points where they are sparse (epoch metrics), lines elsewhere
+          label, stroke: seriesColor(index), width: 1.5, spanGaps: true,
         })),
       ],
-      axes: [{ ...axis, label: this.xLabel }, { ...axis, size: 64 }],
+      axes: [{ ...axis, label: this.xLabel }, { ...axis, size: 64, values: this.yValues }],
       plugins: [markerPlugin(this.markers)],
     };
     this.container.replaceChildren();
@@ -425,7 +427,7 @@ function jobView(view, jobId) {
   const [accCard, accBox] = chartCard("chart-accuracy", "Accuracy", "Accuracy metrics per epoch");
   const [lrCard, lrBox] = chartCard("chart-lr", "Learning rate", "Learning rate per batch");
   const [cpuCard, cpuBox] = chartCard("chart-cpu", "CPU (server process and system, %)", "CPU use over time");
-  const [memCard, memBox] = chartCard("chart-memory", "Memory (server RSS, bytes)", "Memory use over time");
+  const [memCard, memBox] = chartCard("chart-memory", "Memory (server RSS)", "Memory use over time");
   const filters = h("fieldset", { class: "toolbar", id: "log-filters" }, h("legend", { class: "hint", text: "Event types" }));
   const logBody = h("tbody");
   const checkpoints = h("tbody", { id: "checkpoints" });
@@ -454,7 +456,10 @@ function jobView(view, jobId) {
   const accChart = new Chart(accBox, { labels: [], markers: markersFor });
   const lrChart = new Chart(lrBox, { labels: ["lr"], markers: markersFor });
   const cpuChart = new Chart(cpuBox, { labels: ["process", "system"], xLabel: "time", time: true });
-  const memChart = new Chart(memBox, { labels: ["rss"], xLabel: "time", time: true });
+  const memChart = new Chart(memBox, {
+    labels: ["rss"], xLabel: "time", time: true,
+    yValues: (plot, ticks) => ticks.map((bytes) => `${Math.round(bytes / 2 ** 20)} MiB`),
+  });
 
   const endKnots = () => [...state.epochs.entries()].sort((a, b) => a[0] - b[0])
     .map(([epoch, row]) => [row.step, epoch + 1]);
