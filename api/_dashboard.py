@@ -11,21 +11,24 @@ from __future__ import annotations
 
 import gzip
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from typing import Annotated, Any
 
+import anyio
 import orjson
 import yaml
 from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 
+from bus import Event
+
 from ._errors import NotFound, ServiceUnavailable
 from ._hub import finite
 from ._schemas import JOB_ID_PATTERN, ErrorBody, ValidationErrorBody
-from ._series import downsample_min_max, extract, source_types
+from ._series import SeriesCache, downsample_min_max, source_types
 from ._services import has_events, services_of
 
 __all__ = ["CONTENT_SECURITY_POLICY", "public_paths", "router"]
@@ -119,6 +122,21 @@ async def dashboard_asset(request: Request, name: str) -> Response:
     return _serve(request, name)
 
 
+@dataclass
+class _Cache:
+    entries: SeriesCache = field(default_factory=SeriesCache)
+    lock: anyio.Lock = field(default_factory=anyio.Lock)
+
+
+def _series_cache(request: Request) -> _Cache:
+    """The app's series cache (made on first use: it lives as long as the app)."""
+    cache = getattr(request.app.state, "dashboard_series", None)
+    if cache is None:
+        cache = request.app.state.dashboard_series = _Cache()
+    assert isinstance(cache, _Cache)
+    return cache
+
+
 _METRIC_PATTERN = r"^[A-Za-z0-9_./()@-]{1,100}$"
 _METRIC_RE = re.compile(_METRIC_PATTERN)
 
@@ -180,13 +198,20 @@ async def job_series(
     await services.history.wait_for(job_id, last_seq)
     if last_seq <= 0:
         last_seq = await services.history.last_seq(job_id)
-    wanted = frozenset().union(*(source_types(name) for name in metric))
-    events = await services.history.read(job_id, types=wanted)
-    events = [event for event in events if event.seq <= last_seq]
+    cache = _series_cache(request)
+    names = list(dict.fromkeys(metric))
     series: dict[str, Any] = {}
-    for name in dict.fromkeys(metric):
-        full = extract(name, events)
-        series[name] = {**downsample_min_max(full, points).to_dict(), "total": len(full.y)}
+    async with cache.lock:
+        cached = {name: cache.entries.get(job_id, name, last_seq) for name in names}
+        after = min((0 if entry is None else entry.last_seq) for entry in cached.values())
+        events: list[Event] = []
+        if after < last_seq:
+            wanted = frozenset().union(*(source_types(name) for name in names))
+            events = await services.history.read(job_id, after_seq=after, types=wanted)
+            events = [event for event in events if event.seq <= last_seq]
+        for name in names:
+            full = cache.entries.extend(job_id, name, events, last_seq)
+            series[name] = {**downsample_min_max(full, points).to_dict(), "total": len(full.y)}
     answer: dict[str, Any] = finite({"job_id": job_id, "last_seq": last_seq, "series": series})
     return answer
 

@@ -8,6 +8,7 @@ the order they occurred), so spikes survive the downsampling where an average wo
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,7 @@ __all__ = [
     "BATCH_METRICS",
     "RESOURCE_METRICS",
     "Series",
+    "SeriesCache",
     "downsample_min_max",
     "extract",
     "source_types",
@@ -126,3 +128,47 @@ def downsample_min_max(series: Series, points: int) -> Series:
     return Series(
         [series.x[i] for i in kept], [series.y[i] for i in kept], [series.epoch[i] for i in kept]
     )
+
+
+@dataclass
+class _Cached:
+    series: Series
+    last_seq: int
+
+
+class SeriesCache:
+    """Full series already computed, by job and metric, extended with the events stored since.
+
+    A job page, a reload or a comparison then reads only the events after the cached ``seq``
+    instead of decoding the job's whole history again. At most ``max_entries`` series are
+    kept (the least recently used go first).
+    """
+
+    def __init__(self, max_entries: int = 64) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple[str, str], _Cached] = OrderedDict()
+
+    def get(self, job_id: str, metric: str, upto: int) -> _Cached | None:
+        """The cached series, unless it is ahead of ``upto`` (the job's events were deleted)."""
+        cached = self._entries.get((job_id, metric))
+        if cached is None or cached.last_seq > upto:
+            return None
+        self._entries.move_to_end((job_id, metric))
+        return cached
+
+    def extend(self, job_id: str, metric: str, events: Sequence[Event], upto: int) -> Series:
+        """Add ``events`` (all after the cached ``seq``, at most ``upto``) and return the full
+        series."""
+        cached = self.get(job_id, metric, upto)
+        if cached is None:
+            cached = _Cached(Series([], [], []), 0)
+        fresh = extract(metric, (event for event in events if event.seq > cached.last_seq))
+        cached.series.x.extend(fresh.x)
+        cached.series.y.extend(fresh.y)
+        cached.series.epoch.extend(fresh.epoch)
+        cached.last_seq = upto
+        self._entries[(job_id, metric)] = cached
+        self._entries.move_to_end((job_id, metric))
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        return cached.series

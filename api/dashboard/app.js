@@ -634,8 +634,6 @@ function jobView(view, jobId) {
       () => `${path}/events/ws?after_seq=${state.lastSeq}&types=${LIVE_TYPES.join(",")}`, apply);
     loadCheckpoints();
   };
-  start();
-
   const loadResources = async () => {
     let series;
     try {
@@ -646,8 +644,13 @@ function jobView(view, jobId) {
     cpuChart.update(joinTables([[cpu.x, cpu.y], [system.x, system.y]]));
     memChart.update([rss.x, rss.y]);
   };
-  loadResources();
-  const resourceTimer = setInterval(loadResources, 5000);
+  // the job's own figures first: the resource charts wait until they are plotted
+  let resourceTimer = null;
+  start().then(() => {
+    if (stopped) return;
+    loadResources();
+    resourceTimer = setInterval(loadResources, 5000);
+  });
 
   return () => {
     stopped = true;
