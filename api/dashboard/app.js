@@ -40,7 +40,7 @@ function formatNumber(value) {
   if (Number.isInteger(value)) return value.toLocaleString("en");
   const magnitude = Math.abs(value);
   return magnitude !== 0 && (magnitude < 1e-3 || magnitude >= 1e5)
-    ? value.toExponential(3) : value.toPrecision(4);
+    ? value.toExponential(3) : String(Number(value.toPrecision(4)));
 }
 
 function formatAge(seconds) {
@@ -154,8 +154,9 @@ function markerPlugin(getMarkers) {
 }
 
 class Chart {
-  constructor(container, { labels, xLabel = "step", time = false, markers = () => [], yValues }) {
+  constructor(container, { labels, xLabel = "step", time = false, markers = () => [], yValues, dotted }) {
     this.yValues = yValues;
+    this.dotted = dotted || (() => false); // label -> draw its points (sparse epoch metrics)
     this.container = container;
     this.labels = labels;
     this.xLabel = xLabel;
@@ -186,6 +187,7 @@ class Chart {
         ...this.labels.map((label, index) => ({
           // uPlot draws the points where they are sparse (epoch metrics), lines elsewhere
           label, stroke: seriesColor(index), width: 1.5, spanGaps: true,
+          ...(this.dotted(label) ? { points: { show: true, size: 6 } } : {}),
         })),
       ],
       axes: [{ ...axis, label: this.xLabel }, { ...axis, size: 64, values: this.yValues }],
@@ -301,8 +303,12 @@ function progressText(job) {
   return `epoch ${job.epoch}${epochs ? `/${epochs}` : ""} · step ${job.step}`;
 }
 
+// What people look at first: validation figures, then the training loss.
+const metricRank = (name) => (name.startsWith("val_") ? 0 : name === "train_loss" ? 1 : 2);
+
 function metricsText(metrics) {
-  return Object.entries(metrics || {}).slice(0, 4)
+  return Object.entries(metrics || {})
+    .sort((a, b) => metricRank(a[0]) - metricRank(b[0])).slice(0, 4)
     .map(([name, value]) => `${name} ${formatNumber(value)}`).join(" · ");
 }
 
@@ -452,9 +458,14 @@ function jobView(view, jobId) {
     const toX = state.xMode === "epoch" ? epochAxis(endKnots()) : (step) => step;
     return state.markers.map((marker) => ({ x: toX(marker.step), label: marker.label }));
   };
-  const lossChart = new Chart(lossBox, { labels: ["batch loss"], markers: markersFor });
-  const accChart = new Chart(accBox, { labels: [], markers: markersFor });
-  const lrChart = new Chart(lrBox, { labels: ["lr"], markers: markersFor });
+  const lossChart = new Chart(lossBox, {
+    labels: ["batch loss"], markers: markersFor, dotted: (label) => label !== "batch loss",
+  });
+  const accChart = new Chart(accBox, { labels: [], markers: markersFor, dotted: () => true });
+  const lrChart = new Chart(lrBox, {
+    labels: ["lr"], markers: markersFor,
+    yValues: (plot, ticks) => ticks.map((value) => String(Number(value.toPrecision(3)))),
+  });
   const cpuChart = new Chart(cpuBox, { labels: ["process", "system"], xLabel: "time", time: true });
   const memChart = new Chart(memBox, {
     labels: ["rss"], xLabel: "time", time: true,
@@ -752,21 +763,39 @@ function submitView(view) {
 
 // -- compare -------------------------------------------------------------------------------
 
+// Per-batch points carry their (whole) epoch: spread each epoch's points over [e, e + 1).
+function fractionalEpochs(epochs) {
+  const counts = new Map();
+  for (const epoch of epochs) counts.set(epoch, (counts.get(epoch) || 0) + 1);
+  const seen = new Map();
+  return epochs.map((epoch) => {
+    const rank = seen.get(epoch) || 0;
+    seen.set(epoch, rank + 1);
+    const count = counts.get(epoch);
+    // epoch metrics already say "after epoch e" (one point each): keep them as they are
+    return count === 1 ? epoch : epoch + rank / count;
+  });
+}
+
 function compareView(view, params) {
   const chosen = new Set((params.get("jobs") || "").split(",").filter(Boolean));
   const metric = h("select", { id: "compare-metric" });
+  const xAxis = h("select", { id: "compare-x" }, h("option", { value: "step", text: "step" }),
+    h("option", { value: "epoch", text: "epoch" }));
+  xAxis.value = params.get("x") === "epoch" ? "epoch" : "step";
   const list = h("fieldset", { id: "compare-jobs", class: "toolbar" }, h("legend", { class: "hint", text: "Jobs" }));
   const [card, box] = chartCard("chart-compare", "Comparison", "The chosen metric of the chosen jobs");
   view.append(h("h1", { text: "Compare jobs" }),
     h("section", { class: "card" }, list,
-      h("div", { class: "toolbar" }, h("label", { for: "compare-metric", text: "Metric" }), metric)),
+      h("div", { class: "toolbar" }, h("label", { for: "compare-metric", text: "Metric" }), metric,
+        h("label", { for: "compare-x", text: "x axis" }), xAxis)),
     card);
   const chart = new Chart(box, { labels: [] });
   let jobs = [];
   let stopped = false;
 
   const syncHash = () => {
-    const hash = `#/compare?jobs=${[...chosen].map(encodeURIComponent).join(",")}&metric=${encodeURIComponent(metric.value)}`;
+    const hash = `#/compare?jobs=${[...chosen].map(encodeURIComponent).join(",")}&metric=${encodeURIComponent(metric.value)}&x=${xAxis.value}`;
     history.replaceState(null, "", hash);
   };
   const plot = async () => {
@@ -779,8 +808,10 @@ function compareView(view, params) {
     if (stopped) return;
     const tables = results.map((result) => {
       const series = result && result.series[metric.value];
-      return series ? [series.x, series.y] : [[], []];
+      if (!series) return [[], []];
+      return xAxis.value === "epoch" ? [fractionalEpochs(series.epoch), series.y] : [series.x, series.y];
     });
+    chart.xLabel = xAxis.value;
     chart.update(joinTables(tables), picked.map((job) => job.name ? `${job.name} (${job.id})` : job.id));
     box.dataset.series = String(picked.length);
   };
@@ -792,6 +823,7 @@ function compareView(view, params) {
     metric.value = names.has(previous) ? previous : "loss";
   };
   metric.addEventListener("change", plot);
+  xAxis.addEventListener("change", () => { chart.labels = []; plot(); });
   (async () => {
     const page = await api("/jobs?limit=500");
     if (stopped) return;

@@ -159,7 +159,6 @@ def test_submit_watch_pause_resume_and_stop_a_job(page: Any, server: LiveServer)
     seen = points(page, "#chart-loss")
     wait_until(page, grown, seen)
     page.wait_for_selector("#chart-accuracy[data-ready]")
-    page.screenshot(path=artifacts() / "job.png", full_page=True)
 
     page.click("#pause-button")
     ack = page.wait_for_selector("#acks li.ok[data-command=pause]")
@@ -183,6 +182,7 @@ def test_submit_watch_pause_resume_and_stop_a_job(page: Any, server: LiveServer)
     page.wait_for_selector("#job-state [data-state=stopped]")
     assert page.locator("#event-log tr[data-type=job_paused]").count() >= 1
     page.wait_for_selector("#checkpoints tr")
+    page.screenshot(path=artifacts() / "job.png", full_page=True)
 
 
 def test_compare_two_jobs(page: Any, server: LiveServer) -> None:
