@@ -8,8 +8,9 @@ the order they occurred), so spikes survive the downsampling where an average wo
 from __future__ import annotations
 
 import math
+import re
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,9 @@ BATCH_METRICS = frozenset({"loss", "lr"})
 """Metrics read from every ``train_batch_end`` event (x is the optimizer step)."""
 RESOURCE_METRICS = frozenset({"process_cpu_percent", "system_cpu_percent", "rss_bytes"})
 """Metrics read from ``resource_sample`` events (x is the time, in seconds since the epoch)."""
+_GPU_METRIC = re.compile(r"^gpu(\d{1,3})\.([a-z_]{1,40})$")
+"""A GPU's figure in ``resource_sample`` events: ``gpu0.utilization_ratio``,
+``gpu1.memory_used_bytes``, ... (x is the time)."""
 _EPOCH_TYPES = (EventType.TRAIN_EPOCH_END, EventType.FIT_EPOCH_END)
 
 
@@ -49,9 +53,19 @@ def source_types(metric: str) -> frozenset[EventType]:
     """The event types that carry ``metric``."""
     if metric in BATCH_METRICS:
         return frozenset({EventType.TRAIN_BATCH_END})
-    if metric in RESOURCE_METRICS:
+    if metric in RESOURCE_METRICS or _GPU_METRIC.match(metric):
         return frozenset({EventType.RESOURCE_SAMPLE})
     return frozenset(_EPOCH_TYPES)
+
+
+def _gpu_value(data: Mapping[str, Any], index: int, field: str) -> Any:
+    gpus = data.get("gpus")
+    if not isinstance(gpus, list):
+        return None
+    for gpu in gpus:
+        if isinstance(gpu, dict) and gpu.get("index") == index:
+            return gpu.get(field)
+    return None
 
 
 def _number(value: Any) -> float | None:
@@ -64,7 +78,16 @@ def _number(value: Any) -> float | None:
 def extract(metric: str, events: Iterable[Event]) -> Series:
     """The points of ``metric`` in ``events`` (non-finite and missing values are skipped)."""
     series = Series([], [], [])
-    if metric in BATCH_METRICS:
+    gpu = _GPU_METRIC.match(metric)
+    if gpu is not None:
+        index, field = int(gpu.group(1)), gpu.group(2)
+        for event in events:
+            value = _number(_gpu_value(event.data, index, field))
+            if value is not None:
+                series.x.append(event.time)
+                series.y.append(value)
+                series.epoch.append(None)
+    elif metric in BATCH_METRICS:
         for event in events:
             data = event.data
             value = _number(data.get(metric))

@@ -434,6 +434,8 @@ function jobView(view, jobId) {
   const [lrCard, lrBox] = chartCard("chart-lr", "Learning rate", "Learning rate per batch");
   const [cpuCard, cpuBox] = chartCard("chart-cpu", "CPU (server process and system, %)", "CPU use over time");
   const [memCard, memBox] = chartCard("chart-memory", "Memory (server RSS)", "Memory use over time");
+  const [gpuCard, gpuBox] = chartCard("chart-gpu", "GPU 0 (utilisation and memory, %)", "GPU use over time");
+  gpuCard.hidden = true; // shown once a sample carries GPU figures
   const filters = h("fieldset", { class: "toolbar", id: "log-filters" }, h("legend", { class: "hint", text: "Event types" }));
   const logBody = h("tbody");
   const checkpoints = h("tbody", { id: "checkpoints" });
@@ -451,7 +453,7 @@ function jobView(view, jobId) {
         ["seq", "type", "data"].map((label) => h("th", { scope: "col", text: label })))), logBody))),
     h("section", { class: "card", "aria-labelledby": "ckpt-title" }, h("h2", { id: "ckpt-title", text: "Checkpoints" }),
       h("table", {}, h("thead", {}, h("tr", {}, ["name", "epoch", "step", "reason", ""].map((label) => h("th", { scope: "col", text: label })))), checkpoints)),
-    h("div", { class: "grid" }, cpuCard, memCard),
+    h("div", { class: "grid" }, cpuCard, memCard, gpuCard),
   );
 
   const markersFor = () => {
@@ -467,6 +469,7 @@ function jobView(view, jobId) {
     yValues: (plot, ticks) => ticks.map((value) => String(Number(value.toPrecision(3)))),
   });
   const cpuChart = new Chart(cpuBox, { labels: ["process", "system"], xLabel: "time", time: true });
+  const gpuChart = new Chart(gpuBox, { labels: ["utilisation", "memory"], xLabel: "time", time: true });
   const memChart = new Chart(memBox, {
     labels: ["rss"], xLabel: "time", time: true,
     yValues: (plot, ticks) => ticks.map((bytes) => `${Math.round(bytes / 2 ** 20)} MiB`),
@@ -648,12 +651,22 @@ function jobView(view, jobId) {
   const loadResources = async () => {
     let series;
     try {
-      series = await api(`/jobs/_server/series?metric=process_cpu_percent&metric=system_cpu_percent&metric=rss_bytes&points=400`);
+      series = await api("/jobs/_server/series?metric=process_cpu_percent&metric=system_cpu_percent"
+        + "&metric=rss_bytes&metric=gpu0.utilization_ratio&metric=gpu0.memory_used_bytes"
+        + "&metric=gpu0.memory_total_bytes&points=400");
     } catch { return; }
     if (stopped) return;
     const { process_cpu_percent: cpu, system_cpu_percent: system, rss_bytes: rss } = series.series;
     cpuChart.update(joinTables([[cpu.x, cpu.y], [system.x, system.y]]));
     memChart.update([rss.x, rss.y]);
+    const utilisation = series.series["gpu0.utilization_ratio"];
+    const used = series.series["gpu0.memory_used_bytes"];
+    const total = series.series["gpu0.memory_total_bytes"];
+    if (utilisation.total || used.total) {
+      gpuCard.hidden = false;
+      const memoryShare = used.y.map((bytes, i) => (total.y[i] ? (100 * bytes) / total.y[i] : null));
+      gpuChart.update(joinTables([[utilisation.x, utilisation.y.map((r) => 100 * r)], [used.x, memoryShare]]));
+    }
   };
   // the job's own figures first: the resource charts wait until they are plotted
   let resourceTimer = null;
@@ -667,7 +680,7 @@ function jobView(view, jobId) {
     stopped = true;
     closeStream();
     clearInterval(resourceTimer);
-    for (const chart of [lossChart, accChart, lrChart, cpuChart, memChart]) chart.destroy();
+    for (const chart of [lossChart, accChart, lrChart, cpuChart, memChart, gpuChart]) chart.destroy();
     for (const pending of [scheduleRender, scheduleLog, refreshRecord, loadCheckpoints]) pending.cancel();
   };
 }

@@ -9,8 +9,8 @@ import anyio
 import httpx
 import pytest
 
-from api._series import Series, downsample_min_max
-from bus import EventType
+from api._series import Series, downsample_min_max, extract, source_types
+from bus import Event, EventType
 
 from .server import LiveServer
 
@@ -27,6 +27,21 @@ def test_downsampling_keeps_spikes_and_both_ends() -> None:
     assert 100.0 in small.y and -5.0 in small.y
     assert small.x == sorted(small.x)
     assert downsample_min_max(small, 500) is small  # already small enough: returned whole
+
+
+def test_gpu_figures_are_read_from_resource_samples() -> None:
+    gpus = [{"index": 0, "utilization_ratio": 0.5}, {"index": 1, "utilization_ratio": None}]
+    samples = [
+        Event("_server", 1, EventType.RESOURCE_SAMPLE, 10.0, {"gpus": gpus}),
+        Event("_server", 2, EventType.RESOURCE_SAMPLE, 11.0, {"gpus": []}),
+    ]
+    assert source_types("gpu1.utilization_ratio") == {EventType.RESOURCE_SAMPLE}
+    assert extract("gpu0.utilization_ratio", samples).to_dict() == {
+        "x": [10.0],
+        "y": [0.5],
+        "epoch": [None],
+    }
+    assert extract("gpu1.utilization_ratio", samples).y == []  # not reported: no point
 
 
 def test_downsampling_refuses_fewer_than_four_points() -> None:
