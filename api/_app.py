@@ -181,7 +181,14 @@ def create_app(
     origins = OriginPolicy(settings.allowed_origins)
     exempt = ["/healthz"] if settings.metrics_require_token else ["/healthz", "/metrics"]
     exempt += dashboard_paths()  # the page and its assets hold no data; the API asks the token
-    app.add_middleware(TokenMiddleware, token=settings.token, origins=origins, exempt_paths=exempt)
+    hosts = HostPolicy(settings.allowed_hosts, settings.host)
+    app.add_middleware(
+        TokenMiddleware,
+        token=settings.token,
+        origins=origins,
+        exempt_paths=exempt,
+        own_origin=not hosts.allow_any,  # the dashboard's own origin, its Host checked
+    )
     app.add_middleware(
         CORSMiddleware,
         allow_origins=["*"] if origins.allow_any else list(origins.origins),
@@ -194,7 +201,7 @@ def create_app(
     # outermost: a foreign Host (DNS rebinding) is refused before anything else looks at it
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     app.add_middleware(PathGuardMiddleware)
-    app.add_middleware(HostMiddleware, policy=HostPolicy(settings.allowed_hosts, settings.host))
+    app.add_middleware(HostMiddleware, policy=hosts)
     _add_security_scheme(app)
     return app
 

@@ -165,3 +165,23 @@ async def test_a_yaml_spec_is_read_and_a_syntax_error_names_its_line(
     assert listed.status_code == 422 and "mapping" in listed.json()["detail"][0]["msg"]
     assert binary.status_code == 422 and "UTF-8" in binary.json()["detail"][0]["msg"]
     assert bomb.status_code == 422 and "aliases" in bomb.json()["detail"][0]["msg"]
+
+
+@pytest.mark.parametrize(
+    ("origin", "status"),
+    [
+        ("http://10.1.2.3:8000", 404),  # the server's own origin: let through (no such job)
+        ("http://10.9.9.9:8000", 403),  # another origin
+        ("http://10.1.2.3:9999", 403),  # another port is another origin
+        ("http://[::1", 403),  # not an origin at all
+    ],
+)
+async def test_the_dashboards_own_origin_may_change_state(
+    transport_server: LiveServer, origin: str, status: int
+) -> None:
+    """Served at a name outside the Origin allowlist, the dashboard can still pause and stop
+    jobs: an Origin naming the request's own (allowlisted) Host is the same origin."""
+    headers = {**transport_server.headers, "Host": "10.1.2.3:8000", "Origin": origin}
+    async with httpx.AsyncClient(base_url=transport_server.url) as http:
+        response = await http.post("/jobs/no-such-job/pause", headers=headers)
+    assert response.status_code == status, response.text
