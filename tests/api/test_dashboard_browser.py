@@ -120,8 +120,10 @@ def test_a_wrong_token_is_refused_and_the_right_one_signs_in(page: Any, server: 
     page.wait_for_selector("#sign-in-error:has-text('Wrong token')")
     assert page.is_hidden("#nav")
     page.screenshot(path=artifacts() / "sign-in.png")
-    page.fill("#token", server.token)
-    page.click("#sign-in-form button[type=submit]")
+    # keyboard only: the token field has the focus, Enter signs in
+    page.keyboard.press("Control+A")
+    page.keyboard.type(server.token)
+    page.keyboard.press("Enter")
     page.wait_for_selector("#jobs tbody[data-loaded]", state="attached")
     # the token lives in this tab's session storage, never in a URL
     assert page.evaluate("sessionStorage.getItem('trainbus.token')") == server.token
@@ -210,6 +212,15 @@ def test_compare_two_jobs(page: Any, server: LiveServer) -> None:
         "() => document.querySelector('#chart-compare').dataset.series === '2' && "
         "location.hash.includes('metric=val_loss')",
     )
+    page.select_option("#compare-x", "epoch")
+    wait_until(page, "() => location.hash.includes('x=epoch')")
+    page.wait_for_selector("#chart-compare[data-ready] .u-legend")
     legend = page.inner_text("#chart-compare .u-legend")
     assert "b32" in legend and "b128" in legend
     page.screenshot(path=artifacts() / "compare.png")
+    page.emulate_media(color_scheme="dark")
+    page.reload()
+    page.wait_for_selector("#chart-compare[data-series='2'][data-ready]")
+    background = page.evaluate("() => getComputedStyle(document.body).backgroundColor")
+    assert background == "rgb(21, 22, 26)", "dark mode follows the system's preference"
+    page.screenshot(path=artifacts() / "compare-dark.png")
