@@ -407,7 +407,7 @@ function jobView(view, jobId) {
     record: null,
     seriesSeq: 0, // batch points up to this seq came from the series endpoint
     lastSeq: 0,
-    batch: { x: [], loss: [], lr: [], epoch: [] },
+    batch: { x: [], loss: [], lr: [], epoch: [], seq: [] },
     epochs: new Map(), // epoch -> {step, metrics}
     markers: [], // {step, label}
     log: [],
@@ -573,6 +573,7 @@ function jobView(view, jobId) {
         state.batch.loss.push(Number.isFinite(data.loss) ? data.loss : null);
         state.batch.lr.push(Number.isFinite(data.lr) ? data.lr : null);
         state.batch.epoch.push(data.epoch);
+        state.batch.seq.push(event.seq);
         state.lastBatch = data.batch;
         continue;
       }
@@ -596,6 +597,7 @@ function jobView(view, jobId) {
       }
     }
     if (recordChanged) refreshRecord();
+    compact();
     scheduleLog();
     scheduleRender();
   };
@@ -619,6 +621,34 @@ function jobView(view, jobId) {
   }
   xSelect.addEventListener("change", () => { state.xMode = xSelect.value; render(); });
 
+  // The batch points: the downsampled series up to its last_seq, then live points (with seqs).
+  const useSeries = (series) => {
+    const { loss, lr } = series.series;
+    const live = state.batch;
+    const kept = (live.seq || []).map((seq, i) => i).filter((i) => live.seq[i] > series.last_seq);
+    // lr is read from the same events as loss: align it on the loss points' steps
+    const lrByStep = new Map(lr.x.map((step, i) => [step, lr.y[i]]));
+    state.batch = {
+      x: [...loss.x, ...kept.map((i) => live.x[i])],
+      loss: [...loss.y, ...kept.map((i) => live.loss[i])],
+      lr: [...loss.x.map((step) => lrByStep.get(step) ?? null), ...kept.map((i) => live.lr[i])],
+      epoch: [...loss.epoch, ...kept.map((i) => live.epoch[i])],
+      seq: [...loss.x.map(() => 0), ...kept.map((i) => live.seq[i])],
+    };
+    state.seriesSeq = series.last_seq;
+  };
+  // A page left open on a long run: past twice the resolution, ask the server to downsample.
+  let compacting = false;
+  const compact = async () => {
+    if (compacting || state.batch.x.length <= 2 * SERIES_POINTS) return;
+    compacting = true;
+    try {
+      const series = await api(`${path}/series?metric=loss&metric=lr&points=${SERIES_POINTS}`);
+      if (!stopped && series.last_seq > state.seriesSeq) { useSeries(series); scheduleRender(); }
+    } catch { /* kept as it is; tried again on the next events */ }
+    compacting = false;
+  };
+
   let closeStream = () => {};
   const start = async () => {
     let record;
@@ -632,13 +662,8 @@ function jobView(view, jobId) {
       return;
     }
     if (stopped) return;
-    state.seriesSeq = series.last_seq;
+    useSeries(series);
     state.lastSeq = series.last_seq;
-    const { loss, lr } = series.series;
-    state.batch = { x: loss.x, loss: loss.y, epoch: loss.epoch, lr: [] };
-    // lr is read from the same events as loss: align it on the loss points' steps
-    const lrByStep = new Map(lr.x.map((step, i) => [step, lr.y[i]]));
-    state.batch.lr = loss.x.map((step) => lrByStep.get(step) ?? null);
     showRecord(record);
     render();
     const history = await api(`${path}/events?types=${LOG_TYPES.join(",")}&limit=10000`);
