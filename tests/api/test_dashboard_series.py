@@ -3,6 +3,7 @@ resolution, and reading a YAML spec (a real server; the job side is a stand-in).
 
 from __future__ import annotations
 
+import re
 import threading
 
 import anyio
@@ -185,3 +186,13 @@ async def test_the_dashboards_own_origin_may_change_state(
     async with httpx.AsyncClient(base_url=transport_server.url) as http:
         response = await http.post("/jobs/no-such-job/pause", headers=headers)
     assert response.status_code == status, response.text
+
+
+def test_every_file_the_page_names_is_served() -> None:
+    from importlib import resources
+
+    from api._dashboard import public_paths
+
+    page = (resources.files("api") / "dashboard" / "index.html").read_text()
+    named = set(re.findall(r'(?:href|src)="(/dashboard/[^"]+)"', page))
+    assert named and named <= set(public_paths())
