@@ -165,12 +165,13 @@ async def job_series(
         Query(
             min_length=1,
             max_length=8,
-            description="Metrics to return: 'loss' and 'lr' (every batch), an epoch metric "
+            description="Metrics to return (default 'loss'): 'loss' and 'lr' (every batch), an "
+            "epoch metric "
             "('val_loss', 'val_accuracy', ...), or a resource figure ('process_cpu_percent', "
             "'system_cpu_percent', 'rss_bytes'; job '_server')",
             examples=["loss"],
         ),
-    ],
+    ] = ["loss"],  # noqa: B006 - FastAPI copies a query default per request
     points: Annotated[
         int, Query(ge=4, le=20_000, description="At most this many points per metric")
     ] = 2000,

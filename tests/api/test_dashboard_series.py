@@ -102,7 +102,7 @@ async def test_series_are_downsampled_to_the_requested_size(
     [
         ("metric=loss&points=3", 422),
         ("metric=bad%20name", 422),
-        ("points=10", 422),
+        ("metric=&points=10", 422),
         (
             "metric=loss&metric=lr&metric=a&metric=b&metric=c&metric=d&metric=e&metric=f&metric=g",
             422,

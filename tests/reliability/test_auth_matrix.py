@@ -32,9 +32,10 @@ from tests.api.server import LiveServer, make_settings, run_server
 
 from .conftest import record
 
-PUBLIC = {("GET", "/healthz"), ("GET", "/metrics")}
+PUBLIC = {("GET", "/healthz"), ("GET", "/metrics"), ("GET", "/"), ("GET", "/dashboard/{name:path}")}
 """No token needed, by design: liveness for orchestrators, metrics for Prometheus (unless
-``metrics_require_token``). Nothing else."""
+``metrics_require_token``), the dashboard's page and the files it ships (no data: it asks for
+the token). Nothing else."""
 
 EXPECTED: dict[tuple[str, str], str] = {
     ("GET", "/openapi.json"): "read",
@@ -57,6 +58,10 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("GET", "/jobs/{job_id}/checkpoints/{name}"): "read",
     ("WS", "/jobs/{job_id}/events/ws"): "stream",
     ("WS", "/events/ws"): "stream",
+    ("GET", "/"): "public",
+    ("GET", "/dashboard/{name:path}"): "public",
+    ("GET", "/jobs/{job_id}/series"): "read",
+    ("POST", "/specs/parse"): "change",
 }
 """Every route and what it does; the test fails when the app has a route not listed here."""
 
@@ -109,7 +114,8 @@ class Matrix:
     def path(self, method: str, template: str) -> str:
         # DELETE with the token would remove the job the other rows need: aim it elsewhere
         job_id = "no-such-job" if method == "DELETE" else self.job_id
-        return template.replace("{job_id}", job_id).replace("{name}", self.checkpoint)
+        path = template.replace("{job_id}", job_id).replace("{name}", self.checkpoint)
+        return path.replace("{name:path}", "app.js")
 
     def http(
         self, method: str, path: str, headers: dict[str, str], **kwargs: Any
