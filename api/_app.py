@@ -53,9 +53,12 @@ logger = logging.getLogger("trainbus.api")
 DESCRIPTION = """\
 Run, watch and steer PyTorch training jobs.
 
-Every endpoint but `/healthz` (and `/metrics`, unless configured otherwise) needs the API
-token: `Authorization: Bearer <token>`. WebSocket clients send the same header, or (browsers)
-offer the subprotocols `trainbus` and `trainbus.bearer.<token>`.
+Every endpoint but `/healthz`, these docs (`/docs`, `/redoc`, `/openapi.json`), the
+dashboard's page (`/`) and its files, and `/metrics` (unless configured otherwise) needs the
+API token: `Authorization: Bearer <token>`.
+Here, press **Authorize** and paste the token to try the endpoints out. WebSocket clients
+send the same header, or (browsers) offer the subprotocols `trainbus` and
+`trainbus.bearer.<token>`.
 
 The server answers only to its own host names (IP addresses, `localhost`, the bind address
 and `TRAINBUS_ALLOWED_HOSTS`; others get 400, against DNS rebinding), refuses state-changing
@@ -179,7 +182,7 @@ def create_app(
     app.include_router(websocket_router)
     app.include_router(dashboard_router)
     origins = OriginPolicy(settings.allowed_origins)
-    exempt = ["/healthz"] if settings.metrics_require_token else ["/healthz", "/metrics"]
+    exempt = [*PUBLIC_PATHS, *([] if settings.metrics_require_token else ["/metrics"])]
     exempt += dashboard_paths()  # the page and its assets hold no data; the API asks the token
     hosts = HostPolicy(settings.allowed_hosts, settings.host)
     app.add_middleware(
@@ -216,6 +219,9 @@ def _loopback_origin_regex(origins: OriginPolicy) -> str | None:
     )
     return rf"https?://({'|'.join(hosts)})(:\d+)?" if hosts else None
 
+
+PUBLIC_PATHS = ("/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+"""Paths a browser opens without the token: the API's description holds no secrets."""
 
 _ERROR_CONTENT = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
 _UNPARSABLE_BODY = {"description": "The body is not parsable JSON", "content": _ERROR_CONTENT}

@@ -44,6 +44,9 @@ BEARER_SUBPROTOCOL_PREFIX = "trainbus.bearer."
 def ensure_token(settings: Settings) -> tuple[Settings, bool]:
     """Return settings that carry a token, and whether it was generated just now.
 
+    Without one, the token a previous start left in the data folder is used again, so that
+    a restart does not lock out the clients that know it.
+
     :raises ValueError: when a non-loopback address would be bound without an explicit token.
     """
     if settings.token is not None:
@@ -53,6 +56,9 @@ def ensure_token(settings: Settings) -> tuple[Settings, bool]:
             f"refusing to bind {settings.host!r} without an explicit token: set TRAINBUS_TOKEN "
             "(or --token), or bind 127.0.0.1"
         )
+    kept = read_token_file(settings.data_dir)
+    if kept is not None and len(kept) >= 8:
+        return settings.model_copy(update={"token": SecretStr(kept)}), False
     token = SecretStr(secrets.token_urlsafe(32))
     return settings.model_copy(update={"token": token}), True
 

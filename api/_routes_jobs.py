@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import pathlib
 from typing import Annotated, Any, Literal
 
+import anyio
 from fastapi import APIRouter, Body, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
 
 from bus import event_type_for
-from worker import JobSpec
+from worker import DatasetError, JobSpec, resolve_dataset_file
 
 from ._errors import ServiceUnavailable
 from ._hub import finite
@@ -78,9 +81,33 @@ async def submit_job(
     services = services_of(request)
     if not services.accepting:
         raise ServiceUnavailable("the server is shutting down and accepts no new jobs")
+    await _check_dataset_file(spec, services.settings.data_dir)
     record = await services.jobs.submit(spec)
     response.headers["Location"] = f"/jobs/{record['id']}"
     return record
+
+
+async def _check_dataset_file(spec: JobSpec, data_dir: pathlib.Path) -> None:
+    """A CSV dataset's file must be there when the job is submitted, not only when it runs.
+
+    :raises RequestValidationError: naming ``dataset.params.file`` (422).
+    """
+    file = spec.dataset.params.get("file") if spec.dataset.name == "csv" else None
+    if not isinstance(file, str):
+        return
+    try:
+        await anyio.to_thread.run_sync(resolve_dataset_file, data_dir, file)
+    except DatasetError as error:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "value_error",
+                    "loc": ("body", "dataset", "params", "file"),
+                    "msg": str(error),
+                    "input": file,
+                }
+            ]
+        ) from None
 
 
 @router.get("/jobs", response_model=JobList, summary="List jobs")
@@ -122,7 +149,10 @@ _COMMAND_RESPONSES: dict[int | str, dict[str, Any]] = {**_NOT_FOUND, **_CONFLICT
     summary="Pause a running job",
 )
 async def pause_job(request: Request, job_id: JobId) -> dict[str, Any]:
-    """Ask the trainer to checkpoint and hold at the next batch boundary."""
+    """Ask the trainer to checkpoint and hold at the next batch boundary.
+
+    A paused job keeps its running slot (``TRAINBUS_MAX_RUNNING_JOBS``): queued jobs wait
+    until it is resumed or stopped."""
     return await _command(request, job_id, "pause")
 
 
@@ -212,7 +242,8 @@ async def job_events(
     summary="List a job's checkpoints",
 )
 async def list_checkpoints(request: Request, job_id: JobId) -> list[dict[str, Any]]:
-    """The job's checkpoints, newest first."""
+    """The job's checkpoints, newest first; ``latest`` and ``best`` mark the ones those
+    names download."""
     return await services_of(request).jobs.checkpoints(job_id)
 
 
@@ -228,7 +259,14 @@ async def list_checkpoints(request: Request, job_id: JobId) -> list[dict[str, An
 async def download_checkpoint(
     request: Request,
     job_id: JobId,
-    name: Annotated[str, Path(pattern=NAME_PATTERN, description="A name from the listing")],
+    name: Annotated[
+        str,
+        Path(
+            pattern=NAME_PATTERN,
+            description="A name from the listing, or 'latest' or 'best'",
+            examples=["best"],
+        ),
+    ],
 ) -> FileResponse:
     """The checkpoint's state file (load it with ``torch.load(..., weights_only=True)``)."""
     path = await services_of(request).jobs.checkpoint_file(job_id, name)

@@ -116,6 +116,14 @@ def _latest_checkpoint(job_id: str, job_dir: Path) -> str | None:
         return listed[0].name if listed else None
 
 
+def _pointed(job_dir: Path, alias: str) -> str | None:
+    """The checkpoint ``latest`` or ``best`` names (None: the job has none)."""
+    try:
+        return checkpoint_path(job_dir, alias).name
+    except CheckpointNotFound:
+        return None
+
+
 def _record(record: Any) -> dict[str, Any]:
     return dict(finite(record.model_dump(mode="json")))
 
@@ -195,7 +203,11 @@ class ManagerJobs:
         self.manager.get(job_id)
         folder = self._checkpoint_folder(job_id)
         infos = await anyio.to_thread.run_sync(list_checkpoints, self._job_dir(job_id))
-        return [dict(finite(info.to_dict())) for info in self._own(folder, infos)]
+        marks = {alias: _pointed(self._job_dir(job_id), alias) for alias in ("latest", "best")}
+        return [
+            dict(finite({**info.to_dict(), **{m: info.name == n for m, n in marks.items()}}))
+            for info in self._own(folder, infos)
+        ]
 
     async def checkpoint_file(self, job_id: str, name: str) -> Path:
         self.manager.get(job_id)
@@ -204,7 +216,8 @@ class ManagerJobs:
         infos = await anyio.to_thread.run_sync(list_checkpoints, job_dir)
         # the name is looked up in the listing, never joined onto a path
         listed = {info.name: info for info in self._own(folder, infos)}
-        info = listed.get(name)
+        wanted = (_pointed(job_dir, name) or "") if name in ("latest", "best") else name
+        info = listed.get(wanted)
         if info is None:
             raise NotFound(
                 f"job {job_id!r} has no checkpoint {name!r}: "

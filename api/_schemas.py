@@ -145,17 +145,26 @@ class CheckpointInfo(BaseModel):
         json_schema_extra={
             "examples": [
                 {
-                    "name": "epoch-0002-step-000114",
-                    "epoch": 2,
+                    "name": "epoch-0002-step-00000114",
+                    "epoch": 1,
                     "step": 114,
                     "reason": "epoch_end",
                     "metrics": {"val_loss": 0.31},
+                    "latest": True,
+                    "best": True,
                 }
             ]
         },
     )
 
-    name: str
+    name: str = Field(description="epoch-<epoch, counted from 1>-step-<optimizer steps>")
+    epoch: int | None = Field(
+        None, description="The epoch it was saved in, as a 0-based index (the name counts from 1)"
+    )
+    latest: bool = Field(False, description="The newest checkpoint (download it as 'latest')")
+    best: bool = Field(
+        False, description="The best by the spec's checkpoint.monitor (download it as 'best')"
+    )
 
 
 class RegistryBody(BaseModel):

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from ._app import create_app
+from ._local import bound_url, write_server_url
 from ._settings import Settings
 from ._websocket import MAX_CLIENT_MESSAGE_BYTES
 
@@ -117,6 +118,8 @@ def serve(settings: Settings) -> None:
     config = uvicorn_config(app, settings)
     server = uvicorn.Server(config)
     freeze_heap()
-    server.run(sockets=[listening_socket(config, settings)])
+    sock = listening_socket(config, settings)
+    write_server_url(settings.data_dir, bound_url(sock))  # where local CLI commands look
+    server.run(sockets=[sock])
     if server.started is False:
         raise SystemExit(1)

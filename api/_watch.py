@@ -16,6 +16,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 __all__ = ["ProgressView", "format_metrics"]
 
@@ -33,6 +34,18 @@ def format_metrics(metrics: Mapping[str, Any], limit: int = 4) -> str:
     return " ".join(parts)
 
 
+def _describe(kind: str, data: Mapping[str, Any]) -> str:
+    """``job_paused (by api: user request)`` or ``lr_changed to 0.001 (by lr_plateau)``."""
+    text = kind
+    if kind == "lr_changed" and isinstance(data.get("value"), int | float):
+        text += f" to {data['value']:.4g}"
+    source, reason = data.get("source"), data.get("reason")
+    why = ": ".join(str(part) for part in (source, reason) if part)
+    if why:
+        text += f" ({why})"
+    return text
+
+
 def _first_int(data: Mapping[str, Any], *names: str) -> int | None:
     for name in names:
         value = data.get(name)
@@ -43,18 +56,19 @@ def _first_int(data: Mapping[str, Any], *names: str) -> int | None:
 
 class ProgressView:
     """Two bars (epochs and batches of the current epoch) with loss, validation metrics and
-    ETA, plus one line per notable event (pause, resume, checkpoint, early stop, end)."""
+    ETA, plus one line per notable event (pause, resume, stop, early stop, LR change, end);
+    checkpoints are listed by ``trainbus checkpoints``, not here."""
 
     def __init__(self, job_id: str, *, epochs: int | None = None, console: Console | None = None):
         self.job_id = job_id
         self.console = console or Console()
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
+            TextColumn("{task.description}", style="bold", markup=False),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
-            TextColumn("{task.fields[info]}"),
+            TextColumn("{task.fields[info]}", markup=False),
             console=self.console,
             transient=False,
         )
@@ -72,8 +86,9 @@ class ProgressView:
     def __exit__(self, *exc: object) -> None:
         self.progress.stop()
 
-    def note(self, text: str) -> None:
-        self.progress.console.print(text)
+    def note(self, text: str, style: str = "") -> None:
+        """Print a line above the bars; ``text`` (event data) is never read as markup."""
+        self.progress.console.print(Text(text, style=style))
 
     def handle(self, event: Mapping[str, Any]) -> bool:
         """Show one event; True once the job's run has ended."""
@@ -123,13 +138,11 @@ class ProgressView:
             "lr_changed",
             "job_interrupted",
         ):
-            self.note(f"[yellow]{kind}[/] {format_metrics(data) or data.get('reason', '')}")
-        elif kind == "checkpoint_saved":
-            self.note(f"[cyan]checkpoint[/] {data.get('name', '')}")
+            self.note(_describe(kind, data), "yellow")
         elif kind == "gap":
-            self.note(f"[red]missed events {data.get('from_seq')}..{data.get('to_seq')}[/]")
+            self.note(f"missed events {data.get('from_seq')}..{data.get('to_seq')}", "red")
         elif kind == "job_started":
-            self.note(f"[green]job {self.job_id} started[/]")
+            self.note(f"job {self.job_id} started", "green")
         if kind in _END:
             self.state = kind.removeprefix("job_")
             if kind == "job_completed":
@@ -137,7 +150,7 @@ class ProgressView:
                 if total:
                     progress.update(self.epochs, completed=total)
             detail = data.get("error") or data.get("reason") or ""
-            self.note(f"[bold]job {self.job_id} {self.state}[/] {detail}")
+            self.note(f"job {self.job_id} {self.state} {detail}".rstrip(), "bold")
             return True
         return False
 

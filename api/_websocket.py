@@ -322,15 +322,39 @@ async def _serve(
             await websocket.close(code, reason)
 
 
+MAX_AFTER_SEQ = 2**62
+
+
+def query_problem(websocket: WebSocket, known: frozenset[str]) -> str | None:
+    """What is wrong with a stream's query, as HTTP routes would say it (None: nothing).
+
+    Checked here rather than by FastAPI, whose refusal of a WebSocket query is a bare 403.
+    """
+    unknown = sorted(set(websocket.query_params) - known)
+    if unknown:
+        return (
+            f"unknown query parameter {', '.join(map(repr, unknown[:5]))}; this stream takes "
+            f"{', '.join(sorted(known))}"
+        )
+    raw = websocket.query_params.get("after_seq")
+    if raw is not None and not (raw.isascii() and raw.isdigit() and int(raw) <= MAX_AFTER_SEQ):
+        return f"after_seq must be a whole number from 0 to {MAX_AFTER_SEQ}, not {raw[:20]!r}"
+    return None
+
+
 @router.websocket("/jobs/{job_id}/events/ws", name="job_events_ws")
 async def job_events_ws(
     websocket: WebSocket,
     job_id: str = Path(pattern=JOB_ID_PATTERN),
-    after_seq: int = Query(0, ge=0),
+    after_seq: str | None = Query(None),
     types: str | None = Query(None),
 ) -> None:
     """Stream one job's events: stored ones after ``after_seq``, then live ones."""
-    await _serve(websocket, job_id, after_seq, types)
+    problem = query_problem(websocket, frozenset({"after_seq", "types"}))
+    if problem is not None:
+        await _refuse(websocket, 422, problem)
+        return
+    await _serve(websocket, job_id, int(after_seq or 0), types)
 
 
 @router.websocket("/events/ws", name="events_ws")
@@ -345,6 +369,10 @@ async def events_ws(
     does not pretend to. ``after_seq`` is refused (422); to miss nothing, follow each job on
     ``/jobs/{job_id}/events/ws?after_seq=<last seq seen>``.
     """
+    problem = query_problem(websocket, frozenset({"types"}))
+    if problem is not None and after_seq is None:  # after_seq gets its own answer below
+        await _refuse(websocket, 422, problem)
+        return
     if after_seq is not None:
         await _refuse(
             websocket,

@@ -2,47 +2,38 @@
 
 from __future__ import annotations
 
-import contextvars
 import threading
 import time
-from collections import Counter
-from collections.abc import Iterable, Mapping
-from dataclasses import replace
+from collections.abc import Iterable, Iterator, Mapping
 from types import MappingProxyType, TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
 
-from ._delivery import BusStatistics, DeliveryPolicy, SubscriptionStatistics
+from ._delivery import BusStatistics, DeliveryPolicy
 from ._errors import BusClosed, BusError, WouldBlock
 from ._events import Event, EventType, event_type_for, event_types
 from ._log import JobLog
-from ._subscription import Subscription
-from ._wakeup import LoopNotifier
-
-if TYPE_CHECKING:
-    from ._subscriber import Subscriber, SubscriberHandle
+from ._readers import ReaderWakeUps, WaitSlot
+from ._retired import EndedSubscriptions
+from ._room import PublisherRoom
+from ._sequences import JobLogs
+from ._subscriber import AttachedSubscribers, Subscriber, SubscriberHandle
+from ._subscription import Subscription, current_subscription
 
 __all__ = ["EventBus"]
 
 
 _new_event = tuple.__new__
+# A publish_many this long wakes its readers at once, without a coalescing round after it:
+# it is a batch already, and each further round costs the publishing thread the GIL.
 _BULK = 64
-"""A ``publish_many`` of this many events wakes its readers at once, without a coalescing
-round after it: it is a batch already (a trainer's 0.1 s of batch events), and each further
-round costs the loop thread the GIL, which the publishing training thread pays for. With four
-lossless readers this took a tiny training run from 71 to 43 loop rounds and its overhead
-from ~2.4% to ~1.0% (bench/overhead.py's workload, fastest of 15)."""
 _now = time.time
-_EMPTY: Mapping[str, Any] = MappingProxyType({})
-
-
-# The subscription whose handler is running in this task. A subscriber that publishes into
-# its own full lossless buffer would wait for itself forever; its own buffer may overflow.
-current_subscription: contextvars.ContextVar[Subscription | None] = contextvars.ContextVar(
-    "trainbus_current_subscription", default=None
+_BatchItem = (
+    tuple[EventType | str, Mapping[str, Any]] | tuple[EventType | str, Mapping[str, Any], float]
 )
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
 class EventBus:
@@ -75,40 +66,28 @@ class EventBus:
             :meth:`wait_processed` call, wakes the subscribers at once.
         """
         self.drain_timeout = drain_timeout
-        self.wake_interval = wake_interval
-        self.max_wake_interval = max(wake_interval, max_wake_interval)
-        self._quiet_signal: anyio.Event | None = None
-        self._coalescer: anyio.CancelScope | None = None
         self._lock = threading.Lock()
-        self._space = threading.Condition(self._lock)
-        self._subscriptions: list[Subscription] = []
-        self._logs: dict[str, JobLog] = {}
-        self._trimmed_counts: Counter[EventType] = Counter()
+        self._wakeups = ReaderWakeUps(self._lock, wake_interval, max_wake_interval)
+        self._jobs = JobLogs()
+        self._logs = self._jobs.by_job  # the hot path looks a job's log up here
+        self._room = PublisherRoom(self._lock, self._wakeups, self._jobs.trimmed_counts)
         self._closed = False
         self._draining = False  # closed, but subscribers may still report their errors
-        self._notifier: LoopNotifier | None = None
-        self._waiting = 0  # consumers waiting for events and not yet queued for a wake-up
-        self._pending_wake: list[Subscription] = []
-        self._wake_scheduled = False
-        self._blocked_publishers = 0
-        self._processed_waiters = 0  # threads in wait_processed: gathering readers take now
-        self._async_space_waiters: list[anyio.Event] = []
         self._task_group: TaskGroup | None = None
-        self._handles: list[SubscriberHandle] = []
-        # Subscriptions that ended count on in statistics until their counters are final, then
-        # fold into per-name totals: a per-job subscriber's counters never fall back.
-        self._ended: list[Subscription] = []
-        self._retired: dict[str, SubscriptionStatistics] = {}
+        self._attached = AttachedSubscribers(
+            self._lock,
+            self._wakeups,
+            publish_report=self._publish_report,
+            drain_timeout=lambda: self.drain_timeout,
+        )
+        self._ended = EndedSubscriptions(self._lock)
 
     # -- lifecycle --------------------------------------------------------------------------
 
     async def __aenter__(self) -> EventBus:
-        self._notifier = LoopNotifier()
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
-        self._quiet_signal = anyio.Event()
-        self._coalescer = anyio.CancelScope()
-        self._task_group.start_soon(self._coalesce_wakeups, name="bus wake-ups")
+        self._wakeups.start(self._task_group, self._jobs.published_marker)
         return self
 
     async def __aexit__(
@@ -126,6 +105,14 @@ class EventBus:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def wake_interval(self) -> float:
+        return self._wakeups.wake_interval
+
+    @property
+    def max_wake_interval(self) -> float:
+        return self._wakeups.max_wake_interval
+
     async def aclose(self, timeout: float | None = None) -> None:
         """Close the bus: refuse new events, let subscribers drain, then stop their tasks.
 
@@ -136,34 +123,24 @@ class EventBus:
             waiters: list[anyio.Event | None] = []
             if not self._closed:
                 self._closed = True
-                waiters.extend(s._mark_closed() for s in self._subscriptions)
-                self._space.notify_all()
-                waiters.extend(self._async_space_waiters)
-                self._async_space_waiters = []
+                waiters.extend(s.mark_closed() for s in self._jobs.subscriptions)
+                waiters.extend(self._room.close())
         for waiter in waiters:
             if waiter is not None:
                 waiter.set()
         self._draining = True
         try:
-            with anyio.move_on_after(self.drain_timeout if timeout is None else timeout):
-                for handle in list(self._handles):
-                    await handle.finished.wait()
+            await self._attached.drain(self.drain_timeout if timeout is None else timeout)
         finally:
             self._draining = False
-        # Cancel only the subscriber tasks that did not drain in time: the task group's own
-        # scope also encloses the body of ``async with EventBus()``.
-        for handle in list(self._handles):
-            handle.cancel_scope.cancel()
-        if self._coalescer is not None:
-            self._coalescer.cancel()
+        self._wakeups.stop()
 
     # -- sequencing -------------------------------------------------------------------------
 
     def last_seq(self, job_id: str) -> int:
         """The ``seq`` of the last event published for ``job_id`` (0 if none)."""
         with self._lock:
-            log = self._logs.get(job_id)
-            return 0 if log is None else log.seq
+            return self._jobs.last_seq(job_id)
 
     def restore_sequence(self, job_id: str, last_seq: int) -> None:
         """Continue ``job_id``'s numbering after ``last_seq`` (for a job restored from a store).
@@ -172,40 +149,13 @@ class EventBus:
             the job are still waiting to be read.
         """
         with self._lock:
-            log = self._logs.get(job_id) or self._new_log(job_id)
-            if last_seq < log.seq:
-                raise BusError(
-                    f"cannot move job {job_id!r} back to seq {last_seq}: "
-                    f"seq {log.seq} was already published"
-                )
-            log.trim(self._trimmed_counts)
-            if log.events:
-                raise BusError(f"cannot renumber job {job_id!r} while its events are unread")
-            log.seq = last_seq
-            log.base = last_seq + 1
-            for cursor in log.cursors:
-                cursor.next_seq = last_seq + 1
-            log.refresh_limit()
+            self._jobs.restore(job_id, last_seq)
 
     def forget(self, job_id: str) -> None:
         """Drop what the bus holds of ``job_id``: its seq counter and unread events."""
         with self._lock:
-            log = self._logs.pop(job_id, None)
-            if log is None:
-                return
-            self._trimmed_counts.update(event.type for event in log.events)
-            for cursor in list(log.cursors):
-                cursor.subscription._unfollow(job_id)
-            self._space.notify_all()
-
-    def _new_log(self, job_id: str) -> JobLog:
-        """With the lock held: start ``job_id``'s log, followed by every matching subscription."""
-        log = self._logs[job_id] = JobLog(job_id)
-        for subscription in self._subscriptions:
-            if subscription.job_id is None or subscription.job_id == job_id:
-                subscription._follow(log)
-        log.refresh_limit()
-        return log
+            if self._jobs.forget(job_id):
+                self._room.freed()
 
     # -- publishing -------------------------------------------------------------------------
 
@@ -233,36 +183,37 @@ class EventBus:
                 raise BusClosed("the bus is closed")
             log = self._logs.get(job_id)
             if log is None:
-                log = self._new_log(job_id)
+                log = self._jobs.start(job_id)
             if log.seq >= log.limit:
-                self._make_room(log, wait=True, exempt=None)
+                self._room.make_room(log, wait=True, exempt=None)
             seq = log.seq = log.seq + 1
             event = _new_event(Event, (job_id, seq, type, _now(), _EMPTY if data is None else data))
             log.events.append(event)
-            wake = self._waiting and self._collect_wake(log, type)
+            wakeups = self._wakeups
+            wake = wakeups.waiting and wakeups.announce(_slots(log), type)
         finally:
             lock.release()
         if wake:
-            self._schedule_wake()
+            wakeups.wake()
         return event
 
     def publish_many(
         self,
         job_id: str,
-        items: Iterable[
-            tuple[EventType | str, Mapping[str, Any]]
-            | tuple[EventType | str, Mapping[str, Any], float]
-        ],
+        items: Iterable[_BatchItem],
     ) -> list[Event]:
         """Publish several events of one job in order, as consecutive ``seq`` numbers, under
         one lock and with at most one wake-up (at once for 64 events or more; a smaller batch
         joins the coalescer's rounds like :meth:`publish`). Each item is ``(type, data)`` or
         ``(type, data, time)``: an item's own ``time`` says when it happened (a trainer
         publishing the batch events it buffered passes it); the others share the time of the
-        call. Waits for room like :meth:`publish`.
+        call. Waits for room like :meth:`publish`, for the whole batch before its first event
+        (a batch larger than a lossless subscriber's buffer waits for that buffer to empty),
+        so no other publisher's event takes a ``seq`` inside it.
 
         :raises BusClosed: if the bus is closed.
         """
+        batch: list[_BatchItem] = items if isinstance(items, list) else list(items)
         lock = self._lock
         published: list[Event] = []
         lock.acquire()
@@ -271,30 +222,33 @@ class EventBus:
                 raise BusClosed("the bus is closed")
             log = self._logs.get(job_id)
             if log is None:
-                log = self._new_log(job_id)
+                log = self._jobs.start(job_id)
+            # Room for the whole batch first: waiting halfway would let another publisher's
+            # event take a seq inside it.
+            if log.seq + len(batch) > log.limit:
+                self._room.make_room(log, wait=True, exempt=None, count=len(batch))
             now = _now()
             append = log.events.append
             add = published.append
-            for item in items:
+            for item in batch:
                 type = item[0]
                 if type.__class__ is not EventType:
                     type = event_type_for(type)
-                if log.seq >= log.limit:
-                    self._make_room(log, wait=True, exempt=None)
                 seq = log.seq = log.seq + 1
                 event = _new_event(
                     Event, (job_id, seq, type, item[2] if len(item) > 2 else now, item[1])
                 )
                 append(event)
                 add(event)
+            wakeups = self._wakeups
             wake = False
-            if self._waiting:
+            if wakeups.waiting:
                 for type in {event.type for event in published}:
-                    wake = self._collect_wake(log, type) or wake
+                    wake = wakeups.announce(_slots(log), type) or wake
         finally:
             lock.release()
         if wake:
-            self._schedule_wake(coalesce=len(published) < _BULK)
+            wakeups.wake(coalesce=len(published) < _BULK)
         return published
 
     def publish_nowait(
@@ -326,9 +280,12 @@ class EventBus:
                 return event
             with self._lock:
                 log = self._logs.get(job_id)
-                holding_back = [] if log is None else self._full_readers(log)
+                holding_back = [] if log is None else self._room.full_readers(log)
             await waiter.wait()
-            self._charge_wait(holding_back, time.perf_counter() - started)
+            waited = time.perf_counter() - started
+            with self._lock:
+                for subscription in holding_back:
+                    subscription.add_publisher_wait(waited)
 
     def _try_publish(
         self,
@@ -349,30 +306,29 @@ class EventBus:
         with self._lock:
             if self._closed and not (during_drain and self._draining):
                 raise BusClosed("the bus is closed")
-            log = self._logs.get(job_id) or self._new_log(job_id)
+            log = self._logs.get(job_id) or self._jobs.start(job_id)
             if (
                 log.seq >= log.limit
-                and not self._make_room(log, wait=False, exempt=me)
+                and not self._room.make_room(log, wait=False, exempt=me)
                 and not force
             ):
                 if waiter is not None:
-                    self._async_space_waiters.append(waiter)
+                    self._room.wait_async(waiter)
                 return None
             seq = log.seq = log.seq + 1
             event = _new_event(Event, (job_id, seq, type, _now(), _EMPTY if data is None else data))
             log.events.append(event)
-            wake = self._waiting and self._collect_wake(log, type)
+            wakeups = self._wakeups
+            wake = wakeups.waiting and wakeups.announce(_slots(log), type)
         if wake:
-            self._schedule_wake()
+            wakeups.wake()
         return event
 
     def report_error(self, subscriber: Subscriber, job_id: str, data: Mapping[str, Any]) -> Event:
         """Report a failure an attached subscriber caught itself (a checkpoint that could not
         be written): counted in its statistics' ``errors`` like a raising handler, and
         published as a ``subscriber_error`` event of ``job_id`` with ``data``. Any thread."""
-        for handle in list(self._handles):
-            if handle.subscriber is subscriber:
-                handle.subscription.errors += 1
+        self._attached.count_error(subscriber)
         return self.publish(job_id, EventType.SUBSCRIBER_ERROR, data)
 
     def _publish_report(self, job_id: str, data: Mapping[str, Any]) -> None:
@@ -384,185 +340,6 @@ class EventBus:
         self._try_publish(
             job_id, EventType.SUBSCRIBER_ERROR, data, None, during_drain=True, force=True
         )
-
-    def _make_room(self, log: JobLog, *, wait: bool, exempt: Subscription | None) -> bool:
-        """With the lock held (the slow path): trim ``log`` and apply lossless backpressure.
-
-        Returns True when the next event fits. With ``wait``, a plain thread waits for room;
-        the event-loop thread never waits.
-        """
-        log.skip_filtered()
-        log.trim(self._trimmed_counts)
-        log.refresh_limit()
-        if log.seq < log.lossless_bound(exempt):
-            return True
-        if not wait or (self._notifier is not None and self._notifier.in_loop_thread()):
-            return False
-        started = time.perf_counter()
-        holding_back: set[Subscription] = set()
-        self._blocked_publishers += 1
-        self._wake_readers_now(log)
-        try:
-            while log.seq >= log.lossless_bound():
-                if self._closed:
-                    raise BusClosed("the bus was closed while waiting for buffer room")
-                holding_back.update(self._full_readers(log))
-                self._space.wait(timeout=1.0)
-        finally:
-            self._blocked_publishers -= 1
-            waited = time.perf_counter() - started
-            for subscription in holding_back:
-                subscription._add_wait(waited)
-        log.trim(self._trimmed_counts)
-        log.refresh_limit()
-        return True
-
-    @staticmethod
-    def _full_readers(log: JobLog) -> list[Subscription]:
-        """The lossless readers of ``log`` that have no room for its next event."""
-        return [
-            cursor.subscription
-            for cursor in log.cursors
-            if not cursor.subscription._lossy
-            and cursor.end_seq is None
-            and cursor.backlog() >= cursor.subscription.buffer_size
-        ]
-
-    def _charge_wait(self, subscriptions: list[Subscription], seconds: float) -> None:
-        with self._lock:
-            for subscription in subscriptions:
-                subscription._add_wait(seconds)
-
-    def _collect_wake(self, log: JobLog, event_type: EventType | None) -> bool:
-        """With the lock held: queue waiting readers of ``log`` that want ``event_type``
-        (None: every waiting reader); True to schedule a wake.
-
-        ``_waiting`` counts consumers that wait and are not queued yet, so once they are
-        queued, further publishes skip this until a consumer waits again. A reader whose
-        filter skips ``event_type`` is not woken for it: the slow path of publishing moves
-        its cursor past such events (``JobLog.skip_filtered``) without a wake-up.
-        """
-        for cursor in log.cursors:
-            subscription = cursor.subscription
-            types = subscription.types
-            if (
-                subscription._waiter is not None
-                and not subscription._wake_pending
-                and (types is None or event_type is None or event_type in types)
-            ):
-                subscription._wake_pending = True
-                self._waiting -= 1
-                self._pending_wake.append(subscription)
-        if self._pending_wake and not self._wake_scheduled:
-            self._wake_scheduled = True
-            return True
-        return False
-
-    # -- wake-ups ---------------------------------------------------------------------------
-
-    def _schedule_wake(self, *, coalesce: bool = True) -> None:
-        """Wake the queued readers: from another thread through the coalescer (which gathers
-        what follows into rounds), or at once without ``coalesce``."""
-        notifier = self._notifier
-        if notifier is not None and notifier.in_loop_thread():
-            self._wake_waiters()
-            return
-        callback = (
-            self._wake_from_thread
-            if coalesce and self._quiet_signal is not None
-            else self._wake_waiters
-        )
-        if notifier is None or not notifier.call_soon(callback):
-            with self._lock:
-                self._wake_scheduled = False
-
-    def _wake_from_thread(self) -> None:
-        """On the loop: wake who waits now, then let the coalescer batch further wake-ups.
-
-        Every wake-up of the loop from a publishing thread costs a trip through the loop and
-        a GIL hand-over that stalls the training thread; with wake-ups at most every
-        ``wake_interval`` a training loop publishing per batch measured ~1.7x slower with
-        four subscribers attached without this and ~1.0x with it (bench/overhead.py).
-        """
-        self._wake_waiters(keep_scheduled=True)
-        assert self._quiet_signal is not None
-        self._quiet_signal.set()
-
-    async def _coalesce_wakeups(self) -> None:
-        """While events keep coming, wake waiting subscribers once per interval, doubling the
-        interval each busy round (up to ``max_wake_interval``): each round costs every woken
-        subscriber a task switch, and the loop thread the GIL, that a publishing training
-        thread pays for. Backpressure and :meth:`wait_processed` do not wait for a round."""
-        assert self._coalescer is not None
-        with self._coalescer:
-            while True:
-                assert self._quiet_signal is not None
-                await self._quiet_signal.wait()
-                self._quiet_signal = anyio.Event()
-                interval = self.wake_interval
-                published = self._published_marker()
-                while True:
-                    await anyio.sleep(interval)
-                    with self._lock:
-                        if not self._pending_wake:
-                            # Nobody to wake; the spell goes on while events keep coming
-                            # (readers busy handling a batch gather the next at a round).
-                            marker, published = published, self._published_marker()
-                            if marker == published:
-                                self._wake_scheduled = False
-                                break
-                            continue
-                        published = self._published_marker()
-                    self._wake_waiters(keep_scheduled=True)
-                    interval = min(interval * 2, self.max_wake_interval)
-
-    def _published_marker(self) -> int:
-        """With the lock held: a number that changes whenever an event is published."""
-        return sum(log.seq for log in self._logs.values())
-
-    def _wake_readers_now(self, log: JobLog) -> None:
-        """With the lock held, before a publisher waits for room: wake the readers of ``log``
-        now, not at the coalescer's next round (``publish_many`` may have appended events it
-        has not announced yet)."""
-        if not (self._waiting and self._collect_wake(log, None)):
-            self._hurry()
-            return
-        notifier = self._notifier  # _collect_wake handed the scheduling of a wake-up to us
-        callback = self._wake_from_thread if self._quiet_signal is not None else self._wake_waiters
-        if notifier is None or not notifier.call_soon(callback):
-            self._wake_scheduled = False
-
-    def _hurry(self) -> None:
-        """With the lock held: wake the queued subscribers now, not at the coalescer's next
-        round (someone waits for them)."""
-        if self._pending_wake and self._notifier is not None:
-            self._notifier.call_soon(self._wake_queued)
-
-    def _wake_queued(self) -> None:
-        self._wake_waiters(keep_scheduled=True)
-
-    def _wake_waiters(self, *, keep_scheduled: bool = False) -> None:
-        with self._lock:
-            pending, self._pending_wake = self._pending_wake, []
-            if not keep_scheduled:
-                self._wake_scheduled = False
-            waiters = []
-            for subscription in pending:
-                waiter = subscription._clear_waiter()  # queued: not counted in _waiting
-                subscription._wake_pending = False
-                if waiter is not None:
-                    waiters.append(waiter)
-        for waiter in waiters:
-            waiter.set()
-
-    def _space_freed(self, subscription: Subscription) -> None:
-        """Called with the lock held when a lossless reader moved on."""
-        if self._blocked_publishers:
-            self._space.notify_all()
-        if self._async_space_waiters:
-            waiters, self._async_space_waiters = self._async_space_waiters, []
-            for waiter in waiters:
-                waiter.set()
 
     # -- subscribing ------------------------------------------------------------------------
 
@@ -587,51 +364,34 @@ class EventBus:
         :raises UnknownEventName: if ``types`` names an unknown event type.
         """
         subscription = Subscription(
-            self,
             name,
             job_id=job_id,
             types=event_types(types),
             buffer_size=buffer_size,
             policy=DeliveryPolicy(policy),
+            lock=self._lock,
+            wakeups=self._wakeups,
+            room=self._room,
+            on_end=self._subscription_ended,
         )
-        if self._notifier is None:
-            self._notifier = LoopNotifier()
+        self._wakeups.bind_loop()
         with self._lock:
             if self._closed:
                 raise BusClosed("the bus is closed")
-            self._subscriptions.append(subscription)
-            if job_id is None:
-                logs = list(self._logs.values())
-            else:
-                logs = [self._logs.get(job_id) or self._new_log(job_id)]
-            for log in logs:
-                subscription._follow(log)
-                log.refresh_limit()
+            self._jobs.add(subscription)
         return subscription
 
-    def _unsubscribe(self, subscription: Subscription, *, keep_buffered: bool) -> None:
-        with self._lock:
-            if subscription in self._subscriptions:
-                self._subscriptions.remove(subscription)
-                self._ended.append(subscription)
-            for job_id, cursor in list(subscription._cursors.items()):
-                if keep_buffered and cursor.backlog() > 0:
-                    cursor.end_seq = cursor.log.seq
-                else:
-                    subscription._unfollow(job_id)
-                cursor.log.refresh_limit()
-            waiter = subscription._mark_closed()
-            self._space_freed(subscription)
-        if waiter is not None:
-            waiter.set()
+    def _subscription_ended(self, subscription: Subscription) -> None:
+        """With the lock held: ``subscription`` takes no new events; its counters stay in
+        the statistics until final."""
+        if self._jobs.remove(subscription):
+            self._ended.add(subscription)
 
     def attach(self, subscriber: Subscriber) -> SubscriberHandle:
         """Run ``subscriber`` in its own task on this bus until it is detached or the bus closes.
 
         :raises BusError: if the bus was not entered with ``async with``.
         """
-        from ._subscriber import SubscriberHandle, run_subscriber
-
         if self._task_group is None:
             raise BusError("enter the bus with 'async with EventBus() as bus' before attaching")
         subscription = self.subscribe(
@@ -641,17 +401,7 @@ class EventBus:
             buffer_size=subscriber.buffer_size,
             policy=subscriber.policy,
         )
-        subscription.consumer_running = True
-        handle = SubscriberHandle(subscriber, subscription)
-        self._handles.append(handle)
-        self._task_group.start_soon(
-            run_subscriber, self, handle, name=f"subscriber {subscriber.name}"
-        )
-        return handle
-
-    def _handle_finished(self, handle: SubscriberHandle) -> None:
-        if handle in self._handles:
-            self._handles.remove(handle)
+        return self._attached.start(self._task_group, subscriber, subscription)
 
     def wait_processed(
         self, event: Event, timeout: float | None = None, *, steering_only: bool = False
@@ -662,77 +412,31 @@ class EventBus:
 
         Trainers use this at epoch ends so that controllers decide before the next epoch.
         """
-        handles = [
-            h
-            for h in list(self._handles)
-            if h.subscription.policy is DeliveryPolicy.LOSSLESS
-            and h.subscription.matches(event.job_id, event.type)
-            and (h.subscriber.steers_training or not steering_only)
-        ]
-        if not handles:
-            return True
-        with self._lock:
-            self._processed_waiters += 1
-            self._hurry()
-        try:
-            deadline = None if timeout is None else time.monotonic() + timeout
-            for handle in handles:
-                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-                if not handle.wait_processed(event.job_id, event.seq, remaining):
-                    return False
-            return True
-        finally:
-            with self._lock:
-                self._processed_waiters -= 1
+        return self._attached.wait_processed(event, timeout, steering_only=steering_only)
 
     # -- introspection ----------------------------------------------------------------------
 
     @property
     def subscriptions(self) -> tuple[Subscription, ...]:
         with self._lock:
-            return tuple(self._subscriptions)
+            return tuple(self._jobs.subscriptions)
 
     def statistics(self) -> BusStatistics:
         """A snapshot of the bus's counters and of every subscription's statistics; those of
         subscriptions that have ended are in ``retired``, summed per name."""
         subscriptions = self.subscriptions
+        still_counting, retired = self._ended.statistics()
         with self._lock:
-            ended = list(self._ended)
-        still_counting: list[SubscriptionStatistics] = []
-        for subscription in ended:
-            done = subscription.finished  # first: statistics taken after it are final
-            snapshot = subscription.statistics()
-            if not done:
-                still_counting.append(snapshot)
-                continue
-            with self._lock:
-                self._ended.remove(subscription)
-            self._retired[snapshot.name] = _summed(self._retired.get(snapshot.name), snapshot)
-        with self._lock:
-            counts = Counter(self._trimmed_counts)
-            for log in self._logs.values():
-                counts.update(event.type for event in log.events)
+            counts = self._jobs.published_counts()
             closed = self._closed
         return BusStatistics(
             published=sum(counts.values()),
             published_by_type={t.value: n for t, n in counts.items() if n},
             subscriptions=(*(s.statistics() for s in subscriptions), *still_counting),
             closed=closed,
-            retired=tuple(self._retired.values()),
+            retired=retired,
         )
 
 
-def _summed(
-    total: SubscriptionStatistics | None, ended: SubscriptionStatistics
-) -> SubscriptionStatistics:
-    """``ended``'s final counters added to ``total`` (nothing stays buffered in either)."""
-    if total is None:
-        return replace(ended, buffered=0)
-    return replace(
-        total,
-        delivered=total.delivered + ended.delivered,
-        dropped=total.dropped + ended.dropped,
-        gaps=total.gaps + ended.gaps,
-        errors=total.errors + ended.errors,
-        publisher_wait_seconds=total.publisher_wait_seconds + ended.publisher_wait_seconds,
-    )
+def _slots(log: JobLog) -> Iterator[WaitSlot]:
+    return (cursor.slot for cursor in log.cursors)

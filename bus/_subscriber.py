@@ -5,20 +5,20 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, ClassVar
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import anyio
+from anyio.abc import TaskGroup
 
 from ._delivery import DeliveryPolicy
 from ._errors import BusClosed
 from ._events import Event, EventType, event_types
-from ._subscription import Subscription
+from ._readers import ReaderWakeUps
+from ._subscription import Subscription, current_subscription
 
-if TYPE_CHECKING:
-    from ._bus import EventBus
-
-__all__ = ["Subscriber", "SubscriberHandle"]
+__all__ = ["AttachedSubscribers", "Subscriber", "SubscriberHandle"]
 
 logger = logging.getLogger("trainbus.bus")
 
@@ -143,10 +143,86 @@ class SubscriberHandle:
         await self.finished.wait()
 
 
-async def run_subscriber(bus: EventBus, handle: SubscriberHandle) -> None:
-    """The task body of one attached subscriber."""
-    from ._bus import current_subscription
+class AttachedSubscribers:
+    """The running subscribers of one bus: their tasks, and waiting for them to catch up."""
 
+    def __init__(
+        self,
+        lock: threading.Lock,
+        wakeups: ReaderWakeUps,
+        *,
+        publish_report: Callable[[str, Mapping[str, Any]], object],
+        drain_timeout: Callable[[], float],
+    ) -> None:
+        """:param publish_report: publishes a ``subscriber_error`` of a job, also while the
+            bus drains after its close, never waiting for room.
+        :param drain_timeout: the seconds a stopping subscriber's ``on_stop`` may take."""
+        self._lock = lock
+        self._wakeups = wakeups
+        self.publish_report = publish_report
+        self.drain_timeout = drain_timeout
+        self._handles: list[SubscriberHandle] = []
+
+    def start(
+        self,
+        task_group: TaskGroup,
+        subscriber: Subscriber,
+        subscription: Subscription,
+    ) -> SubscriberHandle:
+        """Run ``subscriber`` on ``subscription`` in a task of ``task_group``."""
+        subscription.consumer_running = True
+        handle = SubscriberHandle(subscriber, subscription)
+        self._handles.append(handle)
+        task_group.start_soon(run_subscriber, handle, self, name=f"subscriber {subscriber.name}")
+        return handle
+
+    def finished(self, handle: SubscriberHandle) -> None:
+        if handle in self._handles:
+            self._handles.remove(handle)
+
+    def count_error(self, subscriber: Subscriber) -> None:
+        """Count a failure ``subscriber`` caught itself in its statistics' ``errors``."""
+        for handle in list(self._handles):
+            if handle.subscriber is subscriber:
+                handle.subscription.errors += 1
+
+    async def drain(self, timeout: float) -> None:
+        """Give the subscribers ``timeout`` seconds to finish, then cancel the rest (only
+        their tasks: the bus's task group also encloses the body of its ``async with``)."""
+        with anyio.move_on_after(timeout):
+            for handle in list(self._handles):
+                await handle.finished.wait()
+        for handle in list(self._handles):
+            handle.cancel_scope.cancel()
+
+    def wait_processed(self, event: Event, timeout: float | None, *, steering_only: bool) -> bool:
+        """See :meth:`EventBus.wait_processed`."""
+        handles = [
+            h
+            for h in list(self._handles)
+            if h.subscription.policy is DeliveryPolicy.LOSSLESS
+            and h.subscription.matches(event.job_id, event.type)
+            and (h.subscriber.steers_training or not steering_only)
+        ]
+        if not handles:
+            return True
+        with self._lock:
+            self._wakeups.processed_waiters += 1
+            self._wakeups.hurry()
+        try:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            for handle in handles:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if not handle.wait_processed(event.job_id, event.seq, remaining):
+                    return False
+            return True
+        finally:
+            with self._lock:
+                self._wakeups.processed_waiters -= 1
+
+
+async def run_subscriber(handle: SubscriberHandle, attached: AttachedSubscribers) -> None:
+    """The task body of one attached subscriber."""
     subscriber = handle.subscriber
     subscription = handle.subscription
     current_subscription.set(subscription)
@@ -155,11 +231,17 @@ async def run_subscriber(bus: EventBus, handle: SubscriberHandle) -> None:
     batch_handler = subscriber.on_events if subscriber._overrides("on_events") else None
 
     with handle.cancel_scope:
-        await _consume(bus, handle, subscriber, subscription, handlers, fallback, batch_handler)
+        try:
+            await _consume(
+                attached, handle, subscriber, subscription, handlers, fallback, batch_handler
+            )
+        finally:
+            attached.finished(handle)
+            handle.finished.set()
 
 
 async def _consume(
-    bus: EventBus,
+    attached: AttachedSubscribers,
     handle: SubscriberHandle,
     subscriber: Subscriber,
     subscription: Subscription,
@@ -171,28 +253,28 @@ async def _consume(
         try:
             await subscriber.on_start()
         except Exception as error:
-            await _report(bus, subscriber, subscription, None, error)
+            await _report(attached, subscriber, subscription, None, error)
         while True:
             try:
                 batch = await subscription.receive_batch(subscriber.max_batch, gather=True)
             except anyio.EndOfStream:
                 break
-            read_up_to = subscription._taken  # set by the take that gave ``batch``
+            read_up_to = subscription.taken  # set by the take that gave ``batch``
             if batch_handler is not None:
                 try:
                     await batch_handler(batch)
                 except Exception as error:
-                    await _report(bus, subscriber, subscription, batch[0], error)
+                    await _report(attached, subscriber, subscription, batch[0], error)
             else:
                 for event in batch:
                     try:
                         await handlers.get(event.type, fallback)(event)
                     except Exception as error:
-                        await _report(bus, subscriber, subscription, event, error)
+                        await _report(attached, subscriber, subscription, event, error)
             handle._mark_processed(read_up_to)
     finally:
         handle._mark_done()
-        with anyio.CancelScope(shield=True), anyio.move_on_after(bus.drain_timeout):
+        with anyio.CancelScope(shield=True), anyio.move_on_after(attached.drain_timeout()):
             try:
                 await subscriber.on_stop()
             except Exception:
@@ -200,12 +282,10 @@ async def _consume(
                 subscription.errors += 1
         subscription.consumer_running = False
         subscription.close()
-        bus._handle_finished(handle)
-        handle.finished.set()
 
 
 async def _report(
-    bus: EventBus,
+    attached: AttachedSubscribers,
     subscriber: Subscriber,
     subscription: Subscription,
     event: Event | None,
@@ -226,6 +306,6 @@ async def _report(
     }
     job_id = subscriber.job_id or "" if event is None else event.job_id
     try:
-        bus._publish_report(job_id, data)
+        attached.publish_report(job_id, data)
     except BusClosed:
         logger.warning("subscriber %s error not published: the bus is closed", subscriber.name)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import contextvars
 import math
 import threading
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -15,11 +15,19 @@ from ._delivery import DeliveryPolicy, SubscriptionStatistics
 from ._errors import WouldBlock
 from ._events import Event, EventType
 from ._log import Cursor, JobLog
+from ._readers import ReaderWakeUps, WaitSlot
 
 if TYPE_CHECKING:
-    from ._bus import EventBus
+    from ._room import PublisherRoom
 
-__all__ = ["Subscription"]
+__all__ = ["Subscription", "current_subscription"]
+
+
+# The subscription whose handler is running in this task. A subscriber that publishes into
+# its own full lossless buffer would wait for itself forever; its own buffer may overflow.
+current_subscription: contextvars.ContextVar[Subscription | None] = contextvars.ContextVar(
+    "trainbus_current_subscription", default=None
+)
 
 
 class Subscription:
@@ -30,24 +38,28 @@ class Subscription:
     (:meth:`receive_batch`). Iteration ends once the subscription or the bus is closed and
     everything buffered has been read. Events of each job arrive in ``seq`` order; a lossy
     subscription receives a ``gap`` event (``seq`` = the last missed one) before the first
-    event after a hole.
+    event after a hole; the gap is one of the items a read returns.
 
-    ``buffer_size`` bounds how far, in events of a job, the subscription may fall behind the
-    publishers: a lossless one holds them back, a lossy one loses the oldest. With a type
-    filter, events of other types count too, since they are published in between; but a
-    lossless reader never holds a publisher back for them (the bus skips them for it).
+    ``buffer_size`` bounds how far, in events of a job that pass its filters, the
+    subscription may fall behind the publishers: a lossless one holds them back, a lossy one
+    loses its oldest, and its gaps count only missed events of its own types.
     """
 
     def __init__(
         self,
-        bus: EventBus,
         name: str,
         *,
         job_id: str | None,
         types: frozenset[EventType] | None,
         buffer_size: int,
         policy: DeliveryPolicy,
+        lock: threading.Lock,
+        wakeups: ReaderWakeUps,
+        room: PublisherRoom,
+        on_end: Callable[[Subscription], None],
     ) -> None:
+        """Made by :meth:`EventBus.subscribe`, which shares its ``lock``, ``wakeups`` and
+        ``room``; ``on_end`` is called with the lock held when the subscription ends."""
         if buffer_size < 1:
             raise ValueError(f"buffer_size must be at least 1, got {buffer_size}")
         self.name = name
@@ -56,11 +68,12 @@ class Subscription:
         self.buffer_size = buffer_size
         self.policy = policy
         self._lossy = policy is not DeliveryPolicy.LOSSLESS
-        self._bus = bus
-        self._lock: threading.Lock = bus._lock
+        self._lock = lock
+        self._wakeups = wakeups
+        self._room = room
+        self._on_end = on_end
+        self.wait_slot = WaitSlot(types)
         self._cursors: dict[str, Cursor] = {}
-        self._waiter: anyio.Event | None = None
-        self._wake_pending = False
         self._closed = False
         self._delivered = 0
         self._dropped = 0
@@ -69,7 +82,8 @@ class Subscription:
         self._wait_seconds = 0.0
         self.consumer_running = False
         """True while an attached subscriber's task may still count into this subscription."""
-        self._taken: dict[str, int] = {}  # per job, the last seq the latest take read past
+        self.taken: dict[str, int] = {}
+        """Per job, the last ``seq`` the latest read moved past (handled once its batch is)."""
 
     def __repr__(self) -> str:
         return f"<Subscription {self.name!r} policy={self.policy.value} size={self.buffer_size}>"
@@ -82,86 +96,65 @@ class Subscription:
 
     # -- bookkeeping (the bus lock is held) -------------------------------------------------
 
-    def _follow(self, log: JobLog) -> None:
+    def follow(self, log: JobLog) -> None:
         if log.job_id not in self._cursors:
             cursor = Cursor(self, log)
             self._cursors[log.job_id] = cursor
             log.cursors.append(cursor)
 
-    def _unfollow(self, job_id: str) -> None:
+    def unfollow(self, job_id: str) -> None:
         cursor = self._cursors.pop(job_id, None)
         if cursor is not None and cursor in cursor.log.cursors:
             cursor.log.cursors.remove(cursor)
 
     def _has_pending(self) -> bool:
-        return any(c.next_seq <= c.last_readable() for c in self._cursors.values())
+        return any(cursor.has_unread() for cursor in self._cursors.values())
 
-    def _defer_for_round(self, limit: float) -> bool:
-        """With the bus lock held: True when a gathering reader should wait for the bus's
-        next wake-up round; it is queued for that round here."""
-        bus = self._bus
-        if (
-            self._closed
-            or not bus._wake_scheduled  # a quiet bus: a round may never come
-            or bus._blocked_publishers
-            or bus._processed_waiters
-            or self._waiter is not None
-        ):
-            return False
+    def _defer_for_round(self, limit: float) -> anyio.Event | None:
+        """With the lock held: when a gathering reader should wait for the next wake-up
+        round, queue it for that round and return the event to wait on."""
+        if self._closed or not self._wakeups.round_coming(self.wait_slot):
+            return None
         backlog = 0
         for cursor in self._cursors.values():
             cursor.skip_filtered()  # count only what this reader will be handed
-            backlog += max(0, cursor.backlog())
+            backlog += cursor.unread()
         if backlog == 0 or backlog >= limit:
-            return False
-        self._wake_pending = True  # queued, so not counted in bus._waiting
-        bus._pending_wake.append(self)
-        return True
+            return None
+        return self._wakeups.queue_for_round(self.wait_slot)
 
-    def _add_wait(self, seconds: float) -> None:
+    def add_publisher_wait(self, seconds: float) -> None:
+        """With the lock held: count time a publisher waited for room in this buffer."""
         self._wait_seconds += seconds
 
     def _take(self, limit: float) -> list[Event]:
-        """Read up to ``limit`` events (each hole announced first), with the bus lock held."""
+        """Read up to ``limit`` items (a ``gap`` counts as one), with the bus lock held."""
         batch: list[Event] = []
-        taken = self._taken = {}
+        taken = self.taken = {}
         advanced_lossless = False
         for cursor in list(self._cursors.values()):
-            if cursor.next_seq > cursor.last_readable():
+            if not cursor.has_unread():
                 if cursor.end_seq is not None:  # closed and drained: stop holding the log
-                    self._unfollow(cursor.log.job_id)
+                    self.unfollow(cursor.log.job_id)
                 continue
-            missed, events = cursor.log.read(cursor, limit - len(batch))
-            if missed is not None:
-                first, last = missed
-                count = last - first + 1
-                self._dropped += count
-                self._gaps += 1
-                batch.append(
-                    Event(
-                        cursor.log.job_id,
-                        last,
-                        EventType.GAP,
-                        time.time(),
-                        {
-                            "from_seq": first,
-                            "to_seq": last,
-                            "missed": count,
-                            "subscriber": self.name,
-                        },
-                    )
-                )
+            events = cursor.log.read(cursor, limit - len(batch))
             if events:
+                delivered = len(events)
+                if events[0].type is EventType.GAP:
+                    self._gaps += 1
+                    self._dropped += events[0].data["missed"]
+                    delivered -= 1
+                self._delivered += delivered
                 batch.extend(events)
-                self._delivered += len(events)
-            taken[cursor.log.job_id] = cursor.next_seq - 1
+            spill = cursor.spill
+            taken[cursor.log.job_id] = spill[0].seq - 1 if spill else cursor.next_seq - 1
             advanced_lossless = advanced_lossless or not self._lossy
-            if cursor.end_seq is not None and cursor.next_seq > cursor.end_seq:
-                self._unfollow(cursor.log.job_id)
+            if cursor.end_seq is not None and not cursor.has_unread():
+                self.unfollow(cursor.log.job_id)
             if len(batch) >= limit:
                 break
         if advanced_lossless:
-            self._bus._space_freed(self)
+            self._room.freed()
         return batch
 
     # -- reading ----------------------------------------------------------------------------
@@ -198,9 +191,9 @@ class Subscription:
             raise ValueError("max_items must be at least 1")
         while True:
             with self._lock:
-                if gather and self._defer_for_round(limit):
+                waiter = self._defer_for_round(limit) if gather else None
+                if waiter is not None:
                     gather = False  # once: after the round, take what is there
-                    waiter = self._waiter = anyio.Event()
                 else:
                     if self._has_pending():
                         batch = self._take(limit)
@@ -208,12 +201,7 @@ class Subscription:
                             return batch
                     if self._closed:
                         raise anyio.EndOfStream
-                    current = self._waiter
-                    if current is None or current.is_set():
-                        if current is None:
-                            self._bus._waiting += 1
-                        current = self._waiter = anyio.Event()
-                    waiter = current
+                    waiter = self._wakeups.waiter_for(self.wait_slot)
             await waiter.wait()
 
     async def receive(self) -> Event:
@@ -256,26 +244,31 @@ class Subscription:
             return (
                 self._closed
                 and not self.consumer_running
-                and all(cursor.backlog() <= 0 for cursor in self._cursors.values())
+                and not any(cursor.has_unread() for cursor in self._cursors.values())
             )
 
     def close(self) -> None:
         """Stop receiving new events; what is already buffered can still be read."""
-        self._bus._unsubscribe(self, keep_buffered=True)
+        self._end(keep_buffered=True)
 
-    def _clear_waiter(self) -> anyio.Event | None:
-        """With the bus lock held: forget the consumer's waiter and return it for waking."""
-        waiter = self._waiter
+    def _end(self, *, keep_buffered: bool) -> None:
+        with self._lock:
+            self._on_end(self)
+            for job_id, cursor in list(self._cursors.items()):
+                if keep_buffered and cursor.has_unread():
+                    cursor.end_seq = cursor.log.seq
+                else:
+                    self.unfollow(job_id)
+                cursor.log.refresh_limit()
+            waiter = self.mark_closed()
+            self._room.freed()
         if waiter is not None:
-            self._waiter = None
-            if not self._wake_pending:
-                self._bus._waiting -= 1
-        return waiter
+            waiter.set()
 
-    def _mark_closed(self) -> anyio.Event | None:
-        """Mark closed with the bus lock held; returns a waiter the caller must wake."""
+    def mark_closed(self) -> anyio.Event | None:
+        """Mark closed with the lock held; returns a waiter the caller must set."""
         self._closed = True
-        return self._clear_waiter()
+        return self._wakeups.release(self.wait_slot)
 
     async def __aenter__(self) -> Subscription:
         return self
@@ -286,7 +279,7 @@ class Subscription:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        self._bus._unsubscribe(self, keep_buffered=False)
+        self._end(keep_buffered=False)
 
     def statistics(self) -> SubscriptionStatistics:
         """A snapshot of this subscription's counters."""
@@ -294,11 +287,9 @@ class Subscription:
             buffered = 0
             pending_drops = 0
             for cursor in self._cursors.values():
-                backlog = max(0, cursor.backlog())
-                if self._lossy and backlog > self.buffer_size:
-                    pending_drops += backlog - self.buffer_size
-                    backlog = self.buffer_size
-                buffered += backlog
+                buffered += cursor.buffered()
+                if self._lossy:
+                    pending_drops += cursor.missed + cursor.overflow()
             return SubscriptionStatistics(
                 name=self.name,
                 policy=self.policy,

@@ -3,7 +3,7 @@
 Layout of one job's checkpoints::
 
     <job_dir>/checkpoints/
-        epoch-0003-step-00000120/       one folder per checkpoint, never modified once renamed
+        epoch-0004-step-00000120/       one folder per checkpoint, never modified once renamed
             state.pt                    torch.save of the trainer's state (tensors, plain data)
             manifest.json               written last: sha256 and size of each file, epoch, step,
                                         metrics, monitored value, reason, torch and format version
@@ -120,14 +120,16 @@ def write_checkpoint(
 ) -> CheckpointInfo:
     """Write ``state`` durably as a new checkpoint of the job and return its description.
 
-    The name defaults to ``epoch-<epoch>-step-<step>``; a suffix keeps it unique. ``serial``
+    The name defaults to ``epoch-<epoch + 1>-step-<step>`` (epochs counted from 1, as users
+    read them everywhere else; ``epoch`` and the manifest keep the 0-based index); a suffix
+    keeps it unique. ``serial``
     (the order of checkpoints) defaults to one more than the highest on disk; a writer that
     knows it passes it. Pointers and retention are left to the caller (:func:`write_pointer`,
     :func:`apply_retention`).
     """
     directory = checkpoints_dir(job_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    name = _unique_name(directory, name or f"epoch-{epoch:04d}-step-{step:08d}")
+    name = _unique_name(directory, name or f"epoch-{epoch + 1:04d}-step-{step:08d}")
     temp = directory / f"{TEMP_PREFIX}{name}-{secrets.token_hex(4)}"
     temp.mkdir()
     try:

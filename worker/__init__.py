@@ -5,12 +5,16 @@ subscriber (the API hands them in through ``JobManager(subscriber_factory=...)``
 from __future__ import annotations
 
 from ._datasets import DatasetSplit as DatasetSplit
+from ._datasets import resolve_dataset_file as resolve_dataset_file
+from ._datasets import split_and_standardise as split_and_standardise
 from ._errors import DatasetError as DatasetError
 from ._errors import IllegalTransition as IllegalTransition
 from ._errors import JobError as JobError
 from ._errors import JobNotFound as JobNotFound
 from ._errors import ManagerClosed as ManagerClosed
 from ._errors import SpecError as SpecError
+from ._inference import ReadyModel as ReadyModel
+from ._inference import load_model as load_model
 from ._manager import JobHandle as JobHandle
 from ._manager import JobManager as JobManager
 from ._records import ENDED_STATES as ENDED_STATES
@@ -57,6 +61,7 @@ __all__ = [
     "ModelSpec",
     "OptimizerSpec",
     "Outcome",
+    "ReadyModel",
     "Registry",
     "ResourcesSpec",
     "RunResult",
@@ -64,4 +69,7 @@ __all__ = [
     "SpecError",
     "Trainer",
     "default_registry",
+    "load_model",
+    "resolve_dataset_file",
+    "split_and_standardise",
 ]

@@ -4,6 +4,7 @@ benchmarks, and CSV files from the data folder (by name only)."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -48,10 +49,31 @@ class DatasetSplit:
     y_val: torch.Tensor
     task: Task
     num_classes: int  # 0 for regression
+    feature_mean: torch.Tensor | None = None
+    """What was subtracted from each raw feature (the training set's mean)."""
+    feature_std: torch.Tensor | None = None
+    """What each centred feature was divided by (the training set's standard deviation)."""
+    class_labels: tuple[str, ...] = ()
+    """The class each output index stands for (classification)."""
+    feature_names: tuple[str, ...] = ()
+    """The raw features' column names, where the source has them (CSV)."""
 
     @property
     def num_features(self) -> int:
         return int(self.x_train.shape[1])
+
+    def preprocessing(self) -> dict[str, Any]:
+        """What turns raw rows into model inputs and outputs into answers, as checkpoints keep
+        it (tensors, strings and numbers only)."""
+        return {
+            "task": self.task,
+            "num_features": self.num_features,
+            "output_size": self.output_size,
+            "feature_mean": self.feature_mean,
+            "feature_std": self.feature_std,
+            "class_labels": list(self.class_labels),
+            "feature_names": list(self.feature_names),
+        }
 
     @property
     def output_size(self) -> int:
@@ -151,12 +173,14 @@ def split_and_standardise(
         is_val[val_index] = True
         y = torch.as_tensor(labels, dtype=torch.long)
         num_classes = len(classes)
+        class_labels = tuple(str(value) for value in classes)
     else:
         order = rng.permutation(count)
         is_val = np.zeros(count, dtype=bool)
         is_val[order[: max(1, round(count * val_fraction))]] = True
         y = torch.as_tensor(targets, dtype=torch.float32).reshape(-1, 1)
         num_classes = 0
+        class_labels = ()
     x = np.asarray(features, dtype=np.float64)
     mean = x[~is_val].mean(axis=0)
     std = x[~is_val].std(axis=0)
@@ -166,7 +190,17 @@ def split_and_standardise(
     val = torch.as_tensor(is_val)
     if int(train.sum()) == 0 or int(val.sum()) == 0:
         raise DatasetError("the dataset is too small to split into train and validation sets")
-    return DatasetSplit(x_tensor[train], y[train], x_tensor[val], y[val], task, num_classes)
+    return DatasetSplit(
+        x_tensor[train],
+        y[train],
+        x_tensor[val],
+        y[val],
+        task,
+        num_classes,
+        feature_mean=torch.as_tensor(mean, dtype=torch.float32),
+        feature_std=torch.as_tensor(std, dtype=torch.float32),
+        class_labels=class_labels,
+    )
 
 
 _SKLEARN_LOADERS = {
@@ -182,9 +216,11 @@ def load_sklearn(name: str, seed: int, val_fraction: float) -> DatasetSplit:
     import sklearn.datasets
 
     bunch = getattr(sklearn.datasets, _SKLEARN_LOADERS[name])()
-    return split_and_standardise(
+    split = split_and_standardise(
         bunch.data, bunch.target, task="classification", seed=seed, val_fraction=val_fraction
     )
+    names = tuple(str(bunch.target_names[int(label)]) for label in split.class_labels)
+    return dataclasses.replace(split, class_labels=names)
 
 
 def load_synthetic_classification(
@@ -272,7 +308,11 @@ def load_csv(params: CSVParams, seed: int, val_fraction: float, data_dir: Path) 
         targets = np.array(raw_targets)
     if not np.isfinite(features).all():
         raise DatasetError(f"{params.file}: features contain NaN or infinite values")
-    return split_and_standardise(features, targets, task=task, seed=seed, val_fraction=val_fraction)
+    split = split_and_standardise(
+        features, targets, task=task, seed=seed, val_fraction=val_fraction
+    )
+    names = tuple(name for index, name in enumerate(header) if index != column)
+    return dataclasses.replace(split, feature_names=names)
 
 
 def _looks_categorical(values: list[str]) -> bool:

@@ -211,6 +211,9 @@ class Trainer:
             "metrics": dict(self.metrics),
             "rng": capture_rng_state(),
             "controllers": {name: obj.state_dict() for name, obj in self._statefuls.items()},
+            # what worker.load_model needs to rebuild a ready model from the checkpoint alone
+            "spec": self.spec.model_dump(mode="json"),
+            "preprocessing": self.data.preprocessing(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

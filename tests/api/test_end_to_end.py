@@ -343,3 +343,45 @@ async def test_server_resource_samples_are_streamable(server: LiveServer) -> Non
         response = await http.get("/jobs/_server/events", params={"types": "resource_sample"})
     assert response.status_code == 200
     assert all(event["type"] == "resource_sample" for event in response.json())
+
+
+def test_a_checkpoint_is_a_ready_model(
+    server: LiveServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``best`` and ``latest`` resolve over HTTP and are marked in the listing; the download
+    (or the folder) becomes a model with its preprocessing; ``trainbus predict`` uses it."""
+    from sklearn.datasets import load_digits
+
+    from api import TrainbusClient
+    from worker import load_model
+
+    with TrainbusClient(server.url, server.token) as api:
+        job_id = api.submit(digits_spec(epochs=3))["id"]
+        assert api.wait(job_id, timeout=120)["state"] == "completed"
+        listing = api.checkpoints(job_id)
+        assert [c["latest"] for c in listing].count(True) == 1
+        assert [c["best"] for c in listing].count(True) == 1
+        assert listing[0]["latest"]  # newest first
+        best = next(c["name"] for c in listing if c["best"])
+        by_alias = api.download_checkpoint(job_id, "best", tmp_path / "best.pt")
+        by_name = api.download_checkpoint(job_id, best, tmp_path / "named.pt")
+        assert by_alias.read_bytes() == by_name.read_bytes()
+        api.download_checkpoint(job_id, "latest", tmp_path / "latest.pt")
+
+    digits = load_digits()
+    model = load_model(by_alias)
+    predicted = model.predict(digits.data)
+    truth = [str(label) for label in digits.target]
+    accuracy = sum(p == t for p, t in zip(predicted, truth, strict=True)) / len(truth)
+    assert accuracy > 0.8, accuracy
+    folder = server.app.state.settings.data_dir / "jobs" / job_id / "checkpoints" / best
+    assert load_model(folder).predict(digits.data[:50]) == predicted[:50]
+
+    rows = tmp_path / "rows.csv"
+    header = ",".join(f"pixel_{i}" for i in range(64))
+    rows.write_text(header + "\n" + "\n".join(",".join(map(str, r)) for r in digits.data[:20]))
+    assert main(["predict", job_id, str(rows), "--url", server.url, "--token", server.token]) == 0
+    assert capsys.readouterr().out.split() == predicted[:20]
+    assert main(["checkpoints", job_id, "--url", server.url, "--token", server.token]) == 0
+    listed = capsys.readouterr().out
+    assert "latest" in listed and "best" in listed

@@ -41,3 +41,19 @@ def test_follows_epochs_batches_and_the_end() -> None:
 
 def test_format_metrics_skips_non_numbers() -> None:
     assert format_metrics({"a": 0.123456, "b": "x", "c": True, "d": 2}) == "a=0.1235 d=2"
+
+
+def test_a_pause_says_why_and_checkpoints_get_no_line() -> None:
+    out = io.StringIO()
+    events = [
+        _event(1, "job_paused", command="pause", source="api", reason="", issued_at=1.797e9),
+        _event(2, "checkpoint_saved", name="epoch-0001-step-00000045"),
+        _event(3, "job_resumed", command="resume", source="api", reason="", issued_at=1.797e9),
+        _event(4, "job_stopped", reason="early_stop"),
+    ]
+    with ProgressView("j1", console=Console(file=out, width=120, force_terminal=False)) as view:
+        assert view.follow(events) == "stopped"
+    text = out.getvalue()
+    assert "job_paused (api)" in text and "job_resumed (api)" in text
+    assert "issued_at" not in text and "e+09" not in text
+    assert "checkpoint" not in text

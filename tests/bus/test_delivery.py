@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from bus import DeliveryPolicy, Event, EventBus, EventType, WouldBlock
@@ -182,3 +183,114 @@ async def test_close_keeps_what_was_buffered_but_takes_nothing_new() -> None:
         bus.publish("job", BATCH_END)
         assert [e.seq for e in await collect(subscription)] == [1, 2, 3]
         assert subscription.closed
+
+
+async def test_a_gap_counts_as_one_item_and_no_event_after_it_is_lost() -> None:
+    async with EventBus() as bus:
+        one_by_one = bus.subscribe("one", buffer_size=3, policy="drop_oldest")
+        two_by_two = bus.subscribe("two", buffer_size=3, policy="drop_oldest")
+        for _ in range(10):
+            bus.publish("job", BATCH_END)
+        received = []
+        while True:
+            try:
+                received.append(one_by_one.receive_nowait())
+            except WouldBlock:
+                break
+        batches = [await two_by_two.receive_batch(2), await two_by_two.receive_batch(2)]
+    gap, *events = received
+    assert gap.type is EventType.GAP
+    assert (gap.data["from_seq"], gap.data["to_seq"], gap.data["missed"]) == (1, 7, 7)
+    assert [e.seq for e in events] == [8, 9, 10]
+    assert [[e.seq for e in batch] for batch in batches] == [[7, 8], [9, 10]]
+    assert batches[0][0].type is EventType.GAP
+
+
+async def test_receive_after_a_gap_returns_the_next_event_next() -> None:
+    async with EventBus() as bus:
+        subscription = bus.subscribe("lossy", buffer_size=2, policy="latest")
+        for _ in range(5):
+            bus.publish("job", BATCH_END)
+        gap = await subscription.receive()
+        bus.publish("job", BATCH_END)
+        with anyio.fail_after(5):
+            assert [(await subscription.receive()).seq for _ in range(2)] == [5, 6]
+        statistics = subscription.statistics()
+    assert (gap.type, gap.data["missed"]) == (EventType.GAP, 4)
+    assert (statistics.delivered, statistics.dropped, statistics.gaps) == (2, 4, 1)
+
+
+def publish_epochs(bus: EventBus, epochs: int, batches: int) -> list[Event]:
+    """Publish ``epochs`` epochs of ``batches`` batch events each; return the epoch events."""
+    epoch_events = []
+    for epoch in range(epochs):
+        for step in range(batches):
+            bus.publish("job", BATCH_END, {"step": step})
+        epoch_events.append(bus.publish("job", EventType.FIT_EPOCH_END, {"epoch": epoch}))
+    return epoch_events
+
+
+async def test_a_lossy_filtering_buffer_counts_only_its_own_events() -> None:
+    async with EventBus() as bus:
+        epochs = bus.subscribe(
+            "epochs", types=[EventType.FIT_EPOCH_END], buffer_size=16, policy="drop_oldest"
+        )
+        published = publish_epochs(bus, 3, 100)
+        received = epochs.receive_batch_nowait()
+        statistics = epochs.statistics()
+    assert received == published
+    assert (statistics.dropped, statistics.gaps) == (0, 0)
+
+
+async def test_a_lossy_filtering_reader_loses_only_its_oldest_own_events() -> None:
+    # Enough events that the log is trimmed past the idle reader several times.
+    async with EventBus() as bus:
+        epochs = bus.subscribe(
+            "epochs", types=[EventType.FIT_EPOCH_END], buffer_size=16, policy="drop_oldest"
+        )
+        latest = bus.subscribe(
+            "latest", types=[EventType.FIT_EPOCH_END], buffer_size=16, policy="latest"
+        )
+        published = publish_epochs(bus, 40, 100)
+        before = epochs.statistics()
+        gap, *received = epochs.receive_batch_nowait()
+        latest_gap, *latest_received = latest.receive_batch_nowait()
+        after = epochs.statistics()
+    assert (before.buffered, before.dropped) == (16, 24)
+    assert gap.type is EventType.GAP
+    assert gap.data["missed"] == 24
+    assert (gap.data["from_seq"], gap.data["to_seq"]) == (published[0].seq, published[23].seq)
+    assert received == published[24:]
+    assert (after.delivered, after.dropped, after.gaps, after.buffered) == (16, 24, 1, 0)
+    assert latest_gap.data["missed"] == 39 and latest_received == published[-1:]
+
+
+async def test_a_batch_keeps_consecutive_seqs_while_another_thread_publishes() -> None:
+    async with EventBus() as bus:
+        subscription = bus.subscribe("small", buffer_size=8)
+        batches: list[list[Event]] = []
+        received: list[int] = []
+
+        async def consume() -> None:
+            while True:
+                try:
+                    batch = await subscription.receive_batch(max_items=3)
+                except anyio.EndOfStream:
+                    return
+                received.extend(e.seq for e in batch)
+                await anyio.lowlevel.checkpoint()
+
+        def publish_batches() -> None:
+            for _ in range(20):
+                batches.append(bus.publish_many("job", [(BATCH_END, {})] * 20))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(consume)
+            async with anyio.create_task_group() as publishers:
+                publishers.start_soon(anyio.to_thread.run_sync, publish_batches)
+                publishers.start_soon(anyio.to_thread.run_sync, publish_in_thread, bus, "job", 400)
+            await bus.aclose()
+    for batch in batches:
+        seqs = [e.seq for e in batch]
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+    assert received == list(range(1, 801))

@@ -288,7 +288,7 @@ async def test_a_lossy_filtering_reader_still_hears_of_what_it_lost() -> None:
         batch = subscription.receive_batch_nowait()
     gap, *events = batch
     assert gap.type is EventType.GAP
-    assert gap.data["from_seq"] == 1
-    assert [e.data["step"] for e in events] == [18, 19]
-    # The buffer holds the last 4 events of every type (seq 37-40): 1-36 were lost.
-    assert (gap.data["to_seq"], gap.data["missed"]) == (36, 36)
+    # The buffer holds the last 4 events of its own type (steps 16-19); of the others it
+    # hears only how many of its own it lost (steps 0-15, seq 2 to 32).
+    assert [e.data["step"] for e in events] == [16, 17, 18, 19]
+    assert (gap.data["from_seq"], gap.data["to_seq"], gap.data["missed"]) == (2, 32, 16)

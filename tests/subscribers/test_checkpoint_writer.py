@@ -30,11 +30,11 @@ def test_every_epoch_with_retention_and_best(tmp_path: Path) -> None:
         writer.flush()
     names = [info.name for info in list_checkpoints(tmp_path)]
     assert names == [
-        "epoch-0003-step-00000004",
-        "epoch-0002-step-00000003",
-        "epoch-0001-step-00000002",
+        "epoch-0004-step-00000004",
+        "epoch-0003-step-00000003",
+        "epoch-0002-step-00000002",
     ]
-    assert checkpoint_path(tmp_path, "best").name == "epoch-0001-step-00000002"
+    assert checkpoint_path(tmp_path, "best").name == "epoch-0002-step-00000002"
     assert checkpoint_path(tmp_path, "latest").name == names[0]
     stats = writer.statistics()
     assert stats.written == 4 and stats.failed == 0
@@ -150,7 +150,7 @@ async def test_publishes_checkpoint_saved(tmp_path: Path) -> None:
                 received.append(await sub.receive())
         await handle.detach()
     data = received[0].data
-    assert data["name"] == "epoch-0000-step-00000001"
+    assert data["name"] == "epoch-0001-step-00000001"  # the first epoch, counted from 1
     assert data["metric"] == 0.25 and data["best"] is True and data["reason"] == "epoch_end"
     assert data["bytes"] > 0 and data["seconds"] > 0 and data["epoch"] == 0 and data["step"] == 1
 
