@@ -18,8 +18,8 @@ demo: $(INSTALLED)
 serve: $(INSTALLED)
 	$(BIN)/trainbus serve
 
-## Install (Python packages, and Debian's prometheus for promtool when run as root), then lint,
-## type-check and run the whole test suite.
+## Install (Python packages, and Debian's prometheus for promtool and chromium for the dashboard's
+## browser tests when run as root), then lint, type-check and run the whole test suite.
 test: $(INSTALLED) system-deps lint typecheck unit
 
 lint: $(INSTALLED)
@@ -39,6 +39,13 @@ system-deps:
 			echo "promtool is missing: run 'sudo apt-get install prometheus' (Debian/Ubuntu)"; exit 1; \
 		fi; \
 	fi
+	@if [ ! -x /usr/bin/chromium ]; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+		else \
+			echo "chromium is missing (the dashboard's browser tests skip): run 'sudo apt-get install chromium'"; \
+		fi; \
+	fi
 
 bench: $(INSTALLED)
 	$(BIN)/python bench/bus.py
@@ -47,6 +54,7 @@ bench: $(INSTALLED)
 	$(BIN)/python bench/store.py
 	$(BIN)/python bench/fanout.py
 	$(BIN)/python bench/interference.py
+	$(BIN)/python bench/dashboard.py
 
 ## The reliability suite at soak size (more kills, reconnects, schemathesis cases); figures are
 ## appended to reliability-report.jsonl for docs/RELIABILITY.md.

@@ -34,6 +34,8 @@ from ._auth import (
     write_token_file,
 )
 from ._connections import ConnectionGuard
+from ._dashboard import public_paths as dashboard_paths
+from ._dashboard import router as dashboard_router
 from ._errors import install_error_handlers
 from ._history import EventHistory, EventSource
 from ._hub import EventHub
@@ -52,8 +54,9 @@ logger = logging.getLogger("trainbus.api")
 DESCRIPTION = """\
 Run, watch and steer PyTorch training jobs.
 
-Every endpoint but `/healthz`, these docs (`/docs`, `/redoc`, `/openapi.json`) and
-`/metrics` (unless configured otherwise) needs the API token: `Authorization: Bearer <token>`.
+Every endpoint but `/healthz`, these docs (`/docs`, `/redoc`, `/openapi.json`), the
+dashboard's page (`/`) and its files, and `/metrics` (unless configured otherwise) needs the
+API token: `Authorization: Bearer <token>`.
 Here, press **Authorize** and paste the token to try the endpoints out. WebSocket clients
 send the same header, or (browsers) offer the subprotocols `trainbus` and
 `trainbus.bearer.<token>`.
@@ -182,9 +185,18 @@ def create_app(
     app.include_router(system_router)
     app.include_router(jobs_router)
     app.include_router(websocket_router)
+    app.include_router(dashboard_router)
     origins = OriginPolicy(settings.allowed_origins)
     exempt = [*PUBLIC_PATHS, *([] if settings.metrics_require_token else ["/metrics"])]
-    app.add_middleware(TokenMiddleware, token=settings.token, origins=origins, exempt_paths=exempt)
+    exempt += dashboard_paths()  # the page and its assets hold no data; the API asks the token
+    hosts = HostPolicy(settings.allowed_hosts, settings.host)
+    app.add_middleware(
+        TokenMiddleware,
+        token=settings.token,
+        origins=origins,
+        exempt_paths=exempt,
+        own_origin=not hosts.allow_any,  # the dashboard's own origin, its Host checked
+    )
     app.add_middleware(
         CORSMiddleware,
         allow_origins=["*"] if origins.allow_any else list(origins.origins),
@@ -197,7 +209,7 @@ def create_app(
     # outermost: a foreign Host (DNS rebinding) is refused before anything else looks at it
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     app.add_middleware(PathGuardMiddleware)
-    app.add_middleware(HostMiddleware, policy=HostPolicy(settings.allowed_hosts, settings.host))
+    app.add_middleware(HostMiddleware, policy=hosts)
     _add_security_scheme(app)
     return app
 
@@ -213,7 +225,7 @@ def _loopback_origin_regex(origins: OriginPolicy) -> str | None:
     return rf"https?://({'|'.join(hosts)})(:\d+)?" if hosts else None
 
 
-PUBLIC_PATHS = ("/", "/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+PUBLIC_PATHS = ("/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 """Paths a browser opens without the token: the API's description holds no secrets."""
 
 _ERROR_CONTENT = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}

@@ -293,19 +293,36 @@ class TokenMiddleware:
         token: SecretStr,
         origins: OriginPolicy,
         exempt_paths: Iterable[str] = ("/healthz",),
+        own_origin: bool = False,
     ) -> None:
         self.app = app
+        # only while the Host allowlist is on: with any Host answered, a rebound name's page
+        # would count as the server's own
+        self.own_origin = own_origin
         self.check = TokenCheck(token)
         self.origins = origins
         self.exempt_paths = frozenset(exempt_paths)
+
+    def _origin_allowed(self, connection: HTTPConnection) -> bool:
+        """The allowlist, or the server's own origin (the dashboard it serves): an ``Origin``
+        naming the request's ``Host``, which the Host allowlist has already checked."""
+        origin = connection.headers.get("origin")
+        if self.origins.allows(origin):
+            return True
+        if origin is None or not self.own_origin:
+            return False
+        try:
+            parts = urlsplit(origin.strip().lower())
+        except ValueError:
+            return False
+        host = connection.headers.get("host", "").strip().lower()
+        return parts.scheme in ("http", "https") and bool(host) and parts.netloc == host
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         kind = scope["type"]
         if kind == "http":
             connection = HTTPConnection(scope)
-            if scope["method"] not in SAFE_METHODS and not self.origins.allows(
-                connection.headers.get("origin")
-            ):
+            if scope["method"] not in SAFE_METHODS and not self._origin_allowed(connection):
                 # a browser page elsewhere must not change state here, token or not
                 headers, body = _json_denial(403, FOREIGN_ORIGIN.format(what="change state"))
                 await send({"type": "http.response.start", "status": 403, "headers": headers})
@@ -320,7 +337,7 @@ class TokenMiddleware:
                 await self.app(scope, receive, send)
         elif kind == "websocket":
             connection = HTTPConnection(scope)
-            if not self.origins.allows(connection.headers.get("origin")):
+            if not self._origin_allowed(connection):
                 await _deny_websocket(
                     scope, send, 403, FOREIGN_ORIGIN.format(what="open WebSockets")
                 )

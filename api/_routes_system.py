@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ._errors import ServiceUnavailable
@@ -15,12 +15,6 @@ from ._services import services_of
 __all__ = ["router"]
 
 router = APIRouter(tags=["system"])
-
-
-@router.get("/", include_in_schema=False)
-async def home() -> RedirectResponse:
-    """A browser opening the server's address lands on the interactive API docs."""
-    return RedirectResponse("/docs")
 
 
 @router.get("/healthz", response_model=Health, summary="Liveness")

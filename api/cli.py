@@ -334,6 +334,8 @@ def demo_instructions(url: str, data_dir: Path, job_id: str) -> str:
     return (
         f"\ntrainbus is running on {url} (data in {data_dir})\n"
         f"demo job: {job_id} (about a minute of training)\n\n"
+        f"Open the dashboard: {url}/#/jobs/{job_id}\n"
+        f"  (sign in with the token in {data_dir / 'token'})\n\n"
         "In another terminal, from this folder:\n"
         f"  watch it live:   {program} watch {job_id}\n"
         f"  pause it:        {program} pause {job_id}\n"
