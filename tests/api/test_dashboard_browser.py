@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import playwright.sync_api as playwright_sync
 import pytest
 
 from api import TrainbusClient, create_app
@@ -19,14 +20,7 @@ from api import TrainbusClient, create_app
 from .server import LiveServer, make_settings, run_server
 
 CHROMIUM = Path("/usr/bin/chromium")
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not CHROMIUM.exists(),
-        reason="needs Debian's chromium at /usr/bin/chromium (make system-deps installs it)",
-    ),
-]
-playwright_sync = pytest.importorskip("playwright.sync_api")
+pytestmark = pytest.mark.slow
 
 LAUNCH_ARGS = [
     "--no-sandbox",
