@@ -24,6 +24,7 @@ from ._schemas import (
     EventBody,
     JobList,
     JobRecord,
+    LearningRate,
     ValidationErrorBody,
 )
 from ._services import has_events, services_of
@@ -134,8 +135,10 @@ async def get_job(request: Request, job_id: JobId) -> dict[str, Any]:
     return await services_of(request).jobs.get(job_id)
 
 
-async def _command(request: Request, job_id: str, kind: str) -> dict[str, Any]:
-    return await services_of(request).jobs.command(job_id, kind)
+async def _command(
+    request: Request, job_id: str, kind: str, value: float | None = None
+) -> dict[str, Any]:
+    return await services_of(request).jobs.command(job_id, kind, value)
 
 
 _COMMAND_RESPONSES: dict[int | str, dict[str, Any]] = {**_NOT_FOUND, **_CONFLICT, **_UNAVAILABLE}
@@ -178,6 +181,32 @@ async def resume_job(request: Request, job_id: JobId) -> dict[str, Any]:
 async def stop_job(request: Request, job_id: JobId) -> dict[str, Any]:
     """Ask the trainer to finish the current batch, checkpoint and end the job (``stopped``)."""
     return await _command(request, job_id, "stop")
+
+
+@router.post(
+    "/jobs/{job_id}/save",
+    status_code=202,
+    response_model=CommandAccepted,
+    responses=_COMMAND_RESPONSES,
+    summary="Checkpoint a running or paused job",
+)
+async def save_job(request: Request, job_id: JobId) -> dict[str, Any]:
+    """Ask the trainer for a checkpoint at the next batch boundary; ``checkpoint_saved``
+    carries the command's id and the step it was taken at."""
+    return await _command(request, job_id, "save")
+
+
+@router.post(
+    "/jobs/{job_id}/set_lr",
+    status_code=202,
+    response_model=CommandAccepted,
+    responses=_COMMAND_RESPONSES,
+    summary="Set a running or paused job's learning rate",
+)
+async def set_job_lr(request: Request, job_id: JobId, body: LearningRate) -> dict[str, Any]:
+    """Set every parameter group's learning rate at the next batch boundary (a schedule
+    continues relative to it); ``command_applied`` names the step it took effect at."""
+    return await _command(request, job_id, "set_lr", body.value)
 
 
 @router.delete(

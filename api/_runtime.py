@@ -180,14 +180,20 @@ class ManagerJobs:
         records, total = self.manager.list(state, offset, limit)
         return [_record(r) for r in records], total
 
-    async def command(self, job_id: str, kind: str) -> dict[str, Any]:
+    async def command(
+        self, job_id: str, kind: str, value: float | None = None
+    ) -> dict[str, Any]:
         if kind == "pause":
             command = self.manager.pause(job_id)
         elif kind == "stop":
             command = self.manager.stop(job_id)
         elif kind == "resume":
             command = await self.manager.resume(job_id)
-        else:  # pragma: no cover - the routes only send these three
+        elif kind == "save":
+            command = self.manager.save(job_id)
+        elif kind == "set_lr" and value is not None:
+            command = self.manager.set_lr(job_id, value)
+        else:  # pragma: no cover - the routes send only these
             raise ValueError(f"unknown command {kind!r}")
         return {"command_id": command.id, "job_id": job_id, "command": command.kind.value}
 

@@ -110,7 +110,15 @@ class CommandAccepted(BaseModel):
 
     command_id: str
     job_id: str
-    command: Literal["pause", "resume", "stop"]
+    command: Literal["pause", "resume", "stop", "save", "set_lr"]
+
+
+class LearningRate(BaseModel):
+    """The learning rate a ``set_lr`` command sets on every parameter group."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"value": 0.01}]})
+
+    value: float = Field(gt=0.0, le=10.0, allow_inf_nan=False, description="New learning rate.")
 
 
 class EventBody(BaseModel):

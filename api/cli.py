@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("pause", "pause a running job (it keeps its running slot while paused)"),
         ("resume", "resume a paused, stopped or interrupted job"),
         ("stop", "stop a job"),
+        ("save", "checkpoint a running or paused job at its next batch"),
         ("delete", "delete an ended job, its events and its checkpoints"),
         ("checkpoints", "list a job's checkpoints (marking the latest and the best)"),
     ]:
@@ -98,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("job", help="job id")
         if name == "status":
             sub.add_argument("--json", action="store_true", help="print JSON")
+    set_lr = _client_command(
+        commands, "set-lr", help="set a running or paused job's learning rate at its next batch"
+    )
+    set_lr.add_argument("job", help="job id")
+    set_lr.add_argument("value", type=float, help="the new learning rate")
     events = _client_command(
         commands, "events", help="print a job's stored events as JSON lines"
     )
@@ -431,8 +437,11 @@ def _client_command_run(
         return 0
     if command == "watch":
         return _watch(client, args.job, console)
-    if command in ("pause", "resume", "stop"):
-        accepted = getattr(client, command)(args.job)
+    if command in ("pause", "resume", "stop", "save", "set-lr"):
+        if command == "set-lr":
+            accepted = client.set_lr(args.job, args.value)
+        else:
+            accepted = getattr(client, command)(args.job)
         console.print(f"{command} requested for {args.job} (command {accepted['command_id']})")
         return 0
     if command == "events":

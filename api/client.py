@@ -180,6 +180,16 @@ class TrainbusClient(_Common):
     def stop(self, job_id: str) -> dict[str, Any]:
         return dict(self._request("POST", f"/jobs/{job_id}/stop").json())
 
+    def save(self, job_id: str) -> dict[str, Any]:
+        """Ask for a checkpoint at the next batch boundary (``model_save`` acknowledges it)."""
+        return dict(self._request("POST", f"/jobs/{job_id}/save").json())
+
+    def set_lr(self, job_id: str, value: float) -> dict[str, Any]:
+        """Set the learning rate at the next batch boundary (``lr_changed`` acknowledges it)."""
+        return dict(
+            self._request("POST", f"/jobs/{job_id}/set_lr", json={"value": value}).json()
+        )
+
     def delete(self, job_id: str) -> None:
         self._request("DELETE", f"/jobs/{job_id}")
 
@@ -362,6 +372,13 @@ class AsyncTrainbusClient(_Common):
 
     async def stop(self, job_id: str) -> dict[str, Any]:
         return dict((await self._request("POST", f"/jobs/{job_id}/stop")).json())
+
+    async def save(self, job_id: str) -> dict[str, Any]:
+        return dict((await self._request("POST", f"/jobs/{job_id}/save")).json())
+
+    async def set_lr(self, job_id: str, value: float) -> dict[str, Any]:
+        response = await self._request("POST", f"/jobs/{job_id}/set_lr", json={"value": value})
+        return dict(response.json())
 
     async def delete(self, job_id: str) -> None:
         await self._request("DELETE", f"/jobs/{job_id}")

@@ -322,6 +322,31 @@ class JobManager:
             raise IllegalTransition(job_id, record.state, "pause", ["running"])
         return self._send(job_id, record.state, "pause", lambda c: c.pause(reason, source=source))
 
+    def save(self, job_id: str, *, reason: str = "", source: str = "api") -> Command:
+        """Ask a running or paused job for a checkpoint at its next batch boundary.
+
+        :raises IllegalTransition: unless the job is running or paused.
+        """
+        record = self.get(job_id)
+        if record.state not in (JobState.RUNNING, JobState.PAUSED):
+            raise IllegalTransition(job_id, record.state, "save", ["running", "paused"])
+        return self._send(job_id, record.state, "save", lambda c: c.save(reason, source=source))
+
+    def set_lr(
+        self, job_id: str, value: float, *, reason: str = "", source: str = "api"
+    ) -> Command:
+        """Ask a running or paused job to set its learning rate to ``value`` at its next batch
+        boundary (a schedule continues relative to the new value).
+
+        :raises IllegalTransition: unless the job is running or paused.
+        """
+        record = self.get(job_id)
+        if record.state not in (JobState.RUNNING, JobState.PAUSED):
+            raise IllegalTransition(job_id, record.state, "set_lr", ["running", "paused"])
+        return self._send(
+            job_id, record.state, "set_lr", lambda c: c.set_lr(value, reason, source=source)
+        )
+
     def stop(self, job_id: str, *, reason: str = "", source: str = "api") -> Command:
         """Stop a running or paused job after its current batch (it is checkpointed and can be
         resumed); a queued job stops at once.

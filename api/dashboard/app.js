@@ -424,8 +424,10 @@ function jobView(view, jobId) {
   const badge = h("span", { id: "job-state" });
   const progress = h("progress", { id: "epoch-progress", max: 1, value: 0, "aria-label": "Epochs done" });
   const progressLabel = h("span", { id: "job-progress", class: "num" });
-  const buttons = Object.fromEntries(["pause", "resume", "stop"].map((command) => [command,
+  const buttons = Object.fromEntries(["pause", "resume", "stop", "save"].map((command) => [command,
     h("button", { type: "button", id: `${command}-button`, text: command[0].toUpperCase() + command.slice(1), disabled: true })]));
+  const lrInput = h("input", { type: "number", id: "lr-input", step: "any", min: "0", placeholder: "new lr", "aria-label": "New learning rate" });
+  const lrButton = h("button", { type: "button", id: "set-lr-button", text: "Set LR", disabled: true });
   const acks = h("ul", { class: "acks", id: "acks", role: "status" });
   const reason = h("p", { id: "stop-reason", class: "hint" });
   const xSelect = h("select", { id: "x-axis" }, h("option", { value: "step", text: "step" }), h("option", { value: "epoch", text: "epoch" }));
@@ -445,7 +447,7 @@ function jobView(view, jobId) {
     h("div", { class: "toolbar" }, badge, progress, progressLabel),
     h("section", { class: "card", "aria-labelledby": "controls-title" },
       h("h2", { id: "controls-title", text: "Control" }),
-      h("div", { class: "toolbar" }, Object.values(buttons)), reason, acks),
+      h("div", { class: "toolbar" }, Object.values(buttons), lrInput, lrButton), reason, acks),
     h("div", { class: "toolbar" }, h("label", { for: "x-axis", text: "x axis" }), xSelect),
     h("div", { class: "grid" }, lossCard, accCard, lrCard),
     h("section", { class: "card", "aria-labelledby": "log-title" }, h("h2", { id: "log-title", text: "Events" }),
@@ -510,6 +512,8 @@ function jobView(view, jobId) {
     buttons.pause.disabled = record.state !== "running";
     buttons.resume.disabled = !["paused", "stopped", "interrupted"].includes(record.state);
     buttons.stop.disabled = !["running", "paused", "queued"].includes(record.state);
+    buttons.save.disabled = !["running", "paused"].includes(record.state);
+    lrButton.disabled = buttons.save.disabled;
     reason.textContent = record.stop_reason ? `Stop reason: ${record.stop_reason}` :
       record.error ? `Failed: ${record.error.type}: ${record.error.message}` : "";
   };
@@ -602,23 +606,25 @@ function jobView(view, jobId) {
     scheduleRender();
   };
 
+  const send = async (command, json) => {
+    const item = h("li", { "data-command": command, text: `${command}: sent, waiting for the trainer…` });
+    acks.prepend(item);
+    try {
+      const accepted = await api(`${path}/${command}`, { method: "POST", json });
+      item.dataset.commandId = accepted.command_id;
+      // the stream may have brought the acknowledgement before this answer
+      const applied = state.applied.get(accepted.command_id);
+      if (applied) acknowledge(item, applied); else state.pending.set(accepted.command_id, item);
+    } catch (error) {
+      item.textContent = `${command} refused: ${error.message}`;
+      item.className = "error";
+    }
+    refreshRecord();
+  };
   for (const [command, button] of Object.entries(buttons)) {
-    button.addEventListener("click", async () => {
-      const item = h("li", { "data-command": command, text: `${command}: sent, waiting for the trainer…` });
-      acks.prepend(item);
-      try {
-        const accepted = await api(`${path}/${command}`, { method: "POST" });
-        item.dataset.commandId = accepted.command_id;
-        // the stream may have brought the acknowledgement before this answer
-        const applied = state.applied.get(accepted.command_id);
-        if (applied) acknowledge(item, applied); else state.pending.set(accepted.command_id, item);
-      } catch (error) {
-        item.textContent = `${command} refused: ${error.message}`;
-        item.className = "error";
-      }
-      refreshRecord();
-    });
+    button.addEventListener("click", () => send(command));
   }
+  lrButton.addEventListener("click", () => send("set_lr", { value: Number(lrInput.value) }));
   xSelect.addEventListener("change", () => { state.xMode = xSelect.value; render(); });
 
   // The batch points: the downsampled series up to its last_seq, then live points (with seqs).

@@ -72,6 +72,7 @@ def test_every_command_is_there() -> None:
         "pause",
         "resume",
         "stop",
+        "save",
         "events",
         "demo",
         "delete",
@@ -80,6 +81,7 @@ def test_every_command_is_there() -> None:
         "models",
         "datasets",
         "predict",
+        "set-lr",
     ]:
         assert (
             parser.parse_args(
@@ -88,7 +90,7 @@ def test_every_command_is_there() -> None:
                     []
                     if command in ("serve", "demo", "jobs", "models", "datasets")
                     else ["x", "y"]
-                    if command == "predict"
+                    if command in ("predict", "set-lr")
                     else ["x"]
                 )
             ).command

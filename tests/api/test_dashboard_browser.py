@@ -173,6 +173,15 @@ def test_submit_watch_pause_resume_and_stop_a_job(page: Any, server: LiveServer)
     page.wait_for_selector("#job-state [data-state=running]")
     wait_until(page, grown, paused_at)
 
+    page.click("#save-button")
+    saved = page.wait_for_selector("#acks li.ok[data-command=save]")
+    assert "took effect at step" in saved.inner_text()
+    page.fill("#lr-input", "0.0042")
+    page.click("#set-lr-button")
+    changed = page.wait_for_selector("#acks li.ok[data-command=set_lr]")
+    saved_step = int(saved.get_attribute("data-step") or 0)
+    assert int(changed.get_attribute("data-step") or -1) >= saved_step
+
     page.click("#stop-button")
     page.wait_for_selector("#acks li.ok[data-command=stop]")
     page.wait_for_selector("#job-state [data-state=stopped]")

@@ -157,6 +157,40 @@ async def test_pause_holds_resume_continues_stop_leaves_a_checkpoint(
         assert (await http.post(f"/jobs/{job['id']}/pause")).status_code == 409
 
 
+async def test_save_and_set_lr_are_acknowledged_with_their_step(
+    server: LiveServer, client: AsyncTrainbusClient
+) -> None:
+    job = await client.submit(digits_spec(epochs=200, batch_size=16))
+    async with _ws(server, job["id"]) as socket:
+        await _until(socket, {"train_batch_end"})
+        saved = await client.save(job["id"])
+        assert saved["command"] == "save"
+        events = await _until(socket, {"checkpoint_saved"})
+        acknowledged = [e for e in events if e["data"].get("command_id") == saved["command_id"]]
+        assert acknowledged and acknowledged[0]["type"] == "model_save"
+        save_step = acknowledged[0]["data"]["step"]
+        assert events[-1]["data"]["step"] == save_step
+
+        changed = await client.set_lr(job["id"], 0.0123)
+        events = await _until(socket, {"lr_changed"})
+        assert events[-1]["data"]["command_id"] == changed["command_id"]
+        assert events[-1]["data"]["lr"] == pytest.approx(0.0123)
+        lr_step = events[-1]["data"]["step"]
+        after = await _until(socket, {"train_batch_end"})
+        assert after[-1]["data"]["step"] > lr_step >= save_step
+        assert after[-1]["data"]["lr"] == pytest.approx(0.0123)
+
+        async with httpx.AsyncClient(base_url=server.url, headers=server.headers) as http:
+            for body in ({"value": -1}, {"value": "fast"}, {}, {"value": 0.1, "extra": 1}):
+                refused = await http.post(f"/jobs/{job['id']}/set_lr", json=body)
+                assert refused.status_code == 422, (body, refused.text)
+        await client.stop(job["id"])
+        await _until(socket, END)
+    async with httpx.AsyncClient(base_url=server.url, headers=server.headers) as http:
+        ended = await http.post(f"/jobs/{job['id']}/save")
+        assert ended.status_code == 409 and "running" in ended.json()["detail"]
+
+
 async def test_reconnecting_at_random_points_sees_each_event_once_in_order(
     server: LiveServer, client: AsyncTrainbusClient
 ) -> None:
