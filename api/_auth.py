@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from pydantic import SecretStr
 from starlette.requests import HTTPConnection
 
+from ._local import read_token_file, token_file
 from ._settings import Settings, is_loopback_host
 
 __all__ = [
@@ -36,8 +37,6 @@ __all__ = [
     "announce_generated_token",
     "ensure_token",
     "offered_subprotocols",
-    "read_token_file",
-    "token_file",
     "write_token_file",
 ]
 
@@ -65,11 +64,6 @@ def ensure_token(settings: Settings) -> tuple[Settings, bool]:
         return settings.model_copy(update={"token": SecretStr(kept)}), False
     token = SecretStr(secrets.token_urlsafe(32))
     return settings.model_copy(update={"token": token}), True
-
-
-def token_file(data_dir: Path) -> Path:
-    """Where a server that generated its token leaves it for local CLI use (mode 0600)."""
-    return data_dir / "token"
 
 
 class TokenFileRefused(ValueError):
@@ -145,14 +139,6 @@ def _kept_token(data_dir: Path) -> str | None:
     if not stat.S_ISREG(info.st_mode) or not owned or info.st_mode & 0o077:
         return None  # a new token replaces it (or, for a symbolic link, is refused)
     return read_token_file(data_dir)
-
-
-def read_token_file(data_dir: Path) -> str | None:
-    """The token a local server generated, if its data folder holds one."""
-    try:
-        return token_file(data_dir).read_text().strip() or None
-    except OSError:
-        return None
 
 
 def offered_subprotocols(connection: HTTPConnection) -> list[str]:

@@ -9,11 +9,30 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._auth import read_token_file, token_file
-
-__all__ = ["ServerLocation", "find_server", "read_server_url", "server_file", "write_server_url"]
+__all__ = [
+    "ServerLocation",
+    "find_server",
+    "read_server_url",
+    "read_token_file",
+    "server_file",
+    "token_file",
+    "write_server_url",
+]
 
 SERVER_FILE = "server.json"
+
+
+def token_file(data_dir: Path) -> Path:
+    """Where a server that generated its token leaves it for local CLI use (mode 0600)."""
+    return data_dir / "token"
+
+
+def read_token_file(data_dir: Path) -> str | None:
+    """The token a local server generated, if its data folder holds one."""
+    try:
+        return token_file(data_dir).read_text().strip() or None
+    except OSError:
+        return None
 
 
 def server_file(data_dir: Path) -> Path:

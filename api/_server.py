@@ -13,9 +13,9 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 
 from ._access_log import install_redactor
 from ._app import create_app
-from ._auth import announce_generated_token, ensure_token, token_file, write_token_file
+from ._auth import announce_generated_token, ensure_token, write_token_file
 from ._connections import ConnectionGuard, ReservingListener, guarded_protocol
-from ._local import bound_url, write_server_url
+from ._local import bound_url, token_file, write_server_url
 from ._settings import Settings
 from ._websocket import MAX_CLIENT_MESSAGE_BYTES
 

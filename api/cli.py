@@ -42,7 +42,7 @@ from rich.text import Text
 from ._local import ServerLocation, find_server
 from ._settings import Settings
 from ._watch import ProgressView, format_metrics
-from .client import StreamClosed, TrainbusClient, TrainbusError
+from .client import ClientError, HTTPStatusError, StreamClosed, TrainbusClient
 
 __all__ = ["DEMO_SPEC", "build_parser", "main"]
 
@@ -224,7 +224,7 @@ def _load_spec(path: str) -> dict[str, Any]:
     return spec
 
 
-def describe_error(error: TrainbusError) -> str:
+def describe_error(error: ClientError) -> str:
     """The server's error as lines to read: one per field for a 422."""
     detail = error.detail
     if isinstance(detail, list):
@@ -316,12 +316,12 @@ def _demo(settings: Settings, console: Console) -> int:
             try:
                 if client.ready().get("status") == "ready":
                     break
-            except (httpx.TransportError, TrainbusError):
+            except (httpx.TransportError, ClientError):
                 pass
             time.sleep(0.2)  # polling the server that starts in this process
         try:
             job = client.submit(DEMO_SPEC)
-        except (httpx.TransportError, TrainbusError) as error:
+        except (httpx.TransportError, ClientError) as error:
             console.print(f"trainbus demo: could not submit the demo job: {error}", style="red")
             return
         console.print(demo_instructions(url, settings.data_dir, job["id"]), soft_wrap=True)
@@ -368,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StreamClosed as error:
         console.print(f"trainbus: stream closed: {error.detail}", style="red")
         return 1
-    except TrainbusError as error:
+    except ClientError as error:
         console.print(f"trainbus: {describe_error(error)}", style="red")
         return 1
     except httpx.TransportError as error:
@@ -396,9 +396,9 @@ def _run(args: argparse.Namespace, settings: Settings, console: Console) -> int:
     try:
         with TrainbusClient(location.url, location.token) as client:
             return _client_command_run(command, args, client, console)
-    except TrainbusError as error:
+    except ClientError as error:
         if error.status == 401:
-            raise TrainbusError(401, f"{error.detail}\n{location.explain()}") from None
+            raise HTTPStatusError(401, f"{error.detail}\n{location.explain()}") from None
         raise
     except httpx.TransportError as error:
         raise httpx.TransportError(f"{error} ({location.explain()})") from None
@@ -532,7 +532,7 @@ def _predict(client: TrainbusClient, args: argparse.Namespace, console: Console)
         state = Path(folder) / "state.pt"
         try:
             client.download_checkpoint(args.job, args.checkpoint, state)
-        except TrainbusError as error:
+        except ClientError as error:
             if error.status != 404 or args.checkpoint != "best":
                 raise
             client.download_checkpoint(args.job, "latest", state)  # no monitored metric

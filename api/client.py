@@ -33,9 +33,10 @@ from websockets.sync.client import connect as sync_connect
 __all__ = [
     "ENDED_STATES",
     "AsyncTrainbusClient",
+    "ClientError",
+    "HTTPStatusError",
     "StreamClosed",
     "TrainbusClient",
-    "TrainbusError",
 ]
 
 ENDED_STATES = frozenset({"completed", "stopped", "failed"})
@@ -44,8 +45,16 @@ _END_EVENTS = frozenset({"job_completed", "job_stopped", "job_failed"})
 _NO_RETRY_CLOSE_CODES = frozenset({1008})
 
 
-class TrainbusError(Exception):
-    """Raised when the server answers with an error status; ``detail`` says what to fix."""
+class ClientError(Exception):
+    """Base of what the clients raise about the server's answers::
+
+        ClientError
+        ├── HTTPStatusError   the server answered an error status (``status``, ``detail``)
+        └── StreamClosed      a WebSocket stream was refused or cannot be resumed
+                              (``status``: the close code or handshake status, ``detail``)
+
+    Network failures stay httpx's and websockets' own exceptions.
+    """
 
     def __init__(self, status: int, detail: Any) -> None:
         self.status = status
@@ -53,7 +62,11 @@ class TrainbusError(Exception):
         super().__init__(f"{status}: {detail}")
 
 
-class StreamClosed(TrainbusError):
+class HTTPStatusError(ClientError):
+    """Raised when the server answers with an error status; ``detail`` says what to fix."""
+
+
+class StreamClosed(ClientError):
     """Raised when the server refuses a WebSocket stream or it cannot be resumed."""
 
 
@@ -64,7 +77,7 @@ def _raise_for(response: httpx.Response) -> None:
         detail: Any = response.json().get("detail", response.text)
     except (ValueError, AttributeError):
         detail = response.text
-    raise TrainbusError(response.status_code, detail)
+    raise HTTPStatusError(response.status_code, detail)
 
 
 def _ws_url(base_url: str, path: str, query: Mapping[str, Any]) -> str:

@@ -18,8 +18,7 @@ from typing import IO
 import pytest
 
 from api import TrainbusClient
-from api._auth import read_token_file
-from api._local import read_server_url
+from api._local import read_server_url, read_token_file
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
