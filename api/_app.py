@@ -100,12 +100,6 @@ def _default_runtime(settings: Settings, bus: EventBus) -> AbstractAsyncContextM
     return default_runtime(settings, bus)
 
 
-def _exception_statuses() -> dict[type[BaseException], int]:
-    from ._runtime import exception_statuses
-
-    return exception_statuses()
-
-
 def create_app(
     settings: Settings | None = None, *, runtime: RuntimeFactory | None = None
 ) -> FastAPI:
@@ -180,8 +174,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.services = None
-    statuses = dict(_exception_statuses()) if runtime is None else {}
-    install_error_handlers(app, statuses)
+    install_error_handlers(app)
     app.include_router(system_router)
     app.include_router(jobs_router)
     app.include_router(websocket_router)

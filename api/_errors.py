@@ -9,7 +9,7 @@ Hierarchy of the API's own errors::
     ├── InvalidRequest      a request that is well-formed JSON but cannot be honoured (422)
     └── ServiceUnavailable  the server is starting or shutting down (503)
 
-Exceptions of the other packages are mapped by class in :func:`install_error_handlers`.
+Exceptions of the other packages are mapped by class in :data:`STATUSES`.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bus import BusClosed, ControlError, UnknownEventName
+from subscribers import CheckpointCorrupt, CheckpointError, CheckpointNotFound, UnsafeCheckpoint
+from worker import IllegalTransition, JobNotFound, ManagerClosed, SpecError
 
 __all__ = [
     "ApiError",
@@ -77,12 +79,22 @@ class ServiceUnavailable(ApiError):
     status = 503
 
 
-_BASE_STATUSES: dict[type[BaseException], int] = {
-    ApiError: 500,
+STATUSES: dict[type[BaseException], int] = {
+    ApiError: 500,  # each subclass carries its own
     BusClosed: 503,
     ControlError: 409,
     UnknownEventName: 422,
+    JobNotFound: 404,
+    IllegalTransition: 409,
+    SpecError: 422,
+    ManagerClosed: 503,
+    CheckpointNotFound: 404,
+    CheckpointCorrupt: 409,
+    UnsafeCheckpoint: 409,
+    CheckpointError: 409,
 }
+"""The HTTP status of each exception class of the project (the most specific listed class of
+an exception wins)."""
 
 
 def status_for(error: BaseException, statuses: Mapping[type[BaseException], int]) -> int | None:
@@ -187,11 +199,9 @@ def _data_folders(request: Request) -> list[Path]:
     return [data_dir.absolute(), data_dir.resolve()]
 
 
-def install_error_handlers(
-    app: FastAPI, statuses: Mapping[type[BaseException], int] | None = None
-) -> None:
-    """Install the handlers; ``statuses`` adds the other packages' exception classes."""
-    table = {**_BASE_STATUSES, **(statuses or {})}
+def install_error_handlers(app: FastAPI) -> None:
+    """Install the handlers that answer each exception of :data:`STATUSES` with its status."""
+    table = STATUSES
 
     async def mapped(request: Request, error: Exception) -> JSONResponse:
         status = status_for(error, table) or 500

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import pathlib
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Body, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
 
-from bus import event_type_for
+from bus import JobState, event_type_for
 from worker import DatasetError, JobSpec, resolve_dataset_file
 
 from ._errors import ServiceUnavailable
@@ -115,8 +115,7 @@ async def _check_dataset_file(spec: JobSpec, data_dir: pathlib.Path) -> None:
 async def list_jobs(
     request: Request,
     state: Annotated[
-        Literal["queued", "running", "paused", "completed", "stopped", "failed", "interrupted"]
-        | None,
+        JobState | None,
         Query(description="Only jobs in this state"),
     ] = None,
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,

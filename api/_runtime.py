@@ -19,8 +19,6 @@ import anyio
 
 from bus import EventBus, Subscriber
 from subscribers import (
-    CheckpointCorrupt,
-    CheckpointError,
     CheckpointInfo,
     CheckpointNotFound,
     CheckpointWriter,
@@ -29,20 +27,16 @@ from subscribers import (
     LRPlateauController,
     PrometheusExporter,
     ResourceMonitor,
-    UnsafeCheckpoint,
     checkpoint_path,
     latest_valid_state,
     list_checkpoints,
     verify_checkpoint,
 )
 from worker import (
-    IllegalTransition,
     JobHandle,
     JobManager,
     JobNotFound,
     JobSpec,
-    ManagerClosed,
-    SpecError,
 )
 
 from ._app import Runtime
@@ -51,23 +45,9 @@ from ._history import EventHistory
 from ._hub import finite
 from ._settings import Settings
 
-__all__ = ["ManagerJobs", "default_runtime", "exception_statuses", "job_subscribers"]
+__all__ = ["ManagerJobs", "default_runtime", "job_subscribers"]
 
 logger = logging.getLogger("trainbus.api")
-
-
-def exception_statuses() -> dict[type[BaseException], int]:
-    """HTTP statuses for the worker's and subscribers' exceptions."""
-    return {
-        JobNotFound: 404,
-        IllegalTransition: 409,
-        SpecError: 422,
-        ManagerClosed: 503,
-        CheckpointNotFound: 404,
-        CheckpointCorrupt: 409,
-        UnsafeCheckpoint: 409,
-        CheckpointError: 409,
-    }
 
 
 def job_subscribers(handle: JobHandle, bus: EventBus) -> list[Subscriber]:

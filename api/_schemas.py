@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from bus import JobState
+
 __all__ = [
     "JOB_ID_PATTERN",
     "NAME_PATTERN",
@@ -75,7 +77,7 @@ class JobRecord(BaseModel):
 
     id: str
     name: str | None = None
-    state: Literal["queued", "running", "paused", "completed", "stopped", "failed", "interrupted"]
+    state: JobState
     spec: dict[str, Any]
     created_at: float
     started_at: float | None = None

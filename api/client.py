@@ -30,8 +30,10 @@ from websockets.asyncio.client import connect as async_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.sync.client import connect as sync_connect
 
+from bus import ENDED_STATES
+from bus import TERMINAL_JOB_EVENT_TYPES as RUN_END_EVENTS
+
 __all__ = [
-    "ENDED_STATES",
     "AsyncTrainbusClient",
     "ClientError",
     "HTTPStatusError",
@@ -39,9 +41,6 @@ __all__ = [
     "TrainbusClient",
 ]
 
-ENDED_STATES = frozenset({"completed", "stopped", "failed"})
-"""States in which a job's run has ended (``interrupted`` jobs may still be resumed)."""
-_END_EVENTS = frozenset({"job_completed", "job_stopped", "job_failed"})
 _NO_RETRY_CLOSE_CODES = frozenset({1008})
 
 
@@ -296,7 +295,7 @@ class TrainbusClient(_Common):
                                     continue
                                 last = event["seq"]
                             yield event
-                            if until_end and job_id is not None and event["type"] in _END_EVENTS:
+                            if until_end and job_id is not None and event["type"] in RUN_END_EVENTS:
                                 return
             except InvalidStatus as error:
                 status = error.response.status_code
@@ -466,7 +465,7 @@ class AsyncTrainbusClient(_Common):
                                     continue
                                 last = event["seq"]
                             yield event
-                            if until_end and job_id is not None and event["type"] in _END_EVENTS:
+                            if until_end and job_id is not None and event["type"] in RUN_END_EVENTS:
                                 return
             except InvalidStatus as error:
                 status = error.response.status_code

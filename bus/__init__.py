@@ -1,4 +1,5 @@
-"""The trainbus event bus: events, delivery policies, subscribers, control and callbacks.
+"""The trainbus event bus: events, delivery policies, subscribers, control and callbacks, and
+the vocabulary every layer shares (job states, monitor modes, ``Stateful``).
 
 ``bus`` imports nothing else of the project.
 """
@@ -21,10 +22,16 @@ from ._errors import UnknownEventName as UnknownEventName
 from ._errors import WouldBlock as WouldBlock
 from ._events import BATCH_EVENT_TYPES as BATCH_EVENT_TYPES
 from ._events import CALLBACK_EVENT_TYPES as CALLBACK_EVENT_TYPES
-from ._events import TERMINAL_JOB_EVENT_TYPES as TERMINAL_JOB_EVENT_TYPES
 from ._events import Event as Event
 from ._events import EventType as EventType
 from ._events import event_type_for as event_type_for
+from ._job_states import ENDED_STATES as ENDED_STATES
+from ._job_states import TERMINAL_JOB_EVENT_TYPES as TERMINAL_JOB_EVENT_TYPES
+from ._job_states import JobState as JobState
+from ._monitor_mode import MODE_BETTER as MODE_BETTER
+from ._monitor_mode import Mode as Mode
+from ._monitor_mode import improves as improves
+from ._stateful import Stateful as Stateful
 from ._subscriber import Subscriber as Subscriber
 from ._subscriber import SubscriberHandle as SubscriberHandle
 from ._subscription import Subscription as Subscription
@@ -32,6 +39,8 @@ from ._subscription import Subscription as Subscription
 __all__ = [
     "BATCH_EVENT_TYPES",
     "CALLBACK_EVENT_TYPES",
+    "ENDED_STATES",
+    "MODE_BETTER",
     "TERMINAL_JOB_EVENT_TYPES",
     "BusClosed",
     "BusError",
@@ -46,6 +55,9 @@ __all__ = [
     "Event",
     "EventBus",
     "EventType",
+    "JobState",
+    "Mode",
+    "Stateful",
     "Subscriber",
     "SubscriberHandle",
     "Subscription",
@@ -53,4 +65,5 @@ __all__ = [
     "UnknownEventName",
     "WouldBlock",
     "event_type_for",
+    "improves",
 ]

@@ -11,7 +11,6 @@ from ._errors import UnknownEventName
 __all__ = [
     "BATCH_EVENT_TYPES",
     "CALLBACK_EVENT_TYPES",
-    "TERMINAL_JOB_EVENT_TYPES",
     "Event",
     "EventType",
     "event_type_for",
@@ -100,12 +99,6 @@ BATCH_EVENT_TYPES: frozenset[EventType] = frozenset(
     }
 )
 """High-rate, per-batch event types (thinned by ``batch_event_every`` and store retention)."""
-
-TERMINAL_JOB_EVENT_TYPES: frozenset[EventType] = frozenset(
-    {EventType.JOB_COMPLETED, EventType.JOB_STOPPED, EventType.JOB_FAILED}
-)
-"""Events that end a job's run."""
-
 
 def event_type_for(name: str | EventType) -> EventType:
     """Return the event type for ``name``: an event type or an Ultralytics callback name.

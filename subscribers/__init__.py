@@ -31,7 +31,6 @@ from ._lr_plateau import LRPlateauController as LRPlateauController
 from ._prometheus import PrometheusExporter as PrometheusExporter
 from ._resources import ResourceMonitor as ResourceMonitor
 from ._store import EventStore as EventStore
-from ._trainer import Stateful as Stateful
 from ._trainer import TrainerLike as TrainerLike
 
 __all__ = [
@@ -50,7 +49,6 @@ __all__ = [
     "LRPlateauController",
     "PrometheusExporter",
     "ResourceMonitor",
-    "Stateful",
     "SubscribersError",
     "TrainerLike",
     "UnsafeCheckpoint",

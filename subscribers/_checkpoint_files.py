@@ -34,6 +34,8 @@ from typing import Any, Literal
 
 import torch
 
+from bus import Mode
+
 from ._checkpoint_layout import (
     _ALIASES,
     FORMAT_VERSION,
@@ -41,7 +43,6 @@ from ._checkpoint_layout import (
     STATE_FILE,
     TEMP_PREFIX,
     CheckpointInfo,
-    Mode,
     _finite_or_none,
     checkpoints_dir,
     list_checkpoints,

@@ -25,10 +25,8 @@ __all__ = [
     "STATE_FILE",
     "TEMP_PREFIX",
     "CheckpointInfo",
-    "Mode",
     "checkpoint_path",
     "checkpoints_dir",
-    "is_better",
     "list_checkpoints",
     "plain_name",
     "read_manifest",
@@ -47,7 +45,6 @@ BEST_POINTER = "best.json"
 TEMP_PREFIX = ".tmp-"
 _ALIASES = {"latest": LATEST_POINTER, "last": LATEST_POINTER, "best": BEST_POINTER}
 
-Mode = Literal["min", "max"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,15 +117,6 @@ def _finite_or_none(value: Any) -> float | None:
     if isinstance(value, int | float) and math.isfinite(value):
         return float(value)
     return None
-
-
-def is_better(value: float, reference: float | None, mode: Mode) -> bool:
-    """True when ``value`` beats ``reference`` (None: anything finite beats it)."""
-    if not math.isfinite(value):
-        return False
-    if reference is None:
-        return True
-    return value < reference if mode == "min" else value > reference
 
 
 def checkpoints_dir(job_dir: Path) -> Path:

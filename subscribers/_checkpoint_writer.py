@@ -8,11 +8,11 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import anyio
 
-from bus import DeliveryPolicy, EventBus, EventType, Subscriber
+from bus import DeliveryPolicy, EventBus, EventType, Mode, Subscriber, improves
 
 from ._checkpoint_files import (
     apply_retention,
@@ -21,7 +21,7 @@ from ._checkpoint_files import (
     write_checkpoint,
     write_pointer,
 )
-from ._checkpoint_layout import CheckpointInfo, is_better, list_checkpoints, read_pointer
+from ._checkpoint_layout import CheckpointInfo, list_checkpoints, read_pointer
 from ._snapshot import snapshot
 from ._trainer import TrainerLike
 
@@ -129,7 +129,7 @@ class CheckpointWriter(Subscriber):
         job_dir: Path,
         bus: EventBus | None,
         monitor: str = "val_loss",
-        mode: Literal["min", "max"] = "min",
+        mode: Mode = "min",
         every_n_epochs: int | None = 1,
         every_n_steps: int | None = None,
         keep_last: int = 1,
@@ -145,7 +145,7 @@ class CheckpointWriter(Subscriber):
         self.job_dir = Path(job_dir)
         self.bus = bus
         self.monitor = monitor
-        self.mode: Literal["min", "max"] = mode
+        self.mode: Mode = mode
         self.every_n_epochs = every_n_epochs or None
         self.every_n_steps = every_n_steps or None
         self.keep_last = max(int(keep_last), 1)
@@ -203,7 +203,7 @@ class CheckpointWriter(Subscriber):
             value = info.monitor_value
             if info.monitor != self.monitor or value is None:
                 continue
-            if best is None or is_better(value, best.monitor_value, self.mode):
+            if best is None or improves(value, best.monitor_value, self.mode):
                 best = info
         return best
 
@@ -224,7 +224,7 @@ class CheckpointWriter(Subscriber):
         improved = (
             self.keep_best > 0
             and value is not None
-            and is_better(value, self._best_value, self.mode)
+            and improves(value, self._best_value, self.mode)
         )
         if reason == "epoch_end":
             periodic = (

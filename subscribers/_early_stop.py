@@ -8,11 +8,21 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from bus import ControlChannel, ControlError, DeliveryPolicy, Event, EventBus, EventType, Subscriber
+from bus import (
+    ControlChannel,
+    ControlError,
+    DeliveryPolicy,
+    Event,
+    EventBus,
+    EventType,
+    Mode,
+    Subscriber,
+    improves,
+)
 
 from ._snapshot import snapshot
 from ._trainer import TrainerLike
@@ -58,7 +68,7 @@ class EarlyStopping:
     def __init__(
         self,
         *,
-        mode: Literal["min", "max"] = "min",
+        mode: Mode = "min",
         patience: int = 3,
         min_delta: float = 0.0,
         baseline: float | None = None,
@@ -85,10 +95,8 @@ class EarlyStopping:
         self.stopped: EarlyStopDecision | None = None
         self._last: EarlyStopDecision | None = None
 
-    def _better(self, value: float, reference: float, delta: float = 0.0) -> bool:
-        if self.mode == "min":
-            return value < reference - delta
-        return value > reference + delta
+    def _better(self, value: float, reference: float | None, delta: float = 0.0) -> bool:
+        return improves(value, reference, self.mode, delta)
 
     def update(self, epoch: int, value: float) -> EarlyStopDecision | None:
         """Take the monitored ``value`` of ``epoch``; None when the check is ignored."""
@@ -120,9 +128,7 @@ class EarlyStopping:
                 EarlyStopReason.DIVERGENCE_THRESHOLD,
                 f"{value:.6g} is past the divergence threshold {self.divergence_threshold}",
             )
-        improved = math.isfinite(value) and (
-            self.best is None or self._better(value, self.best, self.min_delta)
-        )
+        improved = self._better(value, self.best, self.min_delta)
         if improved:
             self.best, self.best_epoch = value, epoch
             if self.baseline is None or self._better(value, self.baseline):
@@ -208,7 +214,7 @@ class EarlyStopController(Subscriber):
         channel: ControlChannel,
         bus: EventBus | None,
         monitor: str = "val_loss",
-        mode: Literal["min", "max"] = "min",
+        mode: Mode = "min",
         patience: int = 3,
         min_delta: float = 0.0,
         baseline: float | None = None,

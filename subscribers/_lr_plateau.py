@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
-from bus import ControlChannel, ControlError, DeliveryPolicy, Event, EventBus, Subscriber
+from bus import (
+    ControlChannel,
+    ControlError,
+    DeliveryPolicy,
+    Event,
+    EventBus,
+    Mode,
+    Subscriber,
+    improves,
+)
 
 from ._trainer import TrainerLike
 
@@ -30,7 +38,7 @@ class LRPlateau:
     def __init__(
         self,
         *,
-        mode: Literal["min", "max"] = "min",
+        mode: Mode = "min",
         factor: float = 0.1,
         patience: int = 2,
         min_delta: float = 1e-4,
@@ -54,11 +62,7 @@ class LRPlateau:
         self._last_result: float | None = None
 
     def _better(self, value: float) -> bool:
-        if self.mode == "min":
-            best = math.inf if self.best is None else self.best
-            return value < best - self.min_delta
-        best = -math.inf if self.best is None else self.best
-        return value > best + self.min_delta
+        return improves(value, self.best, self.mode, self.min_delta)
 
     def update(self, epoch: int, value: float, lr: float) -> float | None:
         """Take ``epoch``'s monitored ``value`` and current ``lr``; the new lr, or None."""
@@ -134,7 +138,7 @@ class LRPlateauController(Subscriber):
         channel: ControlChannel,
         bus: EventBus | None = None,
         monitor: str = "val_loss",
-        mode: Literal["min", "max"] = "min",
+        mode: Mode = "min",
         factor: float = 0.1,
         patience: int = 2,
         min_delta: float = 1e-4,

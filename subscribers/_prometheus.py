@@ -26,7 +26,16 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from bus import BATCH_EVENT_TYPES, DeliveryPolicy, Event, EventBus, EventType, Subscriber
+from bus import (
+    BATCH_EVENT_TYPES,
+    ENDED_STATES,
+    DeliveryPolicy,
+    Event,
+    EventBus,
+    EventType,
+    JobState,
+    Subscriber,
+)
 
 from ._prometheus_bus import collect_bus
 
@@ -34,18 +43,10 @@ __all__ = ["PrometheusExporter"]
 
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 CHECKPOINT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-JOB_STATES = ("queued", "running", "paused", "completed", "stopped", "failed", "interrupted")
-_STATE_OF_EVENT = {
-    EventType.JOB_QUEUED: "queued",
-    EventType.JOB_STARTED: "running",
-    EventType.JOB_RESUMED: "running",
-    EventType.JOB_PAUSED: "paused",
-    EventType.JOB_COMPLETED: "completed",
-    EventType.JOB_STOPPED: "stopped",
-    EventType.JOB_FAILED: "failed",
-    EventType.JOB_INTERRUPTED: "interrupted",
+_STATE_OF_EVENT: dict[EventType, str] = {
+    **{state.event_type: state.value for state in JobState},
+    EventType.JOB_RESUMED: JobState.RUNNING.value,
 }
-_ENDED_STATES = frozenset({"completed", "stopped", "failed", "interrupted"})
 # Runs of events of one job and type; with the type's class, as a str equal to an EventType
 # (StrEnum) is not one for ``_observe``.
 _JOB_AND_TYPE = attrgetter("job_id", "type", "type.__class__")
@@ -172,7 +173,7 @@ class PrometheusExporter(Subscriber):
         self._clock = clock
         self._lock = threading.Lock()
         self._jobs: dict[str, _Job] = {}
-        self._ended_counts = dict.fromkeys(JOB_STATES, 0)  # states of pruned jobs
+        self._ended_counts = {state.value: 0 for state in JobState}  # states of pruned jobs
         self._checkpoint_seconds = _Histogram(CHECKPOINT_BUCKETS)
         self._gpus: dict[int, dict[str, Any]] = {}
         self._host_cpu: float | None = None
@@ -238,7 +239,7 @@ class PrometheusExporter(Subscriber):
         state = _STATE_OF_EVENT.get(kind)
         if state is not None:
             job.state = state
-            job.ended_at = self._clock() if state in _ENDED_STATES else None
+            job.ended_at = self._clock() if state in ENDED_STATES else None
             job.last_batch = None
         epoch, step = _number(data.get("epoch")), _number(data.get("step"))
         if epoch is not None:
@@ -389,7 +390,7 @@ class PrometheusExporter(Subscriber):
             if job.state is not None:
                 by_state[job.state] += 1
         jobs = GaugeMetricFamily("trainbus_jobs", "Jobs by state.", labels=["state"])
-        for state in JOB_STATES:
+        for state in JobState:
             jobs.add_metric([state], by_state[state])
         yield jobs
 

@@ -7,17 +7,9 @@ from typing import Any, Protocol
 
 import torch
 
-from bus import ControlChannel
+from bus import ControlChannel, Stateful
 
-__all__ = ["Stateful", "TrainerLike"]
-
-
-class Stateful(Protocol):
-    """An object whose state travels in checkpoints."""
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+__all__ = ["TrainerLike"]
 
 
 class TrainerLike(Protocol):

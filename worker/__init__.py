@@ -17,10 +17,8 @@ from ._inference import ReadyModel as ReadyModel
 from ._inference import load_model as load_model
 from ._manager import JobHandle as JobHandle
 from ._manager import JobManager as JobManager
-from ._records import ENDED_STATES as ENDED_STATES
 from ._records import JobFailure as JobFailure
 from ._records import JobRecord as JobRecord
-from ._records import JobState as JobState
 from ._registry import DatasetEntry as DatasetEntry
 from ._registry import ModelEntry as ModelEntry
 from ._registry import Registry as Registry
@@ -39,7 +37,6 @@ from ._trainer import RunResult as RunResult
 from ._trainer import Trainer as Trainer
 
 __all__ = [
-    "ENDED_STATES",
     "CheckpointSpec",
     "DatasetEntry",
     "DatasetError",
@@ -54,7 +51,6 @@ __all__ = [
     "JobNotFound",
     "JobRecord",
     "JobSpec",
-    "JobState",
     "LRPlateauSpec",
     "ManagerClosed",
     "ModelEntry",

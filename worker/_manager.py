@@ -22,6 +22,7 @@ import torch
 from anyio.abc import TaskGroup
 
 from bus import (
+    ENDED_STATES,
     Command,
     CommandKind,
     ControlChannel,
@@ -29,6 +30,7 @@ from bus import (
     Event,
     EventBus,
     EventType,
+    JobState,
     Subscriber,
     SubscriberHandle,
 )
@@ -36,7 +38,7 @@ from bus import (
 from ._building import check_runtime
 from ._errors import IllegalTransition, JobNotFound, ManagerClosed, SpecError
 from ._memory import estimate_memory, format_bytes
-from ._records import ENDED_STATES, TRANSITIONS, JobFailure, JobRecord, JobState, JobStore
+from ._records import TRANSITIONS, JobFailure, JobRecord, JobStore
 from ._registry import Registry, default_registry
 from ._spec import JobSpec
 from ._trainer import Outcome, RunResult, Trainer

@@ -1,4 +1,5 @@
-"""Job records, their states and legal transitions, persisted in SQLite."""
+"""Job records and the legal transitions between their states (``bus.JobState``), persisted in
+SQLite."""
 
 from __future__ import annotations
 
@@ -15,32 +16,9 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from bus import EventType
+from bus import JobState
 
-__all__ = ["ENDED_STATES", "TRANSITIONS", "JobFailure", "JobRecord", "JobState", "JobStore"]
-
-
-class JobState(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    PAUSED = "paused"
-    COMPLETED = "completed"
-    STOPPED = "stopped"
-    FAILED = "failed"
-    INTERRUPTED = "interrupted"
-
-    @property
-    def event_type(self) -> EventType:
-        """The ``job_*`` event published when a job enters this state."""
-        return {
-            JobState.QUEUED: EventType.JOB_QUEUED,
-            JobState.RUNNING: EventType.JOB_STARTED,
-            JobState.PAUSED: EventType.JOB_PAUSED,
-            JobState.COMPLETED: EventType.JOB_COMPLETED,
-            JobState.STOPPED: EventType.JOB_STOPPED,
-            JobState.FAILED: EventType.JOB_FAILED,
-            JobState.INTERRUPTED: EventType.JOB_INTERRUPTED,
-        }[self]
+__all__ = ["TRANSITIONS", "JobFailure", "JobRecord", "JobStore"]
 
 
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
@@ -70,11 +48,6 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 }
 """Legal state changes. A paused job may still complete (a controller stop at the boundary
 where it paused) or fail."""
-
-ENDED_STATES = frozenset(
-    {JobState.COMPLETED, JobState.STOPPED, JobState.FAILED, JobState.INTERRUPTED}
-)
-
 
 class JobFailure(BaseModel):
     """Why a job failed: the exception's type and message."""

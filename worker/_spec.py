@@ -16,6 +16,8 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails
 
+from bus import Mode
+
 from ._errors import SpecError
 from ._numbers import Bool, Float, Int, not_a_boolean
 from ._registry import default_registry
@@ -33,7 +35,6 @@ __all__ = [
 ]
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
-Mode = Literal["min", "max"]
 
 
 def _finite(value: float | None, name: str) -> float | None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from time import time as _now
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from bus import (
     Event,
     EventBus,
     EventType,
+    Stateful,
 )
 
 from ._batch_events import BatchEventBuffer
@@ -37,7 +38,7 @@ from ._spec import JobSpec
 from ._state import capture_rng_state, restore_rng_state
 from ._threads import torch_threads
 
-__all__ = ["Outcome", "RunResult", "Stateful", "Trainer"]
+__all__ = ["Outcome", "RunResult", "Trainer"]
 
 logger = logging.getLogger("trainbus.worker")
 
@@ -53,11 +54,6 @@ CONTROLLER_SOURCES = frozenset({"early_stop", "lr_plateau"})
 """Stops from these sources end a job ``completed`` with its ``stop_reason`` set, as Keras,
 Lightning and Ultralytics end an early-stopped run normally."""
 
-
-class Stateful(Protocol):
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
 class Outcome(StrEnum):
