@@ -27,7 +27,7 @@ from subscribers import list_checkpoints, load_checkpoint, verify_checkpoint
 
 from ..api.server import make_settings, run_server
 from ._kill_server import Server, ServerZygote, all_events, live_events
-from .conftest import poll, record, sized
+from .conftest import poll, record, sized, unfinished_checkpoint_entries
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -220,7 +220,8 @@ def test_sigkill_at_random_moments_loses_nothing_durable_and_resumes_exactly(
         assert killed_model.keys() == never_killed.keys()
         differing = [k for k in killed_model if not torch.equal(killed_model[k], never_killed[k])]
         assert not differing, f"after {KILLS} kills these tensors differ: {differing}"
-        assert not _temporary_entries(job_dir), "temporary checkpoint files were left behind"
+        unfinished = unfinished_checkpoint_entries(job_dir)
+        assert not unfinished, f"unfinished checkpoint files were left behind: {unfinished}"
     finally:
         zygote.close()
     record(
