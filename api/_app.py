@@ -34,7 +34,7 @@ from ._auth import (
     write_token_file,
 )
 from ._errors import install_error_handlers
-from ._history import EventHistory, EventSource
+from ._history import EventHistory, EventSource, seq_guard_of
 from ._hub import EventHub
 from ._limits import BodyLimitMiddleware, PathGuardMiddleware, known_query_parameters
 from ._metrics import HubCollector
@@ -132,6 +132,7 @@ def create_app(
             await group.start(hub.run)
             try:
                 async with factory(settings, bus) as built:
+                    hub.seq_guard = seq_guard_of(built.history)
                     services = Services(
                         settings=settings,
                         bus=bus,
