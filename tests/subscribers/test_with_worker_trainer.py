@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import anyio
-import pytest
 
+import worker
 from bus import ControlChannel, EventBus, EventType
 from subscribers import (
     CheckpointWriter,
@@ -15,8 +15,6 @@ from subscribers import (
     latest_valid_state,
     list_checkpoints,
 )
-
-worker = pytest.importorskip("worker")
 
 
 async def test_real_trainer_checkpoints_and_early_stop(data_dir: Path) -> None:
