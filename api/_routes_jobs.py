@@ -258,7 +258,7 @@ async def download_checkpoint(
         finally:
             file.close()
 
-    disposition = f"attachment; filename=\"{job_id}-{name}.pt\""
+    disposition = f'attachment; filename="{job_id}-{name}.pt"'
     return StreamingResponse(
         chunks(),
         media_type="application/octet-stream",

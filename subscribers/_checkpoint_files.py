@@ -11,7 +11,8 @@ Layout of one job's checkpoints::
         best.json                       pointer to the best checkpoint by the monitored metric
         .tmp-*                          work in progress; removed at start-up
 
-A checkpoint is written into ``.tmp-<name>-<random>/`` on the same filesystem, every file is
+A checkpoint is written into ``.tmp-<name>-<random>/`` on the same filesystem with ``os``
+calls (a short ``os.write`` is followed by the rest, never taken for the whole), every file is
 fsynced, ``manifest.json`` is written last, the folder is renamed to ``<name>`` and the parent
 folder fsynced. Names are unique (a suffix is added if needed), so a rename never replaces a
 checkpoint. Only then does a pointer move (written the same way: temporary file, fsync,

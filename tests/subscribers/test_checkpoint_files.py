@@ -147,6 +147,11 @@ def test_clean_orphans(tmp_path: Path) -> None:
     assert sorted(clean_orphans(tmp_path)) == [".tmp-epoch-0002-abcd", ".tmp-latest-1234.json"]
     assert unfinished_checkpoint_entries(tmp_path) == []
     assert load_checkpoint(tmp_path)["epoch"] == 1
+    # what a write in place cut short would leave: the leftover check names it
+    (folder / "epoch-0003-step-00000003").mkdir()
+    (folder / "epoch-0003-step-00000003" / "state.pt").write_bytes(b"partial")
+    unfinished = unfinished_checkpoint_entries(tmp_path)
+    assert [entry.split()[0] for entry in unfinished] == ["epoch-0003-step-00000003"]
 
 
 def test_checkpoints_are_never_read_through_symbolic_links(tmp_path: Path) -> None:
