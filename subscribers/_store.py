@@ -206,9 +206,10 @@ class EventStore(Subscriber):
     """Keeps every event of every job in SQLite; the API replays history from it.
 
     Attach it to the bus (lossless, large batches): each batch the bus hands over is written
-    in one transaction on a worker thread, never on the event loop. ``gap`` events are not
-    stored. The database is ``<data>/trainbus.db`` (shared with the job manager's ``jobs``
-    table), opened in WAL mode with a busy timeout so that both connections coexist.
+    in one transaction on a worker thread, never on the event loop. The bus's ``gap`` notices
+    are not stored (the store writes its own after a crash, see below). The database is
+    ``<data>/trainbus.db`` (shared with the job manager's ``jobs`` table), opened in WAL mode
+    with a busy timeout so that both connections coexist.
 
     Reads (:meth:`read`, :meth:`last_seq`) and :meth:`delete_job` are synchronous and do
     SQLite I/O: call them from a thread (``anyio.to_thread.run_sync``) in async code.
