@@ -356,8 +356,8 @@ class EventHub:
             if seq > guard.reserved_seq(job_id):
                 try:
                     await anyio.to_thread.run_sync(guard.reserve, job_id, seq)
-                except Exception:
-                    logger.exception("cannot reserve seq %d of job %s; not sent live", seq, job_id)
+                except Exception as error:  # a closed or failing store: report, never reuse
+                    logger.warning("seq %d of job %s not sent live: %s", seq, job_id, error)
                     refused.add(job_id)
         return frozenset(refused)
 
