@@ -37,7 +37,7 @@ from ._connections import ConnectionGuard
 from ._dashboard import public_paths as dashboard_paths
 from ._dashboard import router as dashboard_router
 from ._errors import install_error_handlers
-from ._history import EventHistory, EventSource
+from ._history import EventHistory, EventSource, seq_guard_of
 from ._hub import EventHub
 from ._limits import BodyLimitMiddleware, PathGuardMiddleware, known_query_parameters
 from ._metrics import ConnectionCollector, HubCollector
@@ -131,6 +131,7 @@ def create_app(
             group.start_soon(hub.let_go_stalled_senders, settings.ws_send_timeout)
             try:
                 async with factory(settings, bus) as built:
+                    hub.seq_guard = seq_guard_of(built.history)
                     services = Services(
                         settings=settings,
                         bus=bus,

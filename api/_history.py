@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import anyio
 
 from bus import Event, EventType
 
-__all__ = ["EventHistory", "EventSource"]
+__all__ = ["EventHistory", "EventSource", "SeqGuard", "seq_guard_of"]
 
 
 class EventSource(Protocol):
@@ -30,6 +30,24 @@ class EventSource(Protocol):
     ) -> Any: ...
 
     def last_seq(self, job_id: str) -> Any: ...
+
+
+class SeqGuard(Protocol):
+    """A store that reserves seqs durably before the live stream sends them, so that a seq a
+    client saw never names another event after a crash (``subscribers.EventStore``)."""
+
+    def reserved_seq(self, job_id: str) -> int: ...
+
+    def reserve(self, job_id: str, seq: int) -> None: ...
+
+
+def seq_guard_of(source: object) -> SeqGuard | None:
+    """``source`` as a :class:`SeqGuard` when it is one (None otherwise)."""
+    if callable(getattr(source, "reserve", None)) and callable(
+        getattr(source, "reserved_seq", None)
+    ):
+        return cast(SeqGuard, source)
+    return None
 
 
 async def _call(method: Any, *args: Any, **kwargs: Any) -> Any:

@@ -23,6 +23,8 @@ from anyio.abc import TaskStatus
 
 from bus import DeliveryPolicy, Event, EventBus, EventType
 
+from ._history import SeqGuard
+
 __all__ = [
     "ClientBuffer",
     "EventHub",
@@ -272,6 +274,10 @@ class EventHub:
         self._subscription = bus.subscribe(
             "websocket_hub", buffer_size=buffer_size, policy=DeliveryPolicy.DROP_OLDEST
         )
+        self.seq_guard: SeqGuard | None = None
+        """When set, no event is sent before its seq is durably reserved there (a seq a client
+        saw never names another event after a crash); a job whose seqs cannot be reserved has
+        its events reported to its clients as a gap instead."""
 
     def add(
         self,
@@ -347,8 +353,9 @@ class EventHub:
                 except anyio.EndOfStream:
                     break
                 started = clock()
+                refused = await self._reserve(batch)
                 try:
-                    self._fan_out(batch)
+                    self._fan_out(batch, refused)
                 except Exception:  # a bug here must not end live streaming for everyone
                     logger.exception("websocket hub failed to fan out %d events", len(batch))
                 # Under load, gather events for a few milliseconds before the next round:
@@ -360,13 +367,32 @@ class EventHub:
         for client in self.clients():
             client.close()
 
+    async def _reserve(self, batch: list[Event]) -> frozenset[str]:
+        """Reserve the seqs of ``batch`` with the guard; return the jobs it refused."""
+        guard = self.seq_guard
+        if guard is None:
+            return frozenset()
+        highest: dict[str, int] = {}
+        for event in batch:
+            if event.seq > highest.get(event.job_id, 0):
+                highest[event.job_id] = event.seq
+        refused = set()
+        for job_id, seq in highest.items():
+            if seq > guard.reserved_seq(job_id):
+                try:
+                    await anyio.to_thread.run_sync(guard.reserve, job_id, seq)
+                except Exception as error:  # a closed or failing store: report, never reuse
+                    logger.warning("seq %d of job %s not sent live: %s", seq, job_id, error)
+                    refused.add(job_id)
+        return frozenset(refused)
+
     def clients(self) -> list[ClientBuffer]:
         clients = [c for group in self._every_job.values() for c in group]
         for groups in self._by_job.values():
             clients.extend(c for group in groups.values() for c in group)
         return clients
 
-    def _fan_out(self, batch: list[Event]) -> None:
+    def _fan_out(self, batch: list[Event], refused: frozenset[str] = frozenset()) -> None:
         by_job: dict[str, list[Event]] = {}
         for event in batch:
             events = by_job.get(event.job_id)
@@ -392,6 +418,11 @@ class EventHub:
                                 int(notice.data["missed"]),
                             )
             if not events:
+                continue
+            if job_id in refused:  # not reserved: reported missed, never sent
+                for _types, clients in groups:
+                    for client in clients:
+                        client._gap(job_id, events[0].seq, events[-1].seq, len(events))
                 continue
             self._events += len(events)
             if not groups:

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Body, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
 
 from bus import JobState, event_type_for
+from subscribers import CheckpointCorrupt, CheckpointNotFound
 from worker import DatasetError, JobSpec, resolve_dataset_file
 
-from ._errors import ServiceUnavailable
+from ._errors import NotFound, ServiceUnavailable
 from ._hub import finite
 from ._schemas import (
     JOB_ID_PATTERN,
@@ -295,7 +298,34 @@ async def download_checkpoint(
             examples=["best"],
         ),
     ],
-) -> FileResponse:
+) -> Response:
     """The checkpoint's state file (load it with ``torch.load(..., weights_only=True)``)."""
-    path = await services_of(request).jobs.checkpoint_file(job_id, name)
-    return FileResponse(path, media_type="application/octet-stream", filename=f"{job_id}-{name}.pt")
+    gone = NotFound(
+        f"checkpoint {name!r} of job {job_id!r} was deleted by the job's retention while it "
+        f"was being read: list them again with GET /jobs/{job_id}/checkpoints"
+    )
+    jobs = services_of(request).jobs
+    try:
+        path = await jobs.checkpoint_file(job_id, name)
+        # Open before answering: retention may delete the checkpoint at any moment, and an open
+        # file stays readable after its name is gone, so the download is whole or a 404.
+        file = await anyio.to_thread.run_sync(open, path, "rb")
+    except (CheckpointCorrupt, CheckpointNotFound, FileNotFoundError):
+        if name not in {info["name"] for info in await jobs.checkpoints(job_id)}:
+            raise gone from None
+        raise CheckpointCorrupt(f"checkpoint {name!r} of job {job_id!r} cannot be read") from None
+    size = os.fstat(file.fileno()).st_size
+
+    async def chunks() -> AsyncIterator[bytes]:
+        try:
+            while chunk := await anyio.to_thread.run_sync(file.read, 1 << 20):
+                yield chunk
+        finally:
+            file.close()
+
+    disposition = f'attachment; filename="{job_id}-{name}.pt"'
+    return StreamingResponse(
+        chunks(),
+        media_type="application/octet-stream",
+        headers={"content-length": str(size), "content-disposition": disposition},
+    )

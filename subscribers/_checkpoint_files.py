@@ -11,7 +11,8 @@ Layout of one job's checkpoints::
         best.json                       pointer to the best checkpoint by the monitored metric
         .tmp-*                          work in progress; removed at start-up
 
-A checkpoint is written into ``.tmp-<name>-<random>/`` on the same filesystem, every file is
+A checkpoint is written into ``.tmp-<name>-<random>/`` on the same filesystem with ``os``
+calls (a short ``os.write`` is followed by the rest, never taken for the whole), every file is
 fsynced, ``manifest.json`` is written last, the folder is renamed to ``<name>`` and the parent
 folder fsynced. Names are unique (a suffix is added if needed), so a rename never replaces a
 checkpoint. Only then does a pointer move (written the same way: temporary file, fsync,
@@ -20,6 +21,8 @@ checkpoint. Only then does a pointer move (written the same way: temporary file,
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -68,11 +71,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class _HashingWriter(io.RawIOBase):
-    """A binary file that hashes and counts what goes through it (one pass over the data)."""
+def _write_all(fd: int, data: memoryview) -> None:
+    """Write all of ``data`` to ``fd``: ``os.write`` may take only part of it (a signal, a
+    filling disk), and the rest must follow, or the file would silently lack bytes."""
+    while data:
+        written = os.write(fd, data)
+        if written <= 0:  # never seen on Linux; looping on it would never end
+            raise OSError(errno.EIO, f"write accepted {written} bytes")
+        data = data[written:]
 
-    def __init__(self, file: io.BufferedWriter) -> None:
-        self.file = file
+
+class _HashingSink(io.RawIOBase):
+    """A file descriptor as a binary stream that hashes and counts what goes through it."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
         self.sha256 = hashlib.sha256()
         self.size = 0
 
@@ -80,18 +93,36 @@ class _HashingWriter(io.RawIOBase):
         return True
 
     def write(self, data: Any) -> int:
-        view = memoryview(data)
+        view = memoryview(data).cast("B")
         self.sha256.update(view)
-        self.file.write(view)
+        _write_all(self.fd, view)
         self.size += view.nbytes
         return view.nbytes
 
 
+def _create(path: Path) -> int:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    return os.open(path, flags, 0o644)
+
+
+def _make_dirs(directory: Path) -> None:
+    """Create ``directory`` (and missing parents) durably: a folder whose entry is lost to a
+    power cut takes every checkpoint in it along."""
+    if directory.is_dir():
+        return
+    _make_dirs(directory.parent)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(directory)
+    _fsync_dir(directory.parent)
+
+
 def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
-    with open(path, "wb") as file:
-        file.write(json.dumps(payload, indent=2, sort_keys=True).encode())
-        file.flush()
-        os.fsync(file.fileno())
+    fd = _create(path)
+    try:
+        _write_all(fd, memoryview(json.dumps(payload, indent=2, sort_keys=True).encode()))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _unique_name(directory: Path, base: str) -> str:
@@ -131,20 +162,22 @@ def write_checkpoint(
     left to the caller (:func:`write_pointer`, :func:`apply_retention`).
     """
     directory = checkpoints_dir(job_dir)
-    directory.mkdir(parents=True, exist_ok=True)
+    _make_dirs(directory)
     name = _unique_name(directory, name or f"epoch-{epoch + 1:04d}-step-{step:08d}")
     temp = directory / f"{TEMP_PREFIX}{name}-{secrets.token_hex(4)}"
-    temp.mkdir()
+    os.mkdir(temp)
     try:
         clean_metrics = {
             str(k): float(v) for k, v in (metrics or {}).items() if isinstance(v, int | float)
         }
-        with open(temp / STATE_FILE, "wb") as raw:
-            hashing = _HashingWriter(raw)
+        fd = _create(temp / STATE_FILE)
+        try:
+            hashing = _HashingSink(fd)
             with io.BufferedWriter(hashing, buffer_size=1 << 20) as buffered:
                 torch.save(state, buffered)
-            raw.flush()
-            os.fsync(raw.fileno())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         manifest = {
             "format_version": FORMAT_VERSION,
             "serial": (
@@ -184,7 +217,8 @@ def write_pointer(job_dir: Path, which: Literal["latest", "best"], info: Checkpo
         _write_json(temp, {"name": info.name, "serial": info.serial, "step": info.step})
         os.replace(temp, target)
     except BaseException:
-        temp.unlink(missing_ok=True)  # the pointer keeps its previous target
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)  # the pointer keeps its previous target
         raise
     _fsync_dir(directory)
 
@@ -255,7 +289,8 @@ def clean_orphans(job_dir: Path) -> list[str]:
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)
             else:
-                path.unlink(missing_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
             removed.append(path.name)
     if removed:
         _fsync_dir(directory)

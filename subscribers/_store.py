@@ -20,6 +20,7 @@ import heapq
 import json
 import sqlite3
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import chain, islice
@@ -67,7 +68,22 @@ _SCHEMA = (
         PRIMARY KEY (job_id, last_seq)
     )
     """,
+    # Per job, a seq at or above every seq the live stream may have sent (see ``reserve``).
+    """
+    CREATE TABLE IF NOT EXISTS seq_reservations (
+        job_id TEXT PRIMARY KEY,
+        reserved INTEGER NOT NULL
+    ) WITHOUT ROWID
+    """,
 )
+_RESERVE = (
+    "INSERT INTO seq_reservations VALUES (?, ?) ON CONFLICT (job_id) "
+    "DO UPDATE SET reserved = MAX(reserved, excluded.reserved)"
+)
+RESERVE_AHEAD = 8192
+"""How far past the last stored seq a job's reservation reaches: more than the store's buffer
+and batch, so the live stream waits for a reservation only when the store falls far behind
+(a crash costs the job at most this many seq numbers, never a reused one)."""
 _INSERT_CHUNK = "INSERT OR REPLACE INTO batch_events VALUES (?, ?, ?, ?, ?)"
 # A batch of a job's events goes in as one JSON array, which SQLite takes apart itself
 # (json_each): encoding the array is one orjson call, and SQLite parses and inserts it with the
@@ -190,9 +206,10 @@ class EventStore(Subscriber):
     """Keeps every event of every job in SQLite; the API replays history from it.
 
     Attach it to the bus (lossless, large batches): each batch the bus hands over is written
-    in one transaction on a worker thread, never on the event loop. ``gap`` events are not
-    stored. The database is ``<data>/trainbus.db`` (shared with the job manager's ``jobs``
-    table), opened in WAL mode with a busy timeout so that both connections coexist.
+    in one transaction on a worker thread, never on the event loop. The bus's ``gap`` notices
+    are not stored (the store writes its own after a crash, see below). The database is
+    ``<data>/trainbus.db`` (shared with the job manager's ``jobs`` table), opened in WAL mode
+    with a busy timeout so that both connections coexist.
 
     Reads (:meth:`read`, :meth:`last_seq`) and :meth:`delete_job` are synchronous and do
     SQLite I/O: call them from a thread (``anyio.to_thread.run_sync``) in async code.
@@ -204,6 +221,15 @@ class EventStore(Subscriber):
     them while a job runs and deletes them when its terminal event (``job_completed``,
     ``job_stopped``, ``job_failed``) arrives. :meth:`last_seq` counts skipped events too, so
     that a reader waiting for a ``seq`` is not kept waiting.
+
+    Seqs sent live but not yet stored when the server dies must never be reused for other
+    events. So the store keeps, per job, a durable *reservation*: a seq at or above any the live
+    stream may send (:meth:`reserve`, :meth:`reserved_seq`; each commit moves it
+    ``RESERVE_AHEAD`` past what it stores, in the same transaction). When it opens a database
+    whose reservation is past the last stored seq (the server died), it stores a ``gap`` event
+    right after the reservation (``from_seq``, ``to_seq``, ``missed``: the seqs lost, whether
+    used or not) and the job's numbering continues after it. :meth:`close` gives reservations
+    back, so a clean restart adds no gap.
 
     :param path: the SQLite database file.
     :param keep_batch_events: ``all``, ``every_n`` or ``none_after_end``.
@@ -243,6 +269,8 @@ class EventStore(Subscriber):
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._seen: dict[str, int] = {}  # job -> highest seq handled (stored or skipped)
+        self._reserved: dict[str, int] = {}  # job -> durable seq reservation (see ``reserve``)
+        self._closed = False
         self._batch_counts: Counter[tuple[str, EventType]] = Counter()
         self._received = 0
         self._committed = 0
@@ -267,15 +295,77 @@ class EventStore(Subscriber):
 
     def open(self) -> None:
         """Open the database and create the table (done on first use otherwise)."""
+        self._closed = False
         with self._write_lock:
             self._write_connection()
         with self._read_lock:
             self._read_connection()
 
+    def _recover_reservations(self, connection: sqlite3.Connection) -> None:
+        """With the write lock held, on a new write connection: a reservation past a job's last
+        stored seq means the server died with seqs possibly sent but not stored; store a ``gap``
+        naming them after the reservation, and reserve ahead of every job's numbering again
+        (a job that starts before the live stream knows the store is covered too)."""
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            rows = connection.execute(
+                "SELECT r.job_id, r.reserved, MAX("
+                "COALESCE((SELECT MAX(seq) FROM events e WHERE e.job_id = r.job_id), 0), "
+                "COALESCE((SELECT MAX(last_seq) FROM batch_events b WHERE b.job_id = r.job_id), 0))"
+                " FROM seq_reservations r"
+            ).fetchall()
+            reserved: dict[str, int] = {}
+            for job_id, reservation, stored in rows:
+                last = int(stored)
+                if int(reservation) > last:
+                    gap = Event(
+                        job_id,
+                        int(reservation) + 1,
+                        EventType.GAP,
+                        time.time(),
+                        {
+                            "from_seq": last + 1,
+                            "to_seq": int(reservation),
+                            "missed": int(reservation) - last,
+                            "subscriber": "event_store",
+                        },
+                    )
+                    _insert(connection, [gap])
+                    last = gap.seq
+                reserved[job_id] = last + RESERVE_AHEAD
+            connection.executemany(_RESERVE, reserved.items())
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
+        self._reserved = reserved
+
+    def reserved_seq(self, job_id: str) -> int:
+        """The highest seq of ``job_id`` that may be sent live now (durably reserved)."""
+        return self._reserved.get(job_id, 0)
+
+    def reserve(self, job_id: str, seq: int) -> None:
+        """Durably reserve ``job_id``'s seqs up to ``seq`` (and ``RESERVE_AHEAD`` more) before
+        they are sent live. Synchronous: blocks on SQLite."""
+        if self._reserved.get(job_id, 0) >= seq:
+            return
+        if self._closed:  # reopening would give back nothing: the seq must not be sent
+            raise RuntimeError(f"the event store is closed; seq {seq} of {job_id!r} not reserved")
+        with self._transaction() as connection:
+            connection.execute(_RESERVE, (job_id, seq + RESERVE_AHEAD))
+        self._reserved[job_id] = max(self._reserved.get(job_id, 0), seq + RESERVE_AHEAD)
+
+    def _release_reservations(self, connection: sqlite3.Connection) -> None:
+        """With the write lock held, at a clean close: every handled seq is stored, so nothing
+        past it was sent; a restart continues right after the last stored seq."""
+        connection.execute("DELETE FROM seq_reservations")
+        self._reserved = {}
+
     def _write_connection(self) -> sqlite3.Connection:
         """With the write lock held."""
         if self._writer is None:
             self._writer = self._connect(writer=True)
+            self._recover_reservations(self._writer)
         return self._writer
 
     def _read_connection(self) -> sqlite3.Connection:
@@ -289,7 +379,9 @@ class EventStore(Subscriber):
     def close(self) -> None:
         """Close the database connections (a later call reopens them)."""
         with self._write_lock:
+            self._closed = True
             if self._writer is not None:
+                self._release_reservations(self._writer)
                 self._writer.close()
                 self._writer = None
         with self._read_lock:
@@ -333,8 +425,16 @@ class EventStore(Subscriber):
         else:  # seen: skipped events count as handled too
             for event in self._thinned(events, seen, ended):
                 by_job.setdefault(event[0], []).append(event)
-        if by_job or ended:
-            self._commit(by_job, ended)
+        reserve = {
+            job_id: seq + RESERVE_AHEAD
+            for job_id, seq in seen.items()
+            if seq + RESERVE_AHEAD // 2 > self._reserved.get(job_id, 0)
+        }
+        if by_job or ended or reserve:
+            self._commit(by_job, ended, reserve)
+            for job_id, seq in reserve.items():
+                if self._reserved.get(job_id, 0) < seq:
+                    self._reserved[job_id] = seq
         # Only now, so that a reader never sees a seq as handled before it is readable.
         # (Per job, events arrive in seq order: the last one seen is the highest.)
         for job_id, seq in seen.items():
@@ -365,10 +465,14 @@ class EventStore(Subscriber):
             kept.append(event)
         return kept
 
-    def _commit(self, by_job: dict[str, list[Event]], ended: list[str]) -> None:
+    def _commit(
+        self, by_job: dict[str, list[Event]], ended: list[str], reserve: dict[str, int]
+    ) -> None:
         with self._transaction() as connection:
             for events in by_job.values():
                 _insert(connection, events)
+            if reserve:
+                connection.executemany(_RESERVE, reserve.items())
             marks = ",".join("?" * len(_BATCH_TYPES))
             for job_id in ended:
                 connection.execute("DELETE FROM batch_events WHERE job_id = ?", (job_id,))
@@ -502,7 +606,9 @@ class EventStore(Subscriber):
             ).fetchone()
             connection.execute("DELETE FROM batch_events WHERE job_id = ?", (job_id,))
             rows = connection.execute("DELETE FROM events WHERE job_id = ?", (job_id,)).rowcount
+            connection.execute("DELETE FROM seq_reservations WHERE job_id = ?", (job_id,))
         self._seen.pop(job_id, None)
+        self._reserved.pop(job_id, None)
         for key in [key for key in self._batch_counts if key[0] == job_id]:
             del self._batch_counts[key]
         return int(chunked) + rows

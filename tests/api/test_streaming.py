@@ -9,12 +9,14 @@ import threading
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from api import CLOSE_TOO_SLOW
-from bus import EventType
+from api._hub import EventHub
+from bus import EventBus, EventType
 
 from .fakes import FakeJobs
 from .server import LiveServer
@@ -375,3 +377,50 @@ async def test_a_client_that_asks_for_history_and_never_reads_is_closed_too_slow
         before, closed = await _read_until_closed(slow)
     assert closed.rcvd is not None and closed.rcvd.code == CLOSE_TOO_SLOW
     assert before == list(range(1, int(closed.rcvd.reason.rsplit("=", 1)[1]) + 1))
+
+
+class _Reservations:
+    """A seq guard that reserves 10 seqs ahead, and refuses the jobs in ``refuse``."""
+
+    def __init__(self) -> None:
+        self.reserved: dict[str, int] = {}
+        self.refuse: set[str] = set()
+
+    def reserved_seq(self, job_id: str) -> int:
+        return self.reserved.get(job_id, 0)
+
+    def reserve(self, job_id: str, seq: int) -> None:
+        if job_id in self.refuse:
+            raise OSError("disk I/O error")
+        self.reserved[job_id] = seq + 10
+
+
+async def test_the_hub_sends_no_seq_before_it_is_reserved_and_reports_refused_ones_as_gaps() -> (
+    None
+):
+    guard = _Reservations()
+    async with EventBus() as bus, anyio.create_task_group() as group:
+        hub = EventHub(bus, batch_interval=0.0)
+        hub.seq_guard = guard
+        await group.start(hub.run)
+        client = hub.add(job_id=None, types=None, buffer_size=1000, max_lag=10_000)
+        received: list[tuple[str, int]] = []
+        missed: list[tuple[str, int, int, int]] = []
+        for i in range(25):
+            bus.publish("reserved", EventType.TRAIN_BATCH_END, {"i": i})
+            await anyio.lowlevel.checkpoint()  # let the hub take them in several rounds
+        guard.refuse.add("refused")
+        for i in range(5):
+            bus.publish("refused", EventType.TRAIN_BATCH_END, {"i": i})
+        with anyio.fail_after(10):
+            while len(received) < 25 or not missed:
+                await client.wait()
+                gaps, items = client.take(1000)
+                missed.extend(gaps)
+                for job_id, seq, _encoded in items:
+                    # what a client holds was reserved before the hub handed it over
+                    assert seq <= guard.reserved_seq(job_id), (job_id, seq, guard.reserved)
+                    received.append((job_id, seq))
+        hub.close()
+    assert received == [("reserved", seq) for seq in range(1, 26)]
+    assert missed == [("refused", 1, 5, 5)]

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from subscribers import verify_checkpoint
+
 SOAK = os.environ.get("TRAINBUS_SOAK") == "1"
 
 
@@ -45,3 +47,22 @@ def poll(
             return value
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(interval)  # polling interval, bounded by the deadline
+
+
+def unfinished_checkpoint_entries(job_dir: Path) -> list[str]:
+    """Entries of a job's checkpoint folder that a finished write never leaves: temporary
+    names, and folders under a final name whose manifest is missing or does not verify (a
+    checkpoint written in place and cut short would be one)."""
+    folder = job_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    unfinished = []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            unfinished.append(path.name)
+        elif path.is_dir():
+            try:
+                verify_checkpoint(job_dir, path.name)
+            except Exception as error:  # any failure is what this reports
+                unfinished.append(f"{path.name} ({error})")
+    return unfinished

@@ -217,14 +217,21 @@ async def test_route_without_the_token_in_its_place_is_refused(
     body = {"model": {"name": "linear"}, "dataset": {"name": "iris"}, "epochs": 1}
     cases = [(headers, "") for headers in WRONG_TOKENS] + misplaced
     if method == "WS":
-        for headers, query in cases:
-            if "Sec-WebSocket-Protocol" in headers:
-                continue  # the browser subprotocol is the right place on a WebSocket
+        # The browser subprotocol is the right place on a WebSocket: instead of the token
+        # there, it offers a wrong one with every case, then an empty one on its own.
+        attempts = [
+            (headers, query, "trainbus.bearer.wrong-token")
+            for headers, query in cases
+            if "Sec-WebSocket-Protocol" not in headers
+        ]
+        attempts.append(({}, "", "trainbus.bearer."))
+        assert len(attempts) == len(cases)
+        for headers, query, offered in attempts:
             with pytest.raises(InvalidStatus) as refusal:
                 async with connect(
                     matrix.server.ws_url + path + query,
                     additional_headers=headers,
-                    subprotocols=["trainbus", "trainbus.bearer.wrong-token"],  # type: ignore[list-item]
+                    subprotocols=["trainbus", offered],  # type: ignore[list-item]
                     proxy=None,
                 ):
                     pass

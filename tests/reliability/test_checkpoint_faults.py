@@ -1,9 +1,10 @@
 """Disk full, short writes and I/O errors while a real job in a real server checkpoints.
 
-The faults are injected at the lowest layer the checkpoint files use: the ``open`` of
-``subscribers._checkpoint_files`` returns real files whose raw ``write`` accepts only part of
-what it is given or fails with ENOSPC as a full disk does (bytes that fit are written first,
-then the error), and ``os.fsync`` of a state file can fail with EIO. No root is needed.
+The faults are injected at the lowest layer the checkpoint files call: the ``os`` module of
+``subscribers._checkpoint_files`` is replaced by one whose ``write`` (the system call, with no
+buffered layer above it to retry) accepts only part of what it is given or fails with ENOSPC
+as a full disk does (bytes that fit are written first, then the error), and whose ``fsync``
+of a state file can fail with EIO. No root is needed.
 
 What trainbus does, and what this checks: a failed checkpoint write leaves no files behind,
 the ``latest`` and ``best`` pointers keep naming the last good checkpoint (which still
@@ -19,13 +20,12 @@ namespaces that CI machines often disable; the fault layer needs nothing.
 
 from __future__ import annotations
 
-import builtins
 import errno
-import io
 import os
 import random
 import threading
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from subscribers import CheckpointWriter, list_checkpoints, load_checkpoint, ver
 
 from ..api.server import make_settings, run_server
 from ..subscribers.toy import ToyTrainer
-from .conftest import poll, record
+from .conftest import poll, record, unfinished_checkpoint_entries
 
 pytestmark = pytest.mark.slow
 
@@ -90,6 +90,7 @@ class FaultyDisk:
         self.failed_writes: set[str] = set()  # checkpoints or pointers that got an error
         self.short_writes = 0
         self.bytes_before_enospc: list[int] = []
+        self.files: dict[int, _FileBudget] = {}  # open checkpoint files by descriptor
 
     def arm(self, fault: str | None) -> None:
         with self.lock:
@@ -98,11 +99,21 @@ class FaultyDisk:
     def watched(self, path: Path) -> bool:
         return path.is_relative_to(self.root) and "checkpoints" in path.parts
 
-    def open(self, file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
-        path = Path(file)
-        if mode == "wb" and not args and not kwargs and self.watched(path):
-            return io.BufferedWriter(_FaultyFile(path, self))
-        return builtins.open(file, mode, *args, **kwargs)
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)  # everything not faulted is the real os
+
+    def open(self, path: Any, flags: int, mode: int = 0o777) -> int:
+        fd = os.open(path, flags, mode)
+        if flags & os.O_CREAT and self.watched(Path(path)):
+            budget = _FileBudget(Path(path), *self.budget(Path(path)))
+            with self.lock:
+                self.files[fd] = budget
+        return fd
+
+    def close(self, fd: int) -> None:
+        with self.lock:
+            self.files.pop(fd, None)
+        os.close(fd)
 
     def budget(self, path: Path) -> tuple[int | None, int | None]:
         """(bytes this file may take before ENOSPC, most bytes one write call accepts)."""
@@ -126,6 +137,33 @@ class FaultyDisk:
                 return None, 4096
         return None, None
 
+    def write(self, fd: int, data: Any) -> int:
+        """``os.write``: writes what the simulated disk lets through, as the kernel would."""
+        with self.lock:
+            file = self.files.get(fd)
+        if file is None:
+            return os.write(fd, data)
+        view = memoryview(data).cast("B")
+        size = len(view)
+        if file.most is not None and size > 1:
+            size = self.rng.randint(1, min(size, file.most))
+            with self.lock:
+                self.short_writes += size < len(view)
+        if file.left is not None:
+            if file.left == 0 and size:
+                pointer = _kind(file.path) == "latest_pointer"
+                target = file.path.name if pointer else file.path.parent.name
+                with self.lock:
+                    if target not in self.failed_writes:
+                        self.failed_writes.add(target)
+                        self.bytes_before_enospc.append(file.written)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            size = min(size, file.left)  # what fits is written: a short write, then ENOSPC
+            file.left -= size
+        written = os.write(fd, view[:size])
+        file.written += written
+        return written
+
     def fsync(self, fd: int) -> None:
         path = Path(os.readlink(f"/proc/self/fd/{fd}"))
         if self.watched(path) and _kind(path) == "state":
@@ -134,43 +172,17 @@ class FaultyDisk:
                     self.fault, self.fired = None, self.fired + 1
                     self.failed_writes.add(path.parent.name)
                     raise OSError(errno.EIO, os.strerror(errno.EIO))
-        _real_fsync(fd)
+        os.fsync(fd)
 
 
-_real_fsync = os.fsync
+@dataclass
+class _FileBudget:
+    """How much more one open checkpoint file may take (None: no limit)."""
 
-
-class _FaultyFile(io.FileIO):
-    """A real file whose writes stop where the simulated disk says so."""
-
-    def __init__(self, path: Path, disk: FaultyDisk) -> None:
-        super().__init__(path, "w")
-        self.path = path
-        self.disk = disk
-        self.left, self.most = disk.budget(path)
-        self.written = 0
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        size = len(view)
-        if self.most is not None and size > 1:
-            size = self.disk.rng.randint(1, min(size, self.most))
-            with self.disk.lock:
-                self.disk.short_writes += size < len(view)
-        if self.left is not None:
-            if self.left == 0 and size:
-                pointer = _kind(self.path) == "latest_pointer"
-                target = self.path.name if pointer else self.path.parent.name
-                with self.disk.lock:
-                    if target not in self.disk.failed_writes:
-                        self.disk.failed_writes.add(target)
-                        self.disk.bytes_before_enospc.append(self.written)
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
-            size = min(size, self.left)  # what fits is written: a short write, then ENOSPC
-            self.left -= size
-        written = super().write(view[:size])
-        self.written += written or 0
-        return written or 0
+    path: Path
+    left: int | None
+    most: int | None
+    written: int = 0
 
 
 def _checkpoint_outcomes(client: TrainbusClient, job_id: str, after: int) -> list[dict[str, Any]]:
@@ -207,8 +219,8 @@ def _pause_and_settle(client: TrainbusClient, job_id: str, after: int) -> list[d
 
 def _assert_checkpoints_sound(job_dir: Path, latest: str, fault: str) -> None:
     folder = job_dir / "checkpoints"
-    temporary = [p.name for p in folder.iterdir() if p.name.startswith(".tmp-")]
-    assert not temporary, f"{fault}: temporary files left behind: {temporary}"
+    unfinished = unfinished_checkpoint_entries(job_dir)
+    assert not unfinished, f"{fault}: unfinished checkpoint files left behind: {unfinished}"
     assert verify_checkpoint(job_dir, "latest").name == latest, fault
     state = load_checkpoint(job_dir, "latest")  # verified and torch.load(weights_only=True)
     assert state["model"], fault
@@ -223,8 +235,7 @@ def test_disk_full_and_short_writes_never_cost_a_good_checkpoint(
 ) -> None:
     data_dir = tmp_path / "data"
     disk = FaultyDisk(data_dir / "jobs", SEED)
-    monkeypatch.setattr(checkpoint_files, "open", disk.open, raising=False)
-    monkeypatch.setattr(os, "fsync", disk.fsync)
+    monkeypatch.setattr(checkpoint_files, "os", disk)
     settings = make_settings(data_dir)
     started = time.monotonic()
     figures: dict[str, Any] = {}
@@ -254,6 +265,7 @@ def test_disk_full_and_short_writes_never_cost_a_good_checkpoint(
             assert len(failures) == failed_now, (fault, outcomes)
             if fault in ("short_writes", "space_returned"):
                 assert not failures and saved, (fault, outcomes)
+                assert fault != "short_writes" or disk.short_writes, "no write was cut short"
             else:
                 assert failures, (fault, outcomes)
             cause = CAUSES.get(fault, os.strerror(errno.ENOSPC))
@@ -301,7 +313,7 @@ def test_a_best_checkpoint_lost_to_a_full_disk_does_not_raise_the_bar(
     """With only best checkpoints kept at epoch ends, a best one that fails to write must
     not count as the best: a later epoch that beats what is on disk is saved."""
     disk = FaultyDisk(tmp_path / "jobs", SEED)
-    monkeypatch.setattr(checkpoint_files, "open", disk.open, raising=False)
+    monkeypatch.setattr(checkpoint_files, "os", disk)
     job_dir = tmp_path / "jobs" / "best-only"
     writer = CheckpointWriter(
         job_id="best-only", job_dir=job_dir, bus=None, every_n_epochs=None, keep_best=1

@@ -104,8 +104,9 @@ def _check(follower: Follower, stored: list[dict[str, Any]]) -> None:
     assert seqs == list(range(1, len(seqs) + 1)), f"{follower.job_id}: not 1..n exactly once"
     assert follower.events[-1]["type"] in TERMINAL
     end = len(seqs)
-    assert [(e["seq"], e["type"]) for e in follower.events] == [
-        (e["seq"], e["type"]) for e in stored[:end]
+    whole = ("seq", "type", "time", "data")  # whole events, payloads and times included
+    assert [tuple(e[k] for k in whole) for e in follower.events] == [
+        tuple(e[k] for k in whole) for e in stored[:end]
     ], "the streamed events differ from the stored ones"
 
 

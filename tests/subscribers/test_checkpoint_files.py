@@ -23,6 +23,8 @@ from subscribers import (
 )
 from subscribers._checkpoint_files import apply_retention, write_checkpoint, write_pointer
 
+from ..reliability.conftest import unfinished_checkpoint_entries
+
 
 def _state(value: float) -> dict[str, Any]:
     return {"weights": torch.full((4,), value), "epoch": int(value), "nested": [1, (2, "x")]}
@@ -143,8 +145,13 @@ def test_clean_orphans(tmp_path: Path) -> None:
     (folder / ".tmp-epoch-0002-abcd" / "state.pt").write_bytes(b"partial")
     (folder / ".tmp-latest-1234.json").write_text("{")
     assert sorted(clean_orphans(tmp_path)) == [".tmp-epoch-0002-abcd", ".tmp-latest-1234.json"]
-    assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []
+    assert unfinished_checkpoint_entries(tmp_path) == []
     assert load_checkpoint(tmp_path)["epoch"] == 1
+    # what a write in place cut short would leave: the leftover check names it
+    (folder / "epoch-0003-step-00000003").mkdir()
+    (folder / "epoch-0003-step-00000003" / "state.pt").write_bytes(b"partial")
+    unfinished = unfinished_checkpoint_entries(tmp_path)
+    assert [entry.split()[0] for entry in unfinished] == ["epoch-0003-step-00000003"]
 
 
 def test_checkpoints_are_never_read_through_symbolic_links(tmp_path: Path) -> None:

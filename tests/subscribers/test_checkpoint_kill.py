@@ -22,6 +22,8 @@ from subscribers import (
     verify_checkpoint,
 )
 
+from ..reliability.conftest import unfinished_checkpoint_entries
+
 KILLS = 25
 CHILD = Path(__file__).with_name("checkpoint_child.py")
 
@@ -93,9 +95,7 @@ def test_sigkill_during_writes_never_loses_the_newest_committed(tmp_path: Path) 
                 assert torch.all(state["weights"] == int(state["step"]))
             if clean_orphans(job_dir):
                 interrupted += 1
-            folder = job_dir / "checkpoints"
-            leftovers = [p.name for p in folder.iterdir()] if folder.is_dir() else []
-            assert not [name for name in leftovers if name.startswith(".")]
+            assert not unfinished_checkpoint_entries(job_dir)
             if len(committed) > commits_before:
                 # retention ran at that commit (keep_last=2 + keep_best=1); a kill between
                 # the next rename and its retention leaves one more

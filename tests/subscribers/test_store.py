@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from bus import Event, EventBus, EventType
 from subscribers import EventStore
+from subscribers._store import RESERVE_AHEAD
 
 KINDS = [EventType.TRAIN_BATCH_END, EventType.FIT_EPOCH_END, EventType.MODEL_SAVE]
 
@@ -284,3 +285,28 @@ def test_reads_after_a_seq_by_types_with_a_limit_match_a_plain_filter(
                 e for e in events if e.seq > after_seq and (types is None or e.type in types)
             ][:limit]
             assert store.read("a", after_seq=after_seq, types=types, limit=limit) == expected
+
+
+def test_seqs_reserved_before_a_crash_are_never_reused_and_a_gap_names_them(
+    data_dir: Path,
+) -> None:
+    path = data_dir / "trainbus.db"
+    crashed = EventStore(path)
+    crashed.open()
+    crashed.write([_event("job", seq) for seq in range(1, 6)])
+    reserved = crashed.reserved_seq("job")
+    assert reserved >= 5 + RESERVE_AHEAD // 2  # the live stream may send up to here
+    crashed.reserve("job", reserved + 3)  # a burst ran ahead of the store's commits
+    reserved = crashed.reserved_seq("job")
+    # the server dies here: no close, seqs 6..reserved may have been sent live
+    with EventStore(path) as restarted:
+        assert restarted.last_seq("job") == reserved + 1  # numbering goes on after the gap
+        gap = restarted.read("job", after_seq=5)
+        assert [(e.seq, e.type) for e in gap] == [(reserved + 1, EventType.GAP)]
+        assert gap[0].data["from_seq"] == 6 and gap[0].data["to_seq"] == reserved
+        assert gap[0].data["missed"] == reserved - 5
+        restarted.write([_event("job", reserved + 2)])
+    with EventStore(path) as after_a_clean_close:  # reservations given back: no new gap
+        assert after_a_clean_close.last_seq("job") == reserved + 2
+        assert [e.type for e in after_a_clean_close.read("job")].count(EventType.GAP) == 1
+    crashed.close()

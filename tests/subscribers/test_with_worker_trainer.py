@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import pytest
 import torch
 
+import worker
 from bus import ControlChannel, Event, EventBus, EventType
 from subscribers import (
     CheckpointWriter,
@@ -18,8 +18,6 @@ from subscribers import (
     latest_valid_state,
     list_checkpoints,
 )
-
-worker = pytest.importorskip("worker")
 
 
 async def test_real_trainer_checkpoints_and_early_stop(data_dir: Path) -> None:
