@@ -46,9 +46,9 @@ from hypothesis.stateful import (
 from websockets.asyncio.client import connect
 
 from api import create_app
-from bus import ControlChannel, EventBus
+from bus import ControlChannel, EventBus, JobState
 from tests.api.server import LiveServer, make_settings, run_server
-from worker import JobManager, JobSpec, JobState, Outcome, Trainer
+from worker import JobManager, JobSpec, Outcome, Trainer
 from worker._records import TRANSITIONS
 
 from .conftest import record, sized

@@ -14,13 +14,12 @@ import pytest
 import torch
 from torch import nn
 
-from bus import Event, EventBus, EventType, Subscriber, Subscription, WouldBlock
+from bus import Event, EventBus, EventType, JobState, Subscriber, Subscription, WouldBlock
 from worker import (
     IllegalTransition,
     JobHandle,
     JobManager,
     JobNotFound,
-    JobState,
     ModelEntry,
     SpecError,
     Trainer,
