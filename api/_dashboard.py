@@ -22,6 +22,7 @@ import yaml
 from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
+from pydantic import StringConstraints
 
 from bus import Event
 
@@ -161,7 +162,7 @@ async def job_series(
     request: Request,
     job_id: Annotated[str, Path(pattern=JOB_ID_PATTERN, description="The job's id")],
     metric: Annotated[
-        list[str],
+        list[Annotated[str, StringConstraints(pattern=_METRIC_PATTERN)]],
         Query(
             min_length=1,
             max_length=8,

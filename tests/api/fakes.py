@@ -84,7 +84,9 @@ class FakeJobs:
         items = [r for r in self.records.values() if state is None or r["state"] == state]
         return items[offset : offset + limit], len(items)
 
-    async def command(self, job_id: str, kind: str) -> dict[str, Any]:
+    async def command(
+        self, job_id: str, kind: str, value: float | None = None
+    ) -> dict[str, Any]:
         await self.get(job_id)
         return {"command_id": "c1", "job_id": job_id, "command": kind}
 

@@ -90,7 +90,9 @@ def test_every_command_is_there() -> None:
                     []
                     if command in ("serve", "demo", "jobs", "models", "datasets")
                     else ["x", "y"]
-                    if command in ("predict", "set-lr")
+                    if command == "predict"
+                    else ["x", "0.1"]
+                    if command == "set-lr"
                     else ["x"]
                 )
             ).command

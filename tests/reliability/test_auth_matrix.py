@@ -61,6 +61,8 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("POST", "/jobs/{job_id}/pause"): "change",
     ("POST", "/jobs/{job_id}/resume"): "change",
     ("POST", "/jobs/{job_id}/stop"): "change",
+    ("POST", "/jobs/{job_id}/save"): "change",
+    ("POST", "/jobs/{job_id}/set_lr"): "change",
     ("DELETE", "/jobs/{job_id}"): "change",
     ("GET", "/jobs/{job_id}/events"): "read",
     ("GET", "/jobs/{job_id}/checkpoints"): "read",

@@ -218,6 +218,8 @@ def test_serials_keep_rising_across_a_write_that_failed_after_its_rename(
     serials = [info.serial for info in list_checkpoints(tmp_path)]  # newest first
     assert serials == [3, 2, 1]
     writer.close()
+    # a new run's writer: the old one no longer hears this trainer (a resumed job builds both anew)
+    trainer.callbacks.remove_callback("on_model_save", writer.on_model_save_callback)
     again = _writer(tmp_path, keep_last=5)
     again.bind(trainer)
     trainer.train_step()

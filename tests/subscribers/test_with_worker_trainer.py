@@ -10,7 +10,7 @@ import anyio
 import torch
 
 import worker
-from bus import ControlChannel, Event, EventBus, EventType
+from bus import ControlChannel, Event, EventBus, EventType, JobState
 from subscribers import (
     CheckpointWriter,
     EarlyStopController,
@@ -265,7 +265,7 @@ async def test_a_shutdown_leaves_a_checkpoint_to_resume_from_whatever_save_on_pa
                 subscriber_factory=writer_only,
                 checkpoint_loader=latest_valid_state,
             ) as manager:
-                assert manager.get(job.id).state is worker.JobState.INTERRUPTED
+                assert manager.get(job.id).state is JobState.INTERRUPTED
                 after = bus.subscribe("after", job_id=job.id, types=["train_batch_end"])
                 await manager.resume(job.id)
                 restarted = await after.receive()
