@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -14,9 +15,12 @@ from typing import Any
 from bus import EventBus
 
 from ._checkpoint_layout import checkpoint_path
+from ._errors import CheckpointNotFound
 from ._trackers import EndState, RecordKind, TrackerBackend, TrackerRecord, TrackerSubscriber
 
 __all__ = ["MLflowExporter"]
+
+logger = logging.getLogger("trainbus.subscribers")
 
 _STATUS = {
     EndState.COMPLETED: "FINISHED",
@@ -157,7 +161,11 @@ class _MLflowBackend:
         if values.get("best"):
             self.client.set_tag(self.run_id, "trainbus.checkpoint.best", name)
             if self.log_best_checkpoint:
-                folder = checkpoint_path(self.job_dir, name)
+                try:
+                    folder = checkpoint_path(self.job_dir, name)
+                except CheckpointNotFound:  # pruned before the tracker got to it
+                    logger.info("job %s: checkpoint %s gone before upload", self.job_id, name)
+                    return
                 self.client.log_artifacts(self.run_id, str(folder), "checkpoints/best")
 
     def close(self) -> None:

@@ -3,7 +3,7 @@ the checkpoint writer and the trackers under test attached, resumable from a che
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,10 +49,12 @@ async def run_job(
     *,
     resume_from: str | None = None,
     prepare: Callable[[Trainer], None] | None = None,
+    after_run: Callable[[], Awaitable[None]] | None = None,
 ) -> JobRun:
     """Run ``job_id`` to its end (from checkpoint ``resume_from`` when given) with a checkpoint
     writer and ``trackers(bus)`` attached; the trackers are detached (drained) before return.
-    ``prepare(trainer)`` may add inline callbacks before the run."""
+    ``prepare(trainer)`` may add inline callbacks before the run; ``after_run()`` is awaited
+    once training has returned, before the trackers are drained."""
     async with EventBus() as bus:
         control = ControlChannel(job_id, publish=bus.publish)
         trainer = await anyio.to_thread.run_sync(
@@ -72,6 +74,8 @@ async def run_job(
             started = anyio.current_time()
             result = await anyio.to_thread.run_sync(trainer.run)
             duration = anyio.current_time() - started
+            if after_run is not None:
+                await after_run()
             for handle in handles:
                 await handle.detach()
             last = bus.last_seq(job_id)
