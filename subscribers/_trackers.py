@@ -187,7 +187,8 @@ class TrackerSubscriber(Subscriber):
         self._deadline = float("inf")
         self._thread: threading.Thread | None = None
         self._end_state: EndState | None = None
-        self._ended = False
+        self._torn_down = False
+        self._last_step = 0
         self._backend: TrackerBackend | None = None
 
     @property
@@ -291,10 +292,11 @@ class TrackerSubscriber(Subscriber):
 
     async def on_train_end(self, event: Event) -> None:
         self._end_state = EndState.COMPLETED
-        self._end(int(event.data.get("step", 0)))
+        self._last_step = int(event.data.get("step", 0))
 
     async def on_teardown(self, event: Event) -> None:
-        self._end(int(event.data.get("step", 0)))
+        self._torn_down = True
+        self._last_step = int(event.data.get("step", 0))
 
     async def on_gap(self, event: Event) -> None:
         missed = int(event.data.get("missed", 0) or 0)
@@ -306,15 +308,14 @@ class TrackerSubscriber(Subscriber):
             missed=missed,
         )
 
-    def _end(self, step: int) -> None:
-        if self._ended:
-            return
-        self._ended = True
-        # teardown without train_end or a save that says why: the run failed
-        state = self._end_state or EndState.FAILED
-        self._add(RecordKind.END, step, {"state": state.value})
-
     async def on_stop(self) -> None:
+        # The end goes last: the run's final checkpoint_saved may follow teardown (the
+        # writer publishes from its own thread), and a tracker run reopened for it would be
+        # a second run.
+        # teardown without train_end or a save saying why: failed; no teardown: detached
+        # mid-run (the server shutting down)
+        state = (self._end_state or EndState.FAILED) if self._torn_down else EndState.INTERRUPTED
+        self._add(RecordKind.END, self._last_step, {"state": state.value})
         with self._condition:
             self._closing = True
             self._deadline = time.monotonic() + self.close_timeout
