@@ -64,6 +64,10 @@ def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any
     return flat
 
 
+_DROP_REPORT_INTERVAL = 10.0
+"""Seconds between two events about dropped records (the counter is exact)."""
+
+
 class RecordKind(StrEnum):
     START = "start"
     METRICS = "metrics"
@@ -184,12 +188,14 @@ class TrackerSubscriber(Subscriber):
         self._condition = threading.Condition()
         self._next_index = 1
         self._closing = False
+        self._closed = threading.Event()
         self._deadline = float("inf")
         self._thread: threading.Thread | None = None
         self._end_state: EndState | None = None
         self._torn_down = False
         self._last_step = 0
         self._backend: TrackerBackend | None = None
+        self._drop_reported_at = -_DROP_REPORT_INTERVAL
 
     @property
     def name(self) -> str:
@@ -211,7 +217,14 @@ class TrackerSubscriber(Subscriber):
                 dropped += 1
             self._condition.notify_all()
         if dropped:
-            self._dropped(dropped, "its buffer was full")
+            with self._condition:
+                self.stats.dropped += dropped
+                now = time.monotonic()
+                due = now - self._drop_reported_at >= _DROP_REPORT_INTERVAL
+                if due:
+                    self._drop_reported_at = now
+            if due:  # one event per interval, not one per dropped record
+                self._report_dropped("its buffer was full")
 
     def _drop_one(self) -> None:
         """Drop the oldest per-step record (the start, checkpoints and end are kept)."""
@@ -221,14 +234,12 @@ class TrackerSubscriber(Subscriber):
                 return
         self._buffer.popleft()
 
-    def _dropped(self, count: int, why: str) -> None:
+    def _report_dropped(self, why: str) -> None:
         with self._condition:
-            self.stats.dropped += count
             total = self.stats.dropped
         self._report(
             "TrackerRecordsDropped",
-            f"{self.tracker}: dropped {count} record(s) because {why} ({total} in all)",
-            dropped=count,
+            f"{self.tracker}: dropped the oldest per-step records because {why} ({total} so far)",
             dropped_total=total,
         )
 
@@ -320,6 +331,7 @@ class TrackerSubscriber(Subscriber):
             self._closing = True
             self._deadline = time.monotonic() + self.close_timeout
             self._condition.notify_all()
+        self._closed.set()
         thread = self._thread
         if thread is not None:
             await anyio.to_thread.run_sync(thread.join, self.close_timeout + 5.0)
@@ -354,12 +366,16 @@ class TrackerSubscriber(Subscriber):
                             f"{self.tracker} is not answering ({error}); buffering up to "
                             f"{self.max_buffered} records and retrying",
                         )
-                    with self._condition:
-                        if time.monotonic() + delay > self._deadline:
-                            left = len(self._buffer)
-                            self._buffer.clear()
+                    if self._closed.is_set():  # the job has ended: try until the deadline
+                        remaining = self._deadline - time.monotonic()
+                        if remaining <= 0:
+                            with self._condition:
+                                left = len(self._buffer)
+                                self._buffer.clear()
                             break
-                        self._condition.wait(delay)
+                        time.sleep(min(delay, remaining))
+                    else:  # new records do not cut the back-off short; the job's end does
+                        self._closed.wait(delay)
                     delay = min(delay * 2, self.retry_max)
                     continue
                 last = batch[-1].index
@@ -372,11 +388,15 @@ class TrackerSubscriber(Subscriber):
                     delay = self.retry_initial
                     self._report(
                         "TrackerRecovered",
-                        f"{self.tracker} answers again; wrote the {len(batch)} held record(s)",
+                        f"{self.tracker} answers again; wrote the {len(batch)} held record(s); "
+                        f"{self.stats.dropped} dropped so far",
                         recovered=True,
+                        dropped_total=self.stats.dropped,
                     )
             if left:
-                self._dropped(left, "the tracker did not answer before the job ended")
+                with self._condition:
+                    self.stats.dropped += left
+                self._report_dropped("the tracker did not answer before the job ended")
         finally:
             if self._backend is not None:
                 self._backend.close()
@@ -399,4 +419,3 @@ def _numbers(values: Mapping[str, Any]) -> dict[str, float]:
         for key, value in values.items()
         if isinstance(value, int | float) and not isinstance(value, bool)
     }
-

@@ -177,7 +177,7 @@ async def test_server_killed_mid_job_costs_training_nothing_and_loses_nothing(
             mlflow_server.kill()
             killed.set()
 
-    async def restart() -> None:
+    async def restart(bus: EventBus, handles: list[Any]) -> None:
         assert killed.is_set()
         await anyio.to_thread.run_sync(mlflow_server.start)
 

@@ -78,7 +78,11 @@ async def test_resumed_job_rewinds_to_the_checkpoint_step(data_dir: Path) -> Non
     name, step = checkpoint_at_epoch(job_dir, 0)
 
     second = await run_job(
-        "tb-1", digits_spec(), job_dir, _exporter(job_dir), resume_from=name  # type: ignore[arg-type]
+        "tb-1",
+        digits_spec(),
+        job_dir,
+        _exporter(job_dir),
+        resume_from=name,  # type: ignore[arg-type]
     )
     resumed_start = second.of(EventType.TRAIN_START)[0]
     assert resumed_start.data["resumed"] and resumed_start.data["step"] == step

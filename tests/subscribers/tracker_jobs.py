@@ -10,7 +10,7 @@ from typing import Any
 
 import anyio
 
-from bus import ControlChannel, Event, EventBus, EventType
+from bus import ControlChannel, Event, EventBus, EventType, SubscriberHandle
 from subscribers import CheckpointWriter, TrackerSubscriber, list_checkpoints, load_checkpoint
 from worker import JobSpec, RunResult, Trainer
 
@@ -49,12 +49,12 @@ async def run_job(
     *,
     resume_from: str | None = None,
     prepare: Callable[[Trainer], None] | None = None,
-    after_run: Callable[[], Awaitable[None]] | None = None,
+    after_run: Callable[[EventBus, list[SubscriberHandle]], Awaitable[None]] | None = None,
 ) -> JobRun:
     """Run ``job_id`` to its end (from checkpoint ``resume_from`` when given) with a checkpoint
     writer and ``trackers(bus)`` attached; the trackers are detached (drained) before return.
-    ``prepare(trainer)`` may add inline callbacks before the run; ``after_run()`` is awaited
-    once training has returned, before the trackers are drained."""
+    ``prepare(trainer)`` may add inline callbacks before the run; ``after_run(bus, handles)``
+    is awaited once training has returned, before the subscribers are drained."""
     async with EventBus() as bus:
         control = ControlChannel(job_id, publish=bus.publish)
         trainer = await anyio.to_thread.run_sync(
@@ -75,7 +75,7 @@ async def run_job(
             result = await anyio.to_thread.run_sync(trainer.run)
             duration = anyio.current_time() - started
             if after_run is not None:
-                await after_run()
+                await after_run(bus, handles)
             for handle in handles:
                 await handle.detach()
             last = bus.last_seq(job_id)
