@@ -1,6 +1,9 @@
 """Training overhead: the same work as a bare hand-written torch loop, as a trainbus job
 that publishes every batch event to four lossless subscribers, and as one with every default
-subscriber (``bench/_all_subscribers.py``), alternated in one process.
+subscriber (``bench/_all_subscribers.py``), alternated in one process. With ``--trackers``, a
+fourth run adds the TensorBoard, MLflow and W&B (offline) exporters to every default
+subscriber; ``ratio_trackers`` is its time over the every-subscriber run's (1.00 = the
+trackers cost training nothing).
 
 Last line: one JSON object; ``ratio`` is trainbus wall time over bare wall time (1.00 = free),
 ``ratio_all_subscribers`` the same for the run with every default subscriber; the ``cpu_``
@@ -30,11 +33,14 @@ from bus import ControlChannel, Event, EventBus, Subscriber
 from worker import JobSpec, Trainer, default_registry
 
 sys.path.append(str(Path(__file__).resolve().parent))  # last: ``bus`` is imported already
-from _all_subscribers import PARTS, all_subscribers_run
+from _all_subscribers import PARTS, TRACKER_PARTS, all_subscribers_run
 
-WORKLOADS = {
-    "tiny": {"batch_size": 64, "hidden": 64},
-    "typical": {"batch_size": 256, "hidden": 1024},
+WORKLOADS: dict[str, dict[str, int]] = {
+    "tiny": {"batch_size": 64, "hidden": 64, "samples": 20_000},
+    "typical": {"batch_size": 256, "hidden": 1024, "samples": 20_000},
+    # epochs of about half a second or more, as real jobs have: the every-subscriber run
+    # (a checkpoint each epoch) is the figure to read
+    "realistic": {"batch_size": 256, "hidden": 1024, "samples": 80_000},
 }
 
 
@@ -141,14 +147,15 @@ async def trainbus_run(spec: JobSpec, data_dir: Path) -> tuple[float, int, int, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--samples", type=int, default=20_000)
+    parser.add_argument("--samples", type=int, help="overrides the workload's")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument(
         "--workload",
         choices=sorted(WORKLOADS),
         default="tiny",
         help="tiny: batch 64, hidden 64 (a ~0.4 ms step: the worst case for per-batch costs); "
-        "typical: batch 256, hidden 1024 (a ~2 ms step, still small)",
+        "typical: batch 256, hidden 1024 (a ~2 ms step, still small); realistic: typical's "
+        "step on 80,000 samples (epochs of 0.5 s or more)",
     )
     parser.add_argument("--batch-size", type=int, help="overrides the workload's")
     parser.add_argument("--hidden", type=int, help="overrides the workload's")
@@ -159,6 +166,17 @@ def main() -> None:
         action="store_true",
         help="also run each default subscriber alone (as many rounds) and report its ratio",
     )
+    parser.add_argument(
+        "--trackers",
+        action="store_true",
+        help="also run every default subscriber plus the TensorBoard, MLflow and W&B "
+        "(offline) exporters, and report ratio_trackers (needs the three extras)",
+    )
+    parser.add_argument(
+        "--mlflow-uri",
+        help="MLflow tracking server for --trackers (default: a SQLite store under the "
+        "bench's temporary folder, written in-process)",
+    )
     args = parser.parse_args()
     for name, value in WORKLOADS[args.workload].items():
         if getattr(args, name) is None:
@@ -166,21 +184,36 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     spec = make_spec(args)
     data_dir = Path(tempfile.mkdtemp(prefix="trainbus-bench-"))
+    mlflow_uri = args.mlflow_uri or f"sqlite:///{data_dir / 'mlflow.db'}"
+    with_trackers = (*PARTS, *TRACKER_PARTS)
     bare_loop(spec, data_dir)  # warm-up: caches, allocator, lazy imports
     anyio.run(trainbus_run, spec, data_dir)
     anyio.run(all_subscribers_run, spec, data_dir)
-    walls: dict[str, list[float]] = {"bare": [], "trainbus": [], "all": []}
-    cpus: dict[str, list[float]] = {"bare": [], "trainbus": [], "all": []}
+    if args.trackers:  # and the trackers' imports, their first connection
+        anyio.run(all_subscribers_run, spec, data_dir, with_trackers, mlflow_uri)
+    walls: dict[str, list[float]] = {"bare": [], "trainbus": [], "all": [], "trackers": []}
+    cpus: dict[str, list[float]] = {"bare": [], "trainbus": [], "all": [], "trackers": []}
     events = all_events = samples = 0
     for round_ in range(args.rounds):
         bare_seconds, samples, bare_cpu = bare_loop(spec, data_dir)
         bus_seconds, _, events, bus_cpu = anyio.run(trainbus_run, spec, data_dir)
         all_seconds, _, all_events, all_cpu = anyio.run(all_subscribers_run, spec, data_dir)
-        for name, wall, cpu in (
+        runs = [
             ("bare", bare_seconds, bare_cpu),
             ("trainbus", bus_seconds, bus_cpu),
             ("all", all_seconds, all_cpu),
-        ):
+        ]
+        if args.trackers:
+            tracked_seconds, _, _, tracked_cpu = anyio.run(
+                all_subscribers_run, spec, data_dir, with_trackers, mlflow_uri
+            )
+            runs.append(("trackers", tracked_seconds, tracked_cpu))
+            print(
+                f"round {round_ + 1}: with the three trackers {tracked_seconds:.3f} s "
+                f"({tracked_cpu:.3f} s CPU), over all subscribers "
+                f"{tracked_seconds / all_seconds:.3f}"
+            )
+        for name, wall, cpu in runs:
             walls[name].append(wall)
             cpus[name].append(cpu)
         print(
@@ -217,6 +250,24 @@ def main() -> None:
         f"adds {per_epoch_ms:.1f} ms per epoch ({steps // args.epochs} steps an epoch)"
     )
     breakdown = _breakdown(spec, data_dir, args.rounds, walls["bare"]) if args.breakdown else {}
+    trackers: dict[str, float] = {}
+    if args.trackers:
+        trackers = {
+            "ratio_all_subscribers_and_trackers": round(fastest["trackers"] / fastest["bare"], 3),
+            "ratio_trackers": round(fastest["trackers"] / fastest["all"], 3),
+            "ratio_trackers_paired_median": round(
+                statistics.median(
+                    t / a for a, t in zip(walls["all"], walls["trackers"], strict=True)
+                ),
+                3,
+            ),
+            "cpu_ratio_trackers": round(least_cpu["trackers"] / least_cpu["all"], 3),
+        }
+        print(
+            f"with the three trackers: {fastest['trackers']:.3f} s fastest, "
+            f"{trackers['ratio_trackers']:.3f} of all subscribers' (median of paired ratios "
+            f"{trackers['ratio_trackers_paired_median']:.3f})"
+        )
     print(
         json.dumps(
             {
@@ -238,6 +289,7 @@ def main() -> None:
                 "cpu_ratio_all_subscribers": round(least_cpu["all"] / least_cpu["bare"], 3),
                 "trainbus_us_per_step": round(per_step_us, 2),
                 "all_subscribers_ms_per_epoch": round(per_epoch_ms, 2),
+                **trackers,
                 **({"breakdown": breakdown} if breakdown else {}),
             }
         )
