@@ -17,16 +17,22 @@ import _no_shadow  # noqa: F401  (must come first: bench/bus.py shadows the bus 
 # isort: split
 
 import argparse
+import contextlib
 import json
 import math
+import os
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import anyio
+import httpx
 import torch
 
 from bus import ControlChannel, Event, EventBus, Subscriber
@@ -174,8 +180,8 @@ def main() -> None:
     )
     parser.add_argument(
         "--mlflow-uri",
-        help="MLflow tracking server for --trackers (default: a SQLite store under the "
-        "bench's temporary folder, written in-process)",
+        help="MLflow tracking server for --trackers (default: an `mlflow server` the bench "
+        "starts on a loopback port, SQLite behind it)",
     )
     args = parser.parse_args()
     for name, value in WORKLOADS[args.workload].items():
@@ -184,7 +190,50 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     spec = make_spec(args)
     data_dir = Path(tempfile.mkdtemp(prefix="trainbus-bench-"))
-    mlflow_uri = args.mlflow_uri or f"sqlite:///{data_dir / 'mlflow.db'}"
+    with contextlib.ExitStack() as stack:
+        mlflow_uri = args.mlflow_uri
+        if args.trackers and not mlflow_uri:
+            mlflow_uri = stack.enter_context(_mlflow_server(data_dir))
+        _measure(args, spec, data_dir, mlflow_uri or "")
+
+
+@contextlib.contextmanager
+def _mlflow_server(data_dir: Path) -> Iterator[str]:
+    """A local ``mlflow server`` (SQLite store) in its own process group, for the bench."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mlflow = Path(sys.executable).parent / "mlflow"
+    process = subprocess.Popen(
+        [
+            *(str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port)),
+            *("--backend-store-uri", f"sqlite:///{data_dir / 'mlflow.db'}", "--workers", "1"),
+            *("--artifacts-destination", str(data_dir / "mlflow-artifacts")),
+        ],
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
+                    break
+            except httpx.TransportError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise SystemExit("the mlflow server did not start") from None
+            time.sleep(0.2)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def _measure(args: argparse.Namespace, spec: JobSpec, data_dir: Path, mlflow_uri: str) -> None:
     with_trackers = (*PARTS, *TRACKER_PARTS)
     bare_loop(spec, data_dir)  # warm-up: caches, allocator, lazy imports
     anyio.run(trainbus_run, spec, data_dir)
