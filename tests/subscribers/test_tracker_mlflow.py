@@ -8,6 +8,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -218,3 +219,37 @@ async def test_server_killed_mid_job_costs_training_nothing_and_loses_nothing(
     step_losses = [m.step for m in client.get_metric_history(run_id, "train_loss_step")]
     batch_steps = [e.data["step"] for e in run.of(EventType.TRAIN_BATCH_END)]
     assert sorted(step_losses) == [step for step in batch_steps if step % 5 == 0]
+
+
+async def test_a_server_that_never_answers_costs_one_bounded_call_per_try(data_dir: Path) -> None:
+    # a listening socket that never accepts: connections open, requests get no answer
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        job_dir = data_dir / "jobs" / "ml-3"
+
+        def build(bus: EventBus) -> list[MLflowExporter]:
+            return [
+                MLflowExporter(
+                    job_id="ml-3",
+                    bus=bus,
+                    job_dir=job_dir,
+                    tracking_uri=url,
+                    request_timeout=1.0,
+                    retry_initial=0.2,
+                    retry_max=0.5,
+                    close_timeout=1.0,
+                )
+            ]
+
+        started = time.monotonic()
+        run = await run_job("ml-3", digits_spec(epochs=2), job_dir, build)
+        drained = time.monotonic() - started
+    assert run.result.outcome.value == "completed"
+    errors = run.of(EventType.SUBSCRIBER_ERROR)
+    # MLflow's own default would hold the first call for minutes (7 retries, 120 s timeout)
+    assert errors and "timed out" in errors[0].data["message"].lower()
+    dropped = [e for e in errors if e.data["error_type"] == "TrackerRecordsDropped"]
+    assert dropped and "did not answer before the job ended" in dropped[-1].data["message"]
+    assert drained < run.duration + 10
