@@ -48,10 +48,17 @@ class _WandbBackend:
         import wandb  # the wandb extra
 
         self.directory.mkdir(parents=True, exist_ok=True)
+        # Nothing W&B would gather about the process (git state, code, installed packages,
+        # machine, system metrics): the job spec is the run's config, and that gathering
+        # cost a job ~55 ms of CPU that training competes for.
         settings = wandb.Settings(
             silent=True,
             console="off",
             save_code=False,
+            disable_code=True,
+            disable_git=True,
+            x_save_requirements=False,
+            x_disable_machine_info=True,
             x_disable_stats=True,
             x_disable_meta=True,
         )

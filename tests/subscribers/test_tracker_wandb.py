@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,8 @@ def wandb_records(path: Path) -> Iterator[Any]:
             position += left
             continue
         _checksum, length, kind = struct.unpack("<IHB", data[position : position + 7])
-        if length == 0 and kind == 0:
-            break
+        if (length == 0 and kind == 0) or position + 7 + length > len(data):
+            break  # the end, or a record still being written
         pending += data[position + 7 : position + 7 + length]
         position += 7 + length
         if kind in (_FULL, _LAST):
@@ -110,9 +111,16 @@ def _exporter(job_dir: Path) -> Any:
     return build
 
 
-def _runs(job_dir: Path) -> list[OfflineRun]:
-    runs = [OfflineRun(path) for path in job_dir.glob("wandb/offline-run-*/run-*.wandb")]
-    return sorted(runs, key=lambda run: run.started)
+def _runs(job_dir: Path, count: int) -> list[OfflineRun]:
+    """The job's ``count`` offline runs, oldest first, once each file is complete: W&B's
+    service process (wandb-core) may still be writing a run's file when ``finish()`` returns."""
+    deadline = time.monotonic() + 20
+    while True:
+        runs = [OfflineRun(path) for path in job_dir.glob("wandb/offline-run-*/run-*.wandb")]
+        complete = [run for run in runs if run.run_id and run.exit_code is not None]
+        if len(complete) == count or time.monotonic() > deadline:
+            return sorted(runs, key=lambda run: run.started)
+        time.sleep(0.05)  # another process's file: its content is the only signal
 
 
 async def test_offline_run_files_hold_config_history_summary_and_exit(
@@ -121,7 +129,7 @@ async def test_offline_run_files_hold_config_history_summary_and_exit(
     job_dir = data_dir / "jobs" / "wb-1"
     run = await run_job("wb/1", digits_spec(), job_dir, _exporter(job_dir))
     assert not run.of(EventType.SUBSCRIBER_ERROR)
-    [offline] = _runs(job_dir)
+    [offline] = _runs(job_dir, 1)
     assert offline.run_id == "wb-1"
     assert offline.config["optimizer.lr"] == 0.05
     assert offline.config["model.params.hidden_sizes"] == [32]
@@ -145,7 +153,7 @@ async def test_resumed_job_continues_the_run_from_the_checkpoint_step(data_dir: 
     await run_job("wb/1", digits_spec(), job_dir, _exporter(job_dir))
     name, step = checkpoint_at_epoch(job_dir, 0)
     second = await run_job("wb/1", digits_spec(), job_dir, _exporter(job_dir), resume_from=name)
-    first_run, resumed_run = _runs(job_dir)
+    first_run, resumed_run = _runs(job_dir, 2)
     assert resumed_run.run_id == first_run.run_id == "wb-1"
     resumed_steps = [s for s, _ in resumed_run.history]
     assert resumed_steps and min(resumed_steps) > step
