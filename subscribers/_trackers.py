@@ -144,6 +144,8 @@ class TrackerSubscriber(Subscriber):
     :param retry_initial: seconds before the first retry; doubled after each failure ...
     :param retry_max: ... up to this.
     :param close_timeout: at the job's end, how long to keep trying to write what is held.
+    :param write_interval: seconds between two writes: what arrives meanwhile goes in one
+        call (rather than an HTTP request for each flush of batch events, ten a second).
     """
 
     tracker: ClassVar[str] = "tracker"
@@ -172,6 +174,7 @@ class TrackerSubscriber(Subscriber):
         retry_initial: float = 0.5,
         retry_max: float = 30.0,
         close_timeout: float = 10.0,
+        write_interval: float = 1.0,
     ) -> None:
         if max_buffered < 1:
             raise ValueError(f"max_buffered must be >= 1, got {max_buffered}")
@@ -183,6 +186,7 @@ class TrackerSubscriber(Subscriber):
         self.retry_initial = retry_initial
         self.retry_max = retry_max
         self.close_timeout = close_timeout
+        self.write_interval = write_interval
         self.stats = TrackerStatistics()
         self._buffer: deque[TrackerRecord] = deque()
         self._condition = threading.Condition()
@@ -393,6 +397,8 @@ class TrackerSubscriber(Subscriber):
                         recovered=True,
                         dropped_total=self.stats.dropped,
                     )
+                # gather what arrives meanwhile into the next write; the job's end cuts this short
+                self._closed.wait(self.write_interval)
             if left:
                 with self._condition:
                     self.stats.dropped += left
