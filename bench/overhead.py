@@ -46,7 +46,7 @@ WORKLOADS: dict[str, dict[str, int]] = {
     "typical": {"batch_size": 256, "hidden": 1024, "samples": 20_000},
     # epochs of about half a second or more, as real jobs have: the every-subscriber run
     # (a checkpoint each epoch) is the figure to read
-    "realistic": {"batch_size": 256, "hidden": 1024, "samples": 80_000},
+    "realistic": {"batch_size": 256, "hidden": 1024, "samples": 128_000},
 }
 
 
@@ -161,7 +161,7 @@ def main() -> None:
         default="tiny",
         help="tiny: batch 64, hidden 64 (a ~0.4 ms step: the worst case for per-batch costs); "
         "typical: batch 256, hidden 1024 (a ~2 ms step, still small); realistic: typical's "
-        "step on 80,000 samples (epochs of 0.5 s or more)",
+        "step on 128,000 samples (epochs of 0.5 s or more)",
     )
     parser.add_argument("--batch-size", type=int, help="overrides the workload's")
     parser.add_argument("--hidden", type=int, help="overrides the workload's")
