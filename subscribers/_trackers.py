@@ -169,7 +169,7 @@ class TrackerSubscriber(Subscriber):
         job_id: str,
         bus: EventBus | None,
         params: Mapping[str, Any] | None = None,
-        log_every_n_steps: int = 10,
+        log_every_n_steps: int = 50,
         max_buffered: int = 10_000,
         retry_initial: float = 0.5,
         retry_max: float = 30.0,

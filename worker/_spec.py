@@ -313,7 +313,7 @@ class TrackersSpec(BaseModel):
     tensorboard: TensorBoardSpec | None = None
     mlflow: MLflowSpec | None = None
     wandb: WandbSpec | None = None
-    log_every_n_steps: Int = Field(default=10, ge=0, le=1_000_000)
+    log_every_n_steps: Int = Field(default=50, ge=0, le=1_000_000)
 
 
 class JobSpec(BaseModel):
