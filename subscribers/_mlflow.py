@@ -7,7 +7,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -127,10 +127,13 @@ class _MLflowBackend:
         from mlflow.entities import Metric
 
         with _bounded_calls(self.request_timeout):
+            # metrics and tags go out together, in as few log-batch requests as possible
             metrics: list[Any] = []
+            tags: dict[str, str] = {}
             now = int(time.time() * 1000)
             for record in records:
                 if record.kind is RecordKind.START:
+                    self._log_batch(metrics, tags)
                     self._start(record)
                     continue
                 if self.run_id is None:  # the stream began past train_start: start plainly
@@ -140,35 +143,44 @@ class _MLflowBackend:
                     metrics.extend(
                         Metric(key, value, now, record.step) for key, value in record.values.items()
                     )
-                    continue
-                self._flush_metrics(metrics)
-                if record.kind is RecordKind.CHECKPOINT:
-                    self._checkpoint(record.values)
+                elif record.kind is RecordKind.CHECKPOINT:
+                    name = str(record.values.get("name"))
+                    tags["trainbus.checkpoint.latest"] = name
+                    if record.values.get("best"):
+                        tags["trainbus.checkpoint.best"] = name
+                        if self.log_best_checkpoint:
+                            self._upload(name)
                 elif record.kind is RecordKind.END:
+                    tags["trainbus.end_state"] = str(record.values["state"])
+                    self._log_batch(metrics, tags)
                     status = _STATUS[EndState(record.values["state"])]
-                    self.client.set_tag(self.run_id, "trainbus.end_state", record.values["state"])
                     self.client.set_terminated(self.run_id, status=status)
-            self._flush_metrics(metrics)
+            self._log_batch(metrics, tags)
 
-    def _flush_metrics(self, metrics: list[Any]) -> None:
-        assert self.run_id is not None or not metrics
-        for start in range(0, len(metrics), 1000):
-            self.client.log_batch(str(self.run_id), metrics=metrics[start : start + 1000])
-        metrics.clear()
+    def _log_batch(self, metrics: list[Any], tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
 
-    def _checkpoint(self, values: Mapping[str, Any]) -> None:
+        if not metrics and not tags:
+            return
         assert self.run_id is not None
-        name = str(values.get("name"))
-        self.client.set_tag(self.run_id, "trainbus.checkpoint.latest", name)
-        if values.get("best"):
-            self.client.set_tag(self.run_id, "trainbus.checkpoint.best", name)
-            if self.log_best_checkpoint:
-                try:
-                    folder = checkpoint_path(self.job_dir, name)
-                except CheckpointNotFound:  # pruned before the tracker got to it
-                    logger.info("job %s: checkpoint %s gone before upload", self.job_id, name)
-                    return
-                self.client.log_artifacts(self.run_id, str(folder), "checkpoints/best")
+        run_tags = [RunTag(key, value) for key, value in tags.items()]
+        for start in range(0, max(len(metrics), 1), 900):
+            self.client.log_batch(
+                self.run_id,
+                metrics=metrics[start : start + 900],
+                tags=run_tags if start == 0 else [],
+            )
+        metrics.clear()
+        tags.clear()
+
+    def _upload(self, name: str) -> None:
+        assert self.run_id is not None
+        try:
+            folder = checkpoint_path(self.job_dir, name)
+        except CheckpointNotFound:  # pruned before the tracker got to it
+            logger.info("job %s: checkpoint %s gone before upload", self.job_id, name)
+            return
+        self.client.log_artifacts(self.run_id, str(folder), "checkpoints/best")
 
     def close(self) -> None:
         pass
