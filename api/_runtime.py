@@ -44,6 +44,7 @@ from ._errors import Conflict, NotFound
 from ._history import EventHistory
 from ._hub import finite
 from ._settings import Settings
+from ._tracking import check_trackers, tracker_subscribers
 
 __all__ = ["ManagerJobs", "default_runtime", "job_subscribers"]
 
@@ -111,10 +112,17 @@ def _record(record: Any) -> dict[str, Any]:
 class ManagerJobs:
     """The REST routes' view of the job manager, the event store and checkpoint files."""
 
-    def __init__(self, manager: JobManager, store: EventStore, data_dir: Path) -> None:
+    def __init__(
+        self,
+        manager: JobManager,
+        store: EventStore,
+        data_dir: Path,
+        settings: Settings | None = None,
+    ) -> None:
         self.manager = manager
         self.store = store
         self.data_dir = data_dir
+        self.settings = settings
 
     def _job_dir(self, job_id: str) -> Path:
         return self.data_dir / "jobs" / job_id
@@ -142,6 +150,9 @@ class ManagerJobs:
         ]
 
     async def submit(self, spec: JobSpec | Mapping[str, Any]) -> dict[str, Any]:
+        if self.settings is not None:  # a tracker that cannot run here is refused now (422)
+            spec = spec if isinstance(spec, JobSpec) else JobSpec.model_validate(spec)
+            check_trackers(spec, self.settings)
         return _record(await self.manager.submit(spec))
 
     async def get(self, job_id: str) -> dict[str, Any]:
@@ -236,7 +247,10 @@ async def default_runtime(settings: Settings, bus: EventBus) -> AsyncIterator[Ru
         bus=bus,
         data_dir=data_dir,
         max_running=settings.max_running_jobs,
-        subscriber_factory=lambda handle: job_subscribers(handle, bus),
+        subscriber_factory=lambda handle: [
+            *job_subscribers(handle, bus),
+            *tracker_subscribers(handle, bus, settings),
+        ],
         checkpoint_loader=latest_valid_state,
         latest_checkpoint=_latest_checkpoint,
         last_seq=store.last_seq,
@@ -248,7 +262,7 @@ async def default_runtime(settings: Settings, bus: EventBus) -> AsyncIterator[Ru
             group.start_soon(monitor.run)
             try:
                 yield Runtime(
-                    jobs=ManagerJobs(manager, store, data_dir),
+                    jobs=ManagerJobs(manager, store, data_dir, settings),
                     history=store,
                     render_metrics=exporter.render,
                     metrics_registry=exporter.registry,

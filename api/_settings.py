@@ -182,6 +182,31 @@ class Settings(BaseSettings):
         description="Memory one job may take, by the estimate made from its spec at submission "
         "(larger jobs are refused with 422); default: half of the machine's memory.",
     )
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list,
+        description="Experiment trackers on for every job (a job's spec turns others on); "
+        "each needs its extra installed (pip install 'trainbus[mlflow]').",
+    )
+    tensorboard_dir: Path | None = Field(
+        default=None,
+        description="Folder for TensorBoard runs (one sub-folder per job); none: each job's "
+        "own folder, <data_dir>/jobs/<id>/tensorboard.",
+    )
+    mlflow_tracking_uri: str | None = Field(
+        default=None, description="Default MLflow tracking server (http://host:5000)."
+    )
+    mlflow_experiment: str = Field(default="trainbus", description="Default MLflow experiment.")
+    wandb_project: str = Field(default="trainbus", description="Default W&B project.")
+    wandb_entity: str | None = Field(default=None, description="Default W&B entity.")
+    wandb_mode: Literal["online", "offline", "disabled"] = Field(
+        default="online", description="Default W&B mode (offline: files only, synced later)."
+    )
+    tracker_max_buffered: int = Field(
+        default=10_000,
+        ge=1,
+        description="Records each tracker holds while it is slow or down; past it the oldest "
+        "per-step records are dropped and counted.",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
 
     @property

@@ -1,6 +1,9 @@
 """Training overhead: the same work as a bare hand-written torch loop, as a trainbus job
 that publishes every batch event to four lossless subscribers, and as one with every default
-subscriber (``bench/_all_subscribers.py``), alternated in one process.
+subscriber (``bench/_all_subscribers.py``), alternated in one process. With ``--trackers``, a
+fourth run adds the TensorBoard, MLflow and W&B (offline) exporters to every default
+subscriber; ``ratio_trackers`` is its time over the every-subscriber run's (1.00 = the
+trackers cost training nothing).
 
 Last line: one JSON object; ``ratio`` is trainbus wall time over bare wall time (1.00 = free),
 ``ratio_all_subscribers`` the same for the run with every default subscriber; the ``cpu_``
@@ -14,27 +17,36 @@ import _no_shadow  # noqa: F401  (must come first: bench/bus.py shadows the bus 
 # isort: split
 
 import argparse
+import contextlib
 import json
 import math
+import os
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import anyio
+import httpx
 import torch
 
 from bus import ControlChannel, Event, EventBus, Subscriber
 from worker import JobSpec, Trainer, default_registry
 
 sys.path.append(str(Path(__file__).resolve().parent))  # last: ``bus`` is imported already
-from _all_subscribers import PARTS, all_subscribers_run
+from _all_subscribers import PARTS, TRACKER_PARTS, all_subscribers_run
 
-WORKLOADS = {
-    "tiny": {"batch_size": 64, "hidden": 64},
-    "typical": {"batch_size": 256, "hidden": 1024},
+WORKLOADS: dict[str, dict[str, int]] = {
+    "tiny": {"batch_size": 64, "hidden": 64, "samples": 20_000},
+    "typical": {"batch_size": 256, "hidden": 1024, "samples": 20_000},
+    # epochs of about half a second or more, as real jobs have: the every-subscriber run
+    # (a checkpoint each epoch) is the figure to read
+    "realistic": {"batch_size": 256, "hidden": 1024, "samples": 128_000},
 }
 
 
@@ -141,14 +153,15 @@ async def trainbus_run(spec: JobSpec, data_dir: Path) -> tuple[float, int, int, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--samples", type=int, default=20_000)
+    parser.add_argument("--samples", type=int, help="overrides the workload's")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument(
         "--workload",
         choices=sorted(WORKLOADS),
         default="tiny",
         help="tiny: batch 64, hidden 64 (a ~0.4 ms step: the worst case for per-batch costs); "
-        "typical: batch 256, hidden 1024 (a ~2 ms step, still small)",
+        "typical: batch 256, hidden 1024 (a ~2 ms step, still small); realistic: typical's "
+        "step on 128,000 samples (epochs of 0.5 s or more)",
     )
     parser.add_argument("--batch-size", type=int, help="overrides the workload's")
     parser.add_argument("--hidden", type=int, help="overrides the workload's")
@@ -159,6 +172,17 @@ def main() -> None:
         action="store_true",
         help="also run each default subscriber alone (as many rounds) and report its ratio",
     )
+    parser.add_argument(
+        "--trackers",
+        action="store_true",
+        help="also run every default subscriber plus the TensorBoard, MLflow and W&B "
+        "(offline) exporters, and report ratio_trackers (needs the three extras)",
+    )
+    parser.add_argument(
+        "--mlflow-uri",
+        help="MLflow tracking server for --trackers (default: an `mlflow server` the bench "
+        "starts on a loopback port, SQLite behind it)",
+    )
     args = parser.parse_args()
     for name, value in WORKLOADS[args.workload].items():
         if getattr(args, name) is None:
@@ -166,21 +190,79 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     spec = make_spec(args)
     data_dir = Path(tempfile.mkdtemp(prefix="trainbus-bench-"))
+    with contextlib.ExitStack() as stack:
+        mlflow_uri = args.mlflow_uri
+        if args.trackers and not mlflow_uri:
+            mlflow_uri = stack.enter_context(_mlflow_server(data_dir))
+        _measure(args, spec, data_dir, mlflow_uri or "")
+
+
+@contextlib.contextmanager
+def _mlflow_server(data_dir: Path) -> Iterator[str]:
+    """A local ``mlflow server`` (SQLite store) in its own process group, for the bench."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mlflow = Path(sys.executable).parent / "mlflow"
+    process = subprocess.Popen(
+        [
+            *(str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port)),
+            *("--backend-store-uri", f"sqlite:///{data_dir / 'mlflow.db'}", "--workers", "1"),
+            *("--artifacts-destination", str(data_dir / "mlflow-artifacts")),
+        ],
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
+                    break
+            except httpx.TransportError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise SystemExit("the mlflow server did not start") from None
+            time.sleep(0.2)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def _measure(args: argparse.Namespace, spec: JobSpec, data_dir: Path, mlflow_uri: str) -> None:
+    with_trackers = (*PARTS, *TRACKER_PARTS)
     bare_loop(spec, data_dir)  # warm-up: caches, allocator, lazy imports
     anyio.run(trainbus_run, spec, data_dir)
     anyio.run(all_subscribers_run, spec, data_dir)
-    walls: dict[str, list[float]] = {"bare": [], "trainbus": [], "all": []}
-    cpus: dict[str, list[float]] = {"bare": [], "trainbus": [], "all": []}
+    if args.trackers:  # and the trackers' imports, their first connection
+        anyio.run(all_subscribers_run, spec, data_dir, with_trackers, mlflow_uri)
+    walls: dict[str, list[float]] = {"bare": [], "trainbus": [], "all": [], "trackers": []}
+    cpus: dict[str, list[float]] = {"bare": [], "trainbus": [], "all": [], "trackers": []}
     events = all_events = samples = 0
     for round_ in range(args.rounds):
         bare_seconds, samples, bare_cpu = bare_loop(spec, data_dir)
         bus_seconds, _, events, bus_cpu = anyio.run(trainbus_run, spec, data_dir)
         all_seconds, _, all_events, all_cpu = anyio.run(all_subscribers_run, spec, data_dir)
-        for name, wall, cpu in (
+        runs = [
             ("bare", bare_seconds, bare_cpu),
             ("trainbus", bus_seconds, bus_cpu),
             ("all", all_seconds, all_cpu),
-        ):
+        ]
+        if args.trackers:
+            tracked_seconds, _, _, tracked_cpu = anyio.run(
+                all_subscribers_run, spec, data_dir, with_trackers, mlflow_uri
+            )
+            runs.append(("trackers", tracked_seconds, tracked_cpu))
+            print(
+                f"round {round_ + 1}: with the three trackers {tracked_seconds:.3f} s "
+                f"({tracked_cpu:.3f} s CPU), over all subscribers "
+                f"{tracked_seconds / all_seconds:.3f}"
+            )
+        for name, wall, cpu in runs:
             walls[name].append(wall)
             cpus[name].append(cpu)
         print(
@@ -217,6 +299,24 @@ def main() -> None:
         f"adds {per_epoch_ms:.1f} ms per epoch ({steps // args.epochs} steps an epoch)"
     )
     breakdown = _breakdown(spec, data_dir, args.rounds, walls["bare"]) if args.breakdown else {}
+    trackers: dict[str, float] = {}
+    if args.trackers:
+        trackers = {
+            "ratio_all_subscribers_and_trackers": round(fastest["trackers"] / fastest["bare"], 3),
+            "ratio_trackers": round(fastest["trackers"] / fastest["all"], 3),
+            "ratio_trackers_paired_median": round(
+                statistics.median(
+                    t / a for a, t in zip(walls["all"], walls["trackers"], strict=True)
+                ),
+                3,
+            ),
+            "cpu_ratio_trackers": round(least_cpu["trackers"] / least_cpu["all"], 3),
+        }
+        print(
+            f"with the three trackers: {fastest['trackers']:.3f} s fastest, "
+            f"{trackers['ratio_trackers']:.3f} of all subscribers' (median of paired ratios "
+            f"{trackers['ratio_trackers_paired_median']:.3f})"
+        )
     print(
         json.dumps(
             {
@@ -238,6 +338,7 @@ def main() -> None:
                 "cpu_ratio_all_subscribers": round(least_cpu["all"] / least_cpu["bare"], 3),
                 "trainbus_us_per_step": round(per_step_us, 2),
                 "all_subscribers_ms_per_epoch": round(per_epoch_ms, 2),
+                **trackers,
                 **({"breakdown": breakdown} if breakdown else {}),
             }
         )

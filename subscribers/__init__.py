@@ -1,6 +1,9 @@
-"""trainbus subscribers: checkpoints, early stopping, LR plateau, Prometheus, resources, store.
+"""trainbus subscribers: checkpoints, early stopping, LR plateau, Prometheus, resources, store,
+experiment trackers.
 
-Per job: :class:`CheckpointWriter`, :class:`EarlyStopController`, :class:`LRPlateauController`.
+Per job: :class:`CheckpointWriter`, :class:`EarlyStopController`, :class:`LRPlateauController`,
+and the trackers :class:`TensorBoardExporter`, :class:`MLflowExporter`, :class:`WandbExporter`
+(each tracker's package is an optional extra, imported only when its exporter writes).
 One per server: :class:`PrometheusExporter`, :class:`ResourceMonitor`, :class:`EventStore`.
 ``subscribers`` imports only ``bus`` of the project; it sees trainers through
 :class:`TrainerLike`.
@@ -28,12 +31,20 @@ from ._errors import SubscribersError as SubscribersError
 from ._errors import UnsafeCheckpoint as UnsafeCheckpoint
 from ._lr_plateau import LRPlateau as LRPlateau
 from ._lr_plateau import LRPlateauController as LRPlateauController
+from ._mlflow import MLflowExporter as MLflowExporter
 from ._prometheus import PrometheusExporter as PrometheusExporter
 from ._resources import ResourceMonitor as ResourceMonitor
 from ._store import EventStore as EventStore
+from ._tensorboard import TensorBoardExporter as TensorBoardExporter
+from ._trackers import TRACKER_EXTRAS as TRACKER_EXTRAS
+from ._trackers import TrackerStatistics as TrackerStatistics
+from ._trackers import TrackerSubscriber as TrackerSubscriber
+from ._trackers import missing_tracker_package as missing_tracker_package
 from ._trainer import TrainerLike as TrainerLike
+from ._wandb import WandbExporter as WandbExporter
 
 __all__ = [
+    "TRACKER_EXTRAS",
     "CheckpointCorrupt",
     "CheckpointError",
     "CheckpointInfo",
@@ -47,15 +58,21 @@ __all__ = [
     "EventStore",
     "LRPlateau",
     "LRPlateauController",
+    "MLflowExporter",
     "PrometheusExporter",
     "ResourceMonitor",
     "SubscribersError",
+    "TensorBoardExporter",
+    "TrackerStatistics",
+    "TrackerSubscriber",
     "TrainerLike",
     "UnsafeCheckpoint",
+    "WandbExporter",
     "checkpoint_path",
     "clean_orphans",
     "latest_valid_state",
     "list_checkpoints",
     "load_checkpoint",
+    "missing_tracker_package",
     "verify_checkpoint",
 ]

@@ -32,6 +32,7 @@ __all__ = [
     "OptimizerSpec",
     "ResourcesSpec",
     "SchedulerSpec",
+    "TrackersSpec",
 ]
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -282,6 +283,40 @@ class ResourcesSpec(BaseModel):
     interval_seconds: Float = Field(default=5.0, ge=0.1, le=3600)
 
 
+class TensorBoardSpec(BaseModel):
+    """TensorBoard event files in the job's folder (or under the server's tensorboard_dir)."""
+
+    model_config = _STRICT
+
+
+class MLflowSpec(BaseModel):
+    """One MLflow run per job; unset fields take the server's defaults."""
+
+    model_config = _STRICT
+    tracking_uri: str | None = Field(default=None, max_length=2000)
+    experiment: str | None = Field(default=None, min_length=1, max_length=250)
+    log_best_checkpoint: Bool = False
+
+
+class WandbSpec(BaseModel):
+    """One Weights & Biases run per job; unset fields take the server's defaults."""
+
+    model_config = _STRICT
+    project: str | None = Field(default=None, min_length=1, max_length=128)
+    entity: str | None = Field(default=None, min_length=1, max_length=128)
+    mode: Literal["online", "offline", "disabled"] | None = None
+
+
+class TrackersSpec(BaseModel):
+    """Experiment trackers: each present section turns its exporter on."""
+
+    model_config = _STRICT
+    tensorboard: TensorBoardSpec | None = None
+    mlflow: MLflowSpec | None = None
+    wandb: WandbSpec | None = None
+    log_every_n_steps: Int = Field(default=50, ge=0, le=1_000_000)
+
+
 class JobSpec(BaseModel):
     """A training job. The smallest valid one::
 
@@ -324,3 +359,4 @@ class JobSpec(BaseModel):
     early_stop: EarlyStopSpec = Field(default_factory=EarlyStopSpec)
     lr_plateau: LRPlateauSpec = Field(default_factory=LRPlateauSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    trackers: TrackersSpec = Field(default_factory=TrackersSpec)
