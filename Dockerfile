@@ -25,6 +25,7 @@ COPY bus ./bus
 COPY worker ./worker
 COPY subscribers ./subscribers
 COPY api ./api
+COPY trainbus ./trainbus
 RUN pip install --constraint constraints.txt '.[gpu]'
 
 USER trainbus

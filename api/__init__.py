@@ -1,5 +1,5 @@
 """The trainbus service: the FastAPI app (REST, WebSocket streaming, auth), its settings, and
-the Python clients. The CLI lives in :mod:`api.cli` (``trainbus``).
+the Python clients. The CLI lives in :mod:`trainbus.api.cli` (``trainbus``).
 
 The clients import only httpx and websockets: the server's names (``create_app``,
 ``Settings``, ...) are loaded on first use, so a script that only submits and watches jobs

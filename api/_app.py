@@ -22,7 +22,7 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CollectorRegistry
 
-from bus import EventBus
+from trainbus.bus import EventBus
 
 from ._auth import (
     HostMiddleware,
@@ -49,7 +49,7 @@ from ._websocket import router as websocket_router
 
 __all__ = ["Runtime", "RuntimeFactory", "create_app"]
 
-logger = logging.getLogger("trainbus.api")
+logger = logging.getLogger(__name__)
 
 DESCRIPTION = """\
 Run, watch and steer PyTorch training jobs.

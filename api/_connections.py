@@ -41,7 +41,7 @@ __all__ = [
     "open_file_limit",
 ]
 
-logger = logging.getLogger("trainbus.api")
+logger = logging.getLogger(__name__)
 
 LOG_EVERY_SECONDS = 10.0
 """Refused and timed-out connections are logged at most this often (a flood is one line)."""

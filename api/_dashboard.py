@@ -24,7 +24,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from pydantic import StringConstraints
 
-from bus import Event
+from trainbus.bus import Event
 
 from ._errors import NotFound, ServiceUnavailable
 from ._hub import finite

@@ -27,9 +27,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from bus import BusClosed, ControlError, UnknownEventName
-from subscribers import CheckpointCorrupt, CheckpointError, CheckpointNotFound, UnsafeCheckpoint
-from worker import IllegalTransition, JobNotFound, ManagerClosed, SpecError
+from trainbus.bus import BusClosed, ControlError, UnknownEventName
+from trainbus.subscribers import (
+    CheckpointCorrupt,
+    CheckpointError,
+    CheckpointNotFound,
+    UnsafeCheckpoint,
+)
+from trainbus.worker import IllegalTransition, JobNotFound, ManagerClosed, SpecError
 
 __all__ = [
     "ApiError",
@@ -42,7 +47,7 @@ __all__ = [
     "without_paths",
 ]
 
-logger = logging.getLogger("trainbus.api")
+logger = logging.getLogger(__name__)
 
 
 class ApiError(Exception):

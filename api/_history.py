@@ -1,7 +1,7 @@
 """Stored event history as the API reads it: an async view of the event store.
 
-The store (``subscribers.EventStore``) is written by a lossless subscriber; it may lag a little
-behind the live stream. :meth:`EventHistory.wait_for` waits, with a deadline, until it holds a
+The store (``trainbus.subscribers.EventStore``) is written by a lossless subscriber; it may
+lag a little behind the live stream. :meth:`EventHistory.wait_for` waits, with a deadline, until it holds a
 given ``seq``, so that a WebSocket replay can join the live stream without a hole.
 """
 
@@ -13,7 +13,7 @@ from typing import Any, Protocol, cast
 
 import anyio
 
-from bus import Event, EventType
+from trainbus.bus import Event, EventType
 
 __all__ = ["EventHistory", "EventSource", "SeqGuard", "seq_guard_of"]
 
@@ -34,7 +34,7 @@ class EventSource(Protocol):
 
 class SeqGuard(Protocol):
     """A store that reserves seqs durably before the live stream sends them, so that a seq a
-    client saw never names another event after a crash (``subscribers.EventStore``)."""
+    client saw never names another event after a crash (``trainbus.subscribers.EventStore``)."""
 
     def reserved_seq(self, job_id: str) -> int: ...
 

@@ -21,7 +21,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
-from bus import DeliveryPolicy, Event, EventBus, EventType
+from trainbus.bus import DeliveryPolicy, Event, EventBus, EventType
 
 from ._history import SeqGuard
 
@@ -35,7 +35,7 @@ __all__ = [
     "gap_notice",
 ]
 
-logger = logging.getLogger("trainbus.api")
+logger = logging.getLogger(__name__)
 
 _dumps = json.dumps
 try:  # optional: several times faster, and encoding is per event on the event loop

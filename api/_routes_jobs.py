@@ -12,9 +12,9 @@ from fastapi import APIRouter, Body, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, StreamingResponse
 
-from bus import JobState, event_type_for
-from subscribers import CheckpointCorrupt, CheckpointNotFound
-from worker import DatasetError, JobSpec, resolve_dataset_file
+from trainbus.bus import JobState, event_type_for
+from trainbus.subscribers import CheckpointCorrupt, CheckpointNotFound
+from trainbus.worker import DatasetError, JobSpec, resolve_dataset_file
 
 from ._errors import NotFound, ServiceUnavailable
 from ._hub import finite

@@ -17,8 +17,8 @@ from typing import Any
 
 import anyio
 
-from bus import EventBus, Subscriber
-from subscribers import (
+from trainbus.bus import EventBus, Subscriber
+from trainbus.subscribers import (
     CheckpointInfo,
     CheckpointNotFound,
     CheckpointWriter,
@@ -32,7 +32,7 @@ from subscribers import (
     list_checkpoints,
     verify_checkpoint,
 )
-from worker import (
+from trainbus.worker import (
     JobHandle,
     JobManager,
     JobNotFound,
@@ -48,7 +48,7 @@ from ._tracking import check_trackers, tracker_subscribers
 
 __all__ = ["ManagerJobs", "default_runtime", "job_subscribers"]
 
-logger = logging.getLogger("trainbus.api")
+logger = logging.getLogger(__name__)
 
 
 def job_subscribers(handle: JobHandle, bus: EventBus) -> list[Subscriber]:

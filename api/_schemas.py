@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from bus import JobState
+from trainbus.bus import JobState
 
 __all__ = [
     "JOB_ID_PATTERN",

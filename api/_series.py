@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bus import Event, EventType
+from trainbus.bus import Event, EventType
 
 __all__ = [
     "BATCH_METRICS",

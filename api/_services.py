@@ -10,8 +10,8 @@ from typing import Any, Protocol
 from fastapi import Request
 from starlette.requests import HTTPConnection
 
-from bus import EventBus
-from worker import JobSpec
+from trainbus.bus import EventBus
+from trainbus.worker import JobSpec
 
 from ._errors import ServiceUnavailable
 from ._history import EventHistory
@@ -22,9 +22,9 @@ __all__ = ["JobService", "Services", "has_events", "services_of"]
 
 
 class JobService(Protocol):
-    """The job operations the REST routes need (implemented over ``worker.JobManager``).
+    """The job operations the REST routes need (implemented over ``trainbus.worker.JobManager``).
 
-    Records are plain JSON-ready mappings (see :class:`api._schemas.JobRecord`).
+    Records are plain JSON-ready mappings (see :class:`trainbus.api._schemas.JobRecord`).
     """
 
     async def submit(self, spec: JobSpec) -> dict[str, Any]: ...

@@ -6,14 +6,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from bus import EventBus, Subscriber
-from subscribers import (
+from trainbus.bus import EventBus, Subscriber
+from trainbus.subscribers import (
     MLflowExporter,
     TensorBoardExporter,
     WandbExporter,
     missing_tracker_package,
 )
-from worker import JobHandle, JobSpec, SpecError
+from trainbus.worker import JobHandle, JobSpec, SpecError
 
 from ._settings import Settings
 

@@ -34,7 +34,7 @@ import anyio
 from fastapi import APIRouter, Path, Query, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from bus import EventType, UnknownEventName, event_type_for
+from trainbus.bus import EventType, UnknownEventName, event_type_for
 
 from ._auth import SUBPROTOCOL, offered_subprotocols
 from ._history import EventHistory
@@ -50,7 +50,7 @@ __all__ = [
     "router",
 ]
 
-logger = logging.getLogger("trainbus.api")
+logger = logging.getLogger(__name__)
 
 CLOSE_TOO_SLOW = 4008
 """Close code for a client that fell too far behind; the reason names the seq to resume after."""

@@ -525,7 +525,7 @@ def _print_registry(console: Console, entries: Any) -> None:
 def _predict(client: TrainbusClient, args: argparse.Namespace, console: Console) -> int:
     """Download the job's checkpoint, rebuild the model with its preprocessing and print one
     prediction per row of the CSV file."""
-    from worker import load_model
+    from trainbus.worker import load_model
 
     header, rows = _read_csv(args.csv)
     with tempfile.TemporaryDirectory(prefix="trainbus-") as folder:

@@ -2,7 +2,7 @@
 
 ::
 
-    from api import TrainbusClient
+    from trainbus.api import TrainbusClient
 
     with TrainbusClient("http://127.0.0.1:8000", token="...") as client:
         job = client.submit({"model": {"name": "mlp"}, "dataset": {"name": "digits"}})
@@ -30,8 +30,8 @@ from websockets.asyncio.client import connect as async_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.sync.client import connect as sync_connect
 
-from bus import ENDED_STATES
-from bus import TERMINAL_JOB_EVENT_TYPES as RUN_END_EVENTS
+from trainbus.bus import ENDED_STATES
+from trainbus.bus import TERMINAL_JOB_EVENT_TYPES as RUN_END_EVENTS
 
 __all__ = [
     "AsyncTrainbusClient",

@@ -23,8 +23,8 @@ from typing import Any
 
 import anyio
 
-from bus import ControlChannel, EventBus, EventType
-from subscribers import (
+from trainbus.bus import ControlChannel, EventBus, EventType
+from trainbus.subscribers import (
     CheckpointWriter,
     EarlyStopController,
     EventStore,
@@ -36,7 +36,7 @@ from subscribers import (
     TrackerSubscriber,
     WandbExporter,
 )
-from worker import JobSpec, Trainer
+from trainbus.worker import JobSpec, Trainer
 
 __all__ = ["PARTS", "TRACKER_PARTS", "all_subscribers_run"]
 

@@ -6,8 +6,6 @@ thread through ``anyio.from_thread`` (the naive design). Last line: one JSON obj
 
 from __future__ import annotations
 
-import _no_shadow  # noqa: F401  (must come first: bench/bus.py shadows the bus package)
-
 # isort: split
 
 import argparse
@@ -19,7 +17,7 @@ import anyio
 import anyio.from_thread
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from bus import DeliveryPolicy, EventBus, EventType, Subscription
+from trainbus.bus import DeliveryPolicy, EventBus, EventType, Subscription
 
 JOB = "bench"
 POLICIES = (

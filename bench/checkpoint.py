@@ -5,7 +5,7 @@ A model of 50.3 million parameters (three 4096x4096 linear layers) with its Adam
 
 - ``sync_save``: a plain synchronous ``torch.save`` of the trainer state (what a training
   loop without a background writer waits for; no fsync, so this baseline is flattering);
-- ``stall``: the ``on_model_save`` callback of :class:`subscribers.CheckpointWriter`
+- ``stall``: the ``on_model_save`` callback of :class:`trainbus.subscribers.CheckpointWriter`
   (decide, snapshot the state into CPU memory, queue it); the durable write (fsync, manifest,
   rename, pointer) then runs on the writer's thread and is reported as ``background_write``.
 
@@ -15,8 +15,6 @@ reported. Last line: one JSON object.
 """
 
 from __future__ import annotations
-
-import _no_shadow  # noqa: F401  (must come first: bench/bus.py shadows the bus package)
 
 # isort: split
 
@@ -30,7 +28,7 @@ from typing import Any
 
 import torch
 
-from subscribers import CheckpointWriter
+from trainbus.subscribers import CheckpointWriter
 
 WIDTH = 4096
 LAYERS = 3

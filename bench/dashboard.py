@@ -11,8 +11,6 @@ Last line: one JSON object.
 
 from __future__ import annotations
 
-import _no_shadow  # noqa: F401  (must come first: bench/bus.py shadows the bus package)
-
 # isort: split
 
 import argparse
@@ -31,9 +29,9 @@ from typing import Any
 
 import httpx
 
-from api import TrainbusClient
-from bus import Event, EventType
-from subscribers import EventStore
+from trainbus.api import TrainbusClient
+from trainbus.bus import Event, EventType
+from trainbus.subscribers import EventStore
 
 CHROMIUM = "/usr/bin/chromium"
 LAUNCH_ARGS = [

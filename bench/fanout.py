@@ -11,8 +11,6 @@ back. Last line: one JSON object.
 
 from __future__ import annotations
 
-import _no_shadow  # noqa: F401  (must come first: bench/bus.py shadows the bus package)
-
 # isort: split
 
 import argparse
@@ -183,7 +181,7 @@ class PeakRss:
 
 def _publish(bus: Any, rate: float, seconds: float) -> tuple[int, float]:
     """Publish ``rate`` events per second for ``seconds``, paced against the clock."""
-    from bus import EventType
+    from trainbus.bus import EventType
 
     total = int(rate * seconds)
     publish = bus.publish
@@ -229,8 +227,8 @@ def main() -> None:
     import httpx
     import uvicorn
 
-    from api import Settings, create_app, uvicorn_config
-    from api._server import listening_socket
+    from trainbus.api import Settings, create_app, uvicorn_config
+    from trainbus.api._server import listening_socket
 
     total = int(args.rate * args.seconds)
     with tempfile.TemporaryDirectory() as data_dir, PeakRss() as rss:
@@ -259,7 +257,7 @@ def main() -> None:
             if time.monotonic() > deadline:
                 raise SystemExit("the server did not start")
             time.sleep(0.05)
-        from bus import EventType
+        from trainbus.bus import EventType
 
         services = app.state.services
         services.bus.publish(JOB, EventType.JOB_QUEUED, {"name": "synthetic fan-out job"})

@@ -14,8 +14,6 @@ the same round), ``fastest_ratios`` to the fastest run's over the fastest unload
 
 from __future__ import annotations
 
-import _no_shadow  # noqa: F401  (must come first: bench/bus.py shadows the bus package)
-
 # isort: split
 
 import argparse
@@ -30,11 +28,6 @@ import time
 from pathlib import Path
 
 import torch
-
-import bus  # noqa: F401  (the package, before bench/ goes on the path)
-import worker  # noqa: F401
-
-sys.path.append(str(Path(__file__).resolve().parent))  # last: ``bus`` is imported already
 from overhead import WORKLOADS, bare_loop, make_spec
 
 PERIOD_S = 0.010

@@ -12,8 +12,6 @@ ratios compare CPU time of all threads (steadier on a busy machine).
 
 from __future__ import annotations
 
-import _no_shadow  # noqa: F401  (must come first: bench/bus.py shadows the bus package)
-
 # isort: split
 
 import argparse
@@ -35,8 +33,8 @@ import anyio
 import httpx
 import torch
 
-from bus import ControlChannel, Event, EventBus, Subscriber
-from worker import JobSpec, Trainer, default_registry
+from trainbus.bus import ControlChannel, Event, EventBus, Subscriber
+from trainbus.worker import JobSpec, Trainer, default_registry
 
 sys.path.append(str(Path(__file__).resolve().parent))  # last: ``bus`` is imported already
 from _all_subscribers import PARTS, TRACKER_PARTS, all_subscribers_run

@@ -8,8 +8,6 @@ Last line: one JSON object.
 
 from __future__ import annotations
 
-import _no_shadow  # noqa: F401  (must come first: bench/bus.py shadows the bus package)
-
 # isort: split
 
 import argparse
@@ -20,8 +18,8 @@ from pathlib import Path
 
 import anyio
 
-from bus import Event, EventBus, EventType
-from subscribers import EventStore
+from trainbus.bus import Event, EventBus, EventType
+from trainbus.subscribers import EventStore
 
 JOB = "bench"
 

@@ -11,7 +11,7 @@ from ._events import CALLBACK_EVENT_TYPES, EventType, event_type_for
 
 __all__ = ["Callback", "CallbackRegistry"]
 
-logger = logging.getLogger("trainbus.bus")
+logger = logging.getLogger(__name__)
 
 Callback = Callable[[Any], object]
 ErrorReporter = Callable[[EventType, Callback, Exception], None]

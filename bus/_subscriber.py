@@ -20,7 +20,7 @@ from ._subscription import Subscription, current_subscription
 
 __all__ = ["AttachedSubscribers", "Subscriber", "SubscriberHandle"]
 
-logger = logging.getLogger("trainbus.bus")
+logger = logging.getLogger(__name__)
 
 _Handler = Callable[[Event], Awaitable[None]]
 

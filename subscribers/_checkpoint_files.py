@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 import torch
 
-from bus import Mode
+from trainbus.bus import Mode
 
 from ._checkpoint_layout import (
     _ALIASES,

@@ -33,7 +33,7 @@ __all__ = [
     "read_pointer",
 ]
 
-logger = logging.getLogger("trainbus.subscribers")
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 """Version of the checkpoint layout and manifest written by this code."""

@@ -27,7 +27,7 @@ from ._errors import CheckpointCorrupt, CheckpointNotFound, UnsafeCheckpoint
 
 __all__ = ["latest_valid_state", "load_checkpoint", "verify_checkpoint"]
 
-logger = logging.getLogger("trainbus.subscribers")
+logger = logging.getLogger(__name__)
 
 
 def _read_verified(path: Path) -> tuple[CheckpointInfo, bytes]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import anyio
 
-from bus import DeliveryPolicy, EventBus, EventType, Mode, Subscriber, improves
+from trainbus.bus import DeliveryPolicy, EventBus, EventType, Mode, Subscriber, improves
 
 from ._checkpoint_files import (
     apply_retention,
@@ -27,7 +27,7 @@ from ._trainer import TrainerLike
 
 __all__ = ["CheckpointWriter", "CheckpointWriterStatistics"]
 
-logger = logging.getLogger("trainbus.subscribers")
+logger = logging.getLogger(__name__)
 
 # Requests for these reasons are never dropped: they are the states a user resumes from.
 _ESSENTIAL_REASONS = frozenset({"command", "pause", "stop", "failure", "end", "shutdown"})

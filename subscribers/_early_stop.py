@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from bus import (
+from trainbus.bus import (
     ControlChannel,
     ControlError,
     DeliveryPolicy,
@@ -29,7 +29,7 @@ from ._trainer import TrainerLike
 
 __all__ = ["EarlyStopController", "EarlyStopDecision", "EarlyStopReason", "EarlyStopping"]
 
-logger = logging.getLogger("trainbus.subscribers")
+logger = logging.getLogger(__name__)
 
 
 class EarlyStopReason(StrEnum):

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from bus import (
+from trainbus.bus import (
     ControlChannel,
     ControlError,
     DeliveryPolicy,
@@ -22,7 +22,7 @@ from ._trainer import TrainerLike
 
 __all__ = ["LRPlateau", "LRPlateauController"]
 
-logger = logging.getLogger("trainbus.subscribers")
+logger = logging.getLogger(__name__)
 
 
 class LRPlateau:

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bus import EventBus
+from trainbus.bus import EventBus
 
 from ._checkpoint_layout import checkpoint_path
 from ._errors import CheckpointNotFound
@@ -20,7 +20,7 @@ from ._trackers import EndState, RecordKind, TrackerBackend, TrackerRecord, Trac
 
 __all__ = ["MLflowExporter"]
 
-logger = logging.getLogger("trainbus.subscribers")
+logger = logging.getLogger(__name__)
 
 _STATUS = {
     EndState.COMPLETED: "FINISHED",

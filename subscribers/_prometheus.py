@@ -26,7 +26,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from bus import (
+from trainbus.bus import (
     BATCH_EVENT_TYPES,
     ENDED_STATES,
     DeliveryPolicy,

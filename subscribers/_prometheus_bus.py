@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from bus import EventBus
+from trainbus.bus import EventBus
 
 __all__ = ["collect_bus"]
 

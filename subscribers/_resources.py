@@ -12,11 +12,11 @@ from typing import Any
 import anyio
 import psutil
 
-from bus import BusClosed, EventBus, EventType
+from trainbus.bus import BusClosed, EventBus, EventType
 
 __all__ = ["ResourceMonitor"]
 
-logger = logging.getLogger("trainbus.subscribers")
+logger = logging.getLogger(__name__)
 
 SERVER_JOB_ID = "_server"
 MAX_BACKOFF_SECONDS = 300.0

@@ -18,7 +18,7 @@ import torch
 
 __all__ = ["snapshot"]
 
-logger = logging.getLogger("trainbus.subscribers")
+logger = logging.getLogger(__name__)
 _warned: set[type] = set()
 
 

@@ -2,7 +2,7 @@
 
 Two tables. ``events`` holds one row per event of the rarer kinds (epochs, checkpoints,
 commands, job lifecycle), so that reading a job's epochs never touches its batches.
-``batch_events`` holds the per-batch events (``bus.BATCH_EVENT_TYPES``: four a training
+``batch_events`` holds the per-batch events (``trainbus.bus.BATCH_EVENT_TYPES``: four a training
 batch, two a validation batch) as chunks: one row for each job's batch events of one write,
 a JSON array of ``[seq, type, time, data]``. A row per batch event cost SQLite ~5 us an
 event to parse and index, CPU that a small model's training run pays for
@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import anyio
 
-from bus import (
+from trainbus.bus import (
     BATCH_EVENT_TYPES,
     TERMINAL_JOB_EVENT_TYPES,
     DeliveryPolicy,
@@ -215,8 +215,8 @@ class EventStore(Subscriber):
     SQLite I/O: call them from a thread (``anyio.to_thread.run_sync``) in async code.
     :meth:`flush` waits until everything handed to the store so far is committed.
 
-    Batch-level events (``train_batch_end`` and the like, see ``bus.BATCH_EVENT_TYPES``) can
-    be thinned: ``keep_batch_events="all"`` keeps them; ``"every_n"`` keeps the first and
+    Batch-level events (``train_batch_end`` and the like, see
+    ``trainbus.bus.BATCH_EVENT_TYPES``) can be thinned: ``keep_batch_events="all"`` keeps them; ``"every_n"`` keeps the first and
     then every ``batch_event_every``-th of each type per job; ``"none_after_end"`` keeps
     them while a job runs and deletes them when its terminal event (``job_completed``,
     ``job_stopped``, ``job_failed``) arrives. :meth:`last_seq` counts skipped events too, so

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bus import EventBus
+from trainbus.bus import EventBus
 
 from ._trackers import RecordKind, TrackerBackend, TrackerRecord, TrackerSubscriber
 

@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Protocol
 
 import anyio
 
-from bus import DeliveryPolicy, Event, EventBus, EventType, Subscriber
+from trainbus.bus import DeliveryPolicy, Event, EventBus, EventType, Subscriber
 
 __all__ = [
     "TRACKER_EXTRAS",
@@ -36,7 +36,7 @@ __all__ = [
     "missing_tracker_package",
 ]
 
-logger = logging.getLogger("trainbus.subscribers")
+logger = logging.getLogger(__name__)
 
 TRACKER_EXTRAS: dict[str, tuple[str, str]] = {
     "tensorboard": ("tensorboard", "trainbus[tensorboard]"),

@@ -7,7 +7,7 @@ from typing import Any, Protocol
 
 import torch
 
-from bus import ControlChannel, Stateful
+from trainbus.bus import ControlChannel, Stateful
 
 __all__ = ["TrainerLike"]
 

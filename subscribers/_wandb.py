@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from bus import EventBus
+from trainbus.bus import EventBus
 
 from ._trackers import EndState, RecordKind, TrackerBackend, TrackerRecord, TrackerSubscriber
 

@@ -1,9 +1,10 @@
 """What users install is what is tested: the package without dev extras, in a venv of its own.
 
 A dev venv hides undeclared dependencies (a module that the dev extras happen to pull in). This
-test installs the distribution the way a user does (``pip install --constraint constraints.txt
-.``, no extras) into a fresh venv, imports every module it ships, then runs ``trainbus serve``
-from that venv, trains a job to completion through the API and scrapes ``/metrics``.
+test builds the wheel, installs it the way a user does (``--constraint constraints.txt``, no
+extras) into a fresh venv, checks that it installs one top-level name, imports every module it
+ships, then runs ``trainbus serve`` from that venv, trains a job to completion through the API
+and scrapes ``/metrics``.
 """
 
 from __future__ import annotations
@@ -12,15 +13,17 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import venv
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from api import TrainbusClient
+from trainbus.api import TrainbusClient
 
 from .conftest import free_port
 
@@ -52,20 +55,43 @@ def _copy_source(destination: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def clean_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    base = tmp_path_factory.mktemp("clean-install")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("wheel")
     source = _copy_source(base / "source")
-    environment = base / "venv"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check",
+         "--no-deps", "--wheel-dir", str(base / "dist"), str(source)],
+        check=True,
+        cwd=base,
+        timeout=300,
+    )
+    (built,) = (base / "dist").glob("trainbus-*.whl")
+    return built
+
+
+@pytest.fixture(scope="module")
+def clean_venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    environment = tmp_path_factory.mktemp("clean-install") / "venv"
     venv.EnvBuilder(with_pip=True, clear=True).create(environment)
     python = environment / "bin" / "python"
     subprocess.run(
         [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-         "--constraint", str(source / "constraints.txt"), str(source)],
+         "--constraint", str(ROOT / "constraints.txt"), str(wheel)],
         check=True,
-        cwd=base,
+        cwd=environment,
         timeout=480,
     )
     return environment
+
+
+def test_the_wheel_installs_one_top_level_name(wheel: Path) -> None:
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+    top_level = {name.split("/")[0] for name in names}
+    assert {name for name in top_level if not name.endswith(".dist-info")} == {"trainbus"}
+    for package in ("bus", "worker", "subscribers", "api"):
+        assert f"trainbus/{package}/__init__.py" in names
+    assert "trainbus/api/dashboard/index.html" in names  # package data travels too
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from __future__ import annotations
 from time import time as _now
 from typing import Any
 
-from bus import EventBus, EventType
+from trainbus.bus import EventBus, EventType
 
 __all__ = ["BatchEventBuffer"]
 

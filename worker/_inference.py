@@ -3,7 +3,7 @@ preprocessing its dataset applied (feature standardisation, class labels).
 
 ::
 
-    from worker import load_model
+    from trainbus.worker import load_model
 
     model = load_model("data/jobs/<job>/checkpoints/best")   # or a downloaded state file
     model.predict([[0.0, 3.0, ...], ...])                    # raw features -> class labels

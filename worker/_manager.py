@@ -21,7 +21,7 @@ import anyio
 import torch
 from anyio.abc import TaskGroup
 
-from bus import (
+from trainbus.bus import (
     ENDED_STATES,
     Command,
     CommandKind,
@@ -45,7 +45,7 @@ from ._trainer import Outcome, RunResult, Trainer
 
 __all__ = ["JobHandle", "JobManager"]
 
-logger = logging.getLogger("trainbus.worker")
+logger = logging.getLogger(__name__)
 
 SubscriberFactory = Callable[["JobHandle"], Sequence[Subscriber]]
 CheckpointLoader = Callable[[str, Path], "dict[str, Any] | None"]

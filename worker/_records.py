@@ -1,5 +1,5 @@
-"""Job records and the legal transitions between their states (``bus.JobState``), persisted in
-SQLite."""
+"""Job records and the legal transitions between their states (``trainbus.bus.JobState``),
+persisted in SQLite."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from bus import JobState
+from trainbus.bus import JobState
 
 __all__ = ["TRANSITIONS", "JobFailure", "JobRecord", "JobStore"]
 

@@ -30,7 +30,7 @@ from ._errors import SpecError
 
 __all__ = ["DatasetEntry", "ModelEntry", "Registry", "default_registry"]
 
-logger = logging.getLogger("trainbus.worker")
+logger = logging.getLogger(__name__)
 
 ModelBuilder = Callable[[Any, int, int], nn.Module]
 """``build(params, in_features, out_features) -> nn.Module``."""

@@ -16,7 +16,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails
 
-from bus import Mode
+from trainbus.bus import Mode
 
 from ._errors import SpecError
 from ._numbers import Bool, Float, Int, not_a_boolean

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bus import (
+from trainbus.bus import (
     CallbackRegistry,
     Command,
     CommandKind,
@@ -40,7 +40,7 @@ from ._threads import torch_threads
 
 __all__ = ["Outcome", "RunResult", "Trainer"]
 
-logger = logging.getLogger("trainbus.worker")
+logger = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
 TRAIN_BATCH_START = EventType.TRAIN_BATCH_START

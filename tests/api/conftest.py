@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from api import create_app
+from trainbus.api import create_app
 
 from .fakes import FakeJobs, MemoryHistory, fake_runtime
 from .server import LiveServer, make_settings, run_server

@@ -10,10 +10,10 @@ from typing import Any
 
 import anyio
 
-from api import Runtime, Settings
-from api._errors import NotFound
-from bus import DeliveryPolicy, Event, EventBus, EventType, event_type_for
-from worker import JobSpec
+from trainbus.api import Runtime, Settings
+from trainbus.api._errors import NotFound
+from trainbus.bus import DeliveryPolicy, Event, EventBus, EventType, event_type_for
+from trainbus.worker import JobSpec
 
 
 class MemoryHistory:

@@ -14,9 +14,9 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
-from api import Settings, uvicorn_config
-from api._services import Services
 from tests.conftest import free_port
+from trainbus.api import Settings, uvicorn_config
+from trainbus.api._services import Services
 
 
 @dataclass

@@ -15,9 +15,9 @@ import pytest
 from pydantic import SecretStr
 from websockets.asyncio.client import connect
 
-from api import Settings, create_app, uvicorn_config
-from api._auth import OriginPolicy, TokenFileRefused, ensure_token, write_token_file
-from api._server import bind_then_write_token
+from trainbus.api import Settings, create_app, uvicorn_config
+from trainbus.api._auth import OriginPolicy, TokenFileRefused, ensure_token, write_token_file
+from trainbus.api._server import bind_then_write_token
 
 from ..conftest import free_port
 from .server import LiveServer, make_settings, run_server
@@ -143,8 +143,9 @@ def test_serve_into_a_folder_others_can_write_says_so_without_a_traceback(tmp_pa
     data_dir.chmod(0o777)
     environment = {k: v for k, v in os.environ.items() if not k.startswith("TRAINBUS_")}
     port = str(free_port())
+    folder = str(data_dir)
     done = subprocess.run(
-        [sys.executable, "-m", "api.cli", "serve", "--port", port, "--data-dir", str(data_dir)],
+        [sys.executable, "-m", "trainbus.api.cli", "serve", "--port", port, "--data-dir", folder],
         env=environment,
         capture_output=True,
         text=True,

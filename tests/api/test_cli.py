@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from api import Settings
-from api._auth import ensure_token, write_token_file
-from api._local import write_server_url
-from api.cli import build_parser, main
-from bus import EventType
+from trainbus.api import Settings
+from trainbus.api._auth import ensure_token, write_token_file
+from trainbus.api._local import write_server_url
+from trainbus.api.cli import build_parser, main
+from trainbus.bus import EventType
 
 from .fakes import FakeJobs
 from .server import LiveServer

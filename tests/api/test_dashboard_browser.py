@@ -15,7 +15,7 @@ from typing import Any
 import playwright.sync_api as playwright_sync
 import pytest
 
-from api import TrainbusClient, create_app
+from trainbus.api import TrainbusClient, create_app
 
 from .server import LiveServer, make_settings, run_server
 

@@ -10,8 +10,8 @@ import anyio
 import httpx
 import pytest
 
-from api._series import Series, downsample_min_max, extract, source_types
-from bus import Event, EventType
+from trainbus.api._series import Series, downsample_min_max, extract, source_types
+from trainbus.bus import Event, EventType
 
 from .server import LiveServer
 
@@ -191,7 +191,7 @@ async def test_the_dashboards_own_origin_may_change_state(
 def test_every_file_the_page_names_is_served() -> None:
     from importlib import resources
 
-    from api._dashboard import public_paths
+    from trainbus.api._dashboard import public_paths
 
     page = (resources.files("api") / "dashboard" / "index.html").read_text()
     named = set(re.findall(r'(?:href|src)="(/dashboard/[^"]+)"', page))

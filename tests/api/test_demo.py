@@ -17,9 +17,9 @@ from typing import IO
 
 import pytest
 
-from api import TrainbusClient
-from api._local import read_server_url, read_token_file
 from tests.conftest import free_port
+from trainbus.api import TrainbusClient
+from trainbus.api._local import read_server_url, read_token_file
 
 pytestmark = pytest.mark.slow
 

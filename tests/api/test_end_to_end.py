@@ -16,8 +16,8 @@ import pytest
 import torch
 from websockets.asyncio.client import connect
 
-from api import AsyncTrainbusClient, create_app
-from api.cli import main
+from trainbus.api import AsyncTrainbusClient, create_app
+from trainbus.api.cli import main
 
 from .fuzz import server_errors
 from .server import LiveServer, make_settings, run_server
@@ -386,8 +386,8 @@ def test_a_checkpoint_is_a_ready_model(
     (or the folder) becomes a model with its preprocessing; ``trainbus predict`` uses it."""
     from sklearn.datasets import load_digits
 
-    from api import TrainbusClient
-    from worker import load_model
+    from trainbus.api import TrainbusClient
+    from trainbus.worker import load_model
 
     with TrainbusClient(server.url, server.token) as api:
         job_id = api.submit(digits_spec(epochs=3))["id"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import math
 
-from api._hub import ClientBuffer, encode_event
-from bus import Event, EventType
+from trainbus.api._hub import ClientBuffer, encode_event
+from trainbus.bus import Event, EventType
 
 
 def _items(job: str, seqs: range) -> list[tuple[str, int, str]]:

@@ -13,8 +13,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from api import Runtime, Settings, create_app
-from bus import EventBus
+from trainbus.api import Runtime, Settings, create_app
+from trainbus.bus import EventBus
 
 from .fakes import FakeJobs
 from .server import make_settings, run_server

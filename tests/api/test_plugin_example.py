@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api import TrainbusClient
 from tests.conftest import free_port
+from trainbus.api import TrainbusClient
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ def test_the_plugin_example_installs_and_trains(tmp_path: Path) -> None:
     env.update(PYTHONPATH=str(site), TRAINBUS_TOKEN=TOKEN)
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "serve", "--port", str(port),
+        [sys.executable, "-m", "trainbus.api.cli", "serve", "--port", str(port),
          "--data-dir", str(tmp_path / "data"), "--log-level", "warning"],
         env=env,
     )  # fmt: skip

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api import TrainbusClient
+from trainbus.api import TrainbusClient
 
 from ..conftest import free_port
 
@@ -30,7 +30,7 @@ def serve(data_dir: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
         [
             sys.executable,
             "-m",
-            "api.cli",
+            "trainbus.api.cli",
             "--token",
             TOKEN,
             "serve",

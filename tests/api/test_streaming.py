@@ -14,9 +14,9 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from api import CLOSE_TOO_SLOW
-from api._hub import EventHub
-from bus import EventBus, EventType
+from trainbus.api import CLOSE_TOO_SLOW
+from trainbus.api._hub import EventHub
+from trainbus.bus import EventBus, EventType
 
 from .fakes import FakeJobs
 from .server import LiveServer
@@ -238,7 +238,7 @@ async def test_deleting_a_job_closes_its_streams_with_4404(
 ) -> None:
     import httpx
 
-    from api._websocket import CLOSE_JOB_DELETED
+    from trainbus.api._websocket import CLOSE_JOB_DELETED
 
     fake_jobs.add("doomed-1")
     fake_jobs.add("kept-1")
@@ -271,8 +271,8 @@ async def test_a_job_deleted_while_its_stream_is_set_up_closes_it_with_4404(
 ) -> None:
     """The stream checks the job, then joins the hub; a delete in between (its streams were
     closed before this one joined) must still end it, not leave it waiting for ever."""
-    import api._websocket as websocket_module
-    from api._websocket import CLOSE_JOB_DELETED, close_job_streams
+    import trainbus.api._websocket as websocket_module
+    from trainbus.api._websocket import CLOSE_JOB_DELETED, close_job_streams
 
     fake_jobs.add("doomed-2")
     real_has_events = websocket_module.has_events

@@ -6,7 +6,7 @@ import io
 
 from rich.console import Console
 
-from api._watch import ProgressView, format_metrics
+from trainbus.api._watch import ProgressView, format_metrics
 
 
 def _event(seq: int, type: str, **data: object) -> dict[str, object]:

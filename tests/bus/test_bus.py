@@ -9,7 +9,7 @@ from functools import partial
 import anyio
 import pytest
 
-from bus import (
+from trainbus.bus import (
     BusClosed,
     BusError,
     DeliveryPolicy,

@@ -4,7 +4,7 @@ from typing import Any
 
 import pytest
 
-from bus import CallbackRegistry, EventType, UnknownEventName
+from trainbus.bus import CallbackRegistry, EventType, UnknownEventName
 
 
 def test_callbacks_run_inline_in_registration_order() -> None:

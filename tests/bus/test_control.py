@@ -7,7 +7,15 @@ import threading
 import anyio
 import pytest
 
-from bus import Command, CommandKind, ControlChannel, ControlError, Event, EventBus, EventType
+from trainbus.bus import (
+    Command,
+    CommandKind,
+    ControlChannel,
+    ControlError,
+    Event,
+    EventBus,
+    EventType,
+)
 
 
 class FakeTrainingLoop:

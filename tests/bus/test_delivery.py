@@ -8,7 +8,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from bus import DeliveryPolicy, Event, EventBus, EventType, WouldBlock
+from trainbus.bus import DeliveryPolicy, Event, EventBus, EventType, WouldBlock
 
 BATCH_END = EventType.TRAIN_BATCH_END
 

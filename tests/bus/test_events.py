@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from bus import CALLBACK_EVENT_TYPES, Event, EventType, UnknownEventName, event_type_for
+from trainbus.bus import CALLBACK_EVENT_TYPES, Event, EventType, UnknownEventName, event_type_for
 
 
 def test_event_is_immutable_and_round_trips_through_json_dict() -> None:

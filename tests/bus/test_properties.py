@@ -10,7 +10,7 @@ import anyio.lowlevel
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from bus import DeliveryPolicy, Event, EventBus, EventType, _log
+from trainbus.bus import DeliveryPolicy, Event, EventBus, EventType, _log
 
 TYPES = [EventType.TRAIN_BATCH_END, EventType.FIT_EPOCH_END, EventType.VAL_END]
 jobs = st.sampled_from(["a", "b", "c"])

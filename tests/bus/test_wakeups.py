@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import anyio
 import pytest
 
-from bus import BusClosed, Event, EventBus, EventType, Subscriber
+from trainbus.bus import BusClosed, Event, EventBus, EventType, Subscriber
 
 BATCH_END = EventType.TRAIN_BATCH_END
 

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from api import Settings
+from trainbus.api import Settings
 
 from .compose_files import (
     bind_mounts,

@@ -14,8 +14,8 @@ import httpx
 import pytest
 import yaml
 
-from api import TrainbusClient, create_app
 from tests.api.server import LiveServer, make_settings, run_server
+from trainbus.api import TrainbusClient, create_app
 
 from .conftest import DEPLOY
 from .prometheus_server import PrometheusServer, run_prometheus

@@ -3,8 +3,8 @@ SIGKILL servers many times without paying the service's imports (seconds) each t
 
 Run as ``python _kill_serve_child.py [trainbus options]``. It imports the service and prints
 ``warm``. For each line on stdin (``serve`` and its options, e.g.
-``serve --port 8123 --data-dir D``) it forks a child that runs ``trainbus`` (``api.cli.main``)
-with all those options and prints ``started PID``; it prints ``exited PID STATUS`` when a
+``serve --port 8123 --data-dir D``) it forks a child that runs ``trainbus``
+(``trainbus.api.cli.main``) with all those options and prints ``started PID``; it prints ``exited PID STATUS`` when a
 child is gone. Several children may run at once. When stdin closes it kills the children
 still running and exits. Nothing runs in the zygote beyond imports, so each child starts as
 a fresh ``trainbus serve`` would.
@@ -20,7 +20,13 @@ import sys
 
 # The built-in datasets load from sklearn; the first optimizer a process builds imports
 # torch._dynamo (seconds); the rest is the service.
-_PRELOADED = ("sklearn.datasets", "torch._dynamo", "api._app", "api._runtime", "api._server")
+_PRELOADED = (
+    "sklearn.datasets",
+    "torch._dynamo",
+    "trainbus.api._app",
+    "trainbus.api._runtime",
+    "trainbus.api._server",
+)
 
 
 def _say(line: str) -> None:
@@ -28,7 +34,7 @@ def _say(line: str) -> None:
 
 
 def _fork_server(arguments: list[str]) -> int:
-    from api.cli import main as trainbus
+    from trainbus.api.cli import main as trainbus
 
     pid = os.fork()
     if pid:

@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from api import TrainbusClient
+from trainbus.api import TrainbusClient
 
 from ..conftest import free_port
 

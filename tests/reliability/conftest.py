@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from subscribers import verify_checkpoint
+from trainbus.subscribers import verify_checkpoint
 
 SOAK = os.environ.get("TRAINBUS_SOAK") == "1"
 

@@ -26,9 +26,9 @@ from starlette.routing import Route, WebSocketRoute
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from api import Settings, create_app
-from api._auth import HostPolicy
 from tests.api.server import LiveServer, make_settings, run_server
+from trainbus.api import Settings, create_app
+from trainbus.api._auth import HostPolicy
 
 from .conftest import record
 

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import torch
 
-from api import TrainbusClient, create_app
+from trainbus.api import TrainbusClient, create_app
 
 from ..api.server import make_settings, run_server
 from .conftest import record

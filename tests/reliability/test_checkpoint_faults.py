@@ -1,8 +1,8 @@
 """Disk full, short writes and I/O errors while a real job in a real server checkpoints.
 
 The faults are injected at the lowest layer the checkpoint files call: the ``os`` module of
-``subscribers._checkpoint_files`` is replaced by one whose ``write`` (the system call, with no
-buffered layer above it to retry) accepts only part of what it is given or fails with ENOSPC
+``trainbus.subscribers._checkpoint_files`` is replaced by one whose ``write`` (the system call,
+with no buffered layer above it to retry) accepts only part of what it is given or fails with ENOSPC
 as a full disk does (bytes that fit are written first, then the error), and whose ``fsync``
 of a state file can fail with EIO. No root is needed.
 
@@ -32,9 +32,14 @@ from typing import Any
 
 import pytest
 
-import subscribers._checkpoint_files as checkpoint_files
-from api import TrainbusClient, create_app
-from subscribers import CheckpointWriter, list_checkpoints, load_checkpoint, verify_checkpoint
+import trainbus.subscribers._checkpoint_files as checkpoint_files
+from trainbus.api import TrainbusClient, create_app
+from trainbus.subscribers import (
+    CheckpointWriter,
+    list_checkpoints,
+    load_checkpoint,
+    verify_checkpoint,
+)
 
 from ..api.server import make_settings, run_server
 from ..subscribers.toy import ToyTrainer

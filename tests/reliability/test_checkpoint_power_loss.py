@@ -2,8 +2,8 @@
 
 A SIGKILL cannot test durability (the page cache outlives a killed process), so this test
 follows CrashMonkey and ALICE: the real checkpoint writer saves a few checkpoints while the
-``os`` and ``shutil`` that ``subscribers._checkpoint_files`` calls are replaced by a recorder
-(every call still reaches the real ones). Then, for every point of the recorded trace, the
+``os`` and ``shutil`` that ``trainbus.subscribers._checkpoint_files`` calls are replaced by a
+recorder (every call still reaches the real ones). Then, for every point of the recorded trace, the
 states a power cut there can leave on disk are rebuilt in a fresh folder, under this model:
 
 - a file holds what it held at its last ``fsync`` (data written since is lost, a file never
@@ -31,9 +31,9 @@ from typing import Any
 
 import pytest
 
-import subscribers._checkpoint_files as checkpoint_files
-import subscribers._checkpoint_writer as checkpoint_writer
-from subscribers import (
+import trainbus.subscribers._checkpoint_files as checkpoint_files
+import trainbus.subscribers._checkpoint_writer as checkpoint_writer
+from trainbus.subscribers import (
     CheckpointInfo,
     CheckpointWriter,
     clean_orphans,
@@ -41,7 +41,7 @@ from subscribers import (
     load_checkpoint,
     verify_checkpoint,
 )
-from subscribers._checkpoint_layout import read_pointer
+from trainbus.subscribers._checkpoint_layout import read_pointer
 
 from ..subscribers.toy import ToyTrainer
 from .conftest import record

@@ -5,7 +5,8 @@ What must hold, whatever the order and overlap of the requests:
 
 - every answer is a documented status (201, 202, 204, 404, 409), never a 5xx, and each refusal
   says why;
-- every state change a job publishes is a legal transition (``worker._records.TRANSITIONS``),
+- every state change a job publishes is a legal transition
+  (``trainbus.worker._records.TRANSITIONS``),
   each run of a job ends with exactly one ending event, and completed or failed jobs stay so;
 - each accepted command takes effect with no further request: a stop ends the run, a pause
   holds it, a resume lets it go on;
@@ -45,11 +46,11 @@ from hypothesis.stateful import (
 )
 from websockets.asyncio.client import connect
 
-from api import create_app
-from bus import ControlChannel, EventBus, JobState
 from tests.api.server import LiveServer, make_settings, run_server
-from worker import JobManager, JobSpec, Outcome, Trainer
-from worker._records import TRANSITIONS
+from trainbus.api import create_app
+from trainbus.bus import ControlChannel, EventBus, JobState
+from trainbus.worker import JobManager, JobSpec, Outcome, Trainer
+from trainbus.worker._records import TRANSITIONS
 
 from .conftest import record, sized
 
@@ -595,7 +596,7 @@ def test_a_job_deleted_as_it_ends_leaves_no_events_behind(
     # The soak run's state machine deleted a job whose job_stopped event the event store had
     # not written yet: the store wrote it after the delete, and the deleted job had events
     # again (200 instead of 404). Here the store is slowed down so that it always lags.
-    from subscribers import EventStore
+    from trainbus.subscribers import EventStore
 
     write = EventStore.on_events
 

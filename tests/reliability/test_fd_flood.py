@@ -23,8 +23,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api import TrainbusClient
 from tests.conftest import free_port
+from trainbus.api import TrainbusClient
 
 from .conftest import record
 
@@ -66,7 +66,7 @@ def serve(data_dir: Path, log: Path) -> Iterator[tuple[subprocess.Popen[bytes], 
             [
                 sys.executable,
                 "-m",
-                "api.cli",
+                "trainbus.api.cli",
                 "--token",
                 TOKEN,
                 "serve",

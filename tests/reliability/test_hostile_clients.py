@@ -69,7 +69,7 @@ pytestmark = [
 ]
 
 TOKEN = "hostile-test-token-42"
-SERVE = (sys.executable, "-m", "api.cli", "serve")
+SERVE = (sys.executable, "-m", "trainbus.api.cli", "serve")
 TERMINAL = ("job_completed", "job_stopped", "job_failed")
 RUNS = sized(3, 5)
 FLOOD = sized(300, 1000)

@@ -28,8 +28,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from api import create_app
 from tests.api.server import LiveServer, make_settings, run_server
+from trainbus.api import create_app
 
 from .conftest import record
 

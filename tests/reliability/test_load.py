@@ -20,8 +20,8 @@ from typing import Any
 import httpx
 import pytest
 
-from api import create_app
 from tests.api.server import LiveServer, make_settings, run_server
+from trainbus.api import create_app
 
 from .conftest import record, sized
 

@@ -18,11 +18,11 @@ import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from api import Settings, create_app
-from api._server import WebSocketProtocol, listening_socket
-from bus import EventType
 from tests.api.server import LiveServer, run_server
 from tests.conftest import free_port
+from trainbus.api import Settings, create_app
+from trainbus.api._server import WebSocketProtocol, listening_socket
+from trainbus.bus import EventType
 
 from .conftest import poll, record
 

@@ -27,11 +27,11 @@ from schemathesis.checks import CHECKS, load_all_checks
 from schemathesis.core.failures import Failure, FailureGroup
 from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
 
-from api import create_app
-from bus import UnknownEventName, event_type_for
 from tests.api.fuzz import operations as all_operations
 from tests.api.server import LiveServer, make_settings, run_server
-from worker._datasets import MAX_VALUES
+from trainbus.api import create_app
+from trainbus.bus import UnknownEventName, event_type_for
+from trainbus.worker._datasets import MAX_VALUES
 
 from .conftest import SOAK, record, sized
 

@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 import torch
 
-from api import TrainbusClient, create_app
-from subscribers import list_checkpoints, load_checkpoint, verify_checkpoint
+from trainbus.api import TrainbusClient, create_app
+from trainbus.subscribers import list_checkpoints, load_checkpoint, verify_checkpoint
 
 from ..api.server import make_settings, run_server
 from ._kill_server import Server, ServerZygote, all_events, live_events

@@ -22,8 +22,8 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from api import create_app
 from tests.api.server import LiveServer, make_settings, run_server
+from trainbus.api import create_app
 
 from .conftest import record, sized
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from subscribers import CheckpointWriter, latest_valid_state
+from trainbus.subscribers import CheckpointWriter, latest_valid_state
 
 
 def _say(line: str) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from subscribers import (
+from trainbus.subscribers import (
     CheckpointCorrupt,
     CheckpointNotFound,
     UnsafeCheckpoint,
@@ -21,7 +21,7 @@ from subscribers import (
     load_checkpoint,
     verify_checkpoint,
 )
-from subscribers._checkpoint_files import apply_retention, write_checkpoint, write_pointer
+from trainbus.subscribers._checkpoint_files import apply_retention, write_checkpoint, write_pointer
 
 from ..reliability.conftest import unfinished_checkpoint_entries
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from subscribers import (
+from trainbus.subscribers import (
     clean_orphans,
     latest_valid_state,
     list_checkpoints,

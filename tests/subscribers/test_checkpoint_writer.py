@@ -10,8 +10,13 @@ import anyio
 import pytest
 import torch
 
-from bus import Event, EventBus, EventType
-from subscribers import CheckpointWriter, checkpoint_path, list_checkpoints, load_checkpoint
+from trainbus.bus import Event, EventBus, EventType
+from trainbus.subscribers import (
+    CheckpointWriter,
+    checkpoint_path,
+    list_checkpoints,
+    load_checkpoint,
+)
 
 from .toy import ToyTrainer
 
@@ -91,8 +96,7 @@ def test_triggers(tmp_path: Path) -> None:
 def test_essential_requests_are_never_dropped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import subscribers._checkpoint_writer as module
-
+    import trainbus.subscribers._checkpoint_writer as module
     gate = threading.Event()
     entered = threading.Event()
     real_write = module.write_checkpoint
@@ -174,8 +178,8 @@ def test_snapshot_keeps_checkpoints_loadable_with_weights_only(tmp_path: Path) -
 
     import numpy as np
 
-    from subscribers._checkpoint_files import write_checkpoint
-    from subscribers._snapshot import snapshot
+    from trainbus.subscribers._checkpoint_files import write_checkpoint
+    from trainbus.subscribers._snapshot import snapshot
 
     class Color(enum.StrEnum):
         RED = "red"
@@ -194,8 +198,7 @@ def test_serials_keep_rising_across_a_write_that_failed_after_its_rename(
     # The writer numbers checkpoints itself; a write whose last fsync fails has its folder in
     # place already, and the next checkpoint must still come after it (and a new writer after
     # both): the newest is what an interrupted job resumes from
-    import subscribers._checkpoint_files as files
-
+    import trainbus.subscribers._checkpoint_files as files
     trainer = ToyTrainer()
     writer = _writer(tmp_path, keep_last=5)
     writer.bind(trainer)

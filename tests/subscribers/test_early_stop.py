@@ -10,8 +10,8 @@ import anyio
 import pytest
 import torch
 
-from bus import CommandKind, ControlChannel, EventBus, EventType
-from subscribers import EarlyStopController, EarlyStopping, EarlyStopReason
+from trainbus.bus import CommandKind, ControlChannel, EventBus, EventType
+from trainbus.subscribers import EarlyStopController, EarlyStopping, EarlyStopReason
 
 from .toy import ToyTrainer
 

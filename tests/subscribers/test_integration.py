@@ -6,8 +6,8 @@ from pathlib import Path
 
 import anyio
 
-from bus import CommandKind, ControlChannel, EventBus, EventType
-from subscribers import (
+from trainbus.bus import CommandKind, ControlChannel, EventBus, EventType
+from trainbus.subscribers import (
     CheckpointWriter,
     EarlyStopController,
     EventStore,

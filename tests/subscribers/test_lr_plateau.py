@@ -8,8 +8,8 @@ from typing import Any
 import anyio
 import pytest
 
-from bus import CommandKind, ControlChannel, EventBus, EventType
-from subscribers import LRPlateau, LRPlateauController
+from trainbus.bus import CommandKind, ControlChannel, EventBus, EventType
+from trainbus.subscribers import LRPlateau, LRPlateauController
 
 # (parameters, start lr, monitored values per epoch, {epoch: new lr})
 TABLE: list[tuple[dict[str, Any], float, list[float], dict[int, float]]] = [

@@ -12,8 +12,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from bus import Event, EventBus, EventType, Subscriber
-from subscribers import PrometheusExporter
+from trainbus.bus import Event, EventBus, EventType, Subscriber
+from trainbus.subscribers import PrometheusExporter
 
 
 class _Clock:

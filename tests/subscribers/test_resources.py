@@ -10,8 +10,8 @@ from typing import Any
 import anyio
 import pytest
 
-from bus import EventBus, EventType
-from subscribers import ResourceMonitor
+from trainbus.bus import EventBus, EventType
+from trainbus.subscribers import ResourceMonitor
 
 
 class _NotSupported(Exception):

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bus import Event, EventBus, EventType
-from subscribers import EventStore
-from subscribers._store import RESERVE_AHEAD
+from trainbus.bus import Event, EventBus, EventType
+from trainbus.subscribers import EventStore
+from trainbus.subscribers._store import RESERVE_AHEAD
 
 KINDS = [EventType.TRAIN_BATCH_END, EventType.FIT_EPOCH_END, EventType.MODEL_SAVE]
 
@@ -156,8 +156,7 @@ def test_round_trip_property(
 def test_nan_none_and_odd_values_read_back_as_json_would(
     data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import subscribers._store as module
-
+    import trainbus.subscribers._store as module
     data = {"loss": math.nan, "inf": -math.inf, "none": None, "tuple": (1, 2), 3: "int key"}
     expected = json.loads(json.dumps(data))
     for fast in (True, False):

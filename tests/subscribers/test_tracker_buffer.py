@@ -10,9 +10,9 @@ from pathlib import Path
 
 import anyio
 
-from bus import EventBus, EventType, SubscriberHandle
-from subscribers import TrackerSubscriber
-from subscribers._trackers import RecordKind, TrackerBackend, TrackerRecord
+from trainbus.bus import EventBus, EventType, SubscriberHandle
+from trainbus.subscribers import TrackerSubscriber
+from trainbus.subscribers._trackers import RecordKind, TrackerBackend, TrackerRecord
 
 from .tracker_jobs import digits_spec, run_job
 

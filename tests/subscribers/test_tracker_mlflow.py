@@ -21,9 +21,9 @@ import anyio
 import httpx
 import pytest
 
-from bus import EventBus, EventType
-from subscribers import MLflowExporter
 from tests.conftest import free_port
+from trainbus.bus import EventBus, EventType
+from trainbus.subscribers import MLflowExporter
 
 from .tracker_jobs import checkpoint_at_epoch, digits_spec, run_job
 

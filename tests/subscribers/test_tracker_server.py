@@ -10,9 +10,9 @@ from typing import Any
 import httpx
 import pytest
 
-from api import AsyncTrainbusClient, create_app
-from subscribers import _trackers
 from tests.api.server import make_settings, run_server
+from trainbus.api import AsyncTrainbusClient, create_app
+from trainbus.subscribers import _trackers
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bus import EventBus, EventType
-from subscribers import TensorBoardExporter
+from trainbus.bus import EventBus, EventType
+from trainbus.subscribers import TensorBoardExporter
 
 from .tracker_jobs import checkpoint_at_epoch, digits_spec, run_job
 

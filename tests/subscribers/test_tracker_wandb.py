@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from bus import EventBus, EventType
-from subscribers import WandbExporter
+from trainbus.bus import EventBus, EventType
+from trainbus.subscribers import WandbExporter
 
 from .tracker_jobs import checkpoint_at_epoch, digits_spec, run_job
 

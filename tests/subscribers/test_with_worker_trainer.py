@@ -1,4 +1,4 @@
-"""The per-job subscribers bound to the real ``worker.Trainer`` (built from a job spec)."""
+"""The per-job subscribers bound to the real ``trainbus.worker.Trainer`` (built from a job spec)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Any
 import anyio
 import torch
 
-import worker
-from bus import ControlChannel, Event, EventBus, EventType, JobState
-from subscribers import (
+from trainbus import worker
+from trainbus.bus import ControlChannel, Event, EventBus, EventType, JobState
+from trainbus.subscribers import (
     CheckpointWriter,
     EarlyStopController,
     LRPlateauController,

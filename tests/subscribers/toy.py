@@ -1,4 +1,5 @@
-"""A small real training loop that offers what ``subscribers.TrainerLike`` asks of a trainer."""
+"""A small real training loop that offers what ``trainbus.subscribers.TrainerLike`` asks of a
+trainer."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 import torch
 
-from bus import CallbackRegistry, ControlChannel, EventType, event_type_for
+from trainbus.bus import CallbackRegistry, ControlChannel, EventType, event_type_for
 
 
 def _reraise(event_type: EventType, callback: object, error: Exception) -> None:

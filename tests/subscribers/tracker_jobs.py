@@ -1,4 +1,4 @@
-"""Real small jobs for the tracker tests: a ``worker.Trainer`` on the digits data set with
+"""Real small jobs for the tracker tests: a ``trainbus.worker.Trainer`` on the digits data set with
 the checkpoint writer and the trackers under test attached, resumable from a checkpoint."""
 
 from __future__ import annotations
@@ -10,9 +10,14 @@ from typing import Any
 
 import anyio
 
-from bus import ControlChannel, Event, EventBus, EventType, SubscriberHandle
-from subscribers import CheckpointWriter, TrackerSubscriber, list_checkpoints, load_checkpoint
-from worker import JobSpec, RunResult, Trainer
+from trainbus.bus import ControlChannel, Event, EventBus, EventType, SubscriberHandle
+from trainbus.subscribers import (
+    CheckpointWriter,
+    TrackerSubscriber,
+    list_checkpoints,
+    load_checkpoint,
+)
+from trainbus.worker import JobSpec, RunResult, Trainer
 
 
 def digits_spec(epochs: int = 3, **overrides: Any) -> JobSpec:

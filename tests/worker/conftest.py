@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from bus import EventBus
+from trainbus.bus import EventBus
 
 
 @pytest.fixture

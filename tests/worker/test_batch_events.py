@@ -9,9 +9,9 @@ from pathlib import Path
 
 import anyio
 
-from bus import Event, EventBus, EventType, Subscription, WouldBlock
-from worker import Outcome, Trainer
-from worker._batch_events import BatchEventBuffer
+from trainbus.bus import Event, EventBus, EventType, Subscription, WouldBlock
+from trainbus.worker import Outcome, Trainer
+from trainbus.worker._batch_events import BatchEventBuffer
 
 from .conftest import small_spec
 from .test_trainer import make_trainer

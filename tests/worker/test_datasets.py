@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from worker import DatasetError, default_registry
-from worker._datasets import CSVParams, load_csv
+from trainbus.worker import DatasetError, default_registry
+from trainbus.worker._datasets import CSVParams, load_csv
 
 
 def test_builtin_datasets_are_real_and_split_deterministically(data_dir: Path) -> None:
@@ -62,8 +62,8 @@ def test_csv_names_that_are_paths_are_refused(name: str) -> None:
 def test_plugins_come_from_entry_points_and_never_replace_an_entry(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from worker import ModelEntry, Registry, _registry
-    from worker._models import LinearParams, build_linear
+    from trainbus.worker import ModelEntry, Registry, _registry
+    from trainbus.worker._models import LinearParams, build_linear
 
     tiny = ModelEntry("tiny", LinearParams, build_linear, "a plugin model")
     impostor = ModelEntry("mlp", LinearParams, build_linear, "replaces a built-in")

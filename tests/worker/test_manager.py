@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from bus import Event, EventBus, EventType, JobState, Subscriber, Subscription, WouldBlock
-from worker import (
+from trainbus.bus import Event, EventBus, EventType, JobState, Subscriber, Subscription, WouldBlock
+from trainbus.worker import (
     IllegalTransition,
     JobHandle,
     JobManager,
@@ -25,8 +25,8 @@ from worker import (
     Trainer,
     default_registry,
 )
-from worker._models import LinearParams
-from worker._records import JobStore
+from trainbus.worker._models import LinearParams
+from trainbus.worker._records import JobStore
 
 from .conftest import small_spec
 

@@ -5,7 +5,7 @@ import math
 import pytest
 from pydantic import ValidationError
 
-from worker import JobSpec
+from trainbus.worker import JobSpec
 
 MINIMAL = {"model": {"name": "mlp"}, "dataset": {"name": "digits"}, "epochs": 5}
 

@@ -11,9 +11,9 @@ import anyio
 import pytest
 import torch
 
-from bus import ControlChannel, Event, EventBus, EventType
-from worker import JobSpec, Outcome, RunResult, Trainer
-from worker._threads import torch_threads
+from trainbus.bus import ControlChannel, Event, EventBus, EventType
+from trainbus.worker import JobSpec, Outcome, RunResult, Trainer
+from trainbus.worker._threads import torch_threads
 
 from .conftest import small_spec
 

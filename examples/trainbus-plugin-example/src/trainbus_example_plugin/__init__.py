@@ -10,7 +10,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from worker import DatasetEntry, DatasetSplit, ModelEntry, split_and_standardise
+from trainbus.worker import DatasetEntry, DatasetSplit, ModelEntry, split_and_standardise
 
 __all__ = ["RESIDUAL_MLP", "TWO_MOONS"]
 
