@@ -1,8 +1,8 @@
 """Stored event history as the API reads it: an async view of the event store.
 
 The store (``trainbus.subscribers.EventStore``) is written by a lossless subscriber; it may
-lag a little behind the live stream. :meth:`EventHistory.wait_for` waits, with a deadline, until it holds a
-given ``seq``, so that a WebSocket replay can join the live stream without a hole.
+lag a little behind the live stream. :meth:`EventHistory.wait_for` waits, with a deadline,
+until it holds a given ``seq``, so that a WebSocket replay can join the live stream without a hole.
 """
 
 from __future__ import annotations

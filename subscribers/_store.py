@@ -216,8 +216,8 @@ class EventStore(Subscriber):
     :meth:`flush` waits until everything handed to the store so far is committed.
 
     Batch-level events (``train_batch_end`` and the like, see
-    ``trainbus.bus.BATCH_EVENT_TYPES``) can be thinned: ``keep_batch_events="all"`` keeps them; ``"every_n"`` keeps the first and
-    then every ``batch_event_every``-th of each type per job; ``"none_after_end"`` keeps
+    ``trainbus.bus.BATCH_EVENT_TYPES``) can be thinned: ``keep_batch_events="all"`` keeps
+    them; ``"every_n"`` keeps the first and then every ``batch_event_every``-th of each type per job; ``"none_after_end"`` keeps
     them while a job runs and deletes them when its terminal event (``job_completed``,
     ``job_stopped``, ``job_failed``) arrives. :meth:`last_seq` counts skipped events too, so
     that a reader waiting for a ``seq`` is not kept waiting.
