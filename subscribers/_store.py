@@ -215,11 +215,11 @@ class EventStore(Subscriber):
     SQLite I/O: call them from a thread (``anyio.to_thread.run_sync``) in async code.
     :meth:`flush` waits until everything handed to the store so far is committed.
 
-    Batch-level events (``train_batch_end`` and the like, see
-    ``trainbus.bus.BATCH_EVENT_TYPES``) can be thinned: ``keep_batch_events="all"`` keeps
-    them; ``"every_n"`` keeps the first and then every ``batch_event_every``-th of each type per job; ``"none_after_end"`` keeps
-    them while a job runs and deletes them when its terminal event (``job_completed``,
-    ``job_stopped``, ``job_failed``) arrives. :meth:`last_seq` counts skipped events too, so
+    Batch-level events (``train_batch_end`` and the like, see ``trainbus.bus.BATCH_EVENT_TYPES``)
+    can be thinned: ``keep_batch_events="all"`` keeps them; ``"every_n"`` keeps the first and then
+    every ``batch_event_every``-th of each type per job; ``"none_after_end"`` keeps them while a job
+    runs and deletes them when its terminal event (``job_completed``, ``job_stopped``,
+    ``job_failed``) arrives. :meth:`last_seq` counts skipped events too, so
     that a reader waiting for a ``seq`` is not kept waiting.
 
     Seqs sent live but not yet stored when the server dies must never be reused for other
