@@ -5,8 +5,8 @@ Run as ``python _kill_serve_child.py [trainbus options]``. It imports the servic
 ``warm``. For each line on stdin (``serve`` and its options, e.g. ``serve --port 8123 --data-dir
 D``) it forks a child that runs ``trainbus`` (``trainbus.api.cli.main``) with all those options and
 prints ``started PID``; it prints ``exited PID STATUS`` when a child is gone. Several children
-may run at once. When stdin closes it kills the children still running and exits. Nothing runs in the zygote beyond imports, so each child starts as
-a fresh ``trainbus serve`` would.
+may run at once. When stdin closes it kills the children still running and exits. Nothing
+runs in the zygote beyond imports, so each child starts as a fresh ``trainbus serve`` would.
 """
 
 from __future__ import annotations
