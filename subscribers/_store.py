@@ -5,11 +5,9 @@ commands, job lifecycle), so that reading a job's epochs never touches its batch
 ``batch_events`` holds the per-batch events (``trainbus.bus.BATCH_EVENT_TYPES``: four a training
 batch, two a validation batch) as chunks: one row for each job's batch events of one write,
 a JSON array of ``[seq, type, time, data]``. A row per batch event cost SQLite ~5 us an
-event to parse and index, CPU that a small model's training run pays for
-(bench/overhead.py, tiny workload, every default subscriber: the process's CPU over the
-bare loop's fell from 1.185 to 1.131 with chunks, wall time from 1.123 to 1.103 at their
-fastest). Reads merge both tables in ``seq`` order; databases written before chunks
-existed read as before.
+event to parse and index, CPU that a small model's training run pays for (figures in
+docs/PERFORMANCE.md). Reads merge both tables in ``seq`` order; databases with one row per
+batch event read as well.
 """
 
 from __future__ import annotations
@@ -240,11 +238,10 @@ class EventStore(Subscriber):
     steers_training = False  # it records; training never waits for it
 
     policy = DeliveryPolicy.LOSSLESS
-    # Measured with bench/store.py (2 cores): batches of 512 behind a buffer of 2048 gave
-    # 105-163k events/s; bigger batches gave less. Batches of 2048 cut the store's share of a
-    # tiny training run a little (1.036 -> 1.026, median of 15 paired ratios, within the
-    # noise) but raised bench/fanout.py's p99 from 15 to 23-28 ms: kept at 512. The buffer
-    # still absorbs a second or more of batch events while another connection holds the lock.
+    # Batches of 512 behind a buffer of 2048: bigger batches lower the store's cost on a
+    # training run within the noise but raise the WebSocket fan-out's p99 latency (measured
+    # with bench/store.py and bench/fanout.py). The buffer absorbs a second or more of batch
+    # events while another connection holds the lock.
     buffer_size = 2048
     max_batch = 512
 
@@ -476,7 +473,7 @@ class EventStore(Subscriber):
             marks = ",".join("?" * len(_BATCH_TYPES))
             for job_id in ended:
                 connection.execute("DELETE FROM batch_events WHERE job_id = ?", (job_id,))
-                # rows of batch events: written before chunks existed
+                # batch events stored one row each
                 connection.execute(
                     f"DELETE FROM events WHERE job_id = ? AND type IN ({marks})",
                     (job_id, *_BATCH_TYPES),

@@ -1,4 +1,4 @@
-"""The auth exposure matrix (item 7 of issue 7): every HTTP and WebSocket route of the app,
+"""The auth exposure matrix: every HTTP and WebSocket route of the app,
 enumerated from ``app.routes``, against a real server with a real job in it.
 
 Rows: each route. Columns: no token, wrong tokens, the token in the wrong place, a hostile

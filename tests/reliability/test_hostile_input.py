@@ -1,4 +1,4 @@
-"""Hostile input, by hand (items 6b and 6c of issue 7), against a real server with the real job
+"""Hostile input, by hand, against a real server with the real job
 side and a real data folder.
 
 Job specs that carry code, URLs, import paths or absurd sizes are refused with a 4xx naming the

@@ -1,5 +1,5 @@
 """Hostile input, generated: schemathesis with every check it has, over the whole OpenAPI
-document, against a real server with the real job side (item 6a of issue 7).
+document, against a real server with the real job side.
 
 Valid and invalid requests per operation, with the token so they reach the handlers: no 5xx,
 every status documented, every body matching its schema, invalid data refused, valid data
