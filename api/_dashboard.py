@@ -68,7 +68,7 @@ class _Asset:
 @cache
 def _assets() -> dict[str, _Asset]:
     """The shipped files by their path under ``/dashboard/`` (read and compressed once)."""
-    root = resources.files("api") / "dashboard"
+    root = resources.files("trainbus.api") / "dashboard"
     found: dict[str, _Asset] = {}
 
     def walk(folder: Any, prefix: str) -> None:

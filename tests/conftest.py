@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,3 +29,13 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_copy_of_each_package() -> Iterator[None]:
+    """The source tree's folders are importable by their bare names from the repository root;
+    code that reaches one (a string naming ``api`` instead of ``trainbus.api``) would run a
+    second copy of it, and break once installed. Fail the run if anything did."""
+    yield
+    bare = sorted(name for name in ("bus", "worker", "subscribers", "api") if name in sys.modules)
+    assert not bare, f"imported by the bare name, not through trainbus: {bare}"

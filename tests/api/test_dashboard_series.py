@@ -193,6 +193,6 @@ def test_every_file_the_page_names_is_served() -> None:
 
     from trainbus.api._dashboard import public_paths
 
-    page = (resources.files("api") / "dashboard" / "index.html").read_text()
+    page = (resources.files("trainbus.api") / "dashboard" / "index.html").read_text()
     named = set(re.findall(r'(?:href|src)="(/dashboard/[^"]+)"', page))
     assert named and named <= set(public_paths())

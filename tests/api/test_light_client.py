@@ -6,7 +6,15 @@ from __future__ import annotations
 import subprocess
 import sys
 
-HEAVY = ("torch", "fastapi", "starlette", "uvicorn", "sklearn", "worker", "subscribers")
+HEAVY = (
+    "torch",
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "sklearn",
+    "trainbus.worker",
+    "trainbus.subscribers",
+)
 
 CHECK = """
 import sys
