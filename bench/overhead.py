@@ -272,8 +272,8 @@ def _measure(args: argparse.Namespace, spec: JobSpec, data_dir: Path, mlflow_uri
         )
     # The fastest round of each is the least disturbed by whatever else the machine runs
     # (other processes only ever add time); the median of the paired ratios is shown too.
-    fastest = {name: min(times) for name, times in walls.items()}
-    least_cpu = {name: min(times) for name, times in cpus.items()}
+    fastest = {name: min(times) for name, times in walls.items() if times}
+    least_cpu = {name: min(times) for name, times in cpus.items() if times}
 
     def paired(name: str) -> float:
         return statistics.median(b / a for a, b in zip(walls["bare"], walls[name], strict=True))
