@@ -88,6 +88,11 @@ class JobRecord(BaseModel):
     stop_reason: str | None = None
     error: JobFailureBody | None = None
     checkpoint: str | None = Field(None, description="The latest checkpoint's name")
+    waiting_for: str | None = Field(
+        None,
+        description="For a queued job, what it waits for (a running slot, and which jobs hold "
+        "them; a paused job keeps its slot)",
+    )
 
 
 class JobList(BaseModel):

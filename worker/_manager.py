@@ -230,7 +230,7 @@ class JobManager:
         record = self.store.get(job_id)
         if record is None:
             raise JobNotFound(job_id)
-        return record
+        return self._with_wait(record)
 
     def list(
         self, state: JobState | str | None = None, offset: int = 0, limit: int = 50
@@ -247,7 +247,22 @@ class JobManager:
             raise SpecError(
                 f"unknown job state {state!r}; states: {', '.join(s.value for s in JobState)}"
             ) from None
-        return self.store.list(wanted, offset, limit)
+        records, total = self.store.list(wanted, offset, limit)
+        return [self._with_wait(record) for record in records], total
+
+    def _with_wait(self, record: JobRecord) -> JobRecord:
+        """A queued job's record says what it waits for: a slot, or a server that restarts."""
+        if record.state is not JobState.QUEUED:
+            return record
+        if self._closing:
+            reason = "the server is shutting down; the job starts after a restart"
+        else:
+            holders = ", ".join(sorted(self._active)) or "none"
+            reason = (
+                f"a running slot: {len(self._active)} of {self.max_running} in use ({holders}); "
+                "a paused job keeps its slot until it is resumed or stopped"
+            )
+        return record.model_copy(update={"waiting_for": reason})
 
     def handle(self, job_id: str) -> JobHandle | None:
         return self._handles.get(job_id)

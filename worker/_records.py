@@ -72,6 +72,9 @@ class JobRecord(BaseModel):
     stop_reason: str | None = None
     error: JobFailure | None = None
     checkpoint: str | None = Field(default=None, description="Latest checkpoint's name.")
+    waiting_for: str | None = Field(
+        default=None, description="For a queued job, what it waits for (never stored)."
+    )
 
 
 _COLUMNS = (

@@ -83,6 +83,26 @@ async def test_queued_jobs_run_in_order_under_the_limit(bus: EventBus, data_dir:
     ]  # one at a time, first in first out
 
 
+async def test_a_queued_jobs_record_says_what_it_waits_for(bus: EventBus, data_dir: Path) -> None:
+    async with JobManager(bus=bus, data_dir=data_dir, max_running=1) as manager:
+        first = await manager.submit(small_spec(epochs=50))
+        await manager.wait_for(first.id, ["running"], timeout=60)
+        manager.pause(first.id)
+        await manager.wait_for(first.id, ["paused"], timeout=60)
+        second = await manager.submit(small_spec(epochs=1))
+        waiting = manager.get(second.id)
+        assert waiting.state is JobState.QUEUED
+        assert waiting.waiting_for is not None
+        assert "1 of 1 in use" in waiting.waiting_for and first.id in waiting.waiting_for
+        assert "paused job keeps its slot" in waiting.waiting_for
+        listed = {record.id: record for record in manager.list()[0]}
+        assert listed[second.id].waiting_for == waiting.waiting_for
+        assert manager.get(first.id).waiting_for is None
+        manager.stop(first.id)
+        done = await manager.wait_for(second.id, ["completed"], timeout=60)
+        assert done.waiting_for is None
+
+
 async def test_illegal_requests_say_what_the_state_allows(bus: EventBus, data_dir: Path) -> None:
     async with JobManager(bus=bus, data_dir=data_dir) as manager:
         record = await manager.submit(small_spec(epochs=1))
