@@ -22,13 +22,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import shlex
 import sys
 import tempfile
-import threading
-import time
 from collections.abc import Iterator, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,24 +35,20 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from ._cli_output import (
+    describe_error,
+    plain_console,
+    print_checkpoints,
+    print_job,
+    print_registry,
+)
+from ._demo import DEMO_SPEC, run_demo
 from ._local import ServerLocation, find_server
 from ._settings import Settings
 from ._watch import ProgressView, format_metrics
 from .client import ClientError, HTTPStatusError, StreamClosed, TrainbusClient
 
 __all__ = ["DEMO_SPEC", "build_parser", "main"]
-
-DEMO_SPEC: dict[str, Any] = {
-    "name": "demo-digits",
-    "model": {"name": "mlp", "params": {"hidden_sizes": [2048, 2048]}},
-    "dataset": {"name": "digits"},
-    "epochs": 45,
-    "batch_size": 16,
-    "seed": 0,
-    "checkpoint": {"every_n_epochs": 5},
-}
-"""About a minute of training on a quiet 2-core machine (about 1.3 s an epoch): long enough to
-watch, pause and resume; a checkpoint every 5 epochs keeps the disk quiet."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -225,63 +217,6 @@ def _load_spec(path: str) -> dict[str, Any]:
     return spec
 
 
-def describe_error(error: ClientError) -> str:
-    """The server's error as lines to read: one per field for a 422."""
-    detail = error.detail
-    if isinstance(detail, list):
-        lines = [f"{error.status}: the request is invalid:"]
-        for item in detail:
-            if isinstance(item, dict):
-                field = ".".join(str(part) for part in item.get("loc", ()) if part != "body")
-                lines.append(f"  {field or 'body'}: {item.get('msg', item)}")
-            else:
-                lines.append(f"  {item}")
-        return "\n".join(lines)
-    return f"{error.status}: {detail}"
-
-
-def readable_time(value: Any) -> str:
-    """A Unix time as a local date and time (``2026-12-07 04:21:57``)."""
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        return str(value)
-    return datetime.fromtimestamp(value).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def plain_console() -> Console:
-    """A console that prints every string as it is: text from the server or the user is never
-    read as rich markup (``[link=...]``, ``[/x]``) or emoji codes."""
-    return Console(markup=False, emoji=False, highlight=False, soft_wrap=True)
-
-
-def _print_job(console: Console, record: dict[str, Any]) -> None:
-    table = Table(show_header=False, box=None)
-    for key in (
-        "id",
-        "name",
-        "state",
-        "epoch",
-        "step",
-        "stop_reason",
-        "error",
-        "waiting_for",
-        "checkpoint",
-        "created_at",
-        "started_at",
-        "ended_at",
-    ):
-        value = record.get(key)
-        if value is None:
-            continue
-        if key.endswith("_at"):
-            value = readable_time(value)
-        elif key == "error" and isinstance(value, dict):
-            value = f"{value.get('type', 'error')}: {value.get('message', '')}"
-        table.add_row(Text(key), Text(str(value)))
-    if record.get("metrics"):
-        table.add_row(Text("metrics"), Text(format_metrics(record["metrics"], limit=8)))
-    console.print(table)
-
-
 def _watch(client: TrainbusClient, job_id: str, console: Console) -> int:
     record = client.job(job_id)
     epochs = record.get("spec", {}).get("epochs")
@@ -290,69 +225,6 @@ def _watch(client: TrainbusClient, job_id: str, console: Console) -> int:
     ) as view:
         state = view.follow(client.stream(job_id, after_seq=0))
     return 0 if state in ("completed", "stopped") else 1
-
-
-def _demo(settings: Settings, console: Console) -> int:
-    import uvicorn
-
-    from ._app import create_app
-    from ._auth import ensure_token
-    from ._local import bound_url, write_server_url
-    from ._server import bind_then_write_token, uvicorn_config
-
-    settings, generated = ensure_token(settings)
-    assert settings.token is not None
-    token = settings.token.get_secret_value()
-    config = uvicorn_config(create_app(settings), settings)
-    server = uvicorn.Server(config)
-    # a second demo on a busy port stops here, before it touches the token file
-    sock = bind_then_write_token(config, settings, generated=generated)
-    url = bound_url(sock)
-    write_server_url(settings.data_dir, url)
-
-    def submit_when_ready() -> None:
-        client = TrainbusClient(url, token)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not server.should_exit:
-            try:
-                if client.ready().get("status") == "ready":
-                    break
-            except (httpx.TransportError, ClientError):
-                pass
-            time.sleep(0.2)  # polling the server that starts in this process
-        try:
-            job = client.submit(DEMO_SPEC)
-        except (httpx.TransportError, ClientError) as error:
-            console.print(f"trainbus demo: could not submit the demo job: {error}", style="red")
-            return
-        console.print(demo_instructions(url, settings.data_dir, job["id"]), soft_wrap=True)
-
-    threading.Thread(target=submit_when_ready, daemon=True).start()
-    server.run(sockets=[sock])
-    return 0
-
-
-def demo_instructions(url: str, data_dir: Path, job_id: str) -> str:
-    """What ``trainbus demo`` prints once its job is queued: commands to copy, as they are."""
-    invoked = Path(sys.argv[0])
-    program = shlex.quote(str(invoked)) if invoked.name == "trainbus" else "trainbus"
-    if data_dir.resolve() != Path("data").resolve():  # the CLI looks in ./data by itself
-        program += f" --data-dir {shlex.quote(str(data_dir))}"
-    return (
-        f"\ntrainbus is running on {url} (data in {data_dir})\n"
-        f"demo job: {job_id} (about a minute of training)\n\n"
-        f"Open the dashboard: {url}/#/jobs/{job_id}\n"
-        f"  (sign in with the token in {data_dir / 'token'})\n\n"
-        "In another terminal, from this folder:\n"
-        f"  watch it live:   {program} watch {job_id}\n"
-        f"  pause it:        {program} pause {job_id}\n"
-        f"  resume it:       {program} resume {job_id}\n"
-        f"  stop it:         {program} stop {job_id}\n"
-        f"  its checkpoints: {program} checkpoints {job_id}\n\n"
-        f"API docs in a browser: {url}/docs (Authorize with the token in "
-        f"{data_dir / 'token'})\n"
-        "Press Ctrl+C to stop the server (running jobs are checkpointed and can be resumed).\n"
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -392,7 +264,7 @@ def _run(args: argparse.Namespace, settings: Settings, console: Console) -> int:
     if command == "demo":
         if args.data_dir is None:
             args.data_dir = Path("data")
-        return _demo(_server_settings(settings, args), console)
+        return run_demo(_server_settings(settings, args), console)
     location = _locate(settings, args)
     try:
         with TrainbusClient(location.url, location.token) as client:
@@ -434,7 +306,7 @@ def _client_command_run(
         if args.json:
             print(json.dumps(record, indent=2))
         else:
-            _print_job(console, record)
+            print_job(console, record)
         return 0
     if command == "watch":
         return _watch(client, args.job, console)
@@ -454,7 +326,7 @@ def _client_command_run(
         console.print(f"deleted {args.job}")
         return 0
     if command == "checkpoints":
-        _print_checkpoints(console, client.checkpoints(args.job))
+        print_checkpoints(console, client.checkpoints(args.job))
         return 0
     if command == "download":
         target = args.output or Path(f"{args.job}-{args.name}.pt")
@@ -464,7 +336,7 @@ def _client_command_run(
     if command == "predict":
         return _predict(client, args, console)
     if command in ("models", "datasets"):
-        _print_registry(console, client.registry()[command])
+        print_registry(console, client.registry()[command])
         return 0
     raise ValueError(f"unknown command {command!r}")
 
@@ -492,35 +364,6 @@ def _all_events(
             f"--after-seq {after_seq}",
             file=sys.stderr,
         )
-
-
-def _print_checkpoints(console: Console, checkpoints: list[dict[str, Any]]) -> None:
-    table = Table("name", "epoch", "step", "reason", "metrics", "saved", "")
-    for info in checkpoints:
-        marks = [mark for mark in ("latest", "best") if info.get(mark)]
-        table.add_row(
-            Text(str(info["name"])),
-            Text(_one_based(info.get("epoch"))),
-            Text(str(info.get("step", ""))),
-            Text(str(info.get("reason", ""))),
-            Text(format_metrics(info.get("metrics") or {})),
-            Text(readable_time(info.get("created_at", ""))),
-            Text(", ".join(marks)),
-        )
-    console.print(table)
-    console.print(f"{len(checkpoints)} checkpoints")
-
-
-def _one_based(epoch: Any) -> str:
-    """Epochs as users count them (the first is 1), as in checkpoint names and ``watch``."""
-    return str(epoch + 1) if isinstance(epoch, int) and not isinstance(epoch, bool) else ""
-
-
-def _print_registry(console: Console, entries: Any) -> None:
-    table = Table("name", "description")
-    for entry in entries if isinstance(entries, list) else []:
-        table.add_row(Text(str(entry.get("name", ""))), Text(str(entry.get("description", ""))))
-    console.print(table)
 
 
 def _predict(client: TrainbusClient, args: argparse.Namespace, console: Console) -> int:
