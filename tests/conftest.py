@@ -24,6 +24,14 @@ def data_dir(tmp_path: Path) -> Path:
     return path
 
 
+def serve_command(port: int, data_dir: Path, token: str) -> list[str]:
+    """The command line of a real ``trainbus serve`` on ``port`` (warnings only in its log)."""
+    return [
+        sys.executable, "-m", "trainbus.api.cli", "--token", token, "serve",
+        "--port", str(port), "--data-dir", str(data_dir), "--log-level", "warning",
+    ]  # fmt: skip
+
+
 def free_port() -> int:
     """A free TCP port on the loopback interface."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

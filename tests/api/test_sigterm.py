@@ -16,7 +16,7 @@ import pytest
 
 from trainbus.api import TrainbusClient
 
-from ..conftest import free_port
+from ..conftest import free_port, serve_command
 
 TOKEN = "sigterm-test-token-42"
 
@@ -27,20 +27,7 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def serve(data_dir: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     port = free_port()
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "trainbus.api.cli",
-            "--token",
-            TOKEN,
-            "serve",
-            "--port",
-            str(port),
-            "--data-dir",
-            str(data_dir),
-            "--log-level",
-            "warning",
-        ],
+        serve_command(port, data_dir, TOKEN),
         env={**os.environ, "TRAINBUS_TOKEN": TOKEN},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

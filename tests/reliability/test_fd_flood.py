@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, serve_command
 from trainbus.api import TrainbusClient
 
 from .conftest import record
@@ -63,20 +63,7 @@ def serve(data_dir: Path, log: Path) -> Iterator[tuple[subprocess.Popen[bytes], 
     }
     with log.open("wb") as output:
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "trainbus.api.cli",
-                "--token",
-                TOKEN,
-                "serve",
-                "--port",
-                str(port),
-                "--data-dir",
-                str(data_dir),
-                "--log-level",
-                "warning",
-            ],
+            serve_command(port, data_dir, TOKEN),
             env=env,
             stdout=output,
             stderr=subprocess.STDOUT,
