@@ -156,15 +156,18 @@ class ClientBuffer:
             if self.too_slow:  # the buffer was emptied: the connection is being closed
                 return
 
-    def _record_missed(self, job_id: str, from_seq: int, to_seq: int, count: int) -> None:
+    def _record_missed(
+        self, job_id: str, from_seq: int, to_seq: int, count: int, *, lag: bool = True
+    ) -> None:
         self.dropped += count
-        if not self.replaying:
+        if lag and not self.replaying:
             self._lag += count
         missed = self._missed.get(job_id)
         if missed is None:
             self._missed[job_id] = [from_seq, to_seq, count]
         else:
-            missed[1] = to_seq
+            missed[0] = min(missed[0], from_seq)
+            missed[1] = max(missed[1], to_seq)
             missed[2] += count
         if self._lag > self.max_lag:
             self.mark_too_slow()
@@ -181,9 +184,15 @@ class ClientBuffer:
             callback()
 
     def _gap(self, job_id: str, from_seq: int, to_seq: int, count: int) -> None:
-        """The hub itself missed events (its bus buffer overflowed)."""
+        """The hub itself missed events (its bus buffer overflowed, or their seqs could not be
+        reserved). The stream refills a job's missed range before its buffered events, so
+        the events of ``job_id`` still buffered join the range: they come before it."""
         if self.closed or self.too_slow:
             return
+        held = [item for item in self._items if item[0] == job_id]
+        if held:
+            self._items = deque(item for item in self._items if item[0] != job_id)
+            self._record_missed(job_id, held[0][1], held[-1][1], len(held), lag=False)
         self._record_missed(job_id, from_seq, to_seq, count)
         self._wake.set()
 

@@ -217,17 +217,37 @@ class _Stream:
                         encoded.extend(await self._refill(job_id, from_seq, to_seq, count))
                 finally:
                     client.replaying = False
-            if items:
-                if self.job_id is not None:
-                    # a job's items are in seq order: skip those already sent (replay, refill)
-                    last = self.last_sent
-                    if items[0][1] <= last:
-                        items = [item for item in items if item[1] > last]
-                    if items:
-                        self.last_sent = items[-1][1]
-                encoded.extend(items)
+            if items and self.job_id is not None:
+                items = await self._in_sequence(self.job_id, items)
+            encoded.extend(items)
             if encoded:
                 await self.send(encoded)
+
+    async def _in_sequence(self, job_id: str, items: list[Item]) -> list[Item]:
+        """A job's buffered events (in seq order) less those already sent (replay, refill).
+
+        Every seq of a job goes out once and in order: where the next events do not follow
+        the last one sent without a hole, and no drop accounts for it, the stream sends that
+        stretch from the store instead (never a silent skip)."""
+        last = self.last_sent
+        if items[0][1] <= last:
+            items = [item for item in items if item[1] > last]
+            if not items:
+                return items
+        first, newest = items[0][1], items[-1][1]
+        hole = first != last + 1 or newest - first + 1 != len(items)
+        if hole and self.types is None and self.history is not None:
+            logger.warning(
+                "stream of job %s: seqs %d..%d reached it with a hole after %d; "
+                "sending them from the store",
+                job_id,
+                first,
+                newest,
+                last,
+            )
+            return await self._refill(job_id, last + 1, newest, newest - last)
+        self.last_sent = newest
+        return items
 
     async def _refill(self, job_id: str, from_seq: int, to_seq: int, count: int) -> list[Item]:
         """Events this client's buffer dropped: from the store when possible, else a gap."""
