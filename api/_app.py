@@ -46,6 +46,7 @@ from ._routes_system import router as system_router
 from ._services import JobService, Services
 from ._settings import Settings, is_loopback_host
 from ._websocket import router as websocket_router
+from ._worker_route import router as worker_router
 
 __all__ = ["Runtime", "RuntimeFactory", "create_app"]
 
@@ -179,6 +180,7 @@ def create_app(
     app.include_router(system_router)
     app.include_router(jobs_router)
     app.include_router(websocket_router)
+    app.include_router(worker_router)
     app.include_router(dashboard_router)
     origins = OriginPolicy(settings.allowed_origins)
     exempt = [*PUBLIC_PATHS, *([] if settings.metrics_require_token else ["/metrics"])]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import secrets
 import stat
 import sys
@@ -24,10 +25,15 @@ from starlette.requests import HTTPConnection
 from ._local import read_token_file, token_file
 from ._settings import Settings, is_loopback_host
 
+WORKER_PATH = re.compile(r"^/jobs/[0-9a-zA-Z_-]{1,64}/worker$")
+"""WebSocket paths that take a job's credential instead of the API token (a worker process,
+which sends no ``Origin``: a browser page never gets past this exemption)."""
+
 __all__ = [
     "BEARER_SUBPROTOCOL_PREFIX",
     "MISSING_TOKEN",
     "SUBPROTOCOL",
+    "WORKER_PATH",
     "HostMiddleware",
     "HostPolicy",
     "OriginPolicy",
@@ -323,7 +329,10 @@ class TokenMiddleware:
                 await self.app(scope, receive, send)
         elif kind == "websocket":
             connection = HTTPConnection(scope)
-            if not self._origin_allowed(connection):
+            if WORKER_PATH.match(scope["path"]) and "origin" not in connection.headers:
+                # a job's worker process: the route checks the job's own credential
+                await self.app(scope, receive, send)
+            elif not self._origin_allowed(connection):
                 await _deny_websocket(
                     scope, send, 403, FOREIGN_ORIGIN.format(what="open WebSockets")
                 )

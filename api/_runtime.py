@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +34,21 @@ from trainbus.subscribers import (
     verify_checkpoint,
 )
 from trainbus.worker import (
+    DEFAULT_PRELOAD,
     JobHandle,
     JobManager,
     JobNotFound,
     JobSpec,
+    WorkerLink,
+    WorkerProcesses,
+    WorkerSupervisor,
 )
 
 from ._app import Runtime
 from ._errors import Conflict, NotFound
 from ._history import EventHistory
 from ._hub import finite
+from ._local import read_server_url
 from ._settings import Settings
 from ._tracking import check_trackers, tracker_subscribers
 
@@ -86,6 +92,28 @@ def job_subscribers(handle: JobHandle, bus: EventBus) -> list[Subscriber]:
         plateau.bind(trainer)
         built.append(plateau)
     return built
+
+
+def worker_subscribers(handle: JobHandle, bus: EventBus, *, settings: Settings) -> list[Subscriber]:
+    """The trainer-side subscribers of a run in a worker process: checkpoints, controllers,
+    trackers (a module-level function: the worker process gets it by reference)."""
+    return [*job_subscribers(handle, bus), *tracker_subscribers(handle, bus, settings)]
+
+
+def worker_url(settings: Settings, job_id: str) -> str:
+    """Where ``job_id``'s worker process connects: this server, over loopback when it
+    listens on every interface."""
+    base = read_server_url(settings.data_dir) if settings.port == 0 else None
+    if base is None:
+        host = settings.host
+        if host in ("0.0.0.0", ""):
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        base = (
+            f"http://[{host}]:{settings.port}" if ":" in host else f"http://{host}:{settings.port}"
+        )
+    return "ws" + base.removeprefix("http") + f"/jobs/{job_id}/worker"
 
 
 def _latest_checkpoint(job_id: str, job_dir: Path) -> str | None:
@@ -171,9 +199,11 @@ class ManagerJobs:
         records, total = self.manager.list(state, offset, limit)
         return [_record(r) for r in records], total
 
-    async def command(
-        self, job_id: str, kind: str, value: float | None = None
-    ) -> dict[str, Any]:
+    def worker_link(self, job_id: str) -> WorkerLink | None:
+        supervisor = self.manager.supervisor
+        return None if supervisor is None else supervisor.link(job_id)
+
+    async def command(self, job_id: str, kind: str, value: float | None = None) -> dict[str, Any]:
         if kind == "pause":
             command = self.manager.pause(job_id)
         elif kind == "stop":
@@ -243,10 +273,27 @@ async def default_runtime(settings: Settings, bus: EventBus) -> AsyncIterator[Ru
     store_handle = bus.attach(store)
     exporter = PrometheusExporter(bus=bus, retention_seconds=settings.metrics_retention_seconds)
     exporter_handle = bus.attach(exporter)
+    supervisor = None
+    if settings.run_jobs_in == "process":
+        # this module too: the workers' subscriber factory is found in it by reference
+        processes = WorkerProcesses(preload=(*DEFAULT_PRELOAD, __name__))
+        supervisor = WorkerSupervisor(
+            bus=bus,
+            processes=processes,
+            url_for=partial(worker_url, settings),
+            data_dir=data_dir,
+            # the API token stays with the server: a worker holds its job's credential only
+            subscriber_factory=partial(
+                worker_subscribers, settings=settings.model_copy(update={"token": None})
+            ),
+            checkpoint_loader=latest_valid_state,
+            stop_grace_seconds=settings.stop_grace_seconds,
+        )
     manager = JobManager(
         bus=bus,
         data_dir=data_dir,
         max_running=settings.max_running_jobs,
+        supervisor=supervisor,
         subscriber_factory=lambda handle: [
             *job_subscribers(handle, bus),
             *tracker_subscribers(handle, bus, settings),
@@ -260,6 +307,8 @@ async def default_runtime(settings: Settings, bus: EventBus) -> AsyncIterator[Ru
     try:
         async with manager, anyio.create_task_group() as group:
             group.start_soon(monitor.run)
+            if supervisor is not None:  # the fork server imports torch once, in the background
+                group.start_soon(anyio.to_thread.run_sync, supervisor.processes.warm)
             try:
                 yield Runtime(
                     jobs=ManagerJobs(manager, store, data_dir, settings),

@@ -6,14 +6,17 @@ import contextlib
 import gc
 import importlib
 import socket
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
+from trainbus.worker import MAX_WORKER_MESSAGE_BYTES
+
 from ._access_log import install_redactor
 from ._app import create_app
-from ._auth import announce_generated_token, ensure_token, write_token_file
+from ._auth import WORKER_PATH, announce_generated_token, ensure_token, write_token_file
 from ._connections import ConnectionGuard, ReservingListener, guarded_protocol
 from ._local import bound_url, token_file, write_server_url
 from ._settings import Settings
@@ -50,6 +53,15 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
     """
 
     drop_after: float = 5.0
+
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        scope = getattr(self, "scope", None)  # set once the handshake was accepted
+        if scope is not None and WORKER_PATH.match(scope["path"]):
+            # a job's worker sends its events in batches: the streams' bound would refuse them
+            self.conn.max_message_size = MAX_WORKER_MESSAGE_BYTES
+            if self.conn.max_fragment_size is not None:
+                self.conn.max_fragment_size = MAX_WORKER_MESSAGE_BYTES
 
     def keepalive_timeout(self) -> None:
         # uvicorn closes a connection whose pong is late with ``transport.close()``, which

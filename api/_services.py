@@ -11,7 +11,7 @@ from fastapi import Request
 from starlette.requests import HTTPConnection
 
 from trainbus.bus import EventBus
-from trainbus.worker import JobSpec
+from trainbus.worker import JobSpec, WorkerLink
 
 from ._errors import ServiceUnavailable
 from ._history import EventHistory
@@ -48,6 +48,11 @@ class JobService(Protocol):
     async def checkpoint_file(self, job_id: str, name: str) -> Path: ...
 
     def registry(self) -> dict[str, Any]: ...
+
+    def worker_link(self, job_id: str) -> WorkerLink | None:
+        """The server's end of the job's worker connection (None: no worker process runs
+        it now, or jobs run on threads)."""
+        ...
 
 
 @dataclass

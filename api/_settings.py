@@ -165,6 +165,17 @@ class Settings(BaseSettings):
     metrics_retention_seconds: float = Field(
         default=3600.0, gt=0, description="How long metrics of ended jobs stay on /metrics."
     )
+    run_jobs_in: Literal["process", "thread"] = Field(
+        default="process",
+        description="process: each job runs in a worker process of its own (isolated, in "
+        "parallel, supervised); thread: on a thread of the server (for debugging).",
+    )
+    stop_grace_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds a stopped job's worker may take to stop at a batch boundary "
+        "before it gets SIGTERM, and then SIGKILL.",
+    )
     shutdown_timeout: float = Field(
         default=30.0, gt=0, description="Seconds to checkpoint and pause running jobs at shutdown."
     )

@@ -97,9 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     set_lr.add_argument("job", help="job id")
     set_lr.add_argument("value", type=float, help="the new learning rate")
-    events = _client_command(
-        commands, "events", help="print a job's stored events as JSON lines"
-    )
+    events = _client_command(commands, "events", help="print a job's stored events as JSON lines")
     events.add_argument("job", help="job id")
     events.add_argument("--after-seq", type=int, default=0, help="only events after this seq")
     events.add_argument("--types", help="comma-separated event types")
@@ -360,8 +358,7 @@ def _all_events(
         after_seq = page[-1]["seq"]
     if client.events(job_id, after_seq=after_seq, types=types, limit=1):
         print(
-            f"trainbus: stopped at --limit {limit}; more events follow: "
-            f"--after-seq {after_seq}",
+            f"trainbus: stopped at --limit {limit}; more events follow: --after-seq {after_seq}",
             file=sys.stderr,
         )
 

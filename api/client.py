@@ -198,9 +198,7 @@ class TrainbusClient(_Common):
 
     def set_lr(self, job_id: str, value: float) -> dict[str, Any]:
         """Set the learning rate at the next batch boundary (``lr_changed`` acknowledges it)."""
-        return dict(
-            self._request("POST", f"/jobs/{job_id}/set_lr", json={"value": value}).json()
-        )
+        return dict(self._request("POST", f"/jobs/{job_id}/set_lr", json={"value": value}).json())
 
     def delete(self, job_id: str) -> None:
         self._request("DELETE", f"/jobs/{job_id}")

@@ -104,7 +104,16 @@ class ControlChannel:
                 raise ControlError(f"set_lr needs a positive, finite learning rate, got {value!r}")
         elif value is not None:
             raise ControlError(f"{kind.value} takes no value")
-        command = Command(uuid.uuid4().hex[:16], kind, source, reason, value, time.time())
+        return self.deliver(
+            Command(uuid.uuid4().hex[:16], kind, source, reason, value, time.time())
+        )
+
+    def deliver(self, command: Command) -> Command:
+        """Queue a command made elsewhere (a worker process receives the server's commands,
+        ids and all, so that the acknowledgement names the command the API returned).
+
+        :raises ControlError: if the channel is closed.
+        """
         with self._condition:
             if self.closed:
                 raise ControlError(f"job {self.job_id!r} no longer accepts commands")

@@ -50,6 +50,7 @@ class EventType(StrEnum):
     JOB_STOPPED = "job_stopped"
     JOB_FAILED = "job_failed"
     JOB_INTERRUPTED = "job_interrupted"
+    JOB_STALLED = "job_stalled"
     CHECKPOINT_SAVED = "checkpoint_saved"
     EARLY_STOP = "early_stop"
     LR_CHANGED = "lr_changed"

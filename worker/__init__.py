@@ -15,8 +15,15 @@ from ._errors import ManagerClosed as ManagerClosed
 from ._errors import SpecError as SpecError
 from ._inference import ReadyModel as ReadyModel
 from ._inference import load_model as load_model
+from ._link import WorkerLink as WorkerLink
 from ._manager import JobHandle as JobHandle
 from ._manager import JobManager as JobManager
+from ._processes import DEFAULT_PRELOAD as DEFAULT_PRELOAD
+from ._processes import WorkerProcesses as WorkerProcesses
+from ._protocol import CLOSE_PROTOCOL as CLOSE_PROTOCOL
+from ._protocol import MAX_MESSAGE_BYTES as MAX_WORKER_MESSAGE_BYTES
+from ._protocol import PROTOCOL_VERSION as PROTOCOL_VERSION
+from ._protocol import ProtocolError as ProtocolError
 from ._records import JobFailure as JobFailure
 from ._records import JobRecord as JobRecord
 from ._registry import DatasetEntry as DatasetEntry
@@ -32,11 +39,16 @@ from ._spec import ModelSpec as ModelSpec
 from ._spec import OptimizerSpec as OptimizerSpec
 from ._spec import ResourcesSpec as ResourcesSpec
 from ._spec import SchedulerSpec as SchedulerSpec
+from ._supervisor import WorkerSupervisor as WorkerSupervisor
 from ._trainer import Outcome as Outcome
 from ._trainer import RunResult as RunResult
 from ._trainer import Trainer as Trainer
 
 __all__ = [
+    "CLOSE_PROTOCOL",
+    "DEFAULT_PRELOAD",
+    "MAX_WORKER_MESSAGE_BYTES",
+    "PROTOCOL_VERSION",
     "CheckpointSpec",
     "DatasetEntry",
     "DatasetError",
@@ -57,6 +69,7 @@ __all__ = [
     "ModelSpec",
     "OptimizerSpec",
     "Outcome",
+    "ProtocolError",
     "ReadyModel",
     "Registry",
     "ResourcesSpec",
@@ -64,6 +77,9 @@ __all__ = [
     "SchedulerSpec",
     "SpecError",
     "Trainer",
+    "WorkerLink",
+    "WorkerProcesses",
+    "WorkerSupervisor",
     "default_registry",
     "load_model",
     "resolve_dataset_file",

@@ -4,21 +4,16 @@ each on its own thread with its subscribers attached, and keeps their records.""
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import gc
 import logging
-import os
 import shutil
-import sys
 import time
 import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
-import torch
 from anyio.abc import TaskGroup
 
 from trainbus.bus import (
@@ -40,19 +35,25 @@ from ._errors import IllegalTransition, JobNotFound, ManagerClosed, SpecError
 from ._memory import estimate_memory, format_bytes
 from ._records import TRANSITIONS, JobFailure, JobRecord, JobStore
 from ._registry import Registry, default_registry
+from ._runs import (
+    CheckpointLoader,
+    release_memory,
+    restore_state,
+    run_and_keep_state,
+)
 from ._spec import JobSpec
 from ._trainer import Outcome, RunResult, Trainer
+
+if TYPE_CHECKING:
+    from ._supervisor import WorkerSupervisor
 
 __all__ = ["JobHandle", "JobManager"]
 
 logger = logging.getLogger(__name__)
 
 SubscriberFactory = Callable[["JobHandle"], Sequence[Subscriber]]
-CheckpointLoader = Callable[[str, Path], "dict[str, Any] | None"]
 CheckpointNamer = Callable[[str, Path], "str | None"]
 
-RESUME_STATE_FILE = "resume-state.pt"
-"""In a job's folder: the exact state its last stopped or interrupted run ended with."""
 _LIVE_STATES = frozenset({JobState.RUNNING, JobState.PAUSED})
 _COMMAND_MOVES = {  # applied command -> (the record's state before, after)
     EventType.JOB_PAUSED: (JobState.RUNNING, JobState.PAUSED),
@@ -102,6 +103,9 @@ class JobManager:
         lossless subscribers (controllers) to handle it.
     :param memory_limit: bytes one job may take (its spec's estimate, ``worker/_memory.py``);
         a job estimated above it is refused at submission. None: no limit.
+    :param supervisor: runs each job in a worker process of its own (the server's way);
+        None runs each on a thread of this process, with ``subscriber_factory``'s subscribers
+        on ``bus`` (the library's way, and tests').
 
     A job that is not running holds no tensors: a stopped or interrupted run writes its exact
     final state to ``<job_dir>/resume-state.pt`` (:data:`RESUME_STATE_FILE`), which the next
@@ -121,6 +125,7 @@ class JobManager:
         registry: Registry | None = None,
         fit_epoch_end_timeout: float = 30.0,
         memory_limit: int | None = None,
+        supervisor: WorkerSupervisor | None = None,
     ) -> None:
         if max_running < 1:
             raise ValueError(f"max_running must be at least 1, got {max_running}")
@@ -133,6 +138,9 @@ class JobManager:
         self.registry = registry or default_registry()
         self.fit_epoch_end_timeout = fit_epoch_end_timeout
         self.memory_limit = memory_limit
+        self.supervisor = supervisor
+        if supervisor is not None:
+            supervisor.before_publish = self._move_record_before
         self._last_seq = last_seq
         self._store: JobStore | None = None
         self._handles: dict[str, JobHandle] = {}
@@ -222,6 +230,10 @@ class JobManager:
             control.close()
         with anyio.move_on_after(timeout):
             await self._idle.wait()
+        if self.supervisor is not None and not self._idle.is_set():
+            self.supervisor.kill_all()  # no worker outlives the server
+            with anyio.move_on_after(5):
+                await self._idle.wait()
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -372,7 +384,12 @@ class JobManager:
         """
         record = self.get(job_id)
         if record.state in (JobState.RUNNING, JobState.PAUSED):
-            return self._send(job_id, record.state, "stop", lambda c: c.stop(reason, source=source))
+            command = self._send(
+                job_id, record.state, "stop", lambda c: c.stop(reason, source=source)
+            )
+            if self.supervisor is not None:
+                self.supervisor.request_stop(job_id)
+            return command
         if record.state is JobState.QUEUED:
             command = _command(CommandKind.STOP, source, reason)
             self._handles.pop(job_id, None)
@@ -504,14 +521,51 @@ class JobManager:
     ) -> Event:
         """Publish what a trainer did with a command (on its thread); a pause or resume moves
         the record first, so that whoever sees ``job_paused`` finds the job paused."""
+        self._move_record_before(job_id, event_type)
+        return self.bus.publish(job_id, event_type, data)
+
+    def _move_record_before(self, job_id: str, event_type: EventType) -> None:
         moves = _COMMAND_MOVES.get(event_type)
         if moves is not None:
             record = self.store.get(job_id)
             if record is not None and record.state is moves[0]:
                 self.store.update(job_id, state=moves[1])
-        return self.bus.publish(job_id, event_type, data)
 
     async def _run(self, job_id: str, resumed: bool, control: ControlChannel) -> None:
+        if self.supervisor is not None:
+            await self._run_in_process(self.supervisor, job_id, resumed, control)
+        else:
+            await self._run_on_thread(job_id, resumed, control)
+
+    async def _run_in_process(
+        self, supervisor: WorkerSupervisor, job_id: str, resumed: bool, control: ControlChannel
+    ) -> None:
+        progress: dict[str, Any] = {}
+        try:
+            record = self.get(job_id)
+            spec = JobSpec.model_validate(record.spec)  # a plugin may have been removed
+            result, progress = await supervisor.run(
+                job_id,
+                record.spec,
+                resumed=resumed,
+                control=control,
+                job_dir=self._job_dir(job_id),
+                stall_timeout=spec.stall_timeout_seconds,
+                on_stall=spec.on_stall,
+            )
+        except Exception as error:
+            logger.exception("job %s could not run", job_id)
+            result = RunResult(
+                Outcome.FAILED, error={"type": type(error).__name__, "message": str(error)}
+            )
+        finally:
+            control.close()
+            self._controls.pop(job_id, None)
+        if progress.pop("restarted", False):
+            self.store.update(job_id, epoch=0, step=0, metrics={})
+        await self._finish(job_id, control, progress or None, result)
+
+    async def _run_on_thread(self, job_id: str, resumed: bool, control: ControlChannel) -> None:
         handle: JobHandle | None = None
         attached: list[SubscriberHandle] = []
         started = False  # the trainer holds the job's progress (its state restored, or new)
@@ -530,7 +584,7 @@ class JobManager:
                 await self._restore(handle)
             started = True
             result = await anyio.to_thread.run_sync(
-                _run_and_keep_state, handle, limiter=self._run_limiter
+                run_and_keep_state, handle, limiter=self._run_limiter
             )
         except Exception as error:
             logger.exception("job %s could not run", job_id)
@@ -543,10 +597,19 @@ class JobManager:
             with anyio.CancelScope(shield=True):
                 for subscriber_handle in attached:
                     await subscriber_handle.detach()
-        await self._finish(job_id, control, handle if started else None, result)
-        if handle is not None and handle.trainer is not None:  # the run never started
-            handle.trainer = None
-            await anyio.to_thread.run_sync(_release_memory)
+        trainer = handle.trainer if handle is not None and started else None
+        progress = None
+        if trainer is not None:
+            progress = {
+                "epoch": trainer.epoch + int(trainer.epoch_complete),
+                "step": trainer.step,
+                "metrics": trainer.metrics,
+            }
+        del trainer
+        if handle is not None:
+            handle.trainer = None  # free the model and the data; the progress is kept above
+            await anyio.to_thread.run_sync(release_memory)
+        await self._finish(job_id, control, progress, result)
 
     def _build_trainer(self, handle: JobHandle) -> Trainer:
         handle.job_dir.mkdir(parents=True, exist_ok=True)
@@ -561,58 +624,34 @@ class JobManager:
         )
 
     async def _restore(self, handle: JobHandle) -> None:
-        """Load the previous run's state into the new trainer: the state that run wrote as
-        it ended, if any, else the last valid checkpoint. With neither, the job starts over
-        (and says so in the log and its record). A state that fails to load raises and stays
-        where it is, for a resume once the cause is fixed."""
-        restored = await anyio.to_thread.run_sync(self._restore_on_thread, handle)
+        """Load the previous run's state into the new trainer (``restore_state``); with none,
+        the job starts over (and says so in the log and its record)."""
+        restored = await anyio.to_thread.run_sync(restore_state, handle, self.checkpoint_loader)
         if not restored:
             logger.warning("job %s has no saved state to resume from: it starts over", handle.id)
             self.store.update(handle.id, epoch=0, step=0, metrics={})
 
-    def _restore_on_thread(self, handle: JobHandle) -> bool:
-        # Everything here is a local of this call: an idle worker thread keeps the arguments
-        # of its last call, and they must not be the trainer or a state's tensors.
-        trainer = handle.trainer
-        assert trainer is not None
-        kept = handle.job_dir / RESUME_STATE_FILE
-        state = _load_kept_state(kept)
-        source = "the state its last run kept"
-        if state is None and self.checkpoint_loader is not None:
-            state = self.checkpoint_loader(handle.id, handle.job_dir)
-            source = "checkpoint"
-        if state is None:
-            return False
-        trainer.load_state_dict(state)
-        kept.unlink(missing_ok=True)  # loaded: the checkpoints take over from here
-        logger.info("job %s resumes from %s at step %d", handle.id, source, trainer.step)
-        return True
-
     async def _finish(
-        self, job_id: str, control: ControlChannel, handle: JobHandle | None, result: RunResult
+        self,
+        job_id: str,
+        control: ControlChannel,
+        progress: Mapping[str, Any] | None,
+        result: RunResult,
     ) -> None:
-        """Store how the run ended; ``handle`` is None when the run never started (its state
-        did not load): the record keeps the progress of the run before."""
+        """Store how the run ended; ``progress`` (``epoch``, ``step``, ``metrics``) is None
+        when the run never started (its state did not load): the record keeps the progress of
+        the run before."""
         state = _OUTCOME_STATES[result.outcome]
-        trainer = None if handle is None else handle.trainer
         fields: dict[str, Any] = {"stop_reason": result.stop_reason}
         data: dict[str, Any] = {"reason": result.stop_reason, **result.details}
         if result.error is not None:
             fields["error"] = JobFailure.model_validate(result.error).model_dump()
             data["error"] = result.error
-        if trainer is not None:
-            fields.update(
-                epoch=trainer.epoch + int(trainer.epoch_complete),
-                step=trainer.step,
-                metrics=trainer.metrics,
-            )
-            data["metrics"] = trainer.metrics
+        if progress is not None:
+            fields.update(progress)
+            if "metrics" in progress:
+                data["metrics"] = progress["metrics"]
         self.store.update(job_id, **fields)
-        if handle is not None:
-            handle.trainer = None  # free the model and the data; the state is kept above
-        del trainer  # before the await: whoever sees the record ended finds the memory free
-        if handle is not None:
-            await anyio.to_thread.run_sync(_release_memory)
         await self._transition(job_id, state, **data)
         if self._active.get(job_id) is control:
             del self._active[job_id]
@@ -653,57 +692,6 @@ class JobManager:
                 else:
                     continue
                 self._changed(event.job_id)
-
-
-def _run_and_keep_state(handle: JobHandle) -> RunResult:
-    """Run the handle's trainer; for a resumable ending, write its exact state for the next
-    run (the job's checkpoints may be off, or older), so that no tensor stays in memory
-    meanwhile. Takes the handle, not the trainer: an idle worker thread keeps the arguments of
-    its last call."""
-    trainer = handle.trainer
-    assert trainer is not None
-    result = trainer.run()
-    if result.outcome in (Outcome.STOPPED, Outcome.INTERRUPTED):
-        try:
-            temporary = handle.job_dir / f".{RESUME_STATE_FILE}.tmp"
-            torch.save(trainer.state_dict(), temporary)
-            os.replace(temporary, handle.job_dir / RESUME_STATE_FILE)
-        except OSError:  # the checkpoints remain to resume from
-            logger.exception("job %s: its final state was not kept", trainer.job_id)
-    return result
-
-
-def _release_memory() -> None:
-    """Free an ended run's model and data now and give the memory back to the system: the
-    trainer is part of reference cycles (its callbacks), which wait for the garbage collector,
-    and glibc keeps freed memory for the process unless asked to trim it."""
-    gc.collect()
-    if _malloc_trim is not None:
-        _malloc_trim(0)
-
-
-def _find_malloc_trim() -> Callable[[int], int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc (e.g. musl)
-        return None
-    return trim
-
-
-_malloc_trim = _find_malloc_trim()
-
-
-def _load_kept_state(path: Path) -> dict[str, Any] | None:
-    try:
-        state: dict[str, Any] = torch.load(path, weights_only=True)
-    except FileNotFoundError:
-        return None
-    except Exception:  # e.g. cut short by a power loss: the checkpoints remain
-        logger.exception("the kept state %s does not load; resuming from a checkpoint", path)
-        return None
-    return state
 
 
 def _command(kind: CommandKind, source: str, reason: str) -> Command:

@@ -49,11 +49,15 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 """Legal state changes. A paused job may still complete (a controller stop at the boundary
 where it paused) or fail."""
 
+
 class JobFailure(BaseModel):
-    """Why a job failed: the exception's type and message."""
+    """Why a job failed: the exception's type and message; for a worker process that died,
+    its exit code (minus the signal that killed it) and the last lines of its log."""
 
     type: str
     message: str
+    exitcode: int | None = None
+    stderr_tail: str | None = None
 
 
 class JobRecord(BaseModel):

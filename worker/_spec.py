@@ -360,3 +360,14 @@ class JobSpec(BaseModel):
     lr_plateau: LRPlateauSpec = Field(default_factory=LRPlateauSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     trackers: TrackersSpec = Field(default_factory=TrackersSpec)
+    stall_timeout_seconds: Float | None = Field(
+        default=None,
+        gt=0,
+        le=7 * 86_400,
+        description="A running job whose step does not advance for this long is stalled: "
+        "job_stalled is published with its last step and the worker's stack (none: off).",
+    )
+    on_stall: Literal["warn", "fail"] = Field(
+        default="warn",
+        description="What follows job_stalled: warn (it goes on) or fail (the worker is ended).",
+    )

@@ -55,7 +55,6 @@ CONTROLLER_SOURCES = frozenset({"early_stop", "lr_plateau"})
 Lightning and Ultralytics end an early-stopped run normally."""
 
 
-
 class Outcome(StrEnum):
     """How a run of the trainer ended."""
 
@@ -69,7 +68,7 @@ class Outcome(StrEnum):
 class RunResult:
     outcome: Outcome
     stop_reason: str | None = None
-    error: dict[str, str] | None = None
+    error: dict[str, Any] | None = None
     details: dict[str, Any] = field(default_factory=dict)
 
 

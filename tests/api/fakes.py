@@ -84,6 +84,9 @@ class FakeJobs:
         items = [r for r in self.records.values() if state is None or r["state"] == state]
         return items[offset : offset + limit], len(items)
 
+    def worker_link(self, job_id: str) -> None:
+        return None  # the fake runs no worker processes
+
     async def command(
         self, job_id: str, kind: str, value: float | None = None
     ) -> dict[str, Any]:

@@ -1,0 +1,275 @@
+"""The worker's end of the worker protocol: a lossless subscriber of the worker's own bus that
+carries the job's events to the server, and the commands the server sends back to the job's
+control channel.
+
+Flow control: at most :data:`WINDOW_EVENTS` events are in flight (sent, not acknowledged);
+past that the subscriber waits, its buffer on the worker's bus fills, and the trainer waits
+for room like for any lossless subscriber: memory stays bounded, nothing is dropped. While
+the connection is down the same happens; on reconnecting, the server says how far it has the
+events and the rest is sent again (no gap, no duplicate).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import anyio
+from anyio.abc import TaskStatus
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from trainbus.bus import ControlChannel, ControlError, DeliveryPolicy, Event, Subscriber
+
+from ._protocol import (
+    CLOSE_BAD_CREDENTIAL,
+    CLOSE_PROTOCOL,
+    MAX_MESSAGE_BYTES,
+    PROTOCOL_VERSION,
+    WINDOW_EVENTS,
+    ProtocolError,
+    command_from_message,
+    decode,
+    encode,
+)
+from ._trainer import SHUTDOWN_SOURCE
+
+__all__ = ["ServerBridge", "ServerRefused"]
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[], dict[str, Any]]
+
+
+class ServerRefused(Exception):
+    """The server refused this worker for good (wrong credential, another protocol version)."""
+
+
+class ServerBridge(Subscriber):
+    """Carries one job's events to the server and its commands back.
+
+    :param url: the server's worker endpoint, ``ws://host:port/jobs/<id>/worker``.
+    :param token: the job's credential (it can publish this job's events and nothing else).
+    :param control: where commands from the server go.
+    :param progress: the job's ``{"step", "epoch"}`` now, sent with each heartbeat.
+    :param first_connect_timeout: how long to keep trying before the first connection.
+    :param reconnect_timeout: how long a lost connection may stay lost before the server
+        counts as gone (then :attr:`server_gone` is set and :attr:`on_server_gone` runs).
+    """
+
+    policy: ClassVar[DeliveryPolicy] = DeliveryPolicy.LOSSLESS
+    buffer_size = 65_536
+    max_batch = 4096
+
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        url: str,
+        token: str,
+        control: ControlChannel,
+        progress: Progress,
+        first_connect_timeout: float = 60.0,
+        reconnect_timeout: float = 1.0,
+        heartbeat_interval: float = 1.0,
+    ) -> None:
+        self.job_id = job_id
+        self.url = url
+        self._token = token
+        self.control = control
+        self.progress = progress
+        self.first_connect_timeout = first_connect_timeout
+        self.reconnect_timeout = reconnect_timeout
+        self.heartbeat_interval = heartbeat_interval
+        self._unacked: deque[tuple[int, list[list[Any]]]] = deque()  # (first number, items)
+        self._in_flight = 0
+        self._acked = 0
+        self._connection: ClientConnection | None = None
+        self._room = anyio.Event()
+        self._connected = anyio.Event()
+        self._seen_commands: set[str] = set()
+        self._result_acked = anyio.Event()
+        self.server_gone = anyio.Event()
+        self.refused: str | None = None
+        self.on_server_gone: list[Callable[[], None]] = []
+
+    # -- the bus side: events out -----------------------------------------------------------
+
+    async def on_events(self, events: Sequence[Event]) -> None:
+        items = [[e.type.value, e.time, e.data] for e in events]
+        if len(items) > 1 and len(encode({"events": items})) > MAX_MESSAGE_BYTES:
+            half = len(events) // 2  # rare (large event data): two messages, each in bounds
+            await self.on_events(events[:half])
+            await self.on_events(events[half:])
+            return
+        first = events[0].seq
+        while self._in_flight >= WINDOW_EVENTS and not self.server_gone.is_set():
+            self._room = anyio.Event()
+            await self._room.wait()
+        if self.server_gone.is_set():
+            return  # the run is being interrupted; its state is kept on disk, not sent
+        self._unacked.append((first, items))
+        self._in_flight += len(items)
+        connection = self._connection
+        if connection is not None:
+            await self._send_events(connection, first, items)
+
+    @staticmethod
+    async def _send_events(
+        connection: ClientConnection, first: int, items: list[list[Any]]
+    ) -> None:
+        with contextlib.suppress(ConnectionClosed):  # else sent again after reconnecting
+            await connection.send(encode({"type": "events", "first": first, "events": items}))
+
+    # -- the connection ---------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Keep a connection to the server until cancelled or the server is gone."""
+        task_status.started()
+        lost_since: float | None = None
+        deadline = time.monotonic() + self.first_connect_timeout
+        ever_connected = False
+        while not self.server_gone.is_set():
+            try:
+                async with connect(
+                    self.url,
+                    additional_headers={"Authorization": f"Bearer {self._token}"},
+                    max_size=None,
+                    open_timeout=10,
+                    ping_interval=5,
+                    ping_timeout=10,
+                    close_timeout=2,
+                ) as connection:
+                    await self._greet(connection)
+                    ever_connected, lost_since = True, None
+                    await self._serve(connection)
+            except ServerRefused as refused:
+                self.refused = str(refused)
+                logger.error("the server refused job %s's worker: %s", self.job_id, refused)
+                self._gone()
+                return
+            except (OSError, ConnectionClosed, InvalidHandshake, TimeoutError) as error:
+                if isinstance(error, InvalidStatus) and error.response.status_code in (401, 403):
+                    self.refused = f"the server refused the job credential ({error})"
+                    self._gone()
+                    return
+                logger.debug("job %s: connection to the server lost: %r", self.job_id, error)
+            finally:
+                self._connection = None
+                self._connected = anyio.Event()
+            now = time.monotonic()
+            if ever_connected:
+                lost_since = lost_since or now
+                if now - lost_since > self.reconnect_timeout:
+                    logger.warning("job %s: the server is gone", self.job_id)
+                    self._gone()
+                    return
+            elif now > deadline:
+                self.refused = f"no server answered at {self.url}"
+                self._gone()
+                return
+            await anyio.sleep(0.1)
+
+    def _gone(self) -> None:
+        if self.server_gone.is_set():
+            return
+        self.server_gone.set()
+        self._room.set()
+        for callback in self.on_server_gone:
+            callback()
+
+    async def _greet(self, connection: ClientConnection) -> None:
+        hello = {
+            "type": "hello",
+            "protocol": PROTOCOL_VERSION,
+            "job_id": self.job_id,
+            "next": self._unacked[0][0] if self._unacked else None,
+        }
+        await connection.send(encode(hello))
+        with anyio.fail_after(10):
+            welcome = decode(await connection.recv())
+        if welcome["type"] == "error":
+            raise ServerRefused(str(welcome.get("message", "refused")))
+        if welcome["type"] != "welcome":
+            raise ServerRefused(f"expected a welcome, got {welcome['type']!r}")
+        self._acknowledged(int(welcome.get("acked", 0)))
+        self._connection = connection
+        self._connected.set()
+        for first, items in list(self._unacked):  # what the last connection left unconfirmed
+            await self._send_events(connection, first, items)
+
+    async def _serve(self, connection: ClientConnection) -> None:
+        async with anyio.create_task_group() as group:
+            group.start_soon(self._heartbeats, connection)
+            try:
+                async for raw in connection:
+                    self._handle(decode(raw))
+            except ProtocolError as error:
+                await connection.close(CLOSE_PROTOCOL, str(error)[:120])
+            finally:
+                group.cancel_scope.cancel()
+        if connection.close_code in (CLOSE_BAD_CREDENTIAL, CLOSE_PROTOCOL):
+            raise ServerRefused(connection.close_reason or "closed by the server")
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "ack":
+            self._acknowledged(int(message.get("upto", 0)))
+            if message.get("result"):
+                self._result_acked.set()
+        elif kind == "command":
+            command = command_from_message(message)
+            if command.id in self._seen_commands:
+                return  # sent again after a reconnect
+            self._seen_commands.add(command.id)
+            try:
+                self.control.deliver(command)
+            except ControlError:
+                logger.info("job %s: %s arrived after the run ended", self.job_id, command.kind)
+            if command.source == SHUTDOWN_SOURCE:
+                # the server is shutting down: the run saves and ends as interrupted
+                self.control.close()
+        elif kind == "error":
+            raise ServerRefused(str(message.get("message", "the server reported an error")))
+
+    def _acknowledged(self, upto: int) -> None:
+        if upto <= self._acked:
+            return
+        self._acked = upto
+        unacked = self._unacked
+        while unacked and unacked[0][0] + len(unacked[0][1]) - 1 <= upto:
+            self._in_flight -= len(unacked.popleft()[1])
+        self._room.set()
+
+    async def _heartbeats(self, connection: ClientConnection) -> None:
+        while True:
+            try:
+                await connection.send(encode({"type": "heartbeat", **self.progress()}))
+            except ConnectionClosed:
+                return
+            await anyio.sleep(self.heartbeat_interval)
+
+    # -- the end of the run -----------------------------------------------------------------
+
+    async def finish(self, result: dict[str, Any], last: int, timeout: float = 30.0) -> bool:
+        """Send how the run ended once every event up to ``last`` is acknowledged; True when
+        the server confirmed it (False: it is gone or did not answer in ``timeout``)."""
+        with anyio.move_on_after(timeout):
+            while not self.server_gone.is_set():
+                connection = self._connection
+                if connection is None or self._acked < last:
+                    await anyio.sleep(0.02)
+                    continue
+                try:
+                    await connection.send(encode({"type": "result", "last": last, **result}))
+                except ConnectionClosed:
+                    continue
+                with anyio.move_on_after(5):
+                    await self._result_acked.wait()
+                if self._result_acked.is_set():
+                    return True
+        return False

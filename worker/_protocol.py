@@ -1,0 +1,103 @@
+"""The worker protocol: the messages a job's worker process and the server exchange.
+
+One WebSocket per running job (``/jobs/{id}/worker``), text frames, one JSON object each with
+a ``type``. ``docs/PROTOCOL.md`` is the reference; this module is its one definition in code,
+used by both ends.
+
+Worker to server: ``hello`` (first), ``events`` (a batch of the job's events, numbered by
+the worker), ``heartbeat`` (its step, once a second), ``result`` (how the run ended, last).
+Server to worker: ``welcome`` (answers ``hello``: how far it has the worker's events),
+``ack`` (events up to a worker number are published: the worker may send more),
+``command`` (stop, pause, resume, save, set_lr), ``error`` (then the server closes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from trainbus.bus import Command, CommandKind
+
+__all__ = [
+    "CLOSE_BAD_CREDENTIAL",
+    "CLOSE_PROTOCOL",
+    "CLOSE_REPLACED",
+    "MAX_MESSAGE_BYTES",
+    "PROTOCOL_VERSION",
+    "WINDOW_EVENTS",
+    "ProtocolError",
+    "command_from_message",
+    "decode",
+    "encode",
+]
+
+PROTOCOL_VERSION = 1
+"""Bumped when a message changes meaning; a server refuses a ``hello`` of another version."""
+
+WINDOW_EVENTS = 20_000
+"""Events a worker may have sent and not had acknowledged: past it, it waits (flow control).
+A 0.1 s bulk of batch events of the fastest built-in job is about 1,000."""
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+"""The largest message either end takes; a worker splits a larger batch of events."""
+
+CLOSE_PROTOCOL = 4400
+"""Close code: a message the other end cannot read, or a protocol version it does not speak."""
+CLOSE_BAD_CREDENTIAL = 4401
+"""Close code: the job credential is missing or is not this job's."""
+CLOSE_REPLACED = 4409
+"""Close code: a newer connection of the same run took over (the older one is let go)."""
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the protocol."""
+
+
+def encode(message: Mapping[str, Any]) -> str:
+    """One message as JSON (a non-finite metric travels as ``null``, as on the event stream)."""
+    try:
+        return json.dumps(message, allow_nan=False, separators=(",", ":"))
+    except ValueError:
+        return json.dumps(_finite(message), allow_nan=False, separators=(",", ":"))
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def decode(text: str | bytes) -> dict[str, Any]:
+    """A received message; :raises ProtocolError: if it is not a JSON object with a type."""
+    try:
+        message = json.loads(text)
+    except ValueError as error:
+        raise ProtocolError(f"a message is not JSON: {error}") from None
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        raise ProtocolError("a message must be a JSON object with a string 'type'")
+    return message
+
+
+def command_from_message(message: Mapping[str, Any]) -> Command:
+    """The :class:`Command` a ``command`` message carries (``Command.to_dict`` form)."""
+    body = message.get("command")
+    if not isinstance(body, Mapping):
+        raise ProtocolError("a command message needs a 'command' object")
+    try:
+        value = body.get("value")
+        return Command(
+            str(body["command_id"]),
+            CommandKind(body["command"]),
+            str(body.get("source", "api")),
+            str(body.get("reason", "")),
+            None if value is None else float(value),
+            float(body.get("issued_at", 0.0)),
+        )
+    except (KeyError, ValueError, TypeError) as error:
+        raise ProtocolError(f"a command message is malformed: {error!r}") from None

@@ -1,0 +1,237 @@
+"""A job's worker process: its own bus, trainer and trainer-side subscribers, and a bridge to
+the server (``docs/PROTOCOL.md``).
+
+The server starts it from a fork server that has torch and trainbus imported already
+(``worker/_processes.py``); :func:`worker_main` is the process's entry point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import faulthandler
+import logging
+import os
+import resource
+import signal
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from trainbus.bus import (
+    ControlChannel,
+    ControlError,
+    Event,
+    EventBus,
+    EventType,
+    Subscriber,
+    SubscriberHandle,
+)
+
+from ._bridge import ServerBridge
+from ._manager import JobHandle
+from ._runs import CheckpointLoader, release_memory, restore_state, run_and_keep_state
+from ._spec import JobSpec
+from ._trainer import SHUTDOWN_SOURCE, Outcome, RunResult, Trainer
+
+__all__ = ["WorkerFactory", "WorkerSetup", "worker_main"]
+
+logger = logging.getLogger(__name__)
+
+WorkerFactory = Callable[[JobHandle, EventBus], Sequence[Subscriber]]
+"""The trainer-side subscribers of a run (checkpoint writer, controllers, trackers): a
+module-level function, or a partial of one, so that it reaches the process by reference."""
+
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """Everything a worker process is started with (it crosses the process boundary)."""
+
+    job_id: str
+    spec: dict[str, Any]
+    job_dir: Path
+    data_dir: Path
+    url: str
+    """The server's worker endpoint for this job."""
+    token: str = field(repr=False)
+    """The job's credential: it can publish this job's events and receive its commands."""
+    resumed: bool = False
+    fit_epoch_end_timeout: float = 30.0
+    environment: Mapping[str, str] = field(default_factory=dict)
+    """Set before the job starts (its devices: ``CUDA_VISIBLE_DEVICES``)."""
+    subscriber_factory: WorkerFactory | None = None
+    checkpoint_loader: CheckpointLoader | None = None
+    memory_limit_bytes: int | None = None
+    """The process's address-space limit (``RLIMIT_AS``); past it allocations fail."""
+    log_name: str = "worker.log"
+    stack_name: str = "worker-stack.txt"
+
+    @property
+    def log_path(self) -> Path:
+        """The worker's stderr (its log lines, and a traceback if it crashes)."""
+        return self.job_dir / self.log_name
+
+    @property
+    def stack_path(self) -> Path:
+        """Where the worker writes every thread's stack on ``SIGUSR1`` (a stalled job)."""
+        return self.job_dir / self.stack_name
+
+
+def worker_main(setup: WorkerSetup) -> None:
+    """The process's entry point: run the job, then exit (0 once the server has the result)."""
+    setup.job_dir.mkdir(parents=True, exist_ok=True)
+    log = open(setup.log_path, "ab", buffering=0)  # noqa: SIM115 - open for the process's life
+    os.dup2(log.fileno(), 2)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+    faulthandler.enable(file=sys.stderr, all_threads=True)  # a segfault leaves its stack here
+    stack = open(setup.stack_path, "w")  # noqa: SIM115
+    faulthandler.register(signal.SIGUSR1, file=stack, all_threads=True, chain=False)
+    _die_with_parent()
+    os.environ.update(setup.environment)
+    if setup.memory_limit_bytes is not None:
+        resource.setrlimit(resource.RLIMIT_AS, (setup.memory_limit_bytes,) * 2)
+    code = anyio.run(_run, setup)
+    sys.stderr.flush()
+    os._exit(code)  # no interpreter teardown: the result is with the server already
+
+
+def _die_with_parent() -> None:
+    """Get SIGTERM (a graceful interrupt) if the fork server, and so the server, dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+async def _run(setup: WorkerSetup) -> int:
+    job_id = setup.job_id
+    paused = [False]
+    async with EventBus() as bus:
+
+        def publish_applied(job: str, event_type: EventType, data: Mapping[str, Any]) -> Event:
+            if event_type is EventType.JOB_PAUSED:
+                paused[0] = True
+            elif event_type is EventType.JOB_RESUMED:
+                paused[0] = False
+            return bus.publish(job, event_type, data)
+
+        control = ControlChannel(job_id, publish=publish_applied)
+        handle = JobHandle(job_id, JobSpec.model_validate(setup.spec), setup.job_dir, control)
+        trainer_box: list[Trainer] = []
+
+        def progress() -> dict[str, Any]:
+            trainer = trainer_box[0] if trainer_box else None
+            if trainer is None:
+                return {"step": 0, "epoch": 0, "paused": paused[0]}
+            return {"step": trainer.step, "epoch": trainer.epoch, "paused": paused[0]}
+
+        bridge = ServerBridge(
+            job_id=job_id, url=setup.url, token=setup.token, control=control, progress=progress
+        )
+        bridge.on_server_gone.append(lambda: _interrupt(control, "the server is gone"))
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with anyio.create_task_group() as group:
+                await group.start(bridge.run)
+                group.start_soon(_on_signals, signals, control)
+                bridge_handle = bus.attach(bridge)
+                result, final = await _train(setup, bus, handle, trainer_box)
+                await bridge_handle.detach()  # every event handed to the bridge
+                delivered = await bridge.finish(
+                    {**final, **_result_fields(result)}, last=bus.last_seq(job_id)
+                )
+                group.cancel_scope.cancel()
+    if bridge.refused is not None:
+        print(f"trainbus worker: {bridge.refused}", file=sys.stderr)
+        return 3
+    return 0 if delivered else 2
+
+
+async def _train(
+    setup: WorkerSetup, bus: EventBus, handle: JobHandle, trainer_box: list[Trainer]
+) -> tuple[RunResult, dict[str, Any]]:
+    """Build, restore and run the trainer with its subscribers; the result and the progress
+    the job ended with (``epoch``, ``step``, ``metrics``; empty if it never started)."""
+    attached: list[SubscriberHandle] = []
+    final: dict[str, Any] = {}
+    started = False  # the trainer holds the job's progress (its state restored, or new)
+    try:
+        spec = handle.spec
+        handle.trainer = await anyio.to_thread.run_sync(
+            lambda: Trainer(
+                job_id=handle.id,
+                spec=spec,
+                bus=bus,
+                control=handle.control,
+                data_dir=setup.data_dir,
+                fit_epoch_end_timeout=setup.fit_epoch_end_timeout,
+            )
+        )
+        trainer_box.append(handle.trainer)
+        for subscriber in setup.subscriber_factory(handle, bus) if setup.subscriber_factory else ():
+            attached.append(bus.attach(subscriber))
+        if setup.resumed:
+            restored = await anyio.to_thread.run_sync(
+                restore_state, handle, setup.checkpoint_loader
+            )
+            if not restored:
+                logger.warning(
+                    "job %s has no saved state to resume from: it starts over", handle.id
+                )
+                final["restarted"] = True
+        started = True
+        result = await anyio.to_thread.run_sync(run_and_keep_state, handle)
+    except Exception as error:
+        logger.exception("job %s could not run", handle.id)
+        result = RunResult(
+            Outcome.FAILED, error={"type": type(error).__name__, "message": str(error)}
+        )
+    finally:
+        handle.control.close()
+        with anyio.CancelScope(shield=True):
+            for subscriber_handle in attached:
+                await subscriber_handle.detach()
+    trainer = handle.trainer
+    if trainer is not None and started:
+        final.update(
+            epoch=trainer.epoch + int(trainer.epoch_complete),
+            step=trainer.step,
+            metrics=dict(trainer.metrics),
+        )
+    handle.trainer = None
+    trainer_box.clear()
+    del trainer
+    release_memory()
+    return result, final
+
+
+def _result_fields(result: RunResult) -> dict[str, Any]:
+    return {
+        "outcome": result.outcome.value,
+        "stop_reason": result.stop_reason,
+        "error": result.error,
+        "details": result.details,
+    }
+
+
+def _interrupt(control: ControlChannel, reason: str) -> None:
+    """End the run at its next batch boundary as interrupted, its state kept to resume from."""
+    with contextlib.suppress(ControlError):
+        control.pause(reason, source=SHUTDOWN_SOURCE)
+    control.close()
+
+
+async def _on_signals(signals: Any, control: ControlChannel) -> None:
+    async for signum in signals:
+        logger.warning(
+            "worker got %s: ending the run at the next batch", signal.Signals(signum).name
+        )
+        _interrupt(control, f"the worker got {signal.Signals(signum).name}")
