@@ -147,6 +147,7 @@ def create_app(
                         ready_checks=built.ready_checks,
                     )
                     app.state.services = services
+                    app.state.drain_jobs = getattr(built.jobs, "drain", None)
                     collectors: list[HubCollector | ConnectionCollector] = [HubCollector(hub)]
                     guard = getattr(app.state, "connections", None)
                     if isinstance(guard, ConnectionGuard):  # set by uvicorn_config

@@ -33,18 +33,16 @@ watch, pause and resume; a checkpoint every 5 epochs keeps the disk quiet."""
 
 
 def run_demo(settings: Settings, console: Console) -> int:
-    import uvicorn
-
     from ._app import create_app
     from ._auth import ensure_token
     from ._local import bound_url, write_server_url
-    from ._server import bind_then_write_token, uvicorn_config
+    from ._server import TrainbusServer, bind_then_write_token, uvicorn_config
 
     settings, generated = ensure_token(settings)
     assert settings.token is not None
     token = settings.token.get_secret_value()
     config = uvicorn_config(create_app(settings), settings)
-    server = uvicorn.Server(config)
+    server = TrainbusServer(config)
     # a second demo on a busy port stops here, before it touches the token file
     sock = bind_then_write_token(config, settings, generated=generated)
     url = bound_url(sock)

@@ -199,6 +199,11 @@ class ManagerJobs:
         records, total = self.manager.list(state, offset, limit)
         return [_record(r) for r in records], total
 
+    async def drain(self) -> None:
+        """Let running jobs save and end as interrupted (the server is about to stop)."""
+        timeout = 30.0 if self.settings is None else self.settings.shutdown_timeout
+        await self.manager.shutdown(timeout)
+
     def worker_link(self, job_id: str) -> WorkerLink | None:
         supervisor = self.manager.supervisor
         return None if supervisor is None else supervisor.link(job_id)

@@ -23,6 +23,7 @@ from ._settings import Settings
 from ._websocket import MAX_CLIENT_MESSAGE_BYTES
 
 __all__ = [
+    "TrainbusServer",
     "WebSocketProtocol",
     "bind_then_write_token",
     "freeze_heap",
@@ -78,6 +79,19 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
     def _drop_if_open(self) -> None:
         if not self.disconnected:
             self.transport.abort()
+
+
+class TrainbusServer(uvicorn.Server):
+    """uvicorn's server, except that a shutdown first lets the running jobs save and end as
+    interrupted while their workers are still connected (uvicorn closes every WebSocket before
+    the app's own shutdown: the workers' last events and results would be cut off)."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        app = self.config.app
+        drain = getattr(getattr(app, "state", None), "drain_jobs", None)
+        if drain is not None:
+            await drain()
+        await super().shutdown(sockets)
 
 
 def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
@@ -185,7 +199,7 @@ def serve(settings: Settings) -> None:
     settings, generated = ensure_token(settings)
     app = create_app(settings)
     config = uvicorn_config(app, settings)
-    server = uvicorn.Server(config)
+    server = TrainbusServer(config)
     freeze_heap()
     sock = bind_then_write_token(config, settings, generated=generated)
     write_server_url(settings.data_dir, bound_url(sock))  # where local CLI commands look

@@ -21,7 +21,7 @@ from ._link import Item, WorkerLink
 from ._processes import WorkerProcess, WorkerProcesses
 from ._runs import CheckpointLoader
 from ._trainer import Outcome, RunResult
-from ._worker_process import WorkerFactory, WorkerSetup
+from ._worker_process import EXIT_INTERRUPTED, WorkerFactory, WorkerSetup
 
 __all__ = ["ProcessRun", "WorkerSupervisor"]
 
@@ -165,6 +165,9 @@ class WorkerSupervisor:
                 final,
             )
         how = process.describe_exit()
+        if process.exitcode == EXIT_INTERRUPTED:
+            reason = "the worker lost the server and ended the run with its state kept"
+            return RunResult(Outcome.INTERRUPTED, stop_reason=reason), {}
         if run.stop_requested.is_set():
             reason = f"stopped: {how} after it did not stop within the grace period"
             return RunResult(Outcome.STOPPED, stop_reason=reason, details={"exit": how}), {}

@@ -38,7 +38,7 @@ from ._runs import CheckpointLoader, release_memory, restore_state, run_and_keep
 from ._spec import JobSpec
 from ._trainer import SHUTDOWN_SOURCE, Outcome, RunResult, Trainer
 
-__all__ = ["WorkerFactory", "WorkerSetup", "worker_main"]
+__all__ = ["EXIT_INTERRUPTED", "WorkerFactory", "WorkerSetup", "worker_main"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,14 @@ WorkerFactory = Callable[[JobHandle, EventBus], Sequence[Subscriber]]
 module-level function, or a partial of one, so that it reaches the process by reference."""
 
 _PR_SET_PDEATHSIG = 1
+
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL
+"""The worker's exit code when the server went away and the run ended interrupted, its state
+kept to resume from (the result could not be delivered)."""
+EXIT_UNDELIVERED = 2
+"""The run ended but the server did not take its result."""
+EXIT_REFUSED = 3
+"""The server refused the worker (credential, protocol version) or never answered."""
 
 
 @dataclass(frozen=True)
@@ -151,8 +159,10 @@ async def _run(setup: WorkerSetup) -> int:
                 group.cancel_scope.cancel()
     if bridge.refused is not None:
         print(f"trainbus worker: {bridge.refused}", file=sys.stderr)
-        return 3
-    return 0 if delivered else 2
+        return EXIT_REFUSED
+    if not delivered and result.outcome is Outcome.INTERRUPTED:
+        return EXIT_INTERRUPTED
+    return 0 if delivered else EXIT_UNDELIVERED
 
 
 async def _train(

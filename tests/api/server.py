@@ -16,6 +16,7 @@ from fastapi import FastAPI
 
 from tests.conftest import free_port
 from trainbus.api import Settings, uvicorn_config
+from trainbus.api._server import TrainbusServer
 from trainbus.api._services import Services
 
 
@@ -61,7 +62,7 @@ def run_server(
     assert settings.token is not None
     config = uvicorn_config(app, settings)
     config.log_level = "warning"
-    server = uvicorn.Server(config)
+    server = TrainbusServer(config)
     listening = None if sockets is None else sockets(config)
     holder: dict[str, Any] = {}
 
