@@ -42,6 +42,7 @@ from ._hub import EventHub
 from ._limits import BodyLimitMiddleware, PathGuardMiddleware, known_query_parameters
 from ._metrics import ConnectionCollector, HubCollector
 from ._routes_jobs import router as jobs_router
+from ._routes_runs import router as runs_router
 from ._routes_system import router as system_router
 from ._services import JobService, Services
 from ._settings import Settings, is_loopback_host
@@ -181,6 +182,7 @@ def create_app(
     app.include_router(system_router)
     app.include_router(jobs_router)
     app.include_router(websocket_router)
+    app.include_router(runs_router)
     app.include_router(worker_router)
     app.include_router(dashboard_router)
     origins = OriginPolicy(settings.allowed_origins)

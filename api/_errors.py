@@ -34,7 +34,7 @@ from trainbus.subscribers import (
     CheckpointNotFound,
     UnsafeCheckpoint,
 )
-from trainbus.worker import IllegalTransition, JobNotFound, ManagerClosed, SpecError
+from trainbus.worker import IllegalTransition, JobNotFound, KeyConflict, ManagerClosed, SpecError
 
 __all__ = [
     "ApiError",
@@ -91,6 +91,7 @@ STATUSES: dict[type[BaseException], int] = {
     UnknownEventName: 422,
     JobNotFound: 404,
     IllegalTransition: 409,
+    KeyConflict: 409,
     SpecError: 422,
     ManagerClosed: 503,
     CheckpointNotFound: 404,

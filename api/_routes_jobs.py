@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Body, Path, Query, Request, Response
+from fastapi import APIRouter, Body, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, StreamingResponse
 
@@ -19,8 +19,11 @@ from trainbus.worker import DatasetError, JobSpec, resolve_dataset_file
 from ._errors import NotFound, ServiceUnavailable
 from ._hub import finite
 from ._schemas import (
+    INVALID,
     JOB_ID_PATTERN,
     NAME_PATTERN,
+    UNAUTHORIZED,
+    UNAVAILABLE,
     CheckpointInfo,
     CommandAccepted,
     ErrorBody,
@@ -28,7 +31,6 @@ from ._schemas import (
     JobList,
     JobRecord,
     LearningRate,
-    ValidationErrorBody,
 )
 from ._services import has_events, services_of
 from ._websocket import close_job_streams
@@ -53,41 +55,50 @@ JobId = Annotated[
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorBody, "description": "No job with this id"}
 }
-_UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorBody, "description": "Missing or wrong API token"}
-}
-_INVALID: dict[int | str, dict[str, Any]] = {
-    422: {"model": ValidationErrorBody, "description": "Invalid parameters"}
-}
 _CONFLICT: dict[int | str, dict[str, Any]] = {
     409: {"model": ErrorBody, "description": "The job's state does not allow it"}
 }
-_UNAVAILABLE: dict[int | str, dict[str, Any]] = {
-    503: {"model": ErrorBody, "description": "The server is shutting down"}
-}
 
-router = APIRouter(responses={**_UNAUTHORIZED, **_INVALID}, tags=["jobs"])
+router = APIRouter(responses={**UNAUTHORIZED, **INVALID}, tags=["jobs"])
 
 
 @router.post(
     "/jobs",
     status_code=201,
     response_model=JobRecord,
-    responses={**_UNAVAILABLE},
+    responses={
+        200: {"model": JobRecord, "description": "This Idempotency-Key's job, made before"},
+        409: {
+            "model": ErrorBody,
+            "description": "This Idempotency-Key was used for a job with another spec",
+        },
+        **UNAVAILABLE,
+    },
     summary="Submit a job",
 )
 async def submit_job(
     request: Request,
     response: Response,
     spec: Annotated[JobSpec, Body(examples=[SPEC_EXAMPLE])],
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            max_length=200,
+            description="A key the client chooses: a retried submit with the same key returns "
+            "the job the first one created (200) instead of creating a second one.",
+        ),
+    ] = None,
 ) -> dict[str, Any]:
     """Validate the job spec and queue the job; it starts when a slot is free."""
     services = services_of(request)
     if not services.accepting:
         raise ServiceUnavailable("the server is shutting down and accepts no new jobs")
     await _check_dataset_file(spec, services.settings.data_dir)
-    record = await services.jobs.submit(spec)
+    record, created = await services.jobs.submit(spec, idempotency_key)
     response.headers["Location"] = f"/jobs/{record['id']}"
+    if not created:
+        response.status_code = 200
     return record
 
 
@@ -143,7 +154,7 @@ async def _command(
     return await services_of(request).jobs.command(job_id, kind, value)
 
 
-_COMMAND_RESPONSES: dict[int | str, dict[str, Any]] = {**_NOT_FOUND, **_CONFLICT, **_UNAVAILABLE}
+_COMMAND_RESPONSES: dict[int | str, dict[str, Any]] = {**_NOT_FOUND, **_CONFLICT, **UNAVAILABLE}
 
 
 @router.post(

@@ -18,7 +18,7 @@ from typing import Any
 
 import anyio
 
-from trainbus.bus import EventBus, Subscriber
+from trainbus.bus import ControlChannel, EventBus, Subscriber
 from trainbus.subscribers import (
     CheckpointInfo,
     CheckpointNotFound,
@@ -39,6 +39,7 @@ from trainbus.worker import (
     JobManager,
     JobNotFound,
     JobSpec,
+    RunSpec,
     WorkerLink,
     WorkerProcesses,
     WorkerSupervisor,
@@ -91,6 +92,33 @@ def job_subscribers(handle: JobHandle, bus: EventBus) -> list[Subscriber]:
         )
         plateau.bind(trainer)
         built.append(plateau)
+    return built
+
+
+def run_subscribers(
+    job_id: str, spec: RunSpec, control: ControlChannel, *, bus: EventBus
+) -> list[Subscriber]:
+    """The server-side subscribers of an SDK run: its controllers (the run's process is the
+    user's; they decide on the server, and the run waits for them at each epoch's end)."""
+    built: list[Subscriber] = []
+    if spec.early_stop.enabled:
+        built.append(
+            EarlyStopController(
+                job_id=job_id,
+                channel=control,
+                bus=bus,
+                **spec.early_stop.model_dump(exclude={"enabled", "restore_best"}),
+            )
+        )
+    if spec.lr_plateau.enabled:
+        built.append(
+            LRPlateauController(
+                job_id=job_id,
+                channel=control,
+                bus=bus,
+                **spec.lr_plateau.model_dump(exclude={"enabled"}),
+            )
+        )
     return built
 
 
@@ -177,11 +205,18 @@ class ManagerJobs:
             if info.state_file.resolve() == folder / info.name / info.state_file.name
         ]
 
-    async def submit(self, spec: JobSpec | Mapping[str, Any]) -> dict[str, Any]:
+    async def submit(
+        self, spec: JobSpec | Mapping[str, Any], idempotency_key: str | None = None
+    ) -> tuple[dict[str, Any], bool]:
         if self.settings is not None:  # a tracker that cannot run here is refused now (422)
             spec = spec if isinstance(spec, JobSpec) else JobSpec.model_validate(spec)
             check_trackers(spec, self.settings)
-        return _record(await self.manager.submit(spec))
+        record, created = await self.manager.submit_once(spec, idempotency_key=idempotency_key)
+        return _record(record), created
+
+    async def attach_run(self, spec: RunSpec) -> tuple[dict[str, Any], str, bool]:
+        record, token, created = await self.manager.attach_run(spec)
+        return _record(record), token, created
 
     async def get(self, job_id: str) -> dict[str, Any]:
         return _record(self.manager.get(job_id))
@@ -278,27 +313,37 @@ async def default_runtime(settings: Settings, bus: EventBus) -> AsyncIterator[Ru
     store_handle = bus.attach(store)
     exporter = PrometheusExporter(bus=bus, retention_seconds=settings.metrics_retention_seconds)
     exporter_handle = bus.attach(exporter)
-    supervisor = None
-    if settings.run_jobs_in == "process":
+    history = EventHistory(store, catch_up_timeout=settings.store_catch_up_timeout)
+
+    async def durable(job_id: str, seq: int, session: str, number: int) -> None:
+        await anyio.to_thread.run_sync(store.mark_worker, job_id, seq, session, number)
+        while not await history.wait_for(job_id, seq):
+            logger.warning("the event store is behind: job %s's worker waits for it", job_id)
+
+    supervisor = WorkerSupervisor(
+        bus=bus,
         # this module too: the workers' subscriber factory is found in it by reference
-        processes = WorkerProcesses(preload=(*DEFAULT_PRELOAD, __name__))
-        supervisor = WorkerSupervisor(
-            bus=bus,
-            processes=processes,
-            url_for=partial(worker_url, settings),
-            data_dir=data_dir,
-            # the API token stays with the server: a worker holds its job's credential only
-            subscriber_factory=partial(
-                worker_subscribers, settings=settings.model_copy(update={"token": None})
-            ),
-            checkpoint_loader=latest_valid_state,
-            stop_grace_seconds=settings.stop_grace_seconds,
-        )
+        processes=WorkerProcesses(preload=(*DEFAULT_PRELOAD, __name__))
+        if settings.run_jobs_in == "process"
+        else None,
+        url_for=partial(worker_url, settings),
+        data_dir=data_dir,
+        # the API token stays with the server: a worker holds its job's credential only
+        subscriber_factory=partial(
+            worker_subscribers, settings=settings.model_copy(update={"token": None})
+        ),
+        checkpoint_loader=latest_valid_state,
+        stop_grace_seconds=settings.stop_grace_seconds,
+        durable=durable,
+        mark_of=store.worker_mark,
+    )
     manager = JobManager(
         bus=bus,
         data_dir=data_dir,
         max_running=settings.max_running_jobs,
         supervisor=supervisor,
+        run_subscriber_factory=partial(run_subscribers, bus=bus),
+        run_lost_seconds=settings.run_lost_seconds,
         subscriber_factory=lambda handle: [
             *job_subscribers(handle, bus),
             *tracker_subscribers(handle, bus, settings),
@@ -312,7 +357,7 @@ async def default_runtime(settings: Settings, bus: EventBus) -> AsyncIterator[Ru
     try:
         async with manager, anyio.create_task_group() as group:
             group.start_soon(monitor.run)
-            if supervisor is not None:  # the fork server imports torch once, in the background
+            if supervisor.processes is not None:  # the fork server imports torch once
                 group.start_soon(anyio.to_thread.run_sync, supervisor.processes.warm)
             try:
                 yield Runtime(

@@ -9,8 +9,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from trainbus.bus import JobState
 
 __all__ = [
+    "INVALID",
     "JOB_ID_PATTERN",
     "NAME_PATTERN",
+    "UNAUTHORIZED",
+    "UNAVAILABLE",
     "CheckpointInfo",
     "CommandAccepted",
     "ErrorBody",
@@ -61,6 +64,18 @@ class ValidationErrorBody(BaseModel):
         examples=[[{"type": "missing", "loc": ["body", "dataset"], "msg": "Field required"}]]
     )
     message: str | None = Field(default=None, examples=["invalid request: fix body.dataset"])
+
+
+UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "Missing or wrong API token"}
+}
+"""OpenAPI ``responses`` entries shared by the routers."""
+INVALID: dict[int | str, dict[str, Any]] = {
+    422: {"model": ValidationErrorBody, "description": "Invalid parameters"}
+}
+UNAVAILABLE: dict[int | str, dict[str, Any]] = {
+    503: {"model": ErrorBody, "description": "The server is shutting down"}
+}
 
 
 class JobFailureBody(BaseModel):

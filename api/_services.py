@@ -11,7 +11,7 @@ from fastapi import Request
 from starlette.requests import HTTPConnection
 
 from trainbus.bus import EventBus
-from trainbus.worker import JobSpec, WorkerLink
+from trainbus.worker import JobSpec, RunSpec, WorkerLink
 
 from ._errors import ServiceUnavailable
 from ._history import EventHistory
@@ -27,7 +27,16 @@ class JobService(Protocol):
     Records are plain JSON-ready mappings (see :class:`trainbus.api._schemas.JobRecord`).
     """
 
-    async def submit(self, spec: JobSpec) -> dict[str, Any]: ...
+    async def submit(
+        self, spec: JobSpec, idempotency_key: str | None = None
+    ) -> tuple[dict[str, Any], bool]:
+        """The job's record, and whether this call created it (False: the key's job)."""
+        ...
+
+    async def attach_run(self, spec: RunSpec) -> tuple[dict[str, Any], str, bool]:
+        """Create or attach to an SDK run's job: its record, the attaching process's
+        credential, and whether the job was created."""
+        ...
 
     async def get(self, job_id: str) -> dict[str, Any]: ...
 

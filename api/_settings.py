@@ -176,6 +176,12 @@ class Settings(BaseSettings):
         description="Seconds a stopped job's worker may take to stop at a batch boundary "
         "before it gets SIGTERM, and then SIGKILL.",
     )
+    run_lost_seconds: float = Field(
+        default=120.0,
+        gt=0,
+        description="An SDK run none of whose processes has been connected this long ends "
+        "interrupted (it continues when a process of it attaches again).",
+    )
     shutdown_timeout: float = Field(
         default=30.0, gt=0, description="Seconds to checkpoint and pause running jobs at shutdown."
     )

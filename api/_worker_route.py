@@ -14,7 +14,7 @@ import logging
 from fastapi import APIRouter, Path, WebSocket
 from starlette.websockets import WebSocketDisconnect
 
-from trainbus.worker import CLOSE_PROTOCOL, ProtocolError
+from trainbus.worker import CLOSE_PROTOCOL, CLOSE_REPLACED, ProtocolError, Replaced
 
 from ._schemas import JOB_ID_PATTERN
 from ._services import services_of
@@ -50,15 +50,17 @@ async def job_worker_ws(websocket: WebSocket, job_id: str = Path(pattern=JOB_ID_
     scheme, _, token = header.partition(" ")
     link = services.jobs.worker_link(job_id)
     if link is None or scheme.lower() != "bearer" or not link.accepts(token.strip()):
-        await _refuse(websocket, 403, f"no running job {job_id!r} takes this credential")
+        await _refuse(websocket, 403, "this credential opens no running job's worker endpoint")
         return
     await websocket.accept()
     try:
         await link.serve(_Connection(websocket))
     except ProtocolError as error:
-        logger.warning("job %s: its worker broke the protocol: %s", job_id, error)
+        replaced = isinstance(error, Replaced)
+        if not replaced:
+            logger.warning("job %s: its worker broke the protocol: %s", job_id, error)
         with contextlib.suppress(WebSocketDisconnect, OSError, RuntimeError):
-            await websocket.close(CLOSE_PROTOCOL, str(error)[:120])
+            await websocket.close(CLOSE_REPLACED if replaced else CLOSE_PROTOCOL, str(error)[:120])
         return
     except (WebSocketDisconnect, OSError):
         return

@@ -66,6 +66,14 @@ _SCHEMA = (
         PRIMARY KEY (job_id, last_seq)
     )
     """,
+    # Per job, how far its worker's events are stored (see ``mark_worker``).
+    """
+    CREATE TABLE IF NOT EXISTS worker_marks (
+        job_id TEXT PRIMARY KEY,
+        session TEXT NOT NULL,
+        number INTEGER NOT NULL
+    ) WITHOUT ROWID
+    """,
     # Per job, a seq at or above every seq the live stream may have sent (see ``reserve``).
     """
     CREATE TABLE IF NOT EXISTS seq_reservations (
@@ -73,6 +81,10 @@ _SCHEMA = (
         reserved INTEGER NOT NULL
     ) WITHOUT ROWID
     """,
+)
+_MARK = (
+    "INSERT INTO worker_marks VALUES (?, ?, ?) ON CONFLICT (job_id) "
+    "DO UPDATE SET session = excluded.session, number = excluded.number"
 )
 _RESERVE = (
     "INSERT INTO seq_reservations VALUES (?, ?) ON CONFLICT (job_id) "
@@ -266,6 +278,8 @@ class EventStore(Subscriber):
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._seen: dict[str, int] = {}  # job -> highest seq handled (stored or skipped)
+        self._committed_seq: dict[str, int] = {}  # the same, as committed (write lock held)
+        self._pending_marks: dict[str, tuple[int, str, int]] = {}  # job -> seq, session, number
         self._reserved: dict[str, int] = {}  # job -> durable seq reservation (see ``reserve``)
         self._closed = False
         self._batch_counts: Counter[tuple[str, EventType]] = Counter()
@@ -336,6 +350,28 @@ class EventStore(Subscriber):
             raise
         connection.execute("COMMIT")
         self._reserved = reserved
+
+    def mark_worker(self, job_id: str, seq: int, session: str, number: int) -> None:
+        """Record that the events of worker ``session`` up to ``number`` are ``job_id``'s
+        events up to ``seq``: in the transaction that stores ``seq`` (now, if it is stored), so
+        that after a crash :meth:`worker_mark` never names a worker event that was not stored
+        and the worker sends again exactly what the store lacks. Synchronous."""
+        with self._write_lock:
+            if self._committed_seq.get(job_id, 0) < seq:
+                self._pending_marks[job_id] = (seq, session, number)
+                return
+        with self._transaction() as connection:
+            connection.execute(_MARK, (job_id, session, number))
+
+    def worker_mark(self, job_id: str) -> tuple[str, int] | None:
+        """The worker session and number :meth:`mark_worker` last stored for ``job_id``."""
+        with self._read_lock:
+            row = (
+                self._read_connection()
+                .execute("SELECT session, number FROM worker_marks WHERE job_id = ?", (job_id,))
+                .fetchone()
+            )
+        return None if row is None else (str(row[0]), int(row[1]))
 
     def reserved_seq(self, job_id: str) -> int:
         """The highest seq of ``job_id`` that may be sent live now (durably reserved)."""
@@ -427,8 +463,8 @@ class EventStore(Subscriber):
             for job_id, seq in seen.items()
             if seq + RESERVE_AHEAD // 2 > self._reserved.get(job_id, 0)
         }
-        if by_job or ended or reserve:
-            self._commit(by_job, ended, reserve)
+        if by_job or ended or reserve or (seen and self._pending_marks):
+            self._commit(by_job, ended, reserve, seen)
             for job_id, seq in reserve.items():
                 if self._reserved.get(job_id, 0) < seq:
                     self._reserved[job_id] = seq
@@ -463,11 +499,22 @@ class EventStore(Subscriber):
         return kept
 
     def _commit(
-        self, by_job: dict[str, list[Event]], ended: list[str], reserve: dict[str, int]
+        self,
+        by_job: dict[str, list[Event]],
+        ended: list[str],
+        reserve: dict[str, int],
+        seen: dict[str, int],
     ) -> None:
         with self._transaction() as connection:
             for events in by_job.values():
                 _insert(connection, events)
+            committed = self._committed_seq
+            for job_id, seq in seen.items():  # stored, or skipped by the thinning
+                committed[job_id] = max(committed.get(job_id, 0), seq)
+                pending = self._pending_marks.get(job_id)
+                if pending is not None and pending[0] <= committed[job_id]:
+                    del self._pending_marks[job_id]
+                    connection.execute(_MARK, (job_id, pending[1], pending[2]))
             if reserve:
                 connection.executemany(_RESERVE, reserve.items())
             marks = ",".join("?" * len(_BATCH_TYPES))

@@ -11,16 +11,19 @@ from ._errors import DatasetError as DatasetError
 from ._errors import IllegalTransition as IllegalTransition
 from ._errors import JobError as JobError
 from ._errors import JobNotFound as JobNotFound
+from ._errors import KeyConflict as KeyConflict
 from ._errors import ManagerClosed as ManagerClosed
 from ._errors import SpecError as SpecError
 from ._inference import ReadyModel as ReadyModel
 from ._inference import load_model as load_model
+from ._link import Replaced as Replaced
 from ._link import WorkerLink as WorkerLink
 from ._manager import JobHandle as JobHandle
 from ._manager import JobManager as JobManager
 from ._processes import DEFAULT_PRELOAD as DEFAULT_PRELOAD
 from ._processes import WorkerProcesses as WorkerProcesses
 from ._protocol import CLOSE_PROTOCOL as CLOSE_PROTOCOL
+from ._protocol import CLOSE_REPLACED as CLOSE_REPLACED
 from ._protocol import MAX_MESSAGE_BYTES as MAX_WORKER_MESSAGE_BYTES
 from ._protocol import PROTOCOL_VERSION as PROTOCOL_VERSION
 from ._protocol import ProtocolError as ProtocolError
@@ -30,6 +33,9 @@ from ._registry import DatasetEntry as DatasetEntry
 from ._registry import ModelEntry as ModelEntry
 from ._registry import Registry as Registry
 from ._registry import default_registry as default_registry
+from ._run_spec import RUN_ID_PATTERN as RUN_ID_PATTERN
+from ._run_spec import RunRequest as RunRequest
+from ._run_spec import RunSpec as RunSpec
 from ._spec import CheckpointSpec as CheckpointSpec
 from ._spec import DatasetSpec as DatasetSpec
 from ._spec import EarlyStopSpec as EarlyStopSpec
@@ -46,9 +52,11 @@ from ._trainer import Trainer as Trainer
 
 __all__ = [
     "CLOSE_PROTOCOL",
+    "CLOSE_REPLACED",
     "DEFAULT_PRELOAD",
     "MAX_WORKER_MESSAGE_BYTES",
     "PROTOCOL_VERSION",
+    "RUN_ID_PATTERN",
     "CheckpointSpec",
     "DatasetEntry",
     "DatasetError",
@@ -63,6 +71,7 @@ __all__ = [
     "JobNotFound",
     "JobRecord",
     "JobSpec",
+    "KeyConflict",
     "LRPlateauSpec",
     "ManagerClosed",
     "ModelEntry",
@@ -72,8 +81,11 @@ __all__ = [
     "ProtocolError",
     "ReadyModel",
     "Registry",
+    "Replaced",
     "ResourcesSpec",
+    "RunRequest",
     "RunResult",
+    "RunSpec",
     "SchedulerSpec",
     "SpecError",
     "Trainer",

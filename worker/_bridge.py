@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -92,6 +93,8 @@ class ServerBridge(Subscriber):
         self._room = anyio.Event()
         self._connected = anyio.Event()
         self._seen_commands: set[str] = set()
+        self.session = secrets.token_hex(8)
+        """This process's session: the server numbers its events apart from an earlier one's."""
         self._result_acked = anyio.Event()
         self.server_gone = anyio.Event()
         self.refused: str | None = None
@@ -187,6 +190,7 @@ class ServerBridge(Subscriber):
             "type": "hello",
             "protocol": PROTOCOL_VERSION,
             "job_id": self.job_id,
+            "session": self.session,
             "next": self._unacked[0][0] if self._unacked else None,
         }
         await connection.send(encode(hello))
@@ -203,15 +207,25 @@ class ServerBridge(Subscriber):
             await self._send_events(connection, first, items)
 
     async def _serve(self, connection: ClientConnection) -> None:
+        """Handle the server's messages until the connection ends. Errors are raised after
+        the task group, so that the caller sees them bare, not in an exception group."""
+        refused: ServerRefused | None = None
         async with anyio.create_task_group() as group:
             group.start_soon(self._heartbeats, connection)
             try:
                 async for raw in connection:
                     self._handle(decode(raw))
+            except ServerRefused as error:
+                refused = error
             except ProtocolError as error:
-                await connection.close(CLOSE_PROTOCOL, str(error)[:120])
+                with contextlib.suppress(ConnectionClosed):
+                    await connection.close(CLOSE_PROTOCOL, str(error)[:120])
+            except ConnectionClosed:
+                pass  # the caller connects again
             finally:
                 group.cancel_scope.cancel()
+        if refused is not None:
+            raise refused
         if connection.close_code in (CLOSE_BAD_CREDENTIAL, CLOSE_PROTOCOL):
             raise ServerRefused(connection.close_reason or "closed by the server")
 

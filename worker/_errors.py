@@ -5,6 +5,7 @@ Hierarchy::
     JobError
     ├── JobNotFound        no job has that id                          (HTTP 404)
     ├── IllegalTransition  the job's state does not allow the request  (HTTP 409)
+    ├── KeyConflict        a client-chosen key names another job       (HTTP 409)
     ├── SpecError          a job spec is invalid beyond its schema     (HTTP 422)
     │   └── DatasetError   a dataset cannot be found or read           (HTTP 422)
     └── ManagerClosed      the job manager is shutting down            (HTTP 503)
@@ -17,6 +18,7 @@ __all__ = [
     "IllegalTransition",
     "JobError",
     "JobNotFound",
+    "KeyConflict",
     "ManagerClosed",
     "SpecError",
 ]
@@ -46,6 +48,10 @@ class IllegalTransition(JobError):
             f"cannot {action} job {job_id!r}: it is {state}; "
             f"{action} is allowed when the job is {' or '.join(allowed_from)}"
         )
+
+
+class KeyConflict(JobError):
+    """Raised when an Idempotency-Key comes back with another job spec than its first use."""
 
 
 class SpecError(JobError, ValueError):

@@ -16,11 +16,18 @@ from typing import Any, Protocol
 
 import anyio
 
-from trainbus.bus import Command, ControlChannel, EventType, UnknownEventName, event_type_for
+from trainbus.bus import (
+    Command,
+    ControlChannel,
+    Event,
+    EventType,
+    UnknownEventName,
+    event_type_for,
+)
 
 from ._protocol import PROTOCOL_VERSION, ProtocolError, decode, encode
 
-__all__ = ["SERVER_EVENT_TYPES", "WorkerConnection", "WorkerLink"]
+__all__ = ["SERVER_EVENT_TYPES", "Durable", "Replaced", "Steered", "WorkerConnection", "WorkerLink"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +47,18 @@ SERVER_EVENT_TYPES = frozenset(
 protocol."""
 
 Item = tuple[EventType, Mapping[str, Any], float]
-Publish = Callable[[str, list[Item]], Awaitable[None]]
+Publish = Callable[[str, list[Item]], Awaitable[list[Event]]]
+"""Publishes a worker's events on the server's bus, in order, waiting for room."""
+Durable = Callable[[str, int, str, int], Awaitable[None]]
+"""``(job_id, seq, session, number)``: returns once the event store holds ``job_id``'s events
+up to ``seq`` together with the mark "worker ``session`` is published up to ``number``", so
+that what the server acknowledges survives a crash of the server."""
+Steered = Callable[[Event], Awaitable[None]]
+"""Returns once the server's steering subscribers (controllers) have handled the event."""
+
+
+class Replaced(ProtocolError):
+    """The connection's run was taken over by a newer process (close 4409)."""
 
 
 class WorkerConnection(Protocol):
@@ -60,13 +78,26 @@ class WorkerLink:
         to it); the link forwards what arrives there to the worker.
     """
 
-    def __init__(self, job_id: str, token: str, control: ControlChannel, publish: Publish) -> None:
+    def __init__(
+        self,
+        job_id: str,
+        token: str,
+        control: ControlChannel,
+        publish: Publish,
+        *,
+        durable: Durable | None = None,
+        steered: Steered | None = None,
+        mark: tuple[str, int] | None = None,
+    ) -> None:
         self.job_id = job_id
         self._token = token
         self.control = control
         self._publish = publish
-        self.acked = 0
-        """The highest worker number published (the worker resends what follows)."""
+        self._durable = durable
+        self._steered = steered
+        self.session, self.acked = mark if mark is not None else ("", 0)
+        """The worker session (a random id each worker process picks) and the highest number
+        of its events the server has published and acknowledged."""
         self.result: dict[str, Any] | None = None
         self.step = 0
         self.epoch = 0
@@ -82,6 +113,12 @@ class WorkerLink:
     def accepts(self, token: str) -> bool:
         """Whether ``token`` is this run's credential (compared in constant time)."""
         return hmac.compare_digest(token.encode(), self._token.encode())
+
+    def replace_token(self, token: str) -> None:
+        """A new process of the run took over: only its credential opens the link now, and
+        the older connection is let go at its next message."""
+        self._token = token
+        self._generation += 1
 
     async def serve(self, connection: WorkerConnection) -> None:
         """Speak the protocol with one worker connection until it closes or the run ends.
@@ -100,6 +137,11 @@ class WorkerLink:
             )
         if hello.get("job_id") != self.job_id:
             raise ProtocolError("the hello names another job than the credential")
+        session = hello.get("session")
+        if not isinstance(session, str) or not 0 < len(session) <= 64:
+            raise ProtocolError("the hello needs a 'session' string of 1 to 64 characters")
+        if session != self.session:  # a new worker process: its numbering starts at 1
+            self.session, self.acked = session, 0
         await connection.send_text(encode({"type": "welcome", "acked": self.acked}))
         self.connected = True
         self._unsent[:0] = self._sent  # the previous connection may have lost them
@@ -109,6 +151,8 @@ class WorkerLink:
                 group.start_soon(self._forward_commands, connection, generation)
                 while self.result is None:
                     message = decode(await connection.receive_text())
+                    if generation != self._generation:
+                        raise Replaced("a newer connection of this run took over")
                     await self._handle(connection, message)
                 group.cancel_scope.cancel()
         finally:
@@ -150,8 +194,18 @@ class WorkerLink:
         skip = self.acked + 1 - first  # already published (sent again after a reconnect)
         items = [_item(entry) for entry in raw[skip:]]
         if items:
-            await self._publish(self.job_id, items)
-            self.acked = first + len(raw) - 1
+            published = await self._publish(self.job_id, items)
+            last = first + len(raw) - 1
+            if self._durable is not None:
+                await self._durable(self.job_id, published[-1].seq, self.session, last)
+            self.acked = last
+            if self._steered is not None:
+                # the worker waits for this ack at an epoch's end: the controllers' decisions
+                # (a stop, a new learning rate) reach it first, before its next epoch
+                for event in published:
+                    if event.type is EventType.FIT_EPOCH_END:
+                        await self._steered(event)
+                await self._send_commands(connection, self.control.take())
         await connection.send_text(encode({"type": "ack", "upto": self.acked}))
 
     async def _forward_commands(self, connection: WorkerConnection, generation: int) -> None:
@@ -161,14 +215,18 @@ class WorkerLink:
                 self._unsent = await anyio.to_thread.run_sync(control.wait, 0.25)
                 if not self._unsent and control.closed:
                     return
-            while self._unsent and generation == self._generation:
-                command = self._unsent.pop(0)
-                if command.kind.value == "stop":
-                    self.stop_requested.set()
-                self._sent.append(command)
-                await connection.send_text(
-                    encode({"type": "command", "command": command.to_dict()})
-                )
+            if generation == self._generation:
+                await self._send_commands(connection, [])
+
+    async def _send_commands(self, connection: WorkerConnection, taken: list[Command]) -> None:
+        self._unsent.extend(taken)
+        while self._unsent:
+            command = self._unsent.pop(0)
+            if command.kind.value == "stop":
+                self.stop_requested.set()
+            self._sent = [*self._sent[-99:], command]  # the worker ignores ids it has seen
+            message = {"type": "command", "command": command.to_dict()}
+            await connection.send_text(encode(message))
 
 
 def _item(entry: Any) -> Item:

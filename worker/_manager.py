@@ -31,10 +31,11 @@ from trainbus.bus import (
 )
 
 from ._building import check_runtime
-from ._errors import IllegalTransition, JobNotFound, ManagerClosed, SpecError
+from ._errors import IllegalTransition, JobNotFound, KeyConflict, ManagerClosed, SpecError
 from ._memory import estimate_memory, format_bytes
 from ._records import TRANSITIONS, JobFailure, JobRecord, JobStore
 from ._registry import Registry, default_registry
+from ._run_spec import RunSpec, is_run_spec
 from ._runs import (
     CheckpointLoader,
     release_memory,
@@ -52,6 +53,7 @@ __all__ = ["JobHandle", "JobManager"]
 logger = logging.getLogger(__name__)
 
 SubscriberFactory = Callable[["JobHandle"], Sequence[Subscriber]]
+RunSubscriberFactory = Callable[[str, RunSpec, ControlChannel], Sequence[Subscriber]]
 CheckpointNamer = Callable[[str, Path], "str | None"]
 
 _LIVE_STATES = frozenset({JobState.RUNNING, JobState.PAUSED})
@@ -103,6 +105,10 @@ class JobManager:
         lossless subscribers (controllers) to handle it.
     :param memory_limit: bytes one job may take (its spec's estimate, ``worker/_memory.py``);
         a job estimated above it is refused at submission. None: no limit.
+    :param run_subscriber_factory: ``(job_id, spec, control)`` -> the server-side subscribers
+        of an SDK run (its controllers: the run's process is the user's).
+    :param run_lost_seconds: an SDK run none of whose processes has been connected this long
+        ends interrupted (it resumes when a process of it attaches again).
     :param supervisor: runs each job in a worker process of its own (the server's way);
         None runs each on a thread of this process, with ``subscriber_factory``'s subscribers
         on ``bus`` (the library's way, and tests').
@@ -126,6 +132,8 @@ class JobManager:
         fit_epoch_end_timeout: float = 30.0,
         memory_limit: int | None = None,
         supervisor: WorkerSupervisor | None = None,
+        run_subscriber_factory: RunSubscriberFactory | None = None,
+        run_lost_seconds: float = 120.0,
     ) -> None:
         if max_running < 1:
             raise ValueError(f"max_running must be at least 1, got {max_running}")
@@ -139,6 +147,8 @@ class JobManager:
         self.fit_epoch_end_timeout = fit_epoch_end_timeout
         self.memory_limit = memory_limit
         self.supervisor = supervisor
+        self.run_subscriber_factory = run_subscriber_factory
+        self.run_lost_seconds = run_lost_seconds
         if supervisor is not None:
             supervisor.before_publish = self._move_record_before
         self._last_seq = last_seq
@@ -224,7 +234,10 @@ class JobManager:
         ``interrupted`` (resumable); wait up to ``timeout`` seconds for their threads."""
         self._closing = True
         self._wakeup.set()
-        for control in list(self._controls.values()):
+        released = set() if self.supervisor is None else self.supervisor.release_runs()
+        for job_id, control in list(self._controls.items()):
+            if job_id in released:
+                continue  # an SDK run: its process is the user's and goes on without a pause
             with contextlib.suppress(ControlError):
                 control.pause("the server is shutting down", source="shutdown")
             control.close()
@@ -302,11 +315,23 @@ class JobManager:
 
     # -- requests ---------------------------------------------------------------------------
 
-    async def submit(self, spec: JobSpec | Mapping[str, Any]) -> JobRecord:
-        """Create a job from ``spec`` and queue it.
+    async def submit(
+        self, spec: JobSpec | Mapping[str, Any], *, idempotency_key: str | None = None
+    ) -> JobRecord:
+        """Create a job from ``spec`` and queue it; with ``idempotency_key``, a second submit
+        with the same key returns the job the first one created (see :meth:`submit_once`).
 
         :raises pydantic.ValidationError: if the spec is invalid (field by field).
         :raises ManagerClosed: while shutting down.
+        """
+        return (await self.submit_once(spec, idempotency_key=idempotency_key))[0]
+
+    async def submit_once(
+        self, spec: JobSpec | Mapping[str, Any], *, idempotency_key: str | None = None
+    ) -> tuple[JobRecord, bool]:
+        """:meth:`submit`, and whether it created the job (False: the key's job came back).
+
+        :raises KeyConflict: if the key was used for a job of another spec.
         """
         if self._closing:
             raise ManagerClosed("the server is shutting down and accepts no new jobs")
@@ -322,12 +347,106 @@ class JobManager:
             spec=spec.model_dump(mode="json"),
             created_at=time.time(),
         )
-        self.store.insert(record)
+        key = None if idempotency_key is None else f"idempotency:{idempotency_key}"
+        holder = self.store.insert(record, key=key)
+        if holder != job_id:
+            earlier = self.get(holder)
+            if earlier.spec != record.spec:
+                raise KeyConflict(
+                    "this Idempotency-Key was used for a job with another spec "
+                    f"(job {holder}): use a new key for a new job"
+                )
+            return earlier, False
         await self.bus.publish_async(
             job_id, EventType.JOB_QUEUED, {"name": spec.name, "spec": record.spec}
         )
         self._wakeup.set()
-        return record
+        return record, True
+
+    async def attach_run(self, spec: RunSpec) -> tuple[JobRecord, str, bool]:
+        """Create the job of SDK run ``spec.run_id``, or attach to it again (a process of the
+        run restarted, possibly from a checkpoint at ``spec.from_step``): the job's record,
+        the credential of the process that attaches, and whether the job was created.
+
+        :raises IllegalTransition: if the run's job has completed (a new run needs a new id).
+        :raises ManagerClosed: while shutting down, or without a supervisor for runs.
+        """
+        if self._closing:
+            raise ManagerClosed("the server is shutting down and accepts no new runs")
+        supervisor = self.supervisor
+        if supervisor is None:
+            raise ManagerClosed("this job manager follows no SDK runs (it has no supervisor)")
+        stored = spec.model_dump(mode="json", exclude={"from_step"})
+        record = JobRecord(
+            id=uuid.uuid4().hex[:12],
+            name=spec.name or spec.run_id,
+            state=JobState.QUEUED,
+            spec=stored,
+            created_at=time.time(),
+        )
+        job_id = self.store.insert(record, key=f"run:{spec.run_id}")
+        created = job_id == record.id
+        if created:
+            await self.bus.publish_async(
+                job_id, EventType.JOB_QUEUED, {"name": record.name, "spec": stored}
+            )
+        else:
+            self.store.update(job_id, spec=stored, name=record.name)
+        record = self.get(job_id)
+        if record.state is JobState.COMPLETED:
+            raise IllegalTransition(
+                job_id, record.state, f"attach run {spec.run_id!r} to", ["not completed"]
+            )
+        if record.state in _LIVE_STATES and job_id in self._controls:
+            return record, supervisor.attach(job_id, self._controls[job_id]), created
+        if record.state in ENDED_STATES:
+            self.store.update(job_id, stop_reason=None, ended_at=None, error=None)
+            await self._transition(job_id, JobState.QUEUED, resumed=True)
+        resumed = record.started_at is not None
+        control = ControlChannel(job_id, publish=self._publish_command_applied)
+        self._active[job_id] = control
+        self._controls[job_id] = control
+        self._idle = anyio.Event()
+        token = supervisor.attach(job_id, control)
+        from_step = {} if spec.from_step is None else {"from_step": spec.from_step}
+        await self._transition(job_id, JobState.RUNNING, resumed=resumed, **from_step)
+        assert self._task_group is not None
+        self._task_group.start_soon(
+            self._follow_run, supervisor, job_id, spec, control, name=f"run {job_id}"
+        )
+        return self.get(job_id), token, created
+
+    async def _follow_run(
+        self,
+        supervisor: WorkerSupervisor,
+        job_id: str,
+        spec: RunSpec,
+        control: ControlChannel,
+    ) -> None:
+        attached: list[SubscriberHandle] = []
+        progress: dict[str, Any] = {}
+        try:
+            if self.run_subscriber_factory is not None:
+                for subscriber in self.run_subscriber_factory(job_id, spec, control):
+                    attached.append(self.bus.attach(subscriber))
+            result, progress = await supervisor.follow(
+                job_id,
+                lost_after=self.run_lost_seconds,
+                stall_timeout=spec.stall_timeout_seconds,
+                on_stall=spec.on_stall,
+            )
+        except Exception as error:
+            logger.exception("run %s could not be followed", job_id)
+            result = RunResult(
+                Outcome.FAILED, error={"type": type(error).__name__, "message": str(error)}
+            )
+        finally:
+            control.close()
+            self._controls.pop(job_id, None)
+            with anyio.CancelScope(shield=True):
+                for subscriber_handle in attached:
+                    await subscriber_handle.detach()
+        await self._finish(job_id, control, progress or None, result)
 
     async def _check_memory(self, spec: JobSpec, limit: int) -> None:
         """:raises SpecError: if the job is estimated to take more than ``limit`` bytes."""
@@ -420,6 +539,14 @@ class JobManager:
                 job_id, record.state, "resume", lambda c: c.resume(reason, source=source)
             )
         if record.state in (JobState.STOPPED, JobState.INTERRUPTED, JobState.FAILED):
+            if is_run_spec(record.spec):
+                raise IllegalTransition(
+                    job_id,
+                    f"{record.state.value} (an SDK run: it resumes when a process of it "
+                    f"attaches again with run id {record.spec['run_id']!r})",
+                    "resume",
+                    ["paused"],
+                )
             if self._closing:
                 raise ManagerClosed("the server is shutting down and starts no jobs")
             command = _command(CommandKind.RESUME, source, reason)
@@ -499,7 +626,11 @@ class JobManager:
     async def _schedule(self) -> None:
         while not self._closing:
             while not self._closing and len(self._active) < self.max_running:
-                queued = self.store.queued_in_order()
+                queued = [
+                    job_id
+                    for job_id in self.store.queued_in_order()
+                    if not is_run_spec(self.get(job_id).spec)  # an SDK run starts on attach
+                ]
                 if not queued:
                     break
                 job_id = queued[0]
@@ -532,7 +663,7 @@ class JobManager:
                 self.store.update(job_id, state=moves[1])
 
     async def _run(self, job_id: str, resumed: bool, control: ControlChannel) -> None:
-        if self.supervisor is not None:
+        if self.supervisor is not None and self.supervisor.processes is not None:
             await self._run_in_process(self.supervisor, job_id, resumed, control)
         else:
             await self._run_on_thread(job_id, resumed, control)

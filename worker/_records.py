@@ -107,6 +107,10 @@ class JobStore:
                 metrics TEXT NOT NULL DEFAULT '{}', stop_reason TEXT, error TEXT,
                 checkpoint TEXT, queued_at REAL)"""
         )
+        # Keys a client chose for a job (an SDK run's id, an Idempotency-Key): one job each.
+        self._connection.execute(
+            "CREATE TABLE IF NOT EXISTS job_keys (key TEXT PRIMARY KEY, job_id TEXT NOT NULL)"
+        )
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -131,9 +135,16 @@ class JobStore:
                 values[column] = json.loads(values[column])
         return JobRecord.model_validate(values)
 
-    def insert(self, record: JobRecord) -> None:
+    def insert(self, record: JobRecord, *, key: str | None = None) -> str:
+        """Insert ``record``; with ``key``, only if no job holds that key yet. Returns the id
+        of the job that holds ``key`` (``record.id`` when it was inserted)."""
         values = record.model_dump(mode="json")
         with self._transaction() as db:
+            if key is not None:
+                held = db.execute("SELECT job_id FROM job_keys WHERE key = ?", (key,)).fetchone()
+                if held is not None:
+                    return str(held[0])
+                db.execute("INSERT INTO job_keys VALUES (?, ?)", (key, record.id))
             db.execute(
                 f"INSERT INTO jobs ({', '.join(_COLUMNS)}, queued_at) "
                 f"VALUES ({', '.join('?' for _ in _COLUMNS)}, ?)",
@@ -145,6 +156,15 @@ class JobStore:
                 ]
                 + [time.time()],
             )
+        return record.id
+
+    def holder_of(self, key: str) -> str | None:
+        """The job that holds ``key`` (None: none does)."""
+        with self._lock:
+            row = self._connection.execute(
+                "SELECT job_id FROM job_keys WHERE key = ?", (key,)
+            ).fetchone()
+        return None if row is None else str(row[0])
 
     def update(self, job_id: str, **fields: Any) -> None:
         if "state" in fields and fields["state"] == JobState.QUEUED:
@@ -206,3 +226,4 @@ class JobStore:
     def delete(self, job_id: str) -> None:
         with self._transaction() as db:
             db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+            db.execute("DELETE FROM job_keys WHERE job_id = ?", (job_id,))

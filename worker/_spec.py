@@ -37,6 +37,9 @@ __all__ = [
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
+StallSeconds = Annotated[float, Field(gt=0, le=7 * 86_400), not_a_boolean] | None
+"""How long a running job's step may stand still before it counts as stalled (none: off)."""
+
 
 def _finite(value: float | None, name: str) -> float | None:
     if value is not None and not math.isfinite(value):
@@ -360,10 +363,8 @@ class JobSpec(BaseModel):
     lr_plateau: LRPlateauSpec = Field(default_factory=LRPlateauSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     trackers: TrackersSpec = Field(default_factory=TrackersSpec)
-    stall_timeout_seconds: Float | None = Field(
+    stall_timeout_seconds: StallSeconds = Field(
         default=None,
-        gt=0,
-        le=7 * 86_400,
         description="A running job whose step does not advance for this long is stalled: "
         "job_stalled is published with its last step and the worker's stack (none: off).",
     )

@@ -15,9 +15,9 @@ from typing import Any
 
 import anyio
 
-from trainbus.bus import ControlChannel, EventBus, EventType
+from trainbus.bus import ControlChannel, Event, EventBus, EventType
 
-from ._link import Item, WorkerLink
+from ._link import Durable, Item, WorkerLink
 from ._processes import WorkerProcess, WorkerProcesses
 from ._runs import CheckpointLoader
 from ._trainer import Outcome, RunResult
@@ -41,6 +41,8 @@ class ProcessRun:
     escalated: str | None = None
     """The signal the supervisor sent to end a stop that did not end in time."""
     stalled: bool = False
+    released: anyio.Event = field(default_factory=anyio.Event)
+    """An SDK run let go by a server that shuts down: its process goes on and attaches again."""
 
 
 class WorkerSupervisor:
@@ -51,13 +53,17 @@ class WorkerSupervisor:
         published (the job manager moves a record on ``job_paused`` first).
     :param stop_grace_seconds: how long a stop may take at a batch boundary before SIGTERM,
         and SIGTERM before SIGKILL.
+    :param processes: where worker processes come from (None: this supervisor only follows
+        SDK runs, whose processes are the users').
+    :param durable: acknowledges a worker's events only once the event store holds them
+        (see ``worker/_link.py``); ``mark_of`` reads back how far it holds a job's worker.
     """
 
     def __init__(
         self,
         *,
         bus: EventBus,
-        processes: WorkerProcesses,
+        processes: WorkerProcesses | None,
         url_for: Callable[[str], str],
         data_dir: Path,
         subscriber_factory: WorkerFactory | None = None,
@@ -66,8 +72,12 @@ class WorkerSupervisor:
         fit_epoch_end_timeout: float = 30.0,
         stop_grace_seconds: float = 30.0,
         memory_limit_bytes: int | None = None,
+        durable: Durable | None = None,
+        mark_of: Callable[[str], tuple[str, int] | None] | None = None,
     ) -> None:
         self.bus = bus
+        self.durable = durable
+        self.mark_of = mark_of
         self.processes = processes
         self.url_for = url_for
         self.data_dir = data_dir
@@ -90,19 +100,47 @@ class WorkerSupervisor:
         if run is not None:
             run.stop_requested.set()
 
+    def release_runs(self) -> set[str]:
+        """Let every SDK run go (the server is shutting down): each ends ``interrupted`` now,
+        and its process, which is the user's and goes on training, attaches again when the
+        server is back. The ids of the runs let go."""
+        released = {job_id for job_id, run in self.runs.items() if run.process is None}
+        for job_id in released:
+            self.runs[job_id].released.set()
+        return released
+
     def kill_all(self) -> None:
         """SIGKILL every worker still running (the server is going and they did not end)."""
         for run in self.runs.values():
             if run.process is not None:
                 run.process.signal(signal.SIGKILL)
 
-    async def _publish(self, job_id: str, items: list[Item]) -> None:
+    async def _publish(self, job_id: str, items: list[Item]) -> list[Event]:
         if self.before_publish is not None:
             for item in items:
                 self.before_publish(job_id, item[0])
         # on a thread: publish_many waits there for room when a lossless subscriber is behind,
         # which is how a slow server holds the worker back
-        await anyio.to_thread.run_sync(self.bus.publish_many, job_id, items)
+        return await anyio.to_thread.run_sync(self.bus.publish_many, job_id, items)
+
+    async def _steered(self, event: Event) -> None:
+        await anyio.to_thread.run_sync(
+            lambda: self.bus.wait_processed(event, self.fit_epoch_end_timeout, steering_only=True)
+        )
+
+    def _new_link(self, job_id: str, control: ControlChannel) -> tuple[WorkerLink, str]:
+        token = secrets.token_urlsafe(32)
+        mark = self.mark_of(job_id) if self.mark_of is not None else None
+        link = WorkerLink(
+            job_id,
+            token,
+            control,
+            self._publish,
+            durable=self.durable,
+            steered=self._steered,
+            mark=mark,
+        )
+        return link, token
 
     async def run(
         self,
@@ -117,8 +155,9 @@ class WorkerSupervisor:
         on_stall: str = "warn",
     ) -> tuple[RunResult, dict[str, Any]]:
         """Run one job in a worker process until it ends; its result and final progress."""
-        token = secrets.token_urlsafe(32)
-        link = WorkerLink(job_id, token, control, self._publish)
+        if self.processes is None:
+            raise RuntimeError("this server starts no worker processes (run_jobs_in: thread)")
+        link, token = self._new_link(job_id, control)
         run = self.runs[job_id] = ProcessRun(job_id, link)
         setup = WorkerSetup(
             job_id=job_id,
@@ -147,23 +186,95 @@ class WorkerSupervisor:
             if self.runs.get(job_id) is run:
                 del self.runs[job_id]
 
+    # -- SDK runs: the process is the user's ------------------------------------------------
+
+    def attach(self, job_id: str, control: ControlChannel) -> str:
+        """Let an SDK process attach to ``job_id``; returns its credential. A process that
+        attaches while an older one is attached takes over (the older one is let go)."""
+        run = self.runs.get(job_id)
+        if run is not None:
+            token = secrets.token_urlsafe(32)
+            run.link.replace_token(token)
+            return token
+        link, token = self._new_link(job_id, control)
+        self.runs[job_id] = ProcessRun(job_id, link)
+        return token
+
+    async def follow(
+        self,
+        job_id: str,
+        *,
+        lost_after: float,
+        stall_timeout: float | None = None,
+        on_stall: str = "warn",
+    ) -> tuple[RunResult, dict[str, Any]]:
+        """Wait until the attached SDK run of ``job_id`` ends: its result; interrupted when
+        no process of it has been connected for ``lost_after`` seconds; stopped when it does
+        not answer a stop within two grace periods; failed when it stalls with ``on_stall:
+        fail`` (the process is the user's: the server cannot signal it)."""
+        run = self.runs[job_id]
+        try:
+            async with anyio.create_task_group() as group:
+                if stall_timeout is not None:
+                    group.start_soon(self._watch_stall, run, stall_timeout, on_stall)
+                ended = await self._sdk_end(run, lost_after, on_stall)
+                group.cancel_scope.cancel()
+            return ended
+        finally:
+            if self.runs.get(job_id) is run:
+                del self.runs[job_id]
+
+    async def _sdk_end(
+        self, run: ProcessRun, lost_after: float, on_stall: str
+    ) -> tuple[RunResult, dict[str, Any]]:
+        link = run.link
+        clock = time.monotonic
+        away_since: float | None = clock()
+        stop_at: float | None = None
+        while link.result is None:
+            await anyio.sleep(0.1)
+            now = clock()
+            away_since = None if link.connected else (away_since or now)
+            if away_since is not None and now - away_since > lost_after:
+                reason = (
+                    f"the run stopped reporting: no process of it connected for {lost_after:.0f} s"
+                )
+                return RunResult(Outcome.INTERRUPTED, stop_reason=reason), {}
+            if run.released.is_set():
+                reason = "the server shut down; the run's process attaches again when it is back"
+                return RunResult(Outcome.INTERRUPTED, stop_reason=reason), {}
+            if run.stop_requested.is_set():
+                stop_at = stop_at or now
+                if now - stop_at > 2 * self.stop_grace_seconds:
+                    reason = "stopped: the run did not answer the stop within the grace period"
+                    return RunResult(Outcome.STOPPED, stop_reason=reason), {}
+            if run.stalled and on_stall == "fail":
+                message = f"the run stalled at step {link.step} and on_stall is fail"
+                error = {"type": "Stalled", "message": message}
+                return RunResult(Outcome.FAILED, error=error), {}
+        return self._from_result(link.result)
+
+    @staticmethod
+    def _from_result(result: dict[str, Any]) -> tuple[RunResult, dict[str, Any]]:
+        final: dict[str, Any] = {
+            k: result[k] for k in ("epoch", "step", "metrics", "restarted") if k in result
+        }
+        return (
+            RunResult(
+                Outcome(result["outcome"]),
+                stop_reason=result.get("stop_reason"),
+                error=result.get("error"),
+                details=dict(result.get("details") or {}),
+            ),
+            final,
+        )
+
     def _ended(self, run: ProcessRun) -> tuple[RunResult, dict[str, Any]]:
         process = run.process
         assert process is not None
         result = run.link.result
         if result is not None:
-            final: dict[str, Any] = {
-                k: result[k] for k in ("epoch", "step", "metrics", "restarted") if k in result
-            }
-            return (
-                RunResult(
-                    Outcome(result["outcome"]),
-                    stop_reason=result.get("stop_reason"),
-                    error=result.get("error"),
-                    details=dict(result.get("details") or {}),
-                ),
-                final,
-            )
+            return self._from_result(result)
         how = process.describe_exit()
         if process.exitcode == EXIT_INTERRUPTED:
             reason = "the worker lost the server and ended the run with its state kept"

@@ -77,6 +77,8 @@ class WorkerSetup:
     checkpoint_loader: CheckpointLoader | None = None
     memory_limit_bytes: int | None = None
     """The process's address-space limit (``RLIMIT_AS``); past it allocations fail."""
+    server_pid: int = field(default_factory=os.getpid)
+    """The server's process (the setup is made there): the worker ends when it is gone."""
     log_name: str = "worker.log"
     stack_name: str = "worker-stack.txt"
 
@@ -150,6 +152,7 @@ async def _run(setup: WorkerSetup) -> int:
             async with anyio.create_task_group() as group:
                 await group.start(bridge.run)
                 group.start_soon(_on_signals, signals, control)
+                group.start_soon(_end_with_server, setup.server_pid)
                 bridge_handle = bus.attach(bridge)
                 result, final = await _train(setup, bus, handle, trainer_box)
                 await bridge_handle.detach()  # every event handed to the bridge
@@ -163,6 +166,38 @@ async def _run(setup: WorkerSetup) -> int:
     if not delivered and result.outcome is Outcome.INTERRUPTED:
         return EXIT_INTERRUPTED
     return 0 if delivered else EXIT_UNDELIVERED
+
+
+async def _end_with_server(pid: int) -> None:
+    """Exit at once when the server's process is gone (killed, crashed): no worker outlives
+    the server, and none trains on past the newest checkpoint the restarted server will find.
+    A server that shuts down in order ends its workers itself first."""
+    try:
+        watch = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        watch = None  # no pidfd (not Linux, or an old kernel): look twice a second
+    try:
+        if watch is not None:
+            await anyio.wait_readable(watch)
+        else:
+            while _alive(pid):  # noqa: ASYNC110 - polling another process; no event to wait on
+                await anyio.sleep(0.5)
+    finally:
+        if watch is not None:
+            os.close(watch)
+    print(f"trainbus worker: the server (pid {pid}) is gone; the worker ends", file=sys.stderr)
+    sys.stderr.flush()
+    os._exit(EXIT_INTERRUPTED)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 async def _train(

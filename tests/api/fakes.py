@@ -60,7 +60,9 @@ class FakeJobs:
     def add(self, job_id: str) -> None:
         self.records[job_id] = {"id": job_id, "state": "running", "spec": {}, "created_at": 0.0}
 
-    async def submit(self, spec: JobSpec) -> dict[str, Any]:
+    async def submit(
+        self, spec: JobSpec, idempotency_key: str | None = None
+    ) -> tuple[dict[str, Any], bool]:
         job_id = f"fake-{next(self._ids)}"
         self.records[job_id] = {
             "id": job_id,
@@ -68,7 +70,19 @@ class FakeJobs:
             "spec": spec.model_dump(mode="json"),
             "created_at": 0.0,
         }
-        return self.records[job_id]
+        return self.records[job_id], True
+
+    async def attach_run(self, spec: Any) -> tuple[dict[str, Any], str, bool]:
+        job_id = f"run-{spec.run_id}"
+        created = job_id not in self.records
+        if created:
+            self.records[job_id] = {
+                "id": job_id,
+                "state": "running",
+                "spec": spec.model_dump(mode="json"),
+                "created_at": 0.0,
+            }
+        return self.records[job_id], "fake-worker-token", created
 
     async def get(self, job_id: str) -> dict[str, Any]:
         if job_id not in self.records:

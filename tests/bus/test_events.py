@@ -67,6 +67,7 @@ def test_every_design_vocabulary_name_exists() -> None:
         "job_stopped",
         "job_failed",
         "job_interrupted",
+        "job_stalled",
         "checkpoint_saved",
         "early_stop",
         "lr_changed",

@@ -72,8 +72,15 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("GET", "/dashboard/{name:path}"): "public",
     ("GET", "/jobs/{job_id}/series"): "read",
     ("POST", "/specs/parse"): "change",
+    ("PUT", "/runs/{run_id}"): "change",
+    ("WS", "/jobs/{job_id}/worker"): "worker",
 }
-"""Every route and what it does; the test fails when the app has a route not listed here."""
+"""Every route and what it does; the test fails when the app has a route not listed here.
+``worker``: a job's worker endpoint, which takes that job's own credential and never the API
+token."""
+
+RUN_ID = "matrix-run"
+"""An SDK run made by the fixture: ``PUT /runs/{run_id}`` rows attach to it, not make jobs."""
 
 WRONG_TOKENS: list[dict[str, str]] = [
     {},
@@ -125,6 +132,7 @@ class Matrix:
         # DELETE with the token would remove the job the other rows need: aim it elsewhere
         job_id = "no-such-job" if method == "DELETE" else self.job_id
         path = template.replace("{job_id}", job_id).replace("{name}", self.checkpoint)
+        path = path.replace("{run_id}", RUN_ID)
         return path.replace("{name:path}", "app.js")
 
     def http(
@@ -150,6 +158,8 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Matrix]:
         ):
             assert time.monotonic() < stop_at
             time.sleep(0.05)  # polling interval, bounded by the deadline
+        attached = httpx.put(f"{server.url}/runs/{RUN_ID}", json={}, headers=server.headers)
+        assert attached.status_code == 201, attached.text
         listed = httpx.get(
             f"{server.url}/jobs/{created['id']}/checkpoints", headers=server.headers
         ).json()
@@ -218,7 +228,18 @@ async def test_route_without_the_token_in_its_place_is_refused(
     refused = 0
     body = {"model": {"name": "linear"}, "dataset": {"name": "iris"}, "epochs": 1}
     cases = [(headers, "") for headers in WRONG_TOKENS] + misplaced
-    if method == "WS":
+    if EXPECTED[(method, template)] == "worker":
+        # only the job's own credential opens it: the API token is no better than a wrong one
+        for headers, _ in [*cases, (matrix.server.headers, "")]:
+            with pytest.raises(InvalidStatus) as refusal:
+                async with connect(
+                    matrix.server.ws_url + path, additional_headers=headers, proxy=None
+                ):
+                    pass
+            assert refusal.value.response.status_code == 403
+            assert "credential" in _refusal(refusal.value.response.body or b"{}", matrix)
+            refused += 1
+    elif method == "WS":
         # The browser subprotocol is the right place on a WebSocket: instead of the token
         # there, it offers a wrong one with every case, then an empty one on its own.
         attempts = [
@@ -283,7 +304,7 @@ async def test_hostile_origin_may_not_change_state_or_stream_even_with_the_token
         path = matrix.path(method, template)
         headers = {**matrix.server.headers, "Origin": origin}
         tried += 1
-        if kind == "stream":
+        if kind in ("stream", "worker"):
             with pytest.raises(InvalidStatus) as refusal:
                 async with connect(
                     matrix.server.ws_url + path,
