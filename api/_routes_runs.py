@@ -13,7 +13,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Path, Request, Response
 from pydantic import BaseModel, Field
 
-from trainbus.worker import RUN_ID_PATTERN, RunRequest, RunSpec
+from trainbus.sdk import RUN_ID_PATTERN
+from trainbus.worker import RunRequest, RunSpec
 
 from ._errors import ServiceUnavailable
 from ._schemas import INVALID, UNAUTHORIZED, UNAVAILABLE, ErrorBody, JobRecord

@@ -12,7 +12,7 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-from trainbus.worker import MAX_WORKER_MESSAGE_BYTES
+from trainbus.sdk import MAX_MESSAGE_BYTES as MAX_WORKER_MESSAGE_BYTES
 
 from ._access_log import install_redactor
 from ._app import create_app

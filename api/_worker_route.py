@@ -14,7 +14,8 @@ import logging
 from fastapi import APIRouter, Path, WebSocket
 from starlette.websockets import WebSocketDisconnect
 
-from trainbus.worker import CLOSE_PROTOCOL, CLOSE_REPLACED, ProtocolError, Replaced
+from trainbus.sdk import CLOSE_PROTOCOL, CLOSE_REPLACED, ProtocolError
+from trainbus.worker import Replaced
 
 from ._schemas import JOB_ID_PATTERN
 from ._services import services_of

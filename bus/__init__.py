@@ -9,6 +9,8 @@ from __future__ import annotations
 from ._bus import EventBus as EventBus
 from ._callbacks import Callback as Callback
 from ._callbacks import CallbackRegistry as CallbackRegistry
+from ._control import CONTROLLER_SOURCES as CONTROLLER_SOURCES
+from ._control import SHUTDOWN_SOURCE as SHUTDOWN_SOURCE
 from ._control import Command as Command
 from ._control import CommandKind as CommandKind
 from ._control import ControlChannel as ControlChannel
@@ -39,8 +41,10 @@ from ._subscription import Subscription as Subscription
 __all__ = [
     "BATCH_EVENT_TYPES",
     "CALLBACK_EVENT_TYPES",
+    "CONTROLLER_SOURCES",
     "ENDED_STATES",
     "MODE_BETTER",
+    "SHUTDOWN_SOURCE",
     "TERMINAL_JOB_EVENT_TYPES",
     "BusClosed",
     "BusError",

@@ -15,7 +15,20 @@ from typing import Any
 from ._errors import ControlError
 from ._events import Event, EventType
 
-__all__ = ["Command", "CommandKind", "ControlChannel"]
+__all__ = [
+    "CONTROLLER_SOURCES",
+    "SHUTDOWN_SOURCE",
+    "Command",
+    "CommandKind",
+    "ControlChannel",
+]
+
+
+SHUTDOWN_SOURCE = "shutdown"
+"""The source of the pause a server shutdown sends: its save reason is ``shutdown``."""
+CONTROLLER_SOURCES = frozenset({"early_stop", "lr_plateau"})
+"""Stops from these sources end a job ``completed`` with its ``stop_reason`` set, as Keras,
+Lightning and Ultralytics end an early-stopped run normally."""
 
 
 class CommandKind(StrEnum):

@@ -45,5 +45,6 @@ def _one_copy_of_each_package() -> Iterator[None]:
     code that reaches one (a string naming ``api`` instead of ``trainbus.api``) would run a
     second copy of it, and break once installed. Fail the run if anything did."""
     yield
-    bare = sorted(name for name in ("bus", "worker", "subscribers", "api") if name in sys.modules)
+    packages = ("bus", "sdk", "worker", "subscribers", "api")
+    bare = sorted(name for name in packages if name in sys.modules)
     assert not bare, f"imported by the bare name, not through trainbus: {bare}"

@@ -22,18 +22,12 @@ from ._manager import JobHandle as JobHandle
 from ._manager import JobManager as JobManager
 from ._processes import DEFAULT_PRELOAD as DEFAULT_PRELOAD
 from ._processes import WorkerProcesses as WorkerProcesses
-from ._protocol import CLOSE_PROTOCOL as CLOSE_PROTOCOL
-from ._protocol import CLOSE_REPLACED as CLOSE_REPLACED
-from ._protocol import MAX_MESSAGE_BYTES as MAX_WORKER_MESSAGE_BYTES
-from ._protocol import PROTOCOL_VERSION as PROTOCOL_VERSION
-from ._protocol import ProtocolError as ProtocolError
 from ._records import JobFailure as JobFailure
 from ._records import JobRecord as JobRecord
 from ._registry import DatasetEntry as DatasetEntry
 from ._registry import ModelEntry as ModelEntry
 from ._registry import Registry as Registry
 from ._registry import default_registry as default_registry
-from ._run_spec import RUN_ID_PATTERN as RUN_ID_PATTERN
 from ._run_spec import RunRequest as RunRequest
 from ._run_spec import RunSpec as RunSpec
 from ._spec import CheckpointSpec as CheckpointSpec
@@ -51,12 +45,7 @@ from ._trainer import RunResult as RunResult
 from ._trainer import Trainer as Trainer
 
 __all__ = [
-    "CLOSE_PROTOCOL",
-    "CLOSE_REPLACED",
     "DEFAULT_PRELOAD",
-    "MAX_WORKER_MESSAGE_BYTES",
-    "PROTOCOL_VERSION",
-    "RUN_ID_PATTERN",
     "CheckpointSpec",
     "DatasetEntry",
     "DatasetError",
@@ -78,7 +67,6 @@ __all__ = [
     "ModelSpec",
     "OptimizerSpec",
     "Outcome",
-    "ProtocolError",
     "ReadyModel",
     "Registry",
     "Replaced",

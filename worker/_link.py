@@ -24,8 +24,7 @@ from trainbus.bus import (
     UnknownEventName,
     event_type_for,
 )
-
-from ._protocol import PROTOCOL_VERSION, ProtocolError, decode, encode
+from trainbus.sdk import PROTOCOL_VERSION, ProtocolError, decode, encode
 
 __all__ = ["SERVER_EVENT_TYPES", "Durable", "Replaced", "Steered", "WorkerConnection", "WorkerLink"]
 

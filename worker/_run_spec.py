@@ -8,12 +8,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from trainbus.sdk import RUN_ID_PATTERN
+
 from ._numbers import not_a_boolean
 from ._spec import EarlyStopSpec, LRPlateauSpec, StallSeconds
 
-__all__ = ["RUN_ID_PATTERN", "RunRequest", "RunSpec", "is_run_spec"]
+__all__ = ["RunRequest", "RunSpec", "is_run_spec"]
 
-RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 MAX_CONFIG_BYTES = 64 * 1024
 
 

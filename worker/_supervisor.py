@@ -41,6 +41,8 @@ class ProcessRun:
     escalated: str | None = None
     """The signal the supervisor sent to end a stop that did not end in time."""
     stalled: bool = False
+    sdk: bool = False
+    """An SDK run: its process is the user's, not the supervisor's."""
     released: anyio.Event = field(default_factory=anyio.Event)
     """An SDK run let go by a server that shuts down: its process goes on and attaches again."""
 
@@ -104,7 +106,7 @@ class WorkerSupervisor:
         """Let every SDK run go (the server is shutting down): each ends ``interrupted`` now,
         and its process, which is the user's and goes on training, attaches again when the
         server is back. The ids of the runs let go."""
-        released = {job_id for job_id, run in self.runs.items() if run.process is None}
+        released = {job_id for job_id, run in self.runs.items() if run.sdk}
         for job_id in released:
             self.runs[job_id].released.set()
         return released
@@ -197,7 +199,7 @@ class WorkerSupervisor:
             run.link.replace_token(token)
             return token
         link, token = self._new_link(job_id, control)
-        self.runs[job_id] = ProcessRun(job_id, link)
+        self.runs[job_id] = ProcessRun(job_id, link, sdk=True)
         return token
 
     async def follow(

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from trainbus.bus import (
+    CONTROLLER_SOURCES,
+    SHUTDOWN_SOURCE,
     CallbackRegistry,
     Command,
     CommandKind,
@@ -27,8 +29,8 @@ from trainbus.bus import (
     EventType,
     Stateful,
 )
+from trainbus.sdk import BatchEventBuffer
 
-from ._batch_events import BatchEventBuffer
 from ._building import build_optimizer, build_scheduler, check_runtime
 from ._datasets import DatasetSplit
 from ._errors import SpecError
@@ -48,11 +50,6 @@ OPTIMIZER_STEP = EventType.OPTIMIZER_STEP
 BEFORE_ZERO_GRAD = EventType.BEFORE_ZERO_GRAD
 TRAIN_BATCH_END = EventType.TRAIN_BATCH_END
 TRAIN_BATCH_TYPES = (TRAIN_BATCH_START, OPTIMIZER_STEP, BEFORE_ZERO_GRAD, TRAIN_BATCH_END)
-SHUTDOWN_SOURCE = "shutdown"
-"""The source of the pause a server shutdown sends: its save reason is ``shutdown``."""
-CONTROLLER_SOURCES = frozenset({"early_stop", "lr_plateau"})
-"""Stops from these sources end a job ``completed`` with its ``stop_reason`` set, as Keras,
-Lightning and Ultralytics end an early-stopped run normally."""
 
 
 class Outcome(StrEnum):
@@ -417,7 +414,7 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             self.batch_index = batch + 1
             if loud:
-                # the four batch events go out in bulk (worker/_batch_events.py); recorded
+                # the four batch events go out in bulk (sdk/_batch_events.py); recorded
                 # before the callbacks, so that what they publish comes after them
                 record(
                     batch_started,

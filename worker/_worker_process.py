@@ -23,6 +23,7 @@ from typing import Any
 import anyio
 
 from trainbus.bus import (
+    SHUTDOWN_SOURCE,
     ControlChannel,
     ControlError,
     Event,
@@ -31,12 +32,12 @@ from trainbus.bus import (
     Subscriber,
     SubscriberHandle,
 )
+from trainbus.sdk import ServerBridge
 
-from ._bridge import ServerBridge
 from ._manager import JobHandle
 from ._runs import CheckpointLoader, release_memory, restore_state, run_and_keep_state
 from ._spec import JobSpec
-from ._trainer import SHUTDOWN_SOURCE, Outcome, RunResult, Trainer
+from ._trainer import Outcome, RunResult, Trainer
 
 __all__ = ["EXIT_INTERRUPTED", "WorkerFactory", "WorkerSetup", "worker_main"]
 

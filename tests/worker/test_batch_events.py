@@ -10,8 +10,8 @@ from pathlib import Path
 import anyio
 
 from trainbus.bus import Event, EventBus, EventType, Subscription, WouldBlock
+from trainbus.sdk import BatchEventBuffer
 from trainbus.worker import Outcome, Trainer
-from trainbus.worker._batch_events import BatchEventBuffer
 
 from .conftest import small_spec
 from .test_trainer import make_trainer

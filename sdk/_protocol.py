@@ -1,8 +1,8 @@
 """The worker protocol: the messages a job's worker process and the server exchange.
 
-One WebSocket per running job (``/jobs/{id}/worker``), text frames, one JSON object each with
-a ``type``. ``docs/PROTOCOL.md`` is the reference; this module is its one definition in code,
-used by both ends.
+One WebSocket per running process of a job (``/jobs/{id}/worker``), text frames, one JSON
+object each with a ``type``. ``docs/PROTOCOL.md`` is the reference; this module is its one
+definition in code, used by both ends (the server's worker processes and the SDK).
 
 Worker to server: ``hello`` (first), ``events`` (a batch of the job's events, numbered by
 the worker), ``heartbeat`` (its step, once a second), ``result`` (how the run ended, last).
@@ -20,12 +20,15 @@ from typing import Any
 
 from trainbus.bus import Command, CommandKind
 
+from ._errors import SDKError
+
 __all__ = [
     "CLOSE_BAD_CREDENTIAL",
     "CLOSE_PROTOCOL",
     "CLOSE_REPLACED",
     "MAX_MESSAGE_BYTES",
     "PROTOCOL_VERSION",
+    "RUN_ID_PATTERN",
     "WINDOW_EVENTS",
     "ProtocolError",
     "command_from_message",
@@ -51,7 +54,11 @@ CLOSE_REPLACED = 4409
 """Close code: a newer connection of the same run took over (the older one is let go)."""
 
 
-class ProtocolError(ValueError):
+RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+"""An SDK run's id, chosen by the client: the same id always names the same job."""
+
+
+class ProtocolError(SDKError, ValueError):
     """A message that does not follow the protocol."""
 
 

@@ -16,7 +16,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar
 
 import anyio
@@ -24,8 +24,16 @@ from anyio.abc import TaskStatus
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from trainbus.bus import ControlChannel, ControlError, DeliveryPolicy, Event, Subscriber
+from trainbus.bus import (
+    SHUTDOWN_SOURCE,
+    ControlChannel,
+    ControlError,
+    DeliveryPolicy,
+    Event,
+    Subscriber,
+)
 
+from ._errors import SDKError
 from ._protocol import (
     CLOSE_BAD_CREDENTIAL,
     CLOSE_PROTOCOL,
@@ -37,16 +45,18 @@ from ._protocol import (
     decode,
     encode,
 )
-from ._trainer import SHUTDOWN_SOURCE
 
 __all__ = ["ServerBridge", "ServerRefused"]
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[], dict[str, Any]]
+Reattach = Callable[[], Awaitable[str]]
+"""Asks the server for a new credential for this process (a restarted server no longer knows
+the old one); raises :class:`SDKError` when the server refuses."""
 
 
-class ServerRefused(Exception):
+class ServerRefused(SDKError):
     """The server refused this worker for good (wrong credential, another protocol version)."""
 
 
@@ -59,12 +69,17 @@ class ServerBridge(Subscriber):
     :param progress: the job's ``{"step", "epoch"}`` now, sent with each heartbeat.
     :param first_connect_timeout: how long to keep trying before the first connection.
     :param reconnect_timeout: how long a lost connection may stay lost before the server
-        counts as gone (then :attr:`server_gone` is set and :attr:`on_server_gone` runs).
+        counts as gone (then :attr:`server_gone` is set and :attr:`on_server_gone` runs);
+        None: never (an SDK process keeps trying while it runs).
+    :param reattach: when the server refuses the credential (it restarted), get a new one;
+        without it, a refused credential ends the bridge.
     """
 
     policy: ClassVar[DeliveryPolicy] = DeliveryPolicy.LOSSLESS
+    steers_training: ClassVar[bool] = False  # it sends; the trainer need not wait for that
     buffer_size = 65_536
     max_batch = 4096
+    window: ClassVar[int] = WINDOW_EVENTS
 
     def __init__(
         self,
@@ -75,8 +90,9 @@ class ServerBridge(Subscriber):
         control: ControlChannel,
         progress: Progress,
         first_connect_timeout: float = 60.0,
-        reconnect_timeout: float = 1.0,
+        reconnect_timeout: float | None = 1.0,
         heartbeat_interval: float = 1.0,
+        reattach: Reattach | None = None,
     ) -> None:
         self.job_id = job_id
         self.url = url
@@ -86,6 +102,8 @@ class ServerBridge(Subscriber):
         self.first_connect_timeout = first_connect_timeout
         self.reconnect_timeout = reconnect_timeout
         self.heartbeat_interval = heartbeat_interval
+        self.reattach = reattach
+        self._acked_moved = anyio.Event()
         self._unacked: deque[tuple[int, list[list[Any]]]] = deque()  # (first number, items)
         self._in_flight = 0
         self._acked = 0
@@ -157,9 +175,16 @@ class ServerBridge(Subscriber):
                 return
             except (OSError, ConnectionClosed, InvalidHandshake, TimeoutError) as error:
                 if isinstance(error, InvalidStatus) and error.response.status_code in (401, 403):
-                    self.refused = f"the server refused the job credential ({error})"
-                    self._gone()
-                    return
+                    if self.reattach is None:
+                        self.refused = f"the server refused the job credential ({error})"
+                        self._gone()
+                        return
+                    try:
+                        self._token = await self.reattach()
+                    except SDKError as refused:
+                        self.refused = str(refused)
+                        self._gone()
+                        return
                 logger.debug("job %s: connection to the server lost: %r", self.job_id, error)
             finally:
                 self._connection = None
@@ -167,7 +192,7 @@ class ServerBridge(Subscriber):
             now = time.monotonic()
             if ever_connected:
                 lost_since = lost_since or now
-                if now - lost_since > self.reconnect_timeout:
+                if self.reconnect_timeout is not None and now - lost_since > self.reconnect_timeout:
                     logger.warning("job %s: the server is gone", self.job_id)
                     self._gone()
                     return
@@ -254,6 +279,8 @@ class ServerBridge(Subscriber):
         if upto <= self._acked:
             return
         self._acked = upto
+        self._acked_moved.set()
+        self._acked_moved = anyio.Event()
         unacked = self._unacked
         while unacked and unacked[0][0] + len(unacked[0][1]) - 1 <= upto:
             self._in_flight -= len(unacked.popleft()[1])
@@ -266,6 +293,22 @@ class ServerBridge(Subscriber):
             except ConnectionClosed:
                 return
             await anyio.sleep(self.heartbeat_interval)
+
+    async def wait_acked(self, number: int, timeout: float, *, offline_grace: float = 1.0) -> bool:
+        """Wait until the server has acknowledged the events up to ``number`` (at an epoch's
+        end: its controllers have decided); False after ``timeout``, or once the connection
+        has been down for ``offline_grace`` seconds: training does not wait for a network."""
+        clock = time.monotonic
+        deadline = clock() + timeout
+        offline_since: float | None = None
+        while self._acked < number and not self.server_gone.is_set():
+            now = clock()
+            offline_since = None if self._connection is not None else (offline_since or now)
+            if now >= deadline or (offline_since and now - offline_since >= offline_grace):
+                return False
+            with anyio.move_on_after(0.05):
+                await self._acked_moved.wait()
+        return self._acked >= number
 
     # -- the end of the run -----------------------------------------------------------------
 
