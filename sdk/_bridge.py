@@ -103,6 +103,7 @@ class ServerBridge(Subscriber):
         self.reconnect_timeout = reconnect_timeout
         self.heartbeat_interval = heartbeat_interval
         self.reattach = reattach
+        self._closing = False
         self._acked_moved = anyio.Event()
         self._unacked: deque[tuple[int, list[list[Any]]]] = deque()  # (first number, items)
         self._in_flight = 0
@@ -154,7 +155,7 @@ class ServerBridge(Subscriber):
         lost_since: float | None = None
         deadline = time.monotonic() + self.first_connect_timeout
         ever_connected = False
-        while not self.server_gone.is_set():
+        while not self.server_gone.is_set() and not self._closing:
             try:
                 async with connect(
                     self.url,
@@ -293,6 +294,15 @@ class ServerBridge(Subscriber):
             except ConnectionClosed:
                 return
             await anyio.sleep(self.heartbeat_interval)
+
+    async def close(self) -> None:
+        """End :meth:`run`: close the connection (with its closing handshake) and stop
+        reconnecting."""
+        self._closing = True
+        connection = self._connection
+        if connection is not None:
+            with contextlib.suppress(ConnectionClosed, OSError):
+                await connection.close()
 
     async def wait_acked(self, number: int, timeout: float, *, offline_grace: float = 1.0) -> bool:
         """Wait until the server has acknowledged the events up to ``number`` (at an epoch's

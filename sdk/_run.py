@@ -34,7 +34,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -98,6 +98,8 @@ class Run:
         early_stop: Mapping[str, Any] | None = None,
         lr_plateau: Mapping[str, Any] | None = None,
         stall_timeout_seconds: float | None = None,
+        from_step: int | None = None,
+        epoch_checkpoints: bool = True,
         batch_events_every: int = 1,
         connect_timeout: float = 30.0,
         fit_epoch_end_timeout: float = 30.0,
@@ -123,6 +125,8 @@ class Run:
         self.on_save = on_save
         self.on_set_lr = on_set_lr
         self.total_epochs = epochs
+        self.epoch_checkpoints = epoch_checkpoints
+        self._from_step = from_step
         self.batch_events_every = batch_events_every
         self.connect_timeout = connect_timeout
         self.fit_epoch_end_timeout = fit_epoch_end_timeout
@@ -166,14 +170,16 @@ class Run:
         self._bridge: ServerBridge | None = None
         self._bridge_handle: SubscriberHandle | None = None
         self._bridge_task: Future[None] | None = None
+        self._bridge_scope: anyio.CancelScope | None = None
         self._batches: BatchEventBuffer | None = None
         self._control: ControlChannel | None = None
 
     # -- start ------------------------------------------------------------------------------
 
-    def start(self) -> Run:
+    def start(self, *, first_epoch: int | None = None) -> Run:
         """Continue from the run's checkpoint if it has one, attach to the server and start
-        the bridge. Called by :func:`init`.
+        the bridge. Called by :func:`init`. ``first_epoch``: where a framework that restored
+        its own checkpoint continues.
 
         :raises ServerUnreachable: if no server answered within ``connect_timeout``.
         :raises RunRefused: if the server refused the run.
@@ -181,6 +187,8 @@ class Run:
         if self._portal is not None:
             return self
         from_step = self._restore()
+        if first_epoch is not None:
+            self.epoch = self._first_epoch = first_epoch
         request = {**self._request, **({} if from_step is None else {"from_step": from_step})}
         attachment = attach_run(self.server, self.run_id, request, timeout=self.connect_timeout)
         self.job_id = attachment.job_id
@@ -207,7 +215,11 @@ class Run:
         return self
 
     def _restore(self) -> int | None:
-        """Load the run's checkpoint into the model and optimizer; the step it was taken at."""
+        """Load the run's checkpoint into the model and optimizer; the step it was taken at
+        (or the ``from_step`` given: a framework restored its own checkpoint)."""
+        if self._from_step is not None:
+            self.step = self.resumed_from_step = self._from_step
+            return self._from_step
         if self.checkpoint_folder is None:
             return None
         state = load_run_checkpoint(self.checkpoint_folder)
@@ -234,9 +246,14 @@ class Run:
         self._control = ControlChannel(job_id, publish=self._publish_applied)
         bridge = portal.call(self._new_bridge, attachment)
         self._bridge = bridge
-        self._bridge_task = portal.start_task_soon(bridge.run)
+        self._bridge_task = portal.start_task_soon(self._run_bridge, bridge)
         self._bridge_handle = portal.call(bus.attach, bridge)
         self._batches = BatchEventBuffer(bus, job_id)
+
+    async def _run_bridge(self, bridge: ServerBridge) -> None:
+        with anyio.CancelScope() as scope:
+            self._bridge_scope = scope
+            await bridge.run()
 
     def _new_bridge(self, attachment: Attachment) -> ServerBridge:
         assert self._control is not None
@@ -286,16 +303,18 @@ class Run:
         :meth:`end_epoch` is closed with the metrics logged so far."""
         epoch = self._first_epoch
         while (self.total_epochs is None or epoch < self.total_epochs) and not self.check():
-            self.epoch = epoch
-            self._batch_in_epoch = 0
-            self._epoch_ended = False
-            self._emit(
-                EventType.TRAIN_EPOCH_START, {"epoch": epoch, "step": self.step, "lr": self.lr}
-            )
+            self.begin_epoch(epoch)
             yield epoch
             if not self._epoch_ended:
                 self.end_epoch()
             epoch += 1
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Epoch ``epoch`` starts (:meth:`epochs` calls it): publishes ``train_epoch_start``."""
+        self.epoch = epoch
+        self._batch_in_epoch = 0
+        self._epoch_ended = False
+        self._emit(EventType.TRAIN_EPOCH_START, {"epoch": epoch, "step": self.step, "lr": self.lr})
 
     def batches(self, batches: Iterable[Any]) -> Iterator[Any]:
         """``batches`` (a data loader), obeying commands before each one; ends early when
@@ -310,11 +329,14 @@ class Run:
             if not self._batch_logged:
                 self.log_batch()
 
-    def log_batch(self, loss: Any = None, *, batch_size: int | None = None) -> None:
-        """One optimizer step done: publishes the batch's events (every
-        ``batch_events_every``-th batch) with its loss (a float or a 0-d tensor)."""
+    def log_batch(
+        self, loss: Any = None, *, batch_size: int | None = None, step: int | None = None
+    ) -> None:
+        """One batch done: publishes its events (every ``batch_events_every``-th batch) with
+        its loss (a float or a 0-d tensor). ``step``: the optimizer steps so far, where a
+        framework counts them (default: one more than before)."""
         batch = self._batch_in_epoch
-        self.step += 1
+        self.step = self.step + 1 if step is None else step
         self._batch_in_epoch += 1
         self._batch_logged = True
         if batch % self.batch_events_every:
@@ -359,7 +381,7 @@ class Run:
         self._wait_for_controllers(event)
         self.check()
         last = self.total_epochs is not None and self.epoch + 1 >= self.total_epochs
-        if not last and not self.should_stop:
+        if self.epoch_checkpoints and not last and not self.should_stop:
             self.save("epoch_end")
 
     def _wait_for_controllers(self, event: Event) -> None:
@@ -512,7 +534,7 @@ class Run:
                 error_body = {"type": type(error).__name__, "message": str(error)[:2000]}
             stop_reason = reason or self.stop_reason
             if outcome == "completed":
-                if self.checkpoint_folder is not None or self.on_save is not None:
+                if self.epoch_checkpoints and (self.checkpoint_folder or self.on_save):
                     self.save("stop" if self.should_stop else "end")
                 end: dict[str, Any] = {
                     "epoch": self.epoch,
@@ -562,8 +584,15 @@ class Run:
                 self.run_id,
                 self.finish_timeout,
             )
-        if self._bridge_task is not None:
-            self._bridge_task.cancel()
+        if self._bridge_task is not None:  # its connection closes before the loop goes
+            portal.call(bridge.close)
+            try:
+                self._bridge_task.result(timeout=10)
+            except Exception:  # it did not end in time: cancel it
+                if self._bridge_scope is not None:
+                    portal.call(self._bridge_scope.cancel)
+                with contextlib.suppress(Exception, CancelledError):
+                    self._bridge_task.result(timeout=10)
         return delivered
 
     def _emit(self, event_type: EventType, data: dict[str, Any]) -> Event:

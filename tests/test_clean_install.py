@@ -40,8 +40,14 @@ names = sorted(
     if str(f).endswith(".py") and ".dist-info" not in str(f) and not str(f).startswith("..")
 )
 assert names, "the distribution lists no modules"
+# integrations load their library, which comes with its extra (trainbus[lightning])
+OPTIONAL = {"trainbus.sdk.lightning": "lightning"}
 for name in names:
-    importlib.import_module(name)
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError as missing:
+        if OPTIONAL.get(name) != (missing.name or "").split(".")[0]:
+            raise
 print(len(names))
 """
 

@@ -241,7 +241,8 @@ def test_disk_full_and_short_writes_never_cost_a_good_checkpoint(
     data_dir = tmp_path / "data"
     disk = FaultyDisk(data_dir / "jobs", SEED)
     monkeypatch.setattr(checkpoint_files, "os", disk)
-    settings = make_settings(data_dir)
+    # the disk is faked in this process: the checkpoint writer runs here, on a thread
+    settings = make_settings(data_dir, run_jobs_in="thread")
     started = time.monotonic()
     figures: dict[str, Any] = {}
     with (

@@ -55,6 +55,7 @@ from typing import Any
 
 import anyio
 import httpx
+import psutil
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -202,21 +203,32 @@ def _server_peer_ports(server: Server) -> set[int]:
 _TICK = 1 / os.sysconf("SC_CLK_TCK")
 
 
-def _thread_cpu_seconds(pid: int) -> dict[str, float]:
-    """CPU seconds each thread of ``pid`` has run: the scheduler's own count (ns) where the
-    kernel keeps it, else user plus system time (clock ticks) from ``stat``."""
+def _thread_cpu_seconds(server_pid: int) -> dict[str, float]:
+    """CPU seconds each thread of the server and of its worker processes (where jobs train,
+    on the server's CPU: they inherit its affinity) has run: the scheduler's own count (ns)
+    where the kernel keeps it, else user plus system time (clock ticks) from ``stat``."""
     seconds = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
+    pids = [server_pid]
+    with contextlib.suppress(psutil.Error):
+        pids += [child.pid for child in psutil.Process(server_pid).children(recursive=True)]
+    for pid, tid in [(p, t) for p in pids for t in _tasks(p)]:
         task = Path(f"/proc/{pid}/task/{tid}")
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):
             try:
-                seconds[tid] = int((task / "schedstat").read_text().split()[0]) / 1e9
+                seconds[f"{pid}/{tid}"] = int((task / "schedstat").read_text().split()[0]) / 1e9
             except FileNotFoundError:
                 if not task.exists():
                     raise
                 fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-                seconds[tid] = (int(fields[11]) + int(fields[12])) * _TICK
+                seconds[f"{pid}/{tid}"] = (int(fields[11]) + int(fields[12])) * _TICK
     return seconds
+
+
+def _tasks(pid: int) -> list[str]:
+    try:
+        return os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return []  # a worker process that has ended
 
 
 class ServerSampler:
@@ -241,8 +253,9 @@ class ServerSampler:
                 return
 
     def training_share(self, start: float, end: float) -> float:
-        """The share of the wall time from ``start`` to ``end`` that the server's busiest
-        thread (the training thread) ran, between the first and last samples inside it."""
+        """The share of the wall time from ``start`` to ``end`` that the busiest thread of the
+        server and its workers (the training thread) ran, between the first and last samples
+        inside it."""
         inside = [(at, threads) for at, threads in self.cpu if start <= at <= end]
         assert len(inside) >= 10, "too few samples in the window"
         (first_at, before), (last_at, after) = inside[0], inside[-1]

@@ -21,6 +21,7 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
 TOKEN = "seq-after-kill-token-0123456789"
 KILLS = 3
+MAX_KILLS = 8  # more if the first KILLS happened to find every live event stored already
 LIVE_EVENTS = 400  # events followed live before each kill
 SPEC: dict[str, Any] = {
     "name": "numbered-through-crashes",
@@ -68,7 +69,9 @@ def test_seqs_sent_live_are_never_reused_after_a_sigkill(tmp_path: Path) -> None
         server = zygote.serve(data_dir)
         with server.client() as client:
             job_id = client.submit(SPEC)["id"]
-        for kill in range(KILLS):
+        for kill in range(MAX_KILLS):
+            if kill >= KILLS and sum(lost_per_kill) > 0:
+                break
             with server.client() as client:
                 if kill:
                     client.resume(job_id)
@@ -97,6 +100,6 @@ def test_seqs_sent_live_are_never_reused_after_a_sigkill(tmp_path: Path) -> None
         assert seqs == sorted(set(seqs)), "stored seqs are not unique and increasing"
     finally:
         zygote.close()
-    record("seq_after_kill", kills=KILLS, lost_per_kill=lost_per_kill, gaps=len(gaps))
+    record("seq_after_kill", kills=len(lost_per_kill), lost_per_kill=lost_per_kill, gaps=len(gaps))
     # The kills must have caught events sent but not stored, or nothing was tested.
     assert sum(lost_per_kill) > 0, lost_per_kill
