@@ -56,7 +56,7 @@ def main() -> None:
     torch.manual_seed(0)
     early_stop = None
     if args.stop_at_accuracy is not None:
-        early_stop = {"enabled": True, "monitor": "val_accuracy", "mode": "max",
+        early_stop = {"enabled": True, "monitor": "val_accuracy", "mode": "max", "patience": 50,
                       "stopping_threshold": args.stop_at_accuracy}  # fmt: skip
 
     # the trainbus part: one callback

@@ -36,7 +36,7 @@ def main() -> None:
     loss_fn = nn.CrossEntropyLoss()
     early_stop = None
     if args.stop_at_accuracy is not None:
-        early_stop = {"enabled": True, "monitor": "val_accuracy", "mode": "max",
+        early_stop = {"enabled": True, "monitor": "val_accuracy", "mode": "max", "patience": 50,
                       "stopping_threshold": args.stop_at_accuracy}  # fmt: skip
 
     # the trainbus part: init, epochs(), batches(), log_batch(), end_epoch()

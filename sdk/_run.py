@@ -25,12 +25,14 @@ server does not have yet: the job's stream stays gap-free, with no duplicate.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
 import math
 import os
 import re
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -41,7 +43,7 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
-from anyio.from_thread import BlockingPortal, start_blocking_portal
+from anyio.from_thread import BlockingPortal
 
 from trainbus.bus import (
     CONTROLLER_SOURCES,
@@ -59,6 +61,7 @@ from ._batch_events import BatchEventBuffer
 from ._bridge import ServerBridge
 from ._checkpoint import load_run_checkpoint, save_run_checkpoint
 from ._errors import RunRefused
+from ._loop import LoopThread
 from ._protocol import RUN_ID_PATTERN
 
 __all__ = ["MAX_BACKLOG_EVENTS", "Run", "init"]
@@ -212,7 +215,17 @@ class Run:
         if from_step is not None:
             start["from_step"] = from_step  # the history after it is rewound
         self._emit(EventType.TRAIN_START, start)
+        atexit.register(self._at_exit)
         return self
+
+    def _at_exit(self) -> None:
+        """The process exits with the run unfinished (no ``with`` block, or an uncaught
+        exception): say how it ended, so that the job does not wait to be counted lost."""
+        error = getattr(sys, "last_value", None)
+        if error is None or isinstance(error, KeyboardInterrupt):
+            self.finish("interrupted", reason="the process exited without finishing the run")
+        else:
+            self.finish("failed", error=error)
 
     def _restore(self) -> int | None:
         """Load the run's checkpoint into the model and optimizer; the step it was taken at
@@ -238,7 +251,9 @@ class Run:
         return self.step
 
     def _start_bridge(self, attachment: Attachment) -> None:
-        portal = self._stack.enter_context(start_blocking_portal())
+        loop = LoopThread()
+        portal = loop.start()
+        self._stack.callback(loop.stop)
         self._portal = portal
         bus = self._stack.enter_context(portal.wrap_async_context_manager(EventBus()))
         self._bus = bus
@@ -526,6 +541,7 @@ class Run:
         if self._finished or self._portal is None:
             return False
         self._finished = True
+        atexit.unregister(self._at_exit)
         try:
             outcome = outcome or self._outcome()
             details: dict[str, Any] = {}

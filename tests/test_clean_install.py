@@ -41,7 +41,7 @@ names = sorted(
 )
 assert names, "the distribution lists no modules"
 # integrations load their library, which comes with its extra (trainbus[lightning])
-OPTIONAL = {"trainbus.sdk.lightning": "lightning"}
+OPTIONAL = {"trainbus.sdk.lightning": "lightning", "trainbus.sdk.huggingface": "transformers"}
 for name in names:
     try:
         importlib.import_module(name)

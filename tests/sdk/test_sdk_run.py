@@ -289,3 +289,27 @@ def test_the_sdk_imports_no_server_code() -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, check=True
     ).stdout.strip()
     assert loaded == "[]"
+
+
+def test_a_process_that_dies_without_finishing_reports_it_and_exits(server: LiveServer) -> None:
+    script = (
+        "import sys, trainbus.sdk\n"
+        "run = trainbus.sdk.init('dies-in-its-loop', url=sys.argv[1], token=sys.argv[2])\n"
+        "for epoch in run.epochs():\n"
+        "    run.log_batch(1.0)\n"
+        "    raise RuntimeError('boom in the user loop')\n"
+    )
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", script, server.url, server.token],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1 and "boom in the user loop" in result.stderr
+    assert time.monotonic() - started < 30, "the process hung on the SDK's thread"
+    with _client(server) as client:
+        job = next(j for j in client.jobs()["items"] if j["name"] == "dies-in-its-loop")
+    record = _wait(server, job["id"], lambda r: r["state"] in ENDED, "ended")
+    assert record["state"] == "failed", record
+    assert "boom in the user loop" in str(record["error"])
