@@ -25,9 +25,9 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import StringConstraints
 
 from trainbus.bus import Event
+from trainbus.sdk import finite
 
 from ._errors import NotFound, ServiceUnavailable
-from ._hub import finite
 from ._schemas import JOB_ID_PATTERN, ErrorBody, ValidationErrorBody
 from ._series import SeriesCache, downsample_min_max, source_types
 from ._services import has_events, services_of

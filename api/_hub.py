@@ -10,18 +10,16 @@ deleted job. Everything here runs on the event loop's thread.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable
 
 import anyio
 from anyio.abc import TaskStatus
 
 from trainbus.bus import DeliveryPolicy, Event, EventBus, EventType
+from trainbus.sdk import to_json
 
 from ._history import SeqGuard
 
@@ -31,17 +29,10 @@ __all__ = [
     "HubStatistics",
     "Item",
     "encode_event",
-    "finite",
     "gap_notice",
 ]
 
 logger = logging.getLogger(__name__)
-
-_dumps = json.dumps
-try:  # optional: several times faster, and encoding is per event on the event loop
-    import orjson as _orjson
-except ImportError:  # pragma: no cover - the standard library is the fallback
-    _orjson = None  # type: ignore[assignment]
 
 Item = tuple[str, int, str]
 """What a client buffer holds: ``(job_id, seq, encoded JSON)``, shared by every client."""
@@ -49,29 +40,9 @@ TypeFilter = frozenset[EventType] | None
 """A client's event types (None: every type)."""
 
 
-def finite(value: Any) -> Any:
-    """``value`` with NaN and infinities (at any depth) replaced by ``None``."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [finite(v) for v in value]
-    return value
-
-
 def encode_event(event: Event) -> str:
     """The event as compact JSON; NaN and infinities (a diverging loss) become ``null``."""
-    payload = event.to_dict()
-    if _orjson is not None:
-        try:
-            return _orjson.dumps(payload).decode()  # NaN already becomes null
-        except TypeError:  # keys or values orjson does not take: the standard library does
-            pass
-    try:
-        return _dumps(payload, separators=(",", ":"), allow_nan=False, default=str)
-    except ValueError:
-        return _dumps(finite(payload), separators=(",", ":"), allow_nan=False, default=str)
+    return to_json(event.to_dict())
 
 
 def gap_notice(job_id: str, from_seq: int, to_seq: int, missed: int, subscriber: str) -> Item:

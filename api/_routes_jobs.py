@@ -13,11 +13,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, StreamingResponse
 
 from trainbus.bus import JobState, event_type_for
+from trainbus.sdk import finite
 from trainbus.subscribers import CheckpointCorrupt, CheckpointNotFound
 from trainbus.worker import DatasetError, JobSpec, resolve_dataset_file
 
 from ._errors import NotFound, ServiceUnavailable
-from ._hub import finite
 from ._schemas import (
     INVALID,
     JOB_ID_PATTERN,

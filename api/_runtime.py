@@ -19,6 +19,7 @@ from typing import Any
 import anyio
 
 from trainbus.bus import ControlChannel, EventBus, Subscriber
+from trainbus.sdk import finite
 from trainbus.subscribers import (
     CheckpointInfo,
     CheckpointNotFound,
@@ -48,7 +49,6 @@ from trainbus.worker import (
 from ._app import Runtime
 from ._errors import Conflict, NotFound
 from ._history import EventHistory
-from ._hub import finite
 from ._local import read_server_url
 from ._settings import Settings
 from ._tracking import check_trackers, tracker_subscribers

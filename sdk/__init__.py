@@ -35,6 +35,8 @@ from ._protocol import ProtocolError as ProtocolError
 from ._protocol import command_from_message as command_from_message
 from ._protocol import decode as decode
 from ._protocol import encode as encode
+from ._protocol import finite as finite
+from ._protocol import to_json as to_json
 from ._run import MAX_BACKLOG_EVENTS as MAX_BACKLOG_EVENTS
 from ._run import Run as Run
 from ._run import init as init
@@ -60,5 +62,7 @@ __all__ = [
     "command_from_message",
     "decode",
     "encode",
+    "finite",
     "init",
+    "to_json",
 ]

@@ -105,7 +105,7 @@ class ServerBridge(Subscriber):
         self.reattach = reattach
         self._closing = False
         self._acked_moved = anyio.Event()
-        self._unacked: deque[tuple[int, list[list[Any]]]] = deque()  # (first number, items)
+        self._unacked: deque[tuple[int, int, str]] = deque()  # (first number, count, message)
         self._in_flight = 0
         self._acked = 0
         self._connection: ClientConnection | None = None
@@ -122,30 +122,29 @@ class ServerBridge(Subscriber):
     # -- the bus side: events out -----------------------------------------------------------
 
     async def on_events(self, events: Sequence[Event]) -> None:
+        first = events[0].seq
         items = [[e.type.value, e.time, e.data] for e in events]
-        if len(items) > 1 and len(encode({"events": items})) > MAX_MESSAGE_BYTES:
+        text = encode({"type": "events", "first": first, "events": items})
+        if len(events) > 1 and len(text) > MAX_MESSAGE_BYTES:
             half = len(events) // 2  # rare (large event data): two messages, each in bounds
             await self.on_events(events[:half])
             await self.on_events(events[half:])
             return
-        first = events[0].seq
         while self._in_flight >= WINDOW_EVENTS and not self.server_gone.is_set():
             self._room = anyio.Event()
             await self._room.wait()
         if self.server_gone.is_set():
             return  # the run is being interrupted; its state is kept on disk, not sent
-        self._unacked.append((first, items))
-        self._in_flight += len(items)
+        self._unacked.append((first, len(events), text))
+        self._in_flight += len(events)
         connection = self._connection
         if connection is not None:
-            await self._send_events(connection, first, items)
+            await self._send(connection, text)
 
     @staticmethod
-    async def _send_events(
-        connection: ClientConnection, first: int, items: list[list[Any]]
-    ) -> None:
+    async def _send(connection: ClientConnection, text: str) -> None:
         with contextlib.suppress(ConnectionClosed):  # else sent again after reconnecting
-            await connection.send(encode({"type": "events", "first": first, "events": items}))
+            await connection.send(text)
 
     # -- the connection ---------------------------------------------------------------------
 
@@ -229,8 +228,8 @@ class ServerBridge(Subscriber):
         self._acknowledged(int(welcome.get("acked", 0)))
         self._connection = connection
         self._connected.set()
-        for first, items in list(self._unacked):  # what the last connection left unconfirmed
-            await self._send_events(connection, first, items)
+        for _, _, text in list(self._unacked):  # what the last connection left unconfirmed
+            await self._send(connection, text)
 
     async def _serve(self, connection: ClientConnection) -> None:
         """Handle the server's messages until the connection ends. Errors are raised after
@@ -283,8 +282,8 @@ class ServerBridge(Subscriber):
         self._acked_moved.set()
         self._acked_moved = anyio.Event()
         unacked = self._unacked
-        while unacked and unacked[0][0] + len(unacked[0][1]) - 1 <= upto:
-            self._in_flight -= len(unacked.popleft()[1])
+        while unacked and unacked[0][0] + unacked[0][1] - 1 <= upto:
+            self._in_flight -= unacked.popleft()[1]
         self._room.set()
 
     async def _heartbeats(self, connection: ClientConnection) -> None:

@@ -18,6 +18,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import orjson
+
 from trainbus.bus import Command, CommandKind
 
 from ._errors import SDKError
@@ -34,6 +36,8 @@ __all__ = [
     "command_from_message",
     "decode",
     "encode",
+    "finite",
+    "to_json",
 ]
 
 PROTOCOL_VERSION = 1
@@ -62,22 +66,33 @@ class ProtocolError(SDKError, ValueError):
     """A message that does not follow the protocol."""
 
 
-def encode(message: Mapping[str, Any]) -> str:
-    """One message as JSON (a non-finite metric travels as ``null``, as on the event stream)."""
+def to_json(value: Any) -> str:
+    """Compact JSON; NaN and infinities (a diverging loss) become ``null``, as on the event
+    stream. orjson (several times faster: this runs per event) where it takes the value."""
     try:
-        return json.dumps(message, allow_nan=False, separators=(",", ":"))
+        return orjson.dumps(value).decode()  # NaN already becomes null
+    except TypeError:  # keys or values orjson does not take: the standard library does
+        pass
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False, default=str)
     except ValueError:
-        return json.dumps(_finite(message), allow_nan=False, separators=(",", ":"))
+        return json.dumps(finite(value), separators=(",", ":"), allow_nan=False, default=str)
 
 
-def _finite(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
+def finite(value: Any) -> Any:
+    """``value`` with NaN and infinities (at any depth) replaced by ``None``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     if isinstance(value, Mapping):
-        return {k: _finite(v) for k, v in value.items()}
+        return {str(k): finite(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
+        return [finite(v) for v in value]
     return value
+
+
+def encode(message: Mapping[str, Any]) -> str:
+    """One message as JSON (:func:`to_json`)."""
+    return to_json(message)
 
 
 def decode(text: str | bytes) -> dict[str, Any]:

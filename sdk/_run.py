@@ -152,6 +152,9 @@ class Run:
             if value is not None
         )
         self._request = request
+        controllers = (early_stop, lr_plateau)
+        self._controlled = any(bool(c and c.get("enabled")) for c in controllers)
+        """Whether the server runs controllers for this run (then each epoch waits for them)."""
         self.epoch = 0
         self.step = 0
         self.metrics: dict[str, float] = {}
@@ -370,8 +373,9 @@ class Run:
     def end_epoch(self, **metrics: float) -> None:
         """Close the epoch with its metrics (``train_loss``, ``val_loss``, ``val_accuracy``,
         ...): publishes ``train_epoch_end``, ``val_end`` (with the ``val_*`` ones) and
-        ``fit_epoch_end``, waits for the server's controllers (early stopping, LR plateau)
-        to decide on it, applies what they sent, and saves the epoch's checkpoint."""
+        ``fit_epoch_end``, waits for the server's controllers (early stopping, LR plateau,
+        when the run has them) to decide on it, applies what they sent, and saves the epoch's
+        checkpoint."""
         values = {key: float(value) for key, value in metrics.items()}
         train = {k: v for k, v in values.items() if not k.startswith("val_")}
         if self.lr is not None:
@@ -393,7 +397,8 @@ class Run:
             EventType.FIT_EPOCH_END,
             {"epoch": self.epoch, "step": self.step, "metrics": dict(self.metrics)},
         )
-        self._wait_for_controllers(event)
+        if self._controlled:
+            self._wait_for_controllers(event)
         self.check()
         last = self.total_epochs is not None and self.epoch + 1 >= self.total_epochs
         if self.epoch_checkpoints and not last and not self.should_stop:

@@ -25,7 +25,7 @@ from .loop import digits, model_and_optimizer, train
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals")
 
 TOKEN = "sdk-restart-token-0123456789"
-EPOCHS = 12
+EPOCHS = 20
 
 
 def _serve(port: int, data_dir: Path, log: BinaryIO) -> subprocess.Popen[bytes]:
@@ -63,7 +63,7 @@ def test_an_sdk_run_survives_a_server_sigkill_with_its_stream_whole(tmp_path: Pa
 
     def loop() -> None:
         with run:
-            outcome["trained"] = train(run, model, optimizer, data, batch_seconds=0.004)
+            outcome["trained"] = train(run, model, optimizer, data, batch_seconds=0.01)
 
     thread = threading.Thread(target=loop)
     thread.start()
