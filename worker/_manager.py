@@ -160,6 +160,8 @@ class JobManager:
         # Each run in progress by its control channel: a run that ends takes out only itself,
         # not a new run of the same job resumed while the old one was finishing.
         self._active: dict[str, ControlChannel] = {}
+        self._runs: dict[str, ControlChannel] = {}
+        """SDK runs being followed (they train elsewhere and hold no running slot)."""
         self._publishing: dict[str, anyio.Event] = {}
         """Jobs whose state event is being published (set once it is on the bus)."""
         self._changes: dict[str, anyio.Event] = {}
@@ -404,7 +406,7 @@ class JobManager:
             await self._transition(job_id, JobState.QUEUED, resumed=True)
         resumed = record.started_at is not None
         control = ControlChannel(job_id, publish=self._publish_command_applied)
-        self._active[job_id] = control
+        self._runs[job_id] = control  # it trains in the user's process: it takes no slot
         self._controls[job_id] = control
         self._idle = anyio.Event()
         token = supervisor.attach(job_id, control)
@@ -568,7 +570,7 @@ class JobManager:
         while (publishing := self._publishing.get(job_id)) is not None:
             await publishing.wait()  # the record has ended; its event is not on the bus yet
         record = self.get(job_id)
-        if record.state not in ENDED_STATES or job_id in self._active:
+        if record.state not in ENDED_STATES or job_id in self._active or job_id in self._runs:
             raise IllegalTransition(
                 job_id, record.state, "delete", sorted(s.value for s in ENDED_STATES)
             )
@@ -786,7 +788,9 @@ class JobManager:
         await self._transition(job_id, state, **data)
         if self._active.get(job_id) is control:
             del self._active[job_id]
-        if not self._active:
+        if self._runs.get(job_id) is control:
+            del self._runs[job_id]
+        if not self._active and not self._runs:
             self._idle.set()
         self._wakeup.set()
 

@@ -313,3 +313,19 @@ def test_a_process_that_dies_without_finishing_reports_it_and_exits(server: Live
     record = _wait(server, job["id"], lambda r: r["state"] in ENDED, "ended")
     assert record["state"] == "failed", record
     assert "boom in the user loop" in str(record["error"])
+
+
+def test_an_attached_run_takes_no_running_slot_of_the_server(server: LiveServer) -> None:
+    """SDK runs train in their own processes: a built-in job starts beside an attached run
+    although the server runs one job at a time (``max_running_jobs`` 1)."""
+    attached = httpx.put(
+        f"{server.url}/runs/elsewhere", json={"epochs": 5},
+        headers={"Authorization": f"Bearer {server.token}"},
+    )  # fmt: skip
+    assert attached.status_code == 201, attached.text
+    assert attached.json()["job"]["state"] == "running"
+    spec = {"model": {"name": "linear"}, "dataset": {"name": "iris"}, "epochs": 1}
+    with _client(server) as client:
+        job_id = client.submit(spec)["id"]
+    record = _wait(server, job_id, lambda r: r["state"] in ENDED, "the built-in job to end")
+    assert record["state"] == "completed", record
