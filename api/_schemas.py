@@ -79,10 +79,14 @@ UNAVAILABLE: dict[int | str, dict[str, Any]] = {
 
 
 class JobFailureBody(BaseModel):
-    """Why a job failed."""
+    """Why a job failed; for a worker process that died, how it ended and its last log lines."""
 
     type: str
     message: str
+    exitcode: int | None = Field(
+        default=None, description="The worker's exit code (minus the signal that ended it)."
+    )
+    stderr_tail: str | None = Field(default=None, description="The worker's last log lines.")
 
 
 class JobRecord(BaseModel):
