@@ -162,9 +162,7 @@ async def _run_load(server: LiveServer) -> dict[str, Any]:
 
 @pytest.mark.slow
 def test_a_burst_of_submissions_is_queued_fifo_and_every_job_completes(data_dir: Path) -> None:
-    # The queue is what is tested: jobs run as threads here, since 200 worker processes of
-    # one-epoch jobs cost about half a second of a slot each (109 s for the burst)
-    settings = make_settings(data_dir, max_running_jobs=MAX_RUNNING, run_jobs_in="thread")
+    settings = make_settings(data_dir, max_running_jobs=MAX_RUNNING)
     with run_server(create_app(settings), settings) as server:
         outcome = asyncio.run(_run_load(server))
 
