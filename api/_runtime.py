@@ -74,24 +74,9 @@ def job_subscribers(handle: JobHandle, bus: EventBus) -> list[Subscriber]:
         )
         writer.bind(trainer)
         built.append(writer)
-    if spec.early_stop.enabled:
-        early_stop = EarlyStopController(
-            job_id=handle.id,
-            channel=handle.control,
-            bus=bus,
-            **spec.early_stop.model_dump(exclude={"enabled"}),
-        )
-        early_stop.bind(trainer)
-        built.append(early_stop)
-    if spec.lr_plateau.enabled:
-        plateau = LRPlateauController(
-            job_id=handle.id,
-            channel=handle.control,
-            bus=bus,
-            **spec.lr_plateau.model_dump(exclude={"enabled"}),
-        )
-        plateau.bind(trainer)
-        built.append(plateau)
+    for controller in _controllers(handle.id, spec, handle.control, bus, restore_best=True):
+        controller.bind(trainer)
+        built.append(controller)
     return built
 
 
@@ -100,14 +85,28 @@ def run_subscribers(
 ) -> list[Subscriber]:
     """The server-side subscribers of an SDK run: its controllers (the run's process is the
     user's; they decide on the server, and the run waits for them at each epoch's end)."""
-    built: list[Subscriber] = []
+    return list(_controllers(job_id, spec, control, bus, restore_best=False))
+
+
+def _controllers(
+    job_id: str,
+    spec: JobSpec | RunSpec,
+    control: ControlChannel,
+    bus: EventBus,
+    *,
+    restore_best: bool,
+) -> list[EarlyStopController | LRPlateauController]:
+    """The early-stop and LR-plateau controllers ``spec`` turns on (``restore_best`` needs
+    the trainer's weights, which only a built-in job has here)."""
+    built: list[EarlyStopController | LRPlateauController] = []
     if spec.early_stop.enabled:
+        excluded = {"enabled"} if restore_best else {"enabled", "restore_best"}
         built.append(
             EarlyStopController(
                 job_id=job_id,
                 channel=control,
                 bus=bus,
-                **spec.early_stop.model_dump(exclude={"enabled", "restore_best"}),
+                **spec.early_stop.model_dump(exclude=excluded),
             )
         )
     if spec.lr_plateau.enabled:
