@@ -189,6 +189,8 @@ class ServerBridge(Subscriber):
             finally:
                 self._connection = None
                 self._connected = anyio.Event()
+            if self._closing:
+                return  # closed on purpose: no pause before ending
             now = time.monotonic()
             if ever_connected:
                 lost_since = lost_since or now
@@ -328,7 +330,8 @@ class ServerBridge(Subscriber):
             while not self.server_gone.is_set():
                 connection = self._connection
                 if connection is None or self._acked < last:
-                    await anyio.sleep(0.02)
+                    with anyio.move_on_after(0.05):  # woken by each acknowledgement
+                        await self._acked_moved.wait()
                     continue
                 try:
                     await connection.send(encode({"type": "result", "last": last, **result}))

@@ -11,7 +11,7 @@ Lightning's hooks map onto the built-in vocabulary (``on_train_epoch_start`` ->
 ``train_epoch_start``, ``on_train_batch_end`` -> the batch events with the step's loss,
 ``on_train_epoch_end`` -> ``train_epoch_end``/``val_end``/``fit_epoch_end`` with
 ``trainer.callback_metrics``). Commands: stop sets ``trainer.should_stop`` (the fit ends
-after the batch), pause holds the fit at the next batch until resume, save calls
+after the batch), pause holds the fit after the batch until resume, save calls
 ``trainer.save_checkpoint``, set_lr sets every parameter group's learning rate of the first
 optimizer. Lightning keeps its own checkpoints (``ModelCheckpoint``); to continue a run,
 ``fit(..., ckpt_path=...)`` with the same run id: the job continues from Lightning's step.
@@ -37,6 +37,16 @@ class TrainbusCallback(pl.Callback):
     """Reports a Lightning fit to trainbus as the job of run ``run_id`` and obeys its
     commands. ``options`` are :class:`~trainbus.sdk.Run`'s (``url``, ``token``, ``config``,
     ``early_stop``, ...)."""
+
+    # Lightning calls a callback's hook only where it is callable, and each call costs a few
+    # microseconds of dispatch: the per-batch hooks this callback has no use for are None.
+    on_train_batch_start = None  # type: ignore[assignment]
+    on_before_backward = None  # type: ignore[assignment]
+    on_after_backward = None  # type: ignore[assignment]
+    on_before_optimizer_step = None  # type: ignore[assignment]
+    on_before_zero_grad = None  # type: ignore[assignment]
+    on_validation_batch_start = None  # type: ignore[assignment]
+    on_validation_batch_end = None  # type: ignore[assignment]
 
     def __init__(self, run_id: str | None = None, **options: Any) -> None:
         self.run_id = run_id
@@ -64,12 +74,8 @@ class TrainbusCallback(pl.Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.run is not None:
             self.run.begin_epoch(trainer.current_epoch)
-
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        if self.run is not None and self.run.check():  # a pause holds here
-            trainer.should_stop = True
+            if self.run.check():  # a pause holds here
+                trainer.should_stop = True
 
     def on_train_batch_end(
         self,
@@ -83,7 +89,7 @@ class TrainbusCallback(pl.Callback):
             return
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         self.run.log_batch(loss, step=trainer.global_step)
-        if self.run.should_stop:
+        if self.run.check():  # a pause holds here, between this batch and the next
             trainer.should_stop = True
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
