@@ -3,6 +3,11 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
+# Ultralytics needs torchvision, which needs another torch than the main venv's CPU wheel: the
+# Ultralytics integration's test runs its example in a venv of its own, with the SDK's
+# dependencies only (no server code).
+ULTRALYTICS_VENV := .venv-ultralytics
+ULTRALYTICS_INSTALLED := $(ULTRALYTICS_VENV)/.installed
 
 .PHONY: demo serve test lint typecheck unit system-deps bench soak clean
 
@@ -10,6 +15,13 @@ $(INSTALLED): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --constraint constraints.txt --editable '.[dev]'
 	touch $(INSTALLED)
+
+$(ULTRALYTICS_INSTALLED): pyproject.toml constraints-ultralytics.txt
+	$(PYTHON) -m venv $(ULTRALYTICS_VENV)
+	$(ULTRALYTICS_VENV)/bin/pip install --quiet --constraint constraints-ultralytics.txt \
+		torch torchvision ultralytics anyio httpx websockets orjson
+	$(ULTRALYTICS_VENV)/bin/pip install --quiet --no-deps --editable .
+	touch $(ULTRALYTICS_INSTALLED)
 
 ## Install, then start the service on the embedded default with a demo job to watch.
 demo: $(INSTALLED)
@@ -28,7 +40,7 @@ lint: $(INSTALLED)
 typecheck: $(INSTALLED)
 	$(BIN)/mypy
 
-unit: $(INSTALLED)
+unit: $(INSTALLED) $(ULTRALYTICS_INSTALLED)
 	$(BIN)/python -m pytest
 
 system-deps:
@@ -63,4 +75,4 @@ soak: $(INSTALLED) system-deps
 		$(BIN)/python -m pytest tests/reliability --timeout 3600 -v
 
 clean:
-	rm -rf $(VENV) *.egg-info .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(ULTRALYTICS_VENV) *.egg-info .mypy_cache .ruff_cache

@@ -4,25 +4,26 @@ early-stop controller."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.api.server import LiveServer, make_settings, run_server
 from trainbus.api import TrainbusClient, create_app
 
-ROOT = Path(__file__).parents[2]
+from .examples import job_of as _job_of
+from .examples import start_example
+from .examples import wait_state as _wait_state
+
 EXAMPLES = {
-    "plain": ROOT / "examples" / "sdk_plain_loop.py",
-    "lightning": ROOT / "examples" / "sdk_lightning.py",
-    "huggingface": ROOT / "examples" / "sdk_huggingface.py",
+    "plain": "sdk_plain_loop.py",
+    "lightning": "sdk_lightning.py",
+    "huggingface": "sdk_huggingface.py",
 }
 STOP_AT_ACCURACY = {"plain": 0.8, "lightning": 0.8, "huggingface": 0.3}
 """A validation accuracy each example's model reaches within a few epochs (the tiny BERT
@@ -39,33 +40,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
 
 
 def _start(server: LiveServer, example: str, cwd: Path, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, str(EXAMPLES[example]), *args],
-        env={**os.environ, "TRAINBUS_URL": server.url, "TRAINBUS_TOKEN": server.token},
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def _job_of(client: TrainbusClient, run_id: str, process: subprocess.Popen[str]) -> str:
-    deadline = time.monotonic() + 90  # a fresh interpreter imports torch (and Lightning)
-    while True:
-        named = [job for job in client.jobs(limit=200)["items"] if job["name"] == run_id]
-        if named:
-            return str(named[0]["id"])
-        assert process.poll() is None, process.communicate()[0][-3000:]
-        assert time.monotonic() < deadline, "the example made no job"
-        time.sleep(0.05)  # polling interval, bounded by the deadline
-
-
-def _wait_state(client: TrainbusClient, job_id: str, state: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 60
-    while (record := client.job(job_id))["state"] != state:
-        assert time.monotonic() < deadline, (state, record)
-        time.sleep(0.02)  # polling interval, bounded by the deadline
-    return record
+    return start_example(server, sys.executable, EXAMPLES[example], cwd, *args)
 
 
 @pytest.mark.parametrize("example", sorted(EXAMPLES))
