@@ -55,7 +55,7 @@ print(len(names))
 def _copy_source(destination: Path) -> Path:
     """The tracked source tree, without build leftovers of the dev checkout."""
     ignore = shutil.ignore_patterns(
-        ".git", ".venv", "*.egg-info", "build", "__pycache__", ".mypy_cache", ".ruff_cache", "data"
+        ".git", ".venv*", "*.egg-info", "build", "__pycache__", ".mypy_cache", ".ruff_cache", "data"
     )
     return Path(shutil.copytree(ROOT, destination, ignore=ignore))
 
