@@ -15,7 +15,13 @@ from fastapi.responses import FileResponse, StreamingResponse
 from trainbus.bus import JobState, event_type_for
 from trainbus.sdk import finite
 from trainbus.subscribers import CheckpointCorrupt, CheckpointNotFound
-from trainbus.worker import DatasetError, JobSpec, resolve_dataset_file
+from trainbus.worker import (
+    PROGRAM_LOG_FILE_NAME,
+    DatasetError,
+    JobRequest,
+    JobSpec,
+    resolve_dataset_file,
+)
 
 from ._errors import NotFound, ServiceUnavailable
 from ._schemas import (
@@ -36,6 +42,12 @@ from ._services import has_events, services_of
 from ._websocket import close_job_streams
 
 __all__ = ["SPEC_EXAMPLE", "router"]
+
+PROGRAM_EXAMPLE: dict[str, Any] = {
+    "name": "digits-loop",
+    "program": {"name": "digits_loop", "params": {"epochs": 3}},
+    "stall_timeout_seconds": 120,
+}
 
 SPEC_EXAMPLE: dict[str, Any] = {
     "name": "digits-mlp",
@@ -79,7 +91,7 @@ router = APIRouter(responses={**UNAUTHORIZED, **INVALID}, tags=["jobs"])
 async def submit_job(
     request: Request,
     response: Response,
-    spec: Annotated[JobSpec, Body(examples=[SPEC_EXAMPLE])],
+    spec: Annotated[JobRequest, Body(examples=[SPEC_EXAMPLE, PROGRAM_EXAMPLE])],
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -90,11 +102,15 @@ async def submit_job(
         ),
     ] = None,
 ) -> dict[str, Any]:
-    """Validate the job spec and queue the job; it starts when a slot is free."""
+    """Validate the job spec and queue the job; it starts when a slot is free.
+
+    A spec with ``program`` runs a training program the server's operator registered
+    (``GET /registry`` lists them with their parameters) instead of the built-in trainer."""
     services = services_of(request)
     if not services.accepting:
         raise ServiceUnavailable("the server is shutting down and accepts no new jobs")
-    await _check_dataset_file(spec, services.settings.data_dir)
+    if isinstance(spec, JobSpec):
+        await _check_dataset_file(spec, services.settings.data_dir)
     record, created = await services.jobs.submit(spec, idempotency_key)
     response.headers["Location"] = f"/jobs/{record['id']}"
     if not created:
@@ -275,6 +291,50 @@ async def job_events(
     await services.history.wait_for(job_id, services.bus.last_seq(job_id))
     events = await services.history.read(job_id, after_seq=after_seq, types=selected, limit=limit)
     return [finite(event.to_dict()) for event in events]
+
+
+@router.get(
+    "/jobs/{job_id}/log",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"text/plain": {}}, "description": "The program's output"},
+        **_NOT_FOUND,
+    },
+    summary="Download a program job's log",
+)
+async def download_log(request: Request, job_id: JobId) -> Response:
+    """Everything a registered program wrote to its stdout and stderr, line by line (the
+    ``log`` events carry the same lines, rate-limited)."""
+    services = services_of(request)
+    record = await services.jobs.get(job_id)  # raises the job-not-found error
+    path = services.settings.data_dir / "jobs" / job_id / PROGRAM_LOG_FILE_NAME
+    if not await anyio.to_thread.run_sync(path.is_file):
+        if "program" not in record.get("spec", {}):
+            raise NotFound(
+                f"job {job_id!r} runs the built-in trainer, which keeps no log file: its "
+                f"events are at GET /jobs/{job_id}/events"
+            )
+        raise NotFound(f"job {job_id!r} has no log yet: its program has not started")
+    file = await anyio.to_thread.run_sync(open, path, "rb")
+    size = os.fstat(file.fileno()).st_size  # a running program's log grows: send what is there
+
+    async def chunks() -> AsyncIterator[bytes]:
+        left = size
+        try:
+            while left > 0 and (
+                chunk := await anyio.to_thread.run_sync(file.read, min(left, 1 << 20))
+            ):
+                left -= len(chunk)
+                yield chunk
+        finally:
+            file.close()
+
+    disposition = f'attachment; filename="{job_id}-{PROGRAM_LOG_FILE_NAME}"'
+    return StreamingResponse(
+        chunks(),
+        media_type="text/plain; charset=utf-8",
+        headers={"content-length": str(size), "content-disposition": disposition},
+    )
 
 
 @router.get(

@@ -73,8 +73,9 @@ async def metrics(request: Request) -> Response:
     "/registry",
     response_model=RegistryBody,
     responses={401: {"model": ErrorBody}},
-    summary="Models and datasets",
+    summary="Models, datasets and programs",
 )
 async def registry(request: Request) -> dict[str, Any]:
-    """The models and datasets a job spec may name, with their parameter schemas."""
+    """The models, datasets and registered programs a job spec may name, with their
+    parameter schemas."""
     return services_of(request).jobs.registry()

@@ -40,10 +40,12 @@ from trainbus.worker import (
     JobManager,
     JobNotFound,
     JobSpec,
+    ProgramSpec,
     RunSpec,
     WorkerLink,
     WorkerProcesses,
     WorkerSupervisor,
+    parse_job_spec,
 )
 
 from ._app import Runtime
@@ -81,16 +83,17 @@ def job_subscribers(handle: JobHandle, bus: EventBus) -> list[Subscriber]:
 
 
 def run_subscribers(
-    job_id: str, spec: RunSpec, control: ControlChannel, *, bus: EventBus
+    job_id: str, spec: RunSpec | ProgramSpec, control: ControlChannel, *, bus: EventBus
 ) -> list[Subscriber]:
-    """The server-side subscribers of an SDK run: its controllers (the run's process is the
-    user's; they decide on the server, and the run waits for them at each epoch's end)."""
+    """The server-side subscribers of an SDK run or a registered program: its controllers
+    (the training code is the user's or the operator's; they decide on the server, and the
+    run waits for them at each epoch's end)."""
     return list(_controllers(job_id, spec, control, bus, restore_best=False))
 
 
 def _controllers(
     job_id: str,
-    spec: JobSpec | RunSpec,
+    spec: JobSpec | RunSpec | ProgramSpec,
     control: ControlChannel,
     bus: EventBus,
     *,
@@ -205,11 +208,11 @@ class ManagerJobs:
         ]
 
     async def submit(
-        self, spec: JobSpec | Mapping[str, Any], idempotency_key: str | None = None
+        self, spec: JobSpec | ProgramSpec | Mapping[str, Any], idempotency_key: str | None = None
     ) -> tuple[dict[str, Any], bool]:
-        if self.settings is not None:  # a tracker that cannot run here is refused now (422)
-            spec = spec if isinstance(spec, JobSpec) else JobSpec.model_validate(spec)
-            check_trackers(spec, self.settings)
+        spec = parse_job_spec(spec)
+        if self.settings is not None and isinstance(spec, JobSpec):
+            check_trackers(spec, self.settings)  # one that cannot run here is refused (422)
         record, created = await self.manager.submit_once(spec, idempotency_key=idempotency_key)
         return _record(record), created
 

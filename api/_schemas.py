@@ -202,12 +202,13 @@ class CheckpointInfo(BaseModel):
 
 
 class RegistryBody(BaseModel):
-    """The models and datasets a job spec may name, with their parameter schemas."""
+    """The models, datasets and programs a job spec may name, with their parameter schemas."""
 
     model_config = ConfigDict(extra="allow")
 
     models: Any
     datasets: Any
+    programs: Any = None
 
 
 class Health(BaseModel):

@@ -11,7 +11,7 @@ from fastapi import Request
 from starlette.requests import HTTPConnection
 
 from trainbus.bus import EventBus
-from trainbus.worker import JobSpec, RunSpec, WorkerLink
+from trainbus.worker import JobSpec, ProgramSpec, RunSpec, WorkerLink
 
 from ._errors import ServiceUnavailable
 from ._history import EventHistory
@@ -28,7 +28,7 @@ class JobService(Protocol):
     """
 
     async def submit(
-        self, spec: JobSpec, idempotency_key: str | None = None
+        self, spec: JobSpec | ProgramSpec, idempotency_key: str | None = None
     ) -> tuple[dict[str, Any], bool]:
         """The job's record, and whether this call created it (False: the key's job)."""
         ...

@@ -55,6 +55,7 @@ class EventType(StrEnum):
     EARLY_STOP = "early_stop"
     LR_CHANGED = "lr_changed"
     RESOURCE_SAMPLE = "resource_sample"
+    LOG = "log"
     SUBSCRIBER_ERROR = "subscriber_error"
     GAP = "gap"
 

@@ -34,6 +34,7 @@ import os
 import re
 import sys
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import CancelledError, Future
@@ -47,6 +48,7 @@ from anyio.from_thread import BlockingPortal
 
 from trainbus.bus import (
     CONTROLLER_SOURCES,
+    SHUTDOWN_SOURCE,
     Command,
     CommandKind,
     ControlChannel,
@@ -120,10 +122,9 @@ class Run:
         self.server = ServerAddress.resolve(url, token)
         self.model = model
         self.optimizer = optimizer
+        self._checkpoint_root = Path(checkpoint_dir or "trainbus-checkpoints")
         self.checkpoint_folder = (
-            Path(checkpoint_dir or "trainbus-checkpoints") / run_id
-            if model is not None and on_save is None
-            else None
+            self._checkpoint_root / run_id if model is not None and on_save is None else None
         )
         self.on_save = on_save
         self.on_set_lr = on_set_lr
@@ -179,6 +180,37 @@ class Run:
         self._bridge_scope: anyio.CancelScope | None = None
         self._batches: BatchEventBuffer | None = None
         self._control: ControlChannel | None = None
+        self._launched: Attachment | None = None
+
+    @classmethod
+    def for_launched_job(
+        cls, job_id: str, *, worker_url: str, worker_token: str, **options: Any
+    ) -> Run:
+        """A run of the job a server launched this process for (a registered program in its
+        worker process): it holds the job's credential for ``worker_url`` and attaches with
+        it, not with ``PUT /runs``. ``options`` are :class:`Run`'s; call :meth:`start`."""
+        scheme, rest = worker_url.split("://", 1)
+        base = rest.removesuffix(f"/jobs/{job_id}/worker")
+        url = f"{'https' if scheme == 'wss' else 'http'}://{base}"
+        run = cls(job_id, url=url, token=worker_token, **options)
+        run._launched = Attachment(job_id, worker_token, created=False, record={})
+        return run
+
+    def watch(self, model: Any, optimizer: Any = None) -> None:
+        """Checkpoint ``model`` (and ``optimizer``) on pause, save and at each epoch's end,
+        and set ``optimizer``'s learning rate on ``set_lr``: for a run started before its
+        model existed (a registered program gets its run already started)."""
+        self.model = model
+        self.optimizer = optimizer
+        if self.on_save is None:
+            self.checkpoint_folder = self._checkpoint_root / self.run_id
+
+    def log_output(self, stream: str, line: str, **fields: Any) -> None:
+        """Publish one line of the process's output as a ``log`` event (any thread)."""
+        bus, job_id = self._bus, self.job_id
+        if bus is None or job_id is None or self._finished:
+            return
+        bus.publish(job_id, EventType.LOG, {"stream": stream, "line": line, **fields})
 
     # -- start ------------------------------------------------------------------------------
 
@@ -196,7 +228,9 @@ class Run:
         if first_epoch is not None:
             self.epoch = self._first_epoch = first_epoch
         request = {**self._request, **({} if from_step is None else {"from_step": from_step})}
-        attachment = attach_run(self.server, self.run_id, request, timeout=self.connect_timeout)
+        attachment = self._launched or attach_run(
+            self.server, self.run_id, request, timeout=self.connect_timeout
+        )
         self.job_id = attachment.job_id
         try:
             self._start_bridge(attachment)
@@ -282,8 +316,9 @@ class Run:
             control=self._control,
             progress=lambda: {"step": self.step, "epoch": self.epoch, "paused": self.paused},
             first_connect_timeout=self.connect_timeout,
-            reconnect_timeout=None,  # the user's process: keep trying while it runs
-            reattach=self._reattach,
+            # the user's process: keep trying while it runs (a launched one ends with its server)
+            reconnect_timeout=None if self._launched is None else 1.0,
+            reattach=self._reattach if self._launched is None else None,
         )
         bridge.on_server_gone.append(lambda: self._let_go(bridge))
         return bridge
@@ -473,7 +508,10 @@ class Run:
                         return
                     if waiting.kind is not CommandKind.PAUSE:
                         self._apply([waiting])
-                if control.closed:
+                if control.closed:  # the server shut down while the run was held here
+                    self.should_stop = True
+                    self.stop_reason = self.stop_reason or command.reason or "shut down"
+                    self._stop_source = self._stop_source or command.source
                     return
                 commands = control.wait(timeout=1.0)
         finally:
@@ -552,7 +590,11 @@ class Run:
             details: dict[str, Any] = {}
             error_body = None
             if error is not None:
-                error_body = {"type": type(error).__name__, "message": str(error)[:2000]}
+                error_body = {
+                    "type": type(error).__name__,
+                    "message": str(error)[:2000],
+                    "stderr_tail": _traceback_tail(error),
+                }
             stop_reason = reason or self.stop_reason
             if outcome == "completed":
                 if self.epoch_checkpoints and (self.checkpoint_folder or self.on_save):
@@ -584,6 +626,8 @@ class Run:
             self._stack.close()
 
     def _outcome(self) -> str:
+        if self.should_stop and self._stop_source == SHUTDOWN_SOURCE:
+            return "interrupted"  # it continues when the server resumes the job
         if self.should_stop and self._stop_source not in (None, *CONTROLLER_SOURCES):
             return "stopped"
         return "completed"
@@ -643,6 +687,12 @@ class Run:
             self.finish("interrupted", reason="interrupted (KeyboardInterrupt)")
         else:
             self.finish("failed", error=error)
+
+
+def _traceback_tail(error: BaseException, lines: int = 20) -> str:
+    """The last lines of ``error``'s traceback, as Python prints it."""
+    text = "".join(traceback.format_exception(error))
+    return "\n".join(text.rstrip("\n").splitlines()[-lines:])
 
 
 def init(run_id: str | None = None, **options: Any) -> Run:

@@ -22,10 +22,17 @@ from ._manager import JobHandle as JobHandle
 from ._manager import JobManager as JobManager
 from ._processes import DEFAULT_PRELOAD as DEFAULT_PRELOAD
 from ._processes import WorkerProcesses as WorkerProcesses
+from ._program_process import LOG_FILE_NAME as PROGRAM_LOG_FILE_NAME
+from ._program_spec import JobRequest as JobRequest
+from ._program_spec import ProgramCall as ProgramCall
+from ._program_spec import ProgramSpec as ProgramSpec
+from ._program_spec import is_program_spec as is_program_spec
+from ._program_spec import parse_job_spec as parse_job_spec
 from ._records import JobFailure as JobFailure
 from ._records import JobRecord as JobRecord
 from ._registry import DatasetEntry as DatasetEntry
 from ._registry import ModelEntry as ModelEntry
+from ._registry import ProgramEntry as ProgramEntry
 from ._registry import Registry as Registry
 from ._registry import default_registry as default_registry
 from ._run_spec import RunRequest as RunRequest
@@ -46,6 +53,7 @@ from ._trainer import Trainer as Trainer
 
 __all__ = [
     "DEFAULT_PRELOAD",
+    "PROGRAM_LOG_FILE_NAME",
     "CheckpointSpec",
     "DatasetEntry",
     "DatasetError",
@@ -59,6 +67,7 @@ __all__ = [
     "JobManager",
     "JobNotFound",
     "JobRecord",
+    "JobRequest",
     "JobSpec",
     "KeyConflict",
     "LRPlateauSpec",
@@ -67,6 +76,9 @@ __all__ = [
     "ModelSpec",
     "OptimizerSpec",
     "Outcome",
+    "ProgramCall",
+    "ProgramEntry",
+    "ProgramSpec",
     "ReadyModel",
     "Registry",
     "Replaced",
@@ -81,7 +93,9 @@ __all__ = [
     "WorkerProcesses",
     "WorkerSupervisor",
     "default_registry",
+    "is_program_spec",
     "load_model",
+    "parse_job_spec",
     "resolve_dataset_file",
     "split_and_standardise",
 ]

@@ -33,6 +33,7 @@ from trainbus.bus import (
 from ._building import check_runtime
 from ._errors import IllegalTransition, JobNotFound, KeyConflict, ManagerClosed, SpecError
 from ._memory import estimate_memory, format_bytes
+from ._program_spec import ProgramSpec, is_program_spec, parse_job_spec
 from ._records import TRANSITIONS, JobFailure, JobRecord, JobStore
 from ._registry import Registry, default_registry
 from ._run_spec import RunSpec, is_run_spec
@@ -53,7 +54,7 @@ __all__ = ["JobHandle", "JobManager"]
 logger = logging.getLogger(__name__)
 
 SubscriberFactory = Callable[["JobHandle"], Sequence[Subscriber]]
-RunSubscriberFactory = Callable[[str, RunSpec, ControlChannel], Sequence[Subscriber]]
+RunSubscriberFactory = Callable[[str, RunSpec | ProgramSpec, ControlChannel], Sequence[Subscriber]]
 CheckpointNamer = Callable[[str, Path], "str | None"]
 
 _LIVE_STATES = frozenset({JobState.RUNNING, JobState.PAUSED})
@@ -318,7 +319,10 @@ class JobManager:
     # -- requests ---------------------------------------------------------------------------
 
     async def submit(
-        self, spec: JobSpec | Mapping[str, Any], *, idempotency_key: str | None = None
+        self,
+        spec: JobSpec | ProgramSpec | Mapping[str, Any],
+        *,
+        idempotency_key: str | None = None,
     ) -> JobRecord:
         """Create a job from ``spec`` and queue it; with ``idempotency_key``, a second submit
         with the same key returns the job the first one created (see :meth:`submit_once`).
@@ -329,7 +333,10 @@ class JobManager:
         return (await self.submit_once(spec, idempotency_key=idempotency_key))[0]
 
     async def submit_once(
-        self, spec: JobSpec | Mapping[str, Any], *, idempotency_key: str | None = None
+        self,
+        spec: JobSpec | ProgramSpec | Mapping[str, Any],
+        *,
+        idempotency_key: str | None = None,
     ) -> tuple[JobRecord, bool]:
         """:meth:`submit`, and whether it created the job (False: the key's job came back).
 
@@ -337,10 +344,17 @@ class JobManager:
         """
         if self._closing:
             raise ManagerClosed("the server is shutting down and accepts no new jobs")
-        spec = spec if isinstance(spec, JobSpec) else JobSpec.model_validate(spec)
-        check_runtime(spec)  # e.g. a CUDA device on a server without one: refused now (422)
-        if self.memory_limit is not None:
-            await self._check_memory(spec, self.memory_limit)
+        spec = parse_job_spec(spec)
+        if isinstance(spec, ProgramSpec):
+            if self.supervisor is None or self.supervisor.processes is None:
+                raise SpecError(
+                    "a registered program runs in a worker process, and this server runs "
+                    "jobs on threads (setting run_jobs_in: use 'process')"
+                )
+        else:
+            check_runtime(spec)  # e.g. a CUDA device on a server without one: refused (422)
+            if self.memory_limit is not None:
+                await self._check_memory(spec, self.memory_limit)
         job_id = uuid.uuid4().hex[:12]
         record = JobRecord(
             id=job_id,
@@ -674,9 +688,14 @@ class JobManager:
         self, supervisor: WorkerSupervisor, job_id: str, resumed: bool, control: ControlChannel
     ) -> None:
         progress: dict[str, Any] = {}
+        attached: list[SubscriberHandle] = []
         try:
             record = self.get(job_id)
-            spec = JobSpec.model_validate(record.spec)  # a plugin may have been removed
+            spec = parse_job_spec(record.spec)  # a plugin may have been removed
+            if isinstance(spec, ProgramSpec) and self.run_subscriber_factory is not None:
+                # the program is the operator's code: its controllers decide on the server
+                for subscriber in self.run_subscriber_factory(job_id, spec, control):
+                    attached.append(self.bus.attach(subscriber))
             result, progress = await supervisor.run(
                 job_id,
                 record.spec,
@@ -694,6 +713,9 @@ class JobManager:
         finally:
             control.close()
             self._controls.pop(job_id, None)
+            with anyio.CancelScope(shield=True):
+                for subscriber_handle in attached:
+                    await subscriber_handle.detach()
         if progress.pop("restarted", False):
             self.store.update(job_id, epoch=0, step=0, metrics={})
         await self._finish(job_id, control, progress or None, result)
@@ -706,6 +728,8 @@ class JobManager:
         try:
             # Inside the try: a stored spec that no longer validates (a plugin was removed)
             # fails this job, not the manager.
+            if is_program_spec(self.get(job_id).spec):
+                raise SpecError("a registered program runs in a worker process only")
             spec = JobSpec.model_validate(self.get(job_id).spec)
             handle = JobHandle(job_id, spec, self._job_dir(job_id), control)
             self._handles[job_id] = handle

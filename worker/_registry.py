@@ -8,6 +8,9 @@ A plugin package installed on the server declares, in its own ``pyproject.toml``
     [project.entry-points."trainbus.datasets"]
     my_data = "my_package.data:MY_DATA"                 # a DatasetEntry
 
+    [project.entry-points."trainbus.programs"]
+    my_training = "my_package.train:MY_TRAINING"        # a ProgramEntry
+
 A job spec only names entries; it never carries code or import paths.
 """
 
@@ -28,7 +31,7 @@ from . import _datasets as datasets
 from . import _models as models
 from ._errors import SpecError
 
-__all__ = ["DatasetEntry", "ModelEntry", "Registry", "default_registry"]
+__all__ = ["DatasetEntry", "ModelEntry", "ProgramEntry", "Registry", "default_registry"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +40,10 @@ ModelBuilder = Callable[[Any, int, int], nn.Module]
 
 DatasetLoader = Callable[[Any, int, float, Path], datasets.DatasetSplit]
 """``load(params, seed, val_fraction, data_dir) -> DatasetSplit``."""
+
+ProgramTrainer = Callable[[Any, Any], None]
+"""``train(run, params) -> None``: the operator's training code; ``run`` is a started
+:class:`trainbus.sdk.Run` of the job the server launched it for."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,17 @@ class DatasetEntry:
     name: str
     params: type[BaseModel]
     load: DatasetLoader
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ProgramEntry:
+    """A training program the server can run as a job: its name, parameter model and
+    ``train(run, params)`` function (``docs/SDK.md``, "Registered programs")."""
+
+    name: str
+    params: type[BaseModel]
+    train: ProgramTrainer
     description: str = ""
 
 
@@ -106,17 +124,21 @@ BUILTIN_DATASETS = (
 
 
 class Registry:
-    """Named models and datasets, introspectable for the API."""
+    """Named models, datasets and programs, introspectable for the API."""
 
     def __init__(self) -> None:
         self.models: dict[str, ModelEntry] = {}
         self.datasets: dict[str, DatasetEntry] = {}
+        self.programs: dict[str, ProgramEntry] = {}
 
     def add_model(self, entry: ModelEntry) -> None:
         self.models[entry.name] = entry
 
     def add_dataset(self, entry: DatasetEntry) -> None:
         self.datasets[entry.name] = entry
+
+    def add_program(self, entry: ProgramEntry) -> None:
+        self.programs[entry.name] = entry
 
     def model(self, name: str) -> ModelEntry:
         """:raises SpecError: naming the available models if ``name`` is unknown."""
@@ -136,10 +158,22 @@ class Registry:
                 f"unknown dataset {name!r}; available datasets: {', '.join(sorted(self.datasets))}"
             ) from None
 
+    def program(self, name: str) -> ProgramEntry:
+        """:raises SpecError: naming the registered programs if ``name`` is unknown."""
+        try:
+            return self.programs[name]
+        except KeyError:
+            available = ", ".join(sorted(self.programs)) or (
+                "none (a server's operator registers them under the trainbus.programs "
+                "entry point group)"
+            )
+            raise SpecError(f"unknown program {name!r}; available programs: {available}") from None
+
     def load_plugins(self) -> None:
-        """Add the entries that installed packages declare under ``trainbus.models`` and
-        ``trainbus.datasets``; a broken plugin is logged and skipped."""
-        for group in ("trainbus.models", "trainbus.datasets"):
+        """Add the entries that installed packages declare under ``trainbus.models``,
+        ``trainbus.datasets`` and ``trainbus.programs``; a broken plugin is logged and
+        skipped."""
+        for group in ("trainbus.models", "trainbus.datasets", "trainbus.programs"):
             for point in entry_points(group=group):
                 try:
                     entry = point.load()
@@ -150,6 +184,8 @@ class Registry:
                     existing: dict[str, Any] = self.models
                 elif group == "trainbus.datasets" and isinstance(entry, DatasetEntry):
                     existing = self.datasets
+                elif group == "trainbus.programs" and isinstance(entry, ProgramEntry):
+                    existing = self.programs
                 else:
                     logger.error("plugin %s in %s is not a registry entry", point.name, group)
                     continue
@@ -181,6 +217,14 @@ class Registry:
                     "params": e.params.model_json_schema(),
                 }
                 for e in sorted(self.datasets.values(), key=lambda e: e.name)
+            ],
+            "programs": [
+                {
+                    "name": e.name,
+                    "description": e.description,
+                    "params": e.params.model_json_schema(),
+                }
+                for e in sorted(self.programs.values(), key=lambda e: e.name)
             ],
         }
 

@@ -110,7 +110,12 @@ def worker_main(setup: WorkerSetup) -> None:
     os.environ.update(setup.environment)
     if setup.memory_limit_bytes is not None:
         resource.setrlimit(resource.RLIMIT_AS, (setup.memory_limit_bytes,) * 2)
-    code = anyio.run(_run, setup)
+    if "program" in setup.spec:  # a registered program: the operator's code, with its run
+        from ._program_process import run_program
+
+        code = run_program(setup)
+    else:
+        code = anyio.run(_run, setup)
     sys.stderr.flush()
     os._exit(code)  # no interpreter teardown: the result is with the server already
 

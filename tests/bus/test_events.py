@@ -72,6 +72,7 @@ def test_every_design_vocabulary_name_exists() -> None:
         "early_stop",
         "lr_changed",
         "resource_sample",
+        "log",
         "subscriber_error",
         "gap",
     ]

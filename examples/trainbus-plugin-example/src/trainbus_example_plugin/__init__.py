@@ -1,6 +1,8 @@
-"""An example trainbus plugin: one model and one dataset, declared as entry points in
-``pyproject.toml``. Install it next to the server (``pip install .``) and restart the server;
-``trainbus models`` and ``trainbus datasets`` then list ``residual_mlp`` and ``two_moons``."""
+"""An example trainbus plugin: one model, one dataset and one training program
+(``program.py``), declared as entry points in ``pyproject.toml``. Install it next to the
+server (``pip install .``) and restart the server; ``trainbus models`` and ``trainbus
+datasets`` then list ``residual_mlp`` and ``two_moons``, and ``GET /registry`` lists the
+program ``digits_loop`` under ``programs``."""
 
 from __future__ import annotations
 
