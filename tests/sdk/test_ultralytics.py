@@ -4,7 +4,8 @@ for, paused, resumed and stopped from the API, and stopped by the server's early
 controller.
 
 Ultralytics needs torchvision, which needs another torch than this venv's: the example runs in
-``.venv-ultralytics`` (``make test`` builds it; see the Makefile), the server here.
+``.venv-ultralytics`` (``make test`` builds it; see the Makefile), the server here. The
+integration itself imports nothing of Ultralytics: how it names metrics is checked here too.
 """
 
 from __future__ import annotations
@@ -19,16 +20,40 @@ import pytest
 
 from tests.api.server import LiveServer, make_settings, run_server
 from trainbus.api import TrainbusClient, create_app
+from trainbus.sdk.ultralytics import _metric_name
 
 from .examples import ROOT, job_of, start_example, wait_state, wait_step
 
 PYTHON = ROOT / ".venv-ultralytics" / "bin" / "python"
 EXAMPLE = "sdk_ultralytics.py"
 
-pytestmark = pytest.mark.skipif(
+needs_ultralytics = pytest.mark.skipif(
     not PYTHON.exists(),
     reason=f"{PYTHON} is missing: `make .venv-ultralytics/.installed` builds it (`make test` does)",
 )
+
+
+@pytest.mark.parametrize(
+    ("key", "name"),
+    [
+        ("metrics/mAP50-95(B)", "val_map50_95"),
+        ("metrics/mAP50(B)", "val_map50"),
+        ("metrics/precision(B)", "val_precision"),
+        ("metrics/recall(M)", "val_recall_mask"),
+        ("metrics/mAP50-95(P)", "val_map50_95_pose"),
+        ("metrics/accuracy_top1", "val_accuracy_top1"),
+        ("val/box_loss", "val_box_loss"),
+        ("train/dfl_loss", "train_dfl_loss"),
+        ("lr/pg0", None),
+        ("fitness", None),
+    ],
+)
+def test_ultralytics_metrics_take_the_names_early_stopping_monitors(
+    key: str, name: str | None
+) -> None:
+    """Detection, segmentation (M), pose (P) and classification keys as Ultralytics' metrics
+    classes name them; the learning rate is reported on its own."""
+    assert _metric_name(key) == name
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +76,7 @@ def _assert_epochs_are_real(events: list[dict[str, Any]]) -> list[dict[str, Any]
     return epochs
 
 
+@needs_ultralytics
 def test_a_yolo_training_is_watched_steered_paused_resumed_and_stopped(
     server: LiveServer, tmp_path: Path
 ) -> None:
@@ -114,6 +140,7 @@ def test_a_yolo_training_is_watched_steered_paused_resumed_and_stopped(
     assert epochs[-1]["data"]["step"] == record["step"]  # the stopped epoch was validated
 
 
+@needs_ultralytics
 def test_a_yolo_training_is_stopped_by_the_early_stop_controller(
     server: LiveServer, tmp_path: Path
 ) -> None:
