@@ -1,12 +1,13 @@
 """Programs the program tests register on a real server (``trainbus.programs`` entry points of
-a distribution the tests write): a flood of output, a failure, and a long run that writes
-nothing, each through the same ``train(run, params)`` interface operators use."""
+a distribution the tests write): a flood of output, a failure, and a program that stands
+still, each through the same ``train(run, params)`` interface operators use."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import time
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -62,3 +63,26 @@ def _broken_input() -> ValueError:
 
 FLOOD = ProgramEntry("flood", FloodParams, flood, "Prints more than the log events take.")
 FAIL = ProgramEntry("fail", NoParams, fail, "Raises in its first epoch.")
+
+
+class HangParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    after_steps: int = Field(default=3, ge=0)
+    seconds: float = Field(default=60.0, gt=0)
+
+
+def hang(run: Run, params: HangParams) -> None:
+    """Train ``after_steps`` batches, then stand still in Python code that never reaches a
+    batch boundary (a deadlock, a blocking call): stalls are seen, commands are not."""
+    for _ in run.epochs():
+        for step in run.batches(range(1_000_000)):
+            run.log_batch(1.0)
+            if step + 1 >= params.after_steps:
+                print("standing still", flush=True)
+                deadline = time.monotonic() + params.seconds
+                while time.monotonic() < deadline:
+                    time.sleep(0.05)
+                return
+
+
+HANG = ProgramEntry("hang", HangParams, hang, "Stands still after a few steps.")

@@ -28,6 +28,7 @@ REPOSITORY = Path(__file__).resolve().parents[2]
 EXAMPLE = REPOSITORY / "examples" / "trainbus-plugin-example"
 TOKEN = "programs-test-token-0123"
 LIMITS = LogLimits()
+STOP_GRACE_SECONDS = 1.5
 
 
 @dataclass
@@ -59,7 +60,8 @@ def _install(site: Path, scratch: Path) -> None:
         "Metadata-Version: 2.1\nName: trainbus-test-programs\nVersion: 0.1\n"
     )
     (info / "entry_points.txt").write_text(
-        "[trainbus.programs]\nflood = tests.api.programs:FLOOD\nfail = tests.api.programs:FAIL\n"
+        "[trainbus.programs]\nflood = tests.api.programs:FLOOD\n"
+        "fail = tests.api.programs:FAIL\nhang = tests.api.programs:HANG\n"
     )
 
 
@@ -73,6 +75,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         PYTHONPATH=os.pathsep.join([str(site), str(REPOSITORY)]),
         TRAINBUS_RESOURCE_INTERVAL_SECONDS="60",
         TRAINBUS_MAX_RUNNING_JOBS="4",
+        TRAINBUS_STOP_GRACE_SECONDS=str(STOP_GRACE_SECONDS),
     )
     port = free_port()
     data_dir = scratch / "data"
@@ -117,7 +120,7 @@ def _all_events(api: TrainbusClient, job_id: str) -> list[dict[str, Any]]:
 def test_the_registry_lists_programs_with_their_parameters(served: Served) -> None:
     with served.client() as api:
         programs = {p["name"]: p for p in api.registry()["programs"]}
-    assert {"digits_loop", "flood", "fail"} <= set(programs)
+    assert {"digits_loop", "flood", "fail", "hang"} <= set(programs)
     assert programs["digits_loop"]["params"]["properties"]["epochs"]["maximum"] == 10_000
     assert "scikit-learn" in programs["digits_loop"]["description"]
 
@@ -216,7 +219,7 @@ def test_a_program_that_raises_fails_with_its_traceback(served: Served) -> None:
         (
             {"program": {"name": "nope"}},
             ["body", "program", "name"],
-            "unknown program 'nope'; available programs: digits_loop, fail, flood",
+            "unknown program 'nope'; available programs: digits_loop, fail, flood, hang",
         ),
         (
             {"program": {"name": "digits_loop", "params": {"epochs": 0}}},
@@ -255,3 +258,37 @@ def test_a_job_without_a_log_file_is_a_404_that_says_why(served: Served) -> None
     response = served.get(f"/jobs/{job['id']}/log")
     assert response.status_code == 404
     assert "built-in trainer" in response.json()["detail"]
+
+
+def test_a_program_that_stands_still_is_reported_stalled_and_failed(served: Served) -> None:
+    spec = {
+        "program": {"name": "hang", "params": {"after_steps": 3}},
+        "stall_timeout_seconds": 1.0,
+        "on_stall": "fail",
+    }
+    with served.client() as api:
+        job = api.submit(spec)
+        stream = api.stream(job["id"])
+        stalled = _next(stream, "job_stalled")
+        assert stalled["data"]["step"] == 3 and stalled["data"]["action"] == "fail"
+        assert "in hang" in stalled["data"]["stack"]  # where the program stands
+        failed = _next(stream, "job_failed")
+    error = failed["data"]["error"]
+    assert "stalled" in error["message"] and "SIGKILL" in error["message"], error
+    assert "standing still" in served.get(f"/jobs/{job['id']}/log").text
+
+
+def test_a_stop_the_program_does_not_reach_is_escalated(served: Served) -> None:
+    with served.client() as api:
+        job = api.submit({"program": {"name": "hang", "params": {"after_steps": 2}}})
+        stream = api.stream(job["id"])
+        _next(stream, "log", line="standing still")
+        asked = time.monotonic()
+        api.stop(job["id"])
+        ended = _next(stream, "job_interrupted")
+        waited = time.monotonic() - asked
+        record = api.job(job["id"])
+    # SIGTERM after the grace period: KeyboardInterrupt in the program, which ends resumable
+    assert waited >= STOP_GRACE_SECONDS
+    assert record["state"] == "interrupted", record
+    assert "SIGTERM" in (ended["data"]["reason"] or ""), ended
