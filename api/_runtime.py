@@ -315,11 +315,15 @@ async def default_runtime(settings: Settings, bus: EventBus) -> AsyncIterator[Ru
     store_handle = bus.attach(store)
     exporter = PrometheusExporter(bus=bus, retention_seconds=settings.metrics_retention_seconds)
     exporter_handle = bus.attach(exporter)
-    history = EventHistory(store, catch_up_timeout=settings.store_catch_up_timeout)
 
     async def durable(job_id: str, seq: int, session: str, number: int) -> None:
-        await anyio.to_thread.run_sync(store.mark_worker, job_id, seq, session, number)
-        while not await history.wait_for(job_id, seq):
+        # on the event loop, without a thread, for each message a worker sends, where it can
+        if not store.mark_worker_nowait(job_id, seq, session, number):
+            await anyio.to_thread.run_sync(store.mark_worker, job_id, seq, session, number)
+        while True:
+            with anyio.move_on_after(settings.store_catch_up_timeout):
+                await store.wait_handled(job_id, seq)
+                return
             logger.warning("the event store is behind: job %s's worker waits for it", job_id)
 
     supervisor = WorkerSupervisor(

@@ -213,6 +213,22 @@ class EventBus:
 
         :raises BusClosed: if the bus is closed.
         """
+        published = self._publish_many(job_id, items, wait=True)
+        assert published is not None
+        return published
+
+    def try_publish_many(self, job_id: str, items: Iterable[_BatchItem]) -> list[Event] | None:
+        """:meth:`publish_many` that never waits: None (nothing published) when a lossless
+        subscriber has no room for the whole batch. For the event loop's thread, which must
+        not block: it tries this first and waits on a thread only when it must.
+
+        :raises BusClosed: if the bus is closed.
+        """
+        return self._publish_many(job_id, items, wait=False)
+
+    def _publish_many(
+        self, job_id: str, items: Iterable[_BatchItem], *, wait: bool
+    ) -> list[Event] | None:
         batch: list[_BatchItem] = items if isinstance(items, list) else list(items)
         lock = self._lock
         published: list[Event] = []
@@ -226,7 +242,9 @@ class EventBus:
             # Room for the whole batch first: waiting halfway would let another publisher's
             # event take a seq inside it.
             if log.seq + len(batch) > log.limit:
-                self._room.make_room(log, wait=True, exempt=None, count=len(batch))
+                room = self._room.make_room(log, wait=wait, exempt=None, count=len(batch))
+                if not room and not wait:
+                    return None
             now = _now()
             append = log.events.append
             add = published.append

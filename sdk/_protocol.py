@@ -98,7 +98,7 @@ def encode(message: Mapping[str, Any]) -> str:
 def decode(text: str | bytes) -> dict[str, Any]:
     """A received message; :raises ProtocolError: if it is not a JSON object with a type."""
     try:
-        message = json.loads(text)
+        message = orjson.loads(text)
     except ValueError as error:
         raise ProtocolError(f"a message is not JSON: {error}") from None
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):

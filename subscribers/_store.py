@@ -363,6 +363,28 @@ class EventStore(Subscriber):
         with self._transaction() as connection:
             connection.execute(_MARK, (job_id, session, number))
 
+    def mark_worker_nowait(self, job_id: str, seq: int, session: str, number: int) -> bool:
+        """:meth:`mark_worker` where that needs no I/O and no wait (``seq`` is not committed
+        yet: the mark goes into its transaction); False when the caller must call
+        :meth:`mark_worker` (on a thread), for the event loop, which must not block."""
+        if not self._write_lock.acquire(blocking=False):
+            return False
+        try:
+            if self._committed_seq.get(job_id, 0) < seq:
+                self._pending_marks[job_id] = (seq, session, number)
+                return True
+            return False
+        finally:
+            self._write_lock.release()
+
+    async def wait_handled(self, job_id: str, seq: int) -> None:
+        """Wait until the store has handled (committed, or skipped by its thinning) the
+        events of ``job_id`` up to ``seq``; no I/O, for the event loop."""
+        while self._seen.get(job_id, 0) < seq:
+            if self._progress is None:
+                self._progress = anyio.Event()
+            await self._progress.wait()
+
     def worker_mark(self, job_id: str) -> tuple[str, int] | None:
         """The worker session and number :meth:`mark_worker` last stored for ``job_id``."""
         with self._read_lock:

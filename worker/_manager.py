@@ -778,6 +778,7 @@ class JobManager:
             data_dir=self.data_dir,
             registry=self.registry,
             fit_epoch_end_timeout=self.fit_epoch_end_timeout,
+            shares_process=True,  # jobs run as threads of this process
         )
 
     async def _restore(self, handle: JobHandle) -> None:

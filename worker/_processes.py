@@ -28,6 +28,8 @@ DEFAULT_PRELOAD = (
     "trainbus.worker._worker_process",
     "trainbus.subscribers",
     "sklearn.datasets",
+    "anyio._backends._asyncio",  # anyio imports its backend (and asyncio) at the first run
+    "websockets.asyncio.client",
 )
 """Imported once in the fork server: every worker starts with them loaded."""
 

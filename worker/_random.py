@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["JobRandom"]
+__all__ = ["JobRandom", "ProcessRandom", "RandomStreams"]
 
 _DEFAULT_GENERATORS = threading.Lock()
 """Held while a job's state is in the process-wide default generators."""
@@ -81,3 +81,44 @@ class JobRandom:
         cuda = state.get("cuda")
         if self._cuda is not None and isinstance(cuda, torch.Tensor):
             self._cuda = cuda.clone()
+
+
+class ProcessRandom:
+    """The random streams of a job that has its process to itself (a worker process, or a
+    program with one trainer): the default generators are the job's, seeded once, so that
+    nothing is swapped around each forward pass (:class:`JobRandom` costs a tiny job's step
+    about 2%). Same interface as :class:`JobRandom`; entering it does nothing."""
+
+    __slots__ = ("_cuda_device",)
+
+    def __init__(self, seed: int, device: torch.device) -> None:
+        _CPU.manual_seed(seed)
+        self._cuda_device: int | None = None
+        if device.type == "cuda":
+            index = torch.cuda.current_device() if device.index is None else device.index
+            self._cuda_device = index
+            torch.cuda.manual_seed(seed)
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The streams' states, as tensors (loadable with ``weights_only=True``)."""
+        state: dict[str, Any] = {"torch": _CPU.get_state()}
+        if self._cuda_device is not None:
+            state["cuda"] = torch.cuda.get_rng_state(self._cuda_device)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict` (a CUDA state applies only to a CUDA job)."""
+        _CPU.set_state(state["torch"].clone())
+        cuda = state.get("cuda")
+        if self._cuda_device is not None and isinstance(cuda, torch.Tensor):
+            torch.cuda.set_rng_state(cuda.clone(), self._cuda_device)
+
+
+RandomStreams = JobRandom | ProcessRandom
+"""A job's random streams: its own (it shares the process) or the process's (it does not)."""

@@ -9,12 +9,12 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from ._random import JobRandom
+    from ._random import RandomStreams
 
 __all__ = ["capture_rng_state", "restore_rng_state"]
 
 
-def capture_rng_state(job: JobRandom) -> dict[str, Any]:
+def capture_rng_state(job: RandomStreams) -> dict[str, Any]:
     """Python's and NumPy's global generator states and the job's own torch streams (CPU,
     and CUDA for a CUDA job), as tensors and plain Python values only."""
     version, internal, gauss = random.getstate()
@@ -37,7 +37,7 @@ def capture_rng_state(job: JobRandom) -> dict[str, Any]:
     return state
 
 
-def restore_rng_state(state: dict[str, Any], job: JobRandom) -> None:
+def restore_rng_state(state: dict[str, Any], job: RandomStreams) -> None:
     """Put back what :func:`capture_rng_state` captured."""
     python = state["python"]
     random.setstate(

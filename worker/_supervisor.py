@@ -121,8 +121,11 @@ class WorkerSupervisor:
         if self.before_publish is not None:
             for item in items:
                 self.before_publish(job_id, item[0])
-        # on a thread: publish_many waits there for room when a lossless subscriber is behind,
-        # which is how a slow server holds the worker back
+        published = self.bus.try_publish_many(job_id, items)
+        if published is not None:
+            return published
+        # a lossless subscriber is behind: wait for room on a thread, which is how a slow
+        # server holds the worker back
         return await anyio.to_thread.run_sync(self.bus.publish_many, job_id, items)
 
     async def _steered(self, event: Event) -> None:

@@ -34,7 +34,7 @@ from trainbus.sdk import BatchEventBuffer
 from ._building import build_optimizer, build_scheduler, check_runtime
 from ._datasets import DatasetSplit
 from ._errors import SpecError
-from ._random import JobRandom
+from ._random import JobRandom, ProcessRandom, RandomStreams
 from ._registry import Registry, default_registry
 from ._spec import JobSpec
 from ._state import capture_rng_state, restore_rng_state
@@ -84,6 +84,10 @@ class Trainer:
     Attributes read by inline callbacks: ``job_id``, ``epoch`` (0-based, current or just
     finished), ``step`` (optimizer steps so far), ``metrics`` (latest), ``model``, ``control``,
     ``save_reason`` (while ``on_model_save`` callbacks run), ``weights_origin``.
+
+    ``shares_process``: other trainers train in this process at the same time (jobs as
+    threads), so this one keeps its random streams apart from the process's default
+    generators; otherwise it seeds and uses those (:mod:`worker._random`).
     """
 
     def __init__(
@@ -96,6 +100,7 @@ class Trainer:
         data_dir: Path,
         registry: Registry | None = None,
         fit_epoch_end_timeout: float = 30.0,
+        shares_process: bool = False,
     ) -> None:
         self.job_id = job_id
         self.spec = spec
@@ -118,8 +123,11 @@ class Trainer:
             spec.dataset.val_fraction,
             data_dir,
         )
-        # initialisation and dropout draw from the job's own streams, seeded from its seed
-        self.random = JobRandom(spec.seed, self.device)
+        # initialisation and dropout draw from the job's own streams, seeded from its seed;
+        # swapped in around each draw only where other trainers share the process
+        self.random: RandomStreams = (JobRandom if shares_process else ProcessRandom)(
+            spec.seed, self.device
+        )
         model_entry = registry.model(spec.model.name)
         try:
             with self.random:

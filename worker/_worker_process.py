@@ -35,7 +35,7 @@ from trainbus.bus import (
 from trainbus.sdk import ServerBridge
 
 from ._manager import JobHandle
-from ._runs import CheckpointLoader, release_memory, restore_state, run_and_keep_state
+from ._runs import CheckpointLoader, restore_state, run_and_keep_state
 from ._spec import JobSpec
 from ._trainer import Outcome, RunResult, Trainer
 
@@ -257,10 +257,9 @@ async def _train(
             step=trainer.step,
             metrics=dict(trainer.metrics),
         )
-    handle.trainer = None
+    handle.trainer = None  # the process ends next: nothing to give back to the system
     trainer_box.clear()
     del trainer
-    release_memory()
     return result, final
 
 

@@ -110,6 +110,20 @@ async def test_publish_nowait_refuses_instead_of_waiting_and_publishes_nothing()
         assert bus.publish_nowait("job", BATCH_END).seq == 3
 
 
+async def test_try_publish_many_publishes_a_whole_batch_or_nothing() -> None:
+    async with EventBus() as bus:
+        subscription = bus.subscribe("small", buffer_size=4)
+        assert [e.seq for e in bus.try_publish_many("job", [(BATCH_END, {})] * 3) or []] == [
+            1, 2, 3
+        ]
+        # two more do not fit beside the three unread: neither is published, nothing waits
+        assert bus.try_publish_many("job", [(BATCH_END, {})] * 2) is None
+        assert bus.last_seq("job") == 3
+        assert [e.seq for e in subscription.receive_batch_nowait()] == [1, 2, 3]
+        published = bus.try_publish_many("job", [(BATCH_END, {})] * 2)
+        assert published is not None and [e.seq for e in published] == [4, 5]
+
+
 async def test_publish_async_waits_for_room_without_blocking_the_loop() -> None:
     async with EventBus() as bus:
         subscription = bus.subscribe("tiny", buffer_size=1)

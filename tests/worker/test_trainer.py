@@ -19,7 +19,12 @@ from .conftest import small_spec
 
 
 def make_trainer(
-    bus: EventBus, data_dir: Path, spec: dict[str, Any], job_id: str = "job"
+    bus: EventBus,
+    data_dir: Path,
+    spec: dict[str, Any],
+    job_id: str = "job",
+    *,
+    shares_process: bool = False,
 ) -> Trainer:
     return Trainer(
         job_id=job_id,
@@ -27,6 +32,7 @@ def make_trainer(
         bus=bus,
         control=ControlChannel(job_id, publish=bus.publish),
         data_dir=data_dir,
+        shares_process=shares_process,
     )
 
 
@@ -342,7 +348,8 @@ def train_in_lockstep(bus: EventBus, data_dir: Path, specs: list[dict[str, Any]]
     """Train one trainer per spec at the same time, each batch of each starting together, so
     that their forward passes interleave."""
     trainers = [
-        make_trainer(bus, data_dir, spec, job_id=f"job-{i}") for i, spec in enumerate(specs)
+        make_trainer(bus, data_dir, spec, job_id=f"job-{i}", shares_process=True)
+        for i, spec in enumerate(specs)
     ]
     barrier = threading.Barrier(len(trainers), timeout=30)
     for trainer in trainers:
@@ -371,6 +378,16 @@ async def test_concurrent_jobs_with_dropout_train_as_each_would_alone(
     torch.rand(1000)
     again = await anyio.to_thread.run_sync(train_uninterrupted, bus, data_dir, specs[0])
     assert_same_training_state(alone[0], again)
+
+
+async def test_a_trainer_alone_in_its_process_reseeds_the_default_generators(
+    bus: EventBus, data_dir: Path
+) -> None:
+    spec = small_spec(seed=5)
+    first = await anyio.to_thread.run_sync(train_uninterrupted, bus, data_dir, spec)
+    torch.rand(1000)  # what the process drew before does not move the next job
+    second = await anyio.to_thread.run_sync(train_uninterrupted, bus, data_dir, spec)
+    assert_same_training_state(first, second)
 
 
 def test_torch_threads_is_the_latest_running_jobs_request() -> None:
