@@ -62,6 +62,7 @@ def print_job(console: Console, record: dict[str, Any]) -> None:
         "stop_reason",
         "error",
         "waiting_for",
+        "devices",
         "checkpoint",
         "created_at",
         "started_at",
@@ -74,6 +75,8 @@ def print_job(console: Console, record: dict[str, Any]) -> None:
             value = readable_time(value)
         elif key == "error" and isinstance(value, dict):
             value = f"{value.get('type', 'error')}: {value.get('message', '')}"
+        elif isinstance(value, list):
+            value = ", ".join(str(item) for item in value)
         table.add_row(Text(key), Text(str(value)))
     if record.get("metrics"):
         table.add_row(Text("metrics"), Text(format_metrics(record["metrics"], limit=8)))

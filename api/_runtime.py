@@ -36,6 +36,7 @@ from trainbus.subscribers import (
 )
 from trainbus.worker import (
     DEFAULT_PRELOAD,
+    DevicePool,
     JobHandle,
     JobManager,
     JobNotFound,
@@ -45,6 +46,7 @@ from trainbus.worker import (
     WorkerLink,
     WorkerProcesses,
     WorkerSupervisor,
+    device_slots,
     parse_job_spec,
 )
 
@@ -52,7 +54,7 @@ from ._app import Runtime
 from ._errors import Conflict, NotFound
 from ._history import EventHistory
 from ._local import read_server_url
-from ._settings import Settings
+from ._settings import Settings, device_entries
 from ._tracking import check_trackers, tracker_subscribers
 
 __all__ = ["ManagerJobs", "default_runtime", "job_subscribers"]
@@ -144,6 +146,15 @@ def worker_url(settings: Settings, job_id: str) -> str:
             f"http://[{host}]:{settings.port}" if ":" in host else f"http://{host}:{settings.port}"
         )
     return "ws" + base.removeprefix("http") + f"/jobs/{job_id}/worker"
+
+
+def _worker_pids(supervisor: WorkerSupervisor) -> dict[str, int]:
+    """``job_id -> pid`` of each running worker process (read off the event loop: a copy)."""
+    return {
+        job_id: run.process.pid
+        for job_id, run in list(supervisor.runs.items())
+        if run.process is not None
+    }
 
 
 def _latest_checkpoint(job_id: str, job_dir: Path) -> str | None:
@@ -343,10 +354,19 @@ async def default_runtime(settings: Settings, bus: EventBus) -> AsyncIterator[Ru
         durable=durable,
         mark_of=store.worker_mark,
     )
+    devices = DevicePool(
+        device_slots(
+            device_entries(settings.devices),
+            default_cpu_slots=settings.max_running_jobs,
+            simulated_cuda=settings.simulated_cuda_devices,
+        )
+    )
+    logger.info("device slots: %s", devices.describe())
     manager = JobManager(
         bus=bus,
         data_dir=data_dir,
         max_running=settings.max_running_jobs,
+        devices=devices,
         supervisor=supervisor,
         run_subscriber_factory=partial(run_subscribers, bus=bus),
         run_lost_seconds=settings.run_lost_seconds,
@@ -359,7 +379,11 @@ async def default_runtime(settings: Settings, bus: EventBus) -> AsyncIterator[Ru
         last_seq=store.last_seq,
         memory_limit=settings.job_memory_limit,
     )
-    monitor = ResourceMonitor(bus=bus, interval_seconds=settings.resource_interval_seconds)
+    monitor = ResourceMonitor(
+        bus=bus,
+        interval_seconds=settings.resource_interval_seconds,
+        workers=partial(_worker_pids, supervisor),
+    )
     try:
         async with manager, anyio.create_task_group() as group:
             group.start_soon(monitor.run)

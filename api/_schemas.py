@@ -112,6 +112,12 @@ class JobRecord(BaseModel):
         description="For a queued job, what it waits for (a running slot, and which jobs hold "
         "them; a paused job keeps its slot)",
     )
+    devices: list[str] | None = Field(
+        None,
+        description="For a running or paused job, the device slots it holds (cuda:0, cpu:1); "
+        "its worker sees only the CUDA devices among them",
+        examples=[["cuda:0"]],
+    )
 
 
 class JobList(BaseModel):

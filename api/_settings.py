@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Literal
@@ -12,7 +13,7 @@ import psutil
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings", "default_data_dir", "is_loopback_host"]
+__all__ = ["Settings", "default_data_dir", "device_entries", "is_loopback_host"]
 
 
 def default_data_dir() -> Path:
@@ -35,6 +36,32 @@ def is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+_DEVICE_ENTRY = re.compile(r"^(cpu:[1-9][0-9]{0,3}|cuda:(0|[1-9][0-9]?))$")
+
+
+def device_entries(value: str | list[str]) -> list[str]:
+    """The ``devices`` setting as entries (``auto``, or ``cpu:N`` and ``cuda:K``).
+
+    :raises ValueError: saying which entry is wrong and what the setting takes.
+    """
+    entries = value.split(",") if isinstance(value, str) else list(value)
+    entries = [entry.strip().lower() for entry in entries if entry.strip()]
+    if entries in ([], ["auto"]):
+        return ["auto"]
+    takes = (
+        "devices takes auto, or entries cpu:N (N CPU slots, 1 to 9999) and cuda:K (CUDA "
+        "device K, 0 to 99), e.g. 'cpu:2' or 'cuda:0,cuda:1,cpu:1'"
+    )
+    for entry in entries:
+        if not _DEVICE_ENTRY.match(entry):
+            raise ValueError(f"devices entry {entry!r} is not valid: {takes}")
+    if len(set(entries)) < len(entries):
+        raise ValueError(f"devices lists an entry twice ({', '.join(entries)}): {takes}")
+    if sum(entry.startswith("cpu:") for entry in entries) > 1:
+        raise ValueError(f"devices has more than one cpu:N entry: give the CPU slots once; {takes}")
+    return entries
 
 
 def _default_origins() -> list[str]:
@@ -72,6 +99,21 @@ class Settings(BaseSettings):
         "to bind a non-loopback address.",
     )
     max_running_jobs: int = Field(default=1, ge=1, description="Jobs that train at the same time.")
+    devices: str | list[str] = Field(
+        default="auto",
+        description="The device slots jobs are scheduled on: auto (every CUDA device torch or "
+        "NVML finds, and max_running_jobs CPU slots), or a list of cpu:N (N CPU slots, each an "
+        "equal share of the cores) and cuda:K (CUDA device K), as JSON or comma-separated: "
+        "'cpu:2', 'cuda:0,cuda:1,cpu:1'. A job waits until the devices it asks for are free.",
+    )
+    simulated_cuda_devices: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="For scheduling tests on a machine without GPUs: this many CUDA slots "
+        "(cuda:0...) in place of real ones; their jobs get CUDA_VISIBLE_DEVICES as on a GPU "
+        "machine but train on the CPU.",
+    )
     metrics_require_token: bool = Field(
         default=False, description="Guard /metrics with the token too."
     )
@@ -232,6 +274,11 @@ class Settings(BaseSettings):
         if self.max_job_memory_bytes is not None:
             return self.max_job_memory_bytes
         return int(psutil.virtual_memory().total // 2)
+
+    @field_validator("devices")
+    @classmethod
+    def _device_slots(cls, value: str | list[str]) -> list[str]:
+        return device_entries(value)
 
     @field_validator("token")
     @classmethod

@@ -134,6 +134,10 @@ class PrometheusExporter(Subscriber):
       ``trainbus_gpu_power_watts`` (DCGM_FI_DEV_POWER_USAGE),
       ``trainbus_gpu_torch_allocated_bytes``, ``trainbus_gpu_torch_reserved_bytes``; and
       ``trainbus_host_cpu_utilization_ratio``;
+    - from the ``workers`` of ``resource_sample`` events, per job's worker process (label
+      ``job_id``; a job's series go when its worker is no longer listed):
+      ``trainbus_job_cpu_seconds_total`` (user + system), ``trainbus_job_resident_memory_bytes``
+      and ``trainbus_job_gpu_memory_bytes{gpu}`` (NVML's figure for the worker's pid);
     - ``process_cpu_seconds_total``, ``process_resident_memory_bytes`` and the rest of
       prometheus-client's process collector.
 
@@ -177,6 +181,8 @@ class PrometheusExporter(Subscriber):
         self._checkpoint_seconds = _Histogram(CHECKPOINT_BUCKETS)
         self._gpus: dict[int, dict[str, Any]] = {}
         self._host_cpu: float | None = None
+        self._workers: dict[str, Mapping[str, Any]] = {}
+        """The latest sample of each job's worker process, by job id."""
         self.registry = CollectorRegistry()
         self.registry.register(_Collector(self))
         if process_metrics:
@@ -369,6 +375,13 @@ class PrometheusExporter(Subscriber):
         self._host_cpu = _number(data.get("system_cpu_percent"))
         if self._host_cpu is not None:
             self._host_cpu /= 100.0
+        workers = data.get("workers")
+        if isinstance(workers, list):  # every running worker: those not listed have ended
+            self._workers = {
+                str(worker["job_id"]): worker
+                for worker in workers
+                if isinstance(worker, Mapping) and worker.get("job_id") is not None
+            }
         gpus = data.get("gpus")
         if isinstance(gpus, list):
             for gpu in gpus:
@@ -466,6 +479,37 @@ class PrometheusExporter(Subscriber):
                 if value is not None and math.isfinite(value):
                     family.add_metric([str(index), str(gpu.get("name") or "")], value)
             yield family
+        yield from self._collect_workers()
+
+    def _collect_workers(self) -> Iterator[Metric]:
+        cpu = CounterMetricFamily(
+            "trainbus_job_cpu_seconds",
+            "CPU time (user + system) of the job's worker process.",
+            labels=["job_id"],
+        )
+        rss = GaugeMetricFamily(
+            "trainbus_job_resident_memory_bytes",
+            "Resident memory of the job's worker process.",
+            labels=["job_id"],
+        )
+        gpu_memory = GaugeMetricFamily(
+            "trainbus_job_gpu_memory_bytes",
+            "GPU memory the job's worker process holds (NVML, matched by pid).",
+            labels=["job_id", "gpu"],
+        )
+        for job_id, worker in sorted(self._workers.items()):
+            for family, key in ((cpu, "cpu_seconds"), (rss, "rss_bytes")):
+                value = _number(worker.get(key))
+                if value is not None and math.isfinite(value):
+                    family.add_metric([job_id], value)
+            gpus = worker.get("gpus")
+            for gpu in gpus if isinstance(gpus, list) else ():
+                used = _number(gpu.get("memory_used_bytes")) if isinstance(gpu, Mapping) else None
+                if used is not None and math.isfinite(used):
+                    gpu_memory.add_metric([job_id, str(gpu.get("index"))], used)
+        yield cpu
+        yield rss
+        yield gpu_memory
 
 
 class _Collector(Collector):

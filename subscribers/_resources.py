@@ -1,11 +1,13 @@
-"""The resource monitor: GPUs through NVML, torch's CUDA allocator, CPU and memory (psutil)."""
+"""The resource monitor: GPUs through NVML, torch's CUDA allocator, CPU and memory (psutil), for
+the server and for each job's worker process."""
 
 from __future__ import annotations
 
 import importlib
 import logging
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any
 
@@ -17,6 +19,9 @@ from trainbus.bus import BusClosed, EventBus, EventType
 __all__ = ["ResourceMonitor"]
 
 logger = logging.getLogger(__name__)
+
+WorkerPids = Callable[[], Mapping[str, int]]
+"""``job_id -> pid`` of each job's running worker process (the API wires the supervisor's)."""
 
 SERVER_JOB_ID = "_server"
 MAX_BACKOFF_SECONDS = 300.0
@@ -45,7 +50,21 @@ class ResourceMonitor:
                                                      # FB_USED + FB_FREE, in bytes, not MiB
                    "temperature_celsius": 61,        # DCGM_FI_DEV_GPU_TEMP
                    "power_watts": 312.5,             # DCGM_FI_DEV_POWER_USAGE
-                   "torch_allocated_bytes": ..., "torch_reserved_bytes": ...}]}
+                   "torch_allocated_bytes": ..., "torch_reserved_bytes": ...}],
+         "workers": [{"job_id": "3f2a9c1b7d4e", "pid": 4242,   # with ``workers`` only
+                      "cpu_seconds": 81.5,        # user + system, since the worker started
+                      "cpu_percent": 98.0,        # since the last sample (the first: since
+                                                  # it started); percent of one core
+                      "rss_bytes": 1200000000,    # resident memory
+                      "gpu_memory_bytes": 3221225472,   # on all GPUs, NVML's figure for its
+                                                        # pid (None: no NVML, or none given)
+                      "gpus": [{"index": 0, "memory_used_bytes": 3221225472}]}]}
+
+    A worker's GPU memory is matched by pid in ``nvmlDeviceGetComputeRunningProcesses``
+    (``None`` without NVML, or where the driver cannot say); NVML lists the host's pids, so a
+    server in a container needs the host's pid namespace (``pid: host``) for these to match,
+    else they read 0. A worker that ends between the listing and its
+    reading is left out of that sample.
 
     A figure NVML cannot give is ``None``. Without NVML (no ``nvidia-ml-py``, no driver, no
     GPU) the monitor logs that once and publishes CPU and memory only. The torch allocator
@@ -62,6 +81,8 @@ class ResourceMonitor:
     :param interval_seconds: seconds between samples.
     :param job_id: the job id samples are published under.
     :param nvml: an NVML module to use instead of importing ``pynvml`` (for tests).
+    :param workers: ``job_id -> pid`` of the running worker processes, sampled each time
+        (None: the server's figures only).
     """
 
     def __init__(
@@ -71,6 +92,7 @@ class ResourceMonitor:
         interval_seconds: float = 5.0,
         job_id: str = SERVER_JOB_ID,
         nvml: ModuleType | None = None,
+        workers: WorkerPids | None = None,
     ) -> None:
         if interval_seconds <= 0:
             raise ValueError(f"interval_seconds must be positive, got {interval_seconds}")
@@ -80,6 +102,9 @@ class ResourceMonitor:
         self._nvml_module = nvml
         self._nvml: ModuleType | None = None
         self._nvml_tried = False
+        self._workers = workers
+        self._worker_cpu: dict[tuple[int, float], tuple[float, float]] = {}
+        """(pid, start time) -> (CPU seconds, wall clock) at a worker's last sample."""
         self.failures = 0
         """Samples that failed since the monitor was made."""
         self._process = psutil.Process(os.getpid())
@@ -111,22 +136,80 @@ class ResourceMonitor:
         with self._process.oneshot():
             process_cpu = self._process.cpu_percent(None)
             rss = self._process.memory_info().rss
+        pids = dict(self._workers()) if self._workers is not None else {}
+        gpus, by_pid = self._gpus(set(pids.values()))
         data: dict[str, Any] = {
             "process_cpu_percent": float(process_cpu),
             "system_cpu_percent": float(psutil.cpu_percent(None)),
             "rss_bytes": int(rss),
-            "gpus": self._gpus(),
+            "gpus": gpus,
         }
+        if self._workers is not None:
+            nvml_present = self._nvml is not None
+            data["workers"] = self._sample_workers(pids, by_pid if nvml_present else None)
         return data
 
-    def _gpus(self) -> list[dict[str, Any]]:
+    def _sample_workers(
+        self, pids: Mapping[str, int], gpu_memory: Mapping[int, list[dict[str, Any]]] | None
+    ) -> list[dict[str, Any]]:
+        samples = []
+        seen: set[tuple[int, float]] = set()
+        for job_id, pid in sorted(pids.items()):
+            try:
+                process = psutil.Process(pid)
+                with process.oneshot():
+                    times = process.cpu_times()
+                    rss = process.memory_info().rss
+                    started = process.create_time()
+            except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+                continue  # it ended (or was never ours) since the listing
+            cpu_seconds = float(times.user + times.system)
+            now = time.time()
+            key = (pid, started)
+            seen.add(key)
+            before_cpu, before_at = self._worker_cpu.get(key, (0.0, started))
+            self._worker_cpu[key] = (cpu_seconds, now)
+            elapsed = now - before_at
+            cpu_percent = 100.0 * (cpu_seconds - before_cpu) / elapsed if elapsed > 0 else None
+            on_gpus = None if gpu_memory is None else gpu_memory.get(pid, [])
+            samples.append(
+                {
+                    "job_id": job_id,
+                    "pid": pid,
+                    "cpu_seconds": cpu_seconds,
+                    "cpu_percent": cpu_percent,
+                    "rss_bytes": int(rss),
+                    "gpu_memory_bytes": _total_gpu_memory(on_gpus),
+                    "gpus": on_gpus or [],
+                }
+            )
+        for key in set(self._worker_cpu) - seen:
+            del self._worker_cpu[key]  # that worker has ended
+        return samples
+
+    def _gpus(
+        self, pids: set[int] | None = None
+    ) -> tuple[list[dict[str, Any]], dict[int, list[dict[str, Any]]]]:
+        """Each GPU's figures, and the memory each of ``pids`` holds on each GPU."""
+        by_pid: dict[int, list[dict[str, Any]]] = {}
         nvml = self._load_nvml()
         if nvml is None:
-            return []
+            return [], by_pid
         allocator = _torch_allocator()
         gpus = []
         for index in range(int(nvml.nvmlDeviceGetCount())):
             handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            if pids:
+                for running in _try(nvml.nvmlDeviceGetComputeRunningProcesses, handle) or ():
+                    pid = getattr(running, "pid", None)
+                    if pid in pids:
+                        used = getattr(running, "usedGpuMemory", None)
+                        by_pid.setdefault(pid, []).append(
+                            {
+                                "index": index,
+                                "memory_used_bytes": None if used is None else int(used),
+                            }
+                        )
             memory = _try(nvml.nvmlDeviceGetMemoryInfo, handle)
             utilization = _try(nvml.nvmlDeviceGetUtilizationRates, handle)
             power_mw = _try(nvml.nvmlDeviceGetPowerUsage, handle)
@@ -146,7 +229,7 @@ class ResourceMonitor:
             if allocator is not None and index < len(allocator):
                 gpu["torch_allocated_bytes"], gpu["torch_reserved_bytes"] = allocator[index]
             gpus.append(gpu)
-        return gpus
+        return gpus, by_pid
 
     def close(self) -> None:
         """Release NVML (a later sample initialises it again)."""
@@ -205,6 +288,14 @@ def _try(call: Callable[..., Any], *args: Any) -> Any:
         return call(*args)
     except Exception:  # NVML raises NVMLError_NotSupported and friends per figure
         return None
+
+
+def _total_gpu_memory(on_gpus: list[dict[str, Any]] | None) -> int | None:
+    """A worker's memory on all GPUs (None: unknown; NVML absent, or it cannot say)."""
+    if on_gpus is None:
+        return None
+    used = [gpu["memory_used_bytes"] for gpu in on_gpus]
+    return None if None in used else sum(used)
 
 
 def _text(value: Any) -> str | None:

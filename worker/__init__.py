@@ -7,6 +7,9 @@ from __future__ import annotations
 from ._datasets import DatasetSplit as DatasetSplit
 from ._datasets import resolve_dataset_file as resolve_dataset_file
 from ._datasets import split_and_standardise as split_and_standardise
+from ._devices import DevicePool as DevicePool
+from ._devices import DeviceSlot as DeviceSlot
+from ._devices import device_slots as device_slots
 from ._errors import DatasetError as DatasetError
 from ._errors import IllegalTransition as IllegalTransition
 from ._errors import JobError as JobError
@@ -59,6 +62,8 @@ __all__ = [
     "DatasetError",
     "DatasetSpec",
     "DatasetSplit",
+    "DevicePool",
+    "DeviceSlot",
     "EarlyStopSpec",
     "IllegalTransition",
     "JobError",
@@ -93,6 +98,7 @@ __all__ = [
     "WorkerProcesses",
     "WorkerSupervisor",
     "default_registry",
+    "device_slots",
     "is_program_spec",
     "load_model",
     "parse_job_spec",

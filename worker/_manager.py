@@ -31,6 +31,7 @@ from trainbus.bus import (
 )
 
 from ._building import check_runtime
+from ._devices import DevicePool, DeviceSlot
 from ._errors import IllegalTransition, JobNotFound, KeyConflict, ManagerClosed, SpecError
 from ._memory import estimate_memory, format_bytes
 from ._program_spec import ProgramSpec, is_program_spec, parse_job_spec
@@ -113,6 +114,10 @@ class JobManager:
     :param supervisor: runs each job in a worker process of its own (the server's way);
         None runs each on a thread of this process, with ``subscriber_factory``'s subscribers
         on ``bus`` (the library's way, and tests').
+    :param devices: the device slots jobs hold while they run (``worker/_devices.py``): a
+        queued job starts once its slots are free, and never ahead of an earlier queued job
+        that waits for slots of the same kind; its worker process sees only its CUDA devices.
+        None: jobs wait for a running slot only.
 
     A job that is not running holds no tensors: a stopped or interrupted run writes its exact
     final state to ``<job_dir>/resume-state.pt`` (:data:`RESUME_STATE_FILE`), which the next
@@ -135,6 +140,7 @@ class JobManager:
         supervisor: WorkerSupervisor | None = None,
         run_subscriber_factory: RunSubscriberFactory | None = None,
         run_lost_seconds: float = 120.0,
+        devices: DevicePool | None = None,
     ) -> None:
         if max_running < 1:
             raise ValueError(f"max_running must be at least 1, got {max_running}")
@@ -150,6 +156,7 @@ class JobManager:
         self.supervisor = supervisor
         self.run_subscriber_factory = run_subscriber_factory
         self.run_lost_seconds = run_lost_seconds
+        self.devices = devices
         if supervisor is not None:
             supervisor.before_publish = self._move_record_before
         self._last_seq = last_seq
@@ -279,11 +286,20 @@ class JobManager:
         return [self._with_wait(record) for record in records], total
 
     def _with_wait(self, record: JobRecord) -> JobRecord:
-        """A queued job's record says what it waits for: a slot, or a server that restarts."""
+        """A queued job's record says what it waits for: a slot, or a server that restarts;
+        a running or paused one which devices it holds."""
+        if record.state in _LIVE_STATES and self.devices is not None:
+            held = self.devices.held_by_job(record.id)
+            return record.model_copy(update={"devices": [slot.name for slot in held]})
         if record.state is not JobState.QUEUED:
             return record
+        devices = None
+        if self.devices is not None and len(self._active) < self.max_running:
+            devices = self._device_wait(record)
         if self._closing:
             reason = "the server is shutting down; the job starts after a restart"
+        elif devices is not None:
+            reason = devices
         else:
             holders = ", ".join(sorted(self._active)) or "none"
             reason = (
@@ -291,6 +307,21 @@ class JobManager:
                 "a paused job keeps its slot until it is resumed or stopped"
             )
         return record.model_copy(update={"waiting_for": reason})
+
+    def _device_wait(self, record: JobRecord) -> str | None:
+        """The devices a queued job waits for, with a free running slot (None: an SDK run,
+        which waits for its process)."""
+        assert self.devices is not None
+        if is_run_spec(record.spec):
+            return None
+        request = self.devices.request_of(record.spec)
+        shortage = self.devices.shortage(request)
+        if shortage is not None:
+            return shortage
+        return (
+            f"{request.describe()}: free, but jobs queued before it wait for "
+            f"{request.kind} devices and start first"
+        )
 
     def handle(self, job_id: str) -> JobHandle | None:
         return self._handles.get(job_id)
@@ -355,6 +386,8 @@ class JobManager:
             check_runtime(spec)  # e.g. a CUDA device on a server without one: refused (422)
             if self.memory_limit is not None:
                 await self._check_memory(spec, self.memory_limit)
+        if self.devices is not None:  # more devices than the server has: refused now (422)
+            self.devices.check(self.devices.request_of(spec.model_dump(mode="json")))
         job_id = uuid.uuid4().hex[:12]
         record = JobRecord(
             id=job_id,
@@ -647,21 +680,43 @@ class JobManager:
                     for job_id in self.store.queued_in_order()
                     if not is_run_spec(self.get(job_id).spec)  # an SDK run starts on attach
                 ]
-                if not queued:
+                picked = self._next_to_start(queued)
+                if picked is None:
                     break
-                job_id = queued[0]
+                job_id, slots = picked
                 resumed = self.get(job_id).started_at is not None  # it ran before
                 control = ControlChannel(job_id, publish=self._publish_command_applied)
                 self._active[job_id] = control
                 self._idle = anyio.Event()
                 self._controls[job_id] = control
-                await self._transition(job_id, JobState.RUNNING, resumed=resumed)
+                placed: dict[str, Any] = {}
+                if self.devices is not None:
+                    self.devices.hold(control, job_id, slots)
+                    placed["devices"] = [slot.name for slot in slots]
+                await self._transition(job_id, JobState.RUNNING, resumed=resumed, **placed)
                 assert self._task_group is not None
                 self._task_group.start_soon(
                     self._run, job_id, resumed, control, name=f"job {job_id}"
                 )
             await self._wakeup.wait()
             self._wakeup = anyio.Event()
+
+    def _next_to_start(self, queued: Sequence[str]) -> tuple[str, tuple[DeviceSlot, ...]] | None:
+        """The first queued job whose devices are free, and those devices; a job never
+        starts ahead of an earlier one that waits for devices of its kind (None: none can
+        start now)."""
+        if self.devices is None:
+            return (queued[0], ()) if queued else None
+        waiting: set[str] = set()
+        for job_id in queued:
+            request = self.devices.request_of(self.get(job_id).spec)
+            if request.kind in waiting:
+                continue
+            slots = self.devices.available(request)
+            if slots is not None:
+                return job_id, slots
+            waiting.add(request.kind)
+        return None
 
     def _publish_command_applied(
         self, job_id: str, event_type: EventType, data: Mapping[str, Any]
@@ -696,12 +751,18 @@ class JobManager:
                 # the program is the operator's code: its controllers decide on the server
                 for subscriber in self.run_subscriber_factory(job_id, spec, control):
                     attached.append(self.bus.attach(subscriber))
+            worker_spec, environment = record.spec, {}
+            if self.devices is not None:  # it sees only its devices, with its share of cores
+                slots = self.devices.held(control)
+                worker_spec = self.devices.worker_spec(record.spec, slots)
+                environment = self.devices.environment(slots)
             result, progress = await supervisor.run(
                 job_id,
-                record.spec,
+                worker_spec,
                 resumed=resumed,
                 control=control,
                 job_dir=self._job_dir(job_id),
+                environment=environment,
                 stall_timeout=spec.stall_timeout_seconds,
                 on_stall=spec.on_stall,
             )
@@ -813,6 +874,8 @@ class JobManager:
         await self._transition(job_id, state, **data)
         if self._active.get(job_id) is control:
             del self._active[job_id]
+        if self.devices is not None:
+            self.devices.release(control)
         if self._runs.get(job_id) is control:
             del self._runs[job_id]
         if not self._active and not self._runs:

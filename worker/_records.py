@@ -79,6 +79,10 @@ class JobRecord(BaseModel):
     waiting_for: str | None = Field(
         default=None, description="For a queued job, what it waits for (never stored)."
     )
+    devices: list[str] | None = Field(
+        default=None,
+        description="For a running or paused job, the device slots it holds (never stored).",
+    )
 
 
 _COLUMNS = (

@@ -354,6 +354,14 @@ class JobSpec(BaseModel):
     batch_size: Int = Field(default=32, ge=1, le=65_536)
     seed: Int = Field(default=0, ge=0, le=2**32 - 1)
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda|cuda:(0|[1-9][0-9]?))$")
+    devices: Int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Device slots of the device's kind the job holds while it runs (CPU "
+        "slots: its share of the cores; CUDA: the devices its worker sees): it waits until "
+        "they are free. auto takes CUDA slots on a server that has them.",
+    )
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     batch_event_every: Int = Field(default=1, ge=1, le=1_000_000)
     nonfinite_loss: Literal["fail", "stop"] = "fail"

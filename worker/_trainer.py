@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -271,7 +272,13 @@ class Trainer:
         try:
             self._emit(
                 EventType.PRETRAIN_ROUTINE_START,
-                {"device": str(self.device), "precision": self.spec.precision},
+                {
+                    "device": str(self.device),
+                    "precision": self.spec.precision,
+                    "torch_threads": torch.get_num_threads(),
+                    # the devices this process may see (its device slots, in a worker)
+                    "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                },
             )
             self._emit(
                 EventType.PRETRAIN_ROUTINE_END,

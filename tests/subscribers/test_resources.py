@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
 import anyio
 import pytest
 
-from trainbus.bus import EventBus, EventType
-from trainbus.subscribers import ResourceMonitor
+from trainbus.bus import Event, EventBus, EventType
+from trainbus.subscribers import PrometheusExporter, ResourceMonitor
 
 
 class _NotSupported(Exception):
@@ -164,3 +168,91 @@ async def test_a_failing_sample_is_reported_and_retried_not_fatal(
     assert events[0].data["subscriber"] == "resource_monitor"
     assert events[0].data["error_type"] == "OSError"
     assert monitor.failures == 2
+
+
+# -- each job's worker process -------------------------------------------------------------
+
+
+class FakeNVMLWithProcesses(FakeNVML):
+    """GPU 0 runs this process (2 GiB) and a stranger; GPU 1 runs ``child`` (1 GiB)."""
+
+    def __init__(self, child: int) -> None:
+        super().__init__()
+        self.child = child
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: int) -> list[Any]:
+        if handle == 0:
+            return [
+                SimpleNamespace(pid=os.getpid(), usedGpuMemory=2 * 2**30),
+                SimpleNamespace(pid=1, usedGpuMemory=5 * 2**30),  # not a worker
+            ]
+        return [SimpleNamespace(pid=self.child, usedGpuMemory=2**30)]
+
+
+@pytest.fixture
+def child() -> Iterator[subprocess.Popen[bytes]]:
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield process
+    process.kill()
+    process.wait()
+
+
+def _ended_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_each_worker_is_sampled_with_its_gpu_memory_by_pid(
+    monkeypatch: pytest.MonkeyPatch, child: subprocess.Popen[bytes]
+) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNVMLWithProcesses(child.pid))
+    pids = {"job-a": os.getpid(), "job-b": child.pid, "job-gone": _ended_pid()}
+    monitor = ResourceMonitor(bus=EventBus(), workers=lambda: pids)
+    workers = {worker["job_id"]: worker for worker in monitor.sample()["workers"]}
+    assert set(workers) == {"job-a", "job-b"}  # an ended worker is left out
+    mine, other = workers["job-a"], workers["job-b"]
+    assert mine["pid"] == os.getpid() and mine["rss_bytes"] > 10_000_000
+    assert mine["gpu_memory_bytes"] == 2 * 2**30
+    assert mine["gpus"] == [{"index": 0, "memory_used_bytes": 2 * 2**30}]
+    assert other["gpu_memory_bytes"] == 2**30
+    assert other["gpus"] == [{"index": 1, "memory_used_bytes": 2**30}]
+    # the first sample's CPU share is over the process's life; the next, since the last
+    assert mine["cpu_seconds"] > 0 and mine["cpu_percent"] is not None
+    deadline = time.process_time() + 0.2
+    while time.process_time() < deadline:
+        pass  # CPU time for the next sample to see
+    again = {worker["job_id"]: worker for worker in monitor.sample()["workers"]}["job-a"]
+    assert again["cpu_seconds"] >= mine["cpu_seconds"] + 0.2
+    assert again["cpu_percent"] > 0
+
+
+def test_without_nvml_a_worker_has_cpu_and_memory_and_no_gpu_figure() -> None:
+    monitor = ResourceMonitor(bus=EventBus(), nvml=_no_gpu(), workers=lambda: {"j": os.getpid()})
+    (worker,) = monitor.sample()["workers"]
+    assert worker["gpu_memory_bytes"] is None and worker["gpus"] == []
+    assert worker["rss_bytes"] > 10_000_000
+
+
+def test_the_exporter_labels_each_workers_figures_by_job() -> None:
+    exporter = PrometheusExporter(process_metrics=False)
+    workers = [
+        {"job_id": "a", "pid": 10, "cpu_seconds": 81.5, "cpu_percent": 98.0,
+         "rss_bytes": 1_200_000_000, "gpu_memory_bytes": 3 * 2**30,
+         "gpus": [{"index": 0, "memory_used_bytes": 2**30},
+                  {"index": 1, "memory_used_bytes": 2 * 2**30}]},
+        {"job_id": "b", "pid": 11, "cpu_seconds": 2.0, "cpu_percent": None,
+         "rss_bytes": 300_000_000, "gpu_memory_bytes": None, "gpus": []},
+    ]  # fmt: skip
+    sample = {"system_cpu_percent": 50.0, "gpus": [], "workers": workers}
+    exporter.observe([Event("_server", 1, EventType.RESOURCE_SAMPLE, 1.0, sample)])
+    text = exporter.render().decode()
+    assert 'trainbus_job_cpu_seconds_total{job_id="a"} 81.5' in text
+    assert 'trainbus_job_resident_memory_bytes{job_id="b"} 3e+08' in text
+    assert 'trainbus_job_gpu_memory_bytes{gpu="1",job_id="a"} 2.147483648e+09' in text
+    assert 'trainbus_job_gpu_memory_bytes{gpu="0",job_id="b"}' not in text
+    # a worker no longer listed has ended: its series go
+    later = {**sample, "workers": workers[1:]}
+    exporter.observe([Event("_server", 2, EventType.RESOURCE_SAMPLE, 2.0, later)])
+    text = exporter.render().decode()
+    assert 'job_id="a"' not in text and 'trainbus_job_cpu_seconds_total{job_id="b"} 2.0' in text
