@@ -5,6 +5,12 @@ fourth run adds the TensorBoard, MLflow and W&B (offline) exporters to every def
 subscriber; ``ratio_trackers`` is its time over the every-subscriber run's (1.00 = the
 trackers cost training nothing).
 
+With ``--whole-path`` (the default for ``--workload realistic``) each round also trains the
+same spec as a job through a real ``trainbus serve`` (worker process, bridge, server-side
+store, exporter and resource monitor, a checkpoint each epoch, both controllers) and runs the
+bare loop in a fresh process of its own; ``ratio_whole_path`` is the job's training time (its
+``train_start`` to its ``train_end``) over that bare process's loop.
+
 Last line: one JSON object; ``ratio`` is trainbus wall time over bare wall time (1.00 = free),
 ``ratio_all_subscribers`` the same for the run with every default subscriber; the ``cpu_``
 ratios compare CPU time of all threads (steadier on a busy machine).
@@ -28,6 +34,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -38,6 +45,9 @@ from trainbus.worker import JobSpec, Trainer, default_registry
 
 sys.path.append(str(Path(__file__).resolve().parent))  # last: ``bus`` is imported already
 from _all_subscribers import PARTS, TRACKER_PARTS, all_subscribers_run
+from _server import serve
+
+TOKEN = "bench-overhead-token-0123456789"
 
 WORKLOADS: dict[str, dict[str, int]] = {
     "tiny": {"batch_size": 64, "hidden": 64, "samples": 20_000},
@@ -149,6 +159,48 @@ async def trainbus_run(spec: JobSpec, data_dir: Path) -> tuple[float, int, int, 
     return elapsed, samples, published, cpu
 
 
+def whole_path_spec(spec: JobSpec, threads: int) -> dict[str, Any]:
+    """``spec`` as a job with every default subscriber: a checkpoint each epoch and both
+    controllers (patient enough never to act), its worker on ``threads`` torch threads."""
+    body = spec.model_dump(mode="json")
+    body["checkpoint"] = {**body["checkpoint"], "enabled": True, "every_n_epochs": 1}
+    body["early_stop"] = {**body["early_stop"], "enabled": True, "patience": 100}
+    body["lr_plateau"] = {**body["lr_plateau"], "enabled": True, "patience": 100}
+    body["torch_threads"] = threads
+    return body
+
+
+def job_run(client: httpx.Client, body: dict[str, Any]) -> float:
+    """Train ``body`` as a job through the server: its ``train_start`` to its ``train_end``."""
+    job_id = client.post("/jobs", json=body).raise_for_status().json()["id"]
+    deadline = time.monotonic() + 600
+    while (record := client.get(f"/jobs/{job_id}").json())["state"] not in (
+        "completed", "failed", "stopped", "interrupted"
+    ):  # fmt: skip
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the job did not end: {record}")
+        time.sleep(0.25)  # polling faster would only load the server under measurement
+    if record["state"] != "completed":
+        raise SystemExit(f"the job did not complete: {record}")
+    events = client.get(
+        f"/jobs/{job_id}/events", params={"types": "train_start,train_end"}
+    ).json()
+    times = {event["type"]: event["time"] for event in events}
+    return float(times["train_end"] - times["train_start"])
+
+
+def bare_process(spec: JobSpec, threads: int) -> float:
+    """The bare loop in a fresh process of its own (imports and data excluded)."""
+    result = subprocess.run(
+        [sys.executable, __file__, "--bare-child", spec.model_dump_json(), "--threads",
+         str(threads)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )  # fmt: skip
+    return float(json.loads(result.stdout.strip().splitlines()[-1])["seconds"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--samples", type=int, help="overrides the workload's")
@@ -181,7 +233,22 @@ def main() -> None:
         help="MLflow tracking server for --trackers (default: an `mlflow server` the bench "
         "starts on a loopback port, SQLite behind it)",
     )
+    parser.add_argument(
+        "--whole-path",
+        action=argparse.BooleanOptionalAction,
+        help="also train each round as a job through a real server, against the bare loop in "
+        "a process of its own (default: with --workload realistic)",
+    )
+    parser.add_argument("--bare-child", help=argparse.SUPPRESS)  # JobSpec JSON: run it bare
     args = parser.parse_args()
+    if args.bare_child:
+        torch.set_num_threads(args.threads)
+        with tempfile.TemporaryDirectory() as folder:
+            seconds = bare_loop(JobSpec.model_validate_json(args.bare_child), Path(folder))[0]
+        print(json.dumps({"seconds": seconds}))
+        return
+    if args.whole_path is None:
+        args.whole_path = args.workload == "realistic"
     for name, value in WORKLOADS[args.workload].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -192,7 +259,17 @@ def main() -> None:
         mlflow_uri = args.mlflow_uri
         if args.trackers and not mlflow_uri:
             mlflow_uri = stack.enter_context(_mlflow_server(data_dir))
-        _measure(args, spec, data_dir, mlflow_uri or "")
+        client = None
+        if args.whole_path:
+            server, url = serve(data_dir, TOKEN)
+            stack.callback(server.wait, 60)
+            stack.callback(server.send_signal, signal.SIGTERM)
+            client = stack.enter_context(
+                httpx.Client(
+                    base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60
+                )
+            )
+        _measure(args, spec, data_dir, mlflow_uri or "", client)
 
 
 @contextlib.contextmanager
@@ -231,11 +308,21 @@ def _mlflow_server(data_dir: Path) -> Iterator[str]:
         process.wait()
 
 
-def _measure(args: argparse.Namespace, spec: JobSpec, data_dir: Path, mlflow_uri: str) -> None:
+def _measure(
+    args: argparse.Namespace,
+    spec: JobSpec,
+    data_dir: Path,
+    mlflow_uri: str,
+    client: httpx.Client | None,
+) -> None:
     with_trackers = (*PARTS, *TRACKER_PARTS)
     bare_loop(spec, data_dir)  # warm-up: caches, allocator, lazy imports
     anyio.run(trainbus_run, spec, data_dir)
     anyio.run(all_subscribers_run, spec, data_dir)
+    job_body = whole_path_spec(spec, args.threads)
+    if client is not None:  # and the server's fork server, its first job
+        job_run(client, {**job_body, "epochs": 1})
+    whole: dict[str, list[float]] = {"bare_process": [], "job": []}
     if args.trackers:  # and the trackers' imports, their first connection
         anyio.run(all_subscribers_run, spec, data_dir, with_trackers, mlflow_uri)
     walls: dict[str, list[float]] = {"bare": [], "trainbus": [], "all": [], "trackers": []}
@@ -263,6 +350,14 @@ def _measure(args: argparse.Namespace, spec: JobSpec, data_dir: Path, mlflow_uri
         for name, wall, cpu in runs:
             walls[name].append(wall)
             cpus[name].append(cpu)
+        if client is not None:
+            whole["bare_process"].append(bare_process(spec, args.threads))
+            whole["job"].append(job_run(client, job_body))
+            print(
+                f"round {round_ + 1}: bare loop in its own process {whole['bare_process'][-1]:.3f}"
+                f" s, the job through a server {whole['job'][-1]:.3f} s, ratio "
+                f"{whole['job'][-1] / whole['bare_process'][-1]:.3f}"
+            )
         print(
             f"round {round_ + 1}: bare {bare_seconds:.3f} s ({bare_cpu:.3f} s CPU)  "
             f"trainbus {bus_seconds:.3f} s ({bus_cpu:.3f} s CPU, {events} events to 4 lossless "
@@ -315,6 +410,24 @@ def _measure(args: argparse.Namespace, spec: JobSpec, data_dir: Path, mlflow_uri
             f"{trackers['ratio_trackers']:.3f} of all subscribers' (median of paired ratios "
             f"{trackers['ratio_trackers_paired_median']:.3f})"
         )
+    whole_path: dict[str, float] = {}
+    if client is not None:
+        whole_path = {
+            "ratio_whole_path": round(min(whole["job"]) / min(whole["bare_process"]), 3),
+            "ratio_whole_path_paired_median": round(
+                statistics.median(
+                    j / b for b, j in zip(whole["bare_process"], whole["job"], strict=True)
+                ),
+                3,
+            ),
+            "whole_path_job_s": round(min(whole["job"]), 3),
+            "whole_path_bare_process_s": round(min(whole["bare_process"]), 3),
+        }
+        print(
+            f"whole path: the job {whole_path['whole_path_job_s']:.3f} s against the bare loop "
+            f"in its own process {whole_path['whole_path_bare_process_s']:.3f} s (fastest of "
+            f"each), ratio {whole_path['ratio_whole_path']:.3f}"
+        )
     print(
         json.dumps(
             {
@@ -336,6 +449,7 @@ def _measure(args: argparse.Namespace, spec: JobSpec, data_dir: Path, mlflow_uri
                 "cpu_ratio_all_subscribers": round(least_cpu["all"] / least_cpu["bare"], 3),
                 "trainbus_us_per_step": round(per_step_us, 2),
                 "all_subscribers_ms_per_epoch": round(per_epoch_ms, 2),
+                **whole_path,
                 **trackers,
                 **({"breakdown": breakdown} if breakdown else {}),
             }

@@ -17,9 +17,7 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -37,6 +34,7 @@ from trainbus.sdk.lightning import TrainbusCallback
 from trainbus.worker import JobSpec, default_registry
 
 sys.path.append(str(Path(__file__).resolve().parent))  # last: ``bus`` is imported already
+from _server import serve
 from overhead import WORKLOADS, bare_loop, make_spec, trainbus_run
 
 TOKEN = "bench-peers-token-0123456789"
@@ -135,33 +133,6 @@ def lightning_run(spec: JobSpec, data_dir: Path, callback: pl.Callback | None) -
     return time.perf_counter() - started
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def serve(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "trainbus.api.cli", "--token", TOKEN, "serve", "--port",
-         str(port), "--data-dir", str(data_dir / "server"), "--log-level", "warning"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline or process.poll() is not None:
-            raise SystemExit("trainbus serve did not start")
-        time.sleep(0.05)  # polling interval while the server starts, bounded by the deadline
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     # epochs of about half a second, eight of them: a run of several seconds, so that the
@@ -180,7 +151,7 @@ def main() -> None:
                                      "lightning_with_trainbus": []}  # fmt: skip
     with tempfile.TemporaryDirectory() as folder:
         data_dir = Path(folder)
-        server, url = serve(data_dir)
+        server, url = serve(data_dir, TOKEN)
         try:
             lightning_run(spec, data_dir, None)  # warm-up: imports, first allocations
             for round_ in range(args.rounds):
