@@ -67,11 +67,15 @@ class DeviceRequest:
 
 
 def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity, else every core)."""
+    """The cores to share out: torch's own intra-op thread count (``OMP_NUM_THREADS`` where
+    set, else the physical cores), within the CPUs this process may run on."""
+    import torch
+
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        allowed = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+        allowed = os.cpu_count() or 1
+    return max(1, min(torch.get_num_threads(), allowed))
 
 
 def device_slots(

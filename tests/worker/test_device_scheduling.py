@@ -13,7 +13,6 @@ import pytest
 
 from tests.api.server import LiveServer, make_settings, run_server
 from trainbus.api import HTTPStatusError, TrainbusClient, create_app
-from trainbus.worker._devices import usable_cores
 
 LONG = {"model": {"name": "mlp"}, "dataset": {"name": "digits"}, "epochs": 500, "batch_size": 16}
 SHORT = {"model": {"name": "linear"}, "dataset": {"name": "iris"}, "epochs": 2}
@@ -77,12 +76,13 @@ def test_jobs_hold_devices_see_only_theirs_and_wait_for_one_with_a_reason(
         }
         assert sorted(held.values()) == [["cuda:0"], ["cuda:1"]], held
         seen = {job_id: _worker_start(client, job_id) for job_id in (first, second)}
+        cores = server.services.jobs.manager.devices.cores  # type: ignore[attr-defined]
         # each worker sees its own device, numbered as CUDA numbers them
         visible = {job_id: seen[job_id]["cuda_visible_devices"] for job_id in seen}
         assert visible == {job_id: held[job_id][0].removeprefix("cuda:") for job_id in held}
         # simulated devices train on the CPU; each worker has its share of the cores
         assert {start["device"] for start in seen.values()} == {"cpu"}
-        assert {start["torch_threads"] for start in seen.values()} == {max(1, usable_cores() // 2)}
+        assert {start["torch_threads"] for start in seen.values()} == {max(1, cores // 2)}
 
         third = client.submit(LONG)["id"]
         record = client.job(third)
@@ -95,7 +95,7 @@ def test_jobs_hold_devices_see_only_theirs_and_wait_for_one_with_a_reason(
         cpu_job = client.submit({**SHORT, "device": "cpu"})["id"]
         cpu_start = _worker_start(client, cpu_job)
         assert cpu_start["cuda_visible_devices"] == ""
-        assert cpu_start["torch_threads"] == max(1, usable_cores() // 3)  # 1 of 3 CPU slots
+        assert cpu_start["torch_threads"] == max(1, cores // 3)  # 1 of 3 CPU slots
         assert _state(client, cpu_job, ENDED)["state"] == "completed"
         assert client.job(third)["state"] == "queued"
 
