@@ -87,6 +87,14 @@ class JobFailureBody(BaseModel):
         default=None, description="The worker's exit code (minus the signal that ended it)."
     )
     stderr_tail: str | None = Field(default=None, description="The worker's last log lines.")
+    fatal_error: str | None = Field(
+        default=None,
+        description="For a worker that crashed in native code (a segmentation fault): "
+        "faulthandler's report, the crashed thread's Python stack, innermost call first.",
+    )
+    memory_limit_bytes: int | None = Field(
+        default=None, description="For a job that exceeded its memory limit: that limit."
+    )
 
 
 class JobRecord(BaseModel):

@@ -241,6 +241,13 @@ class Settings(BaseSettings):
         description="Memory one job may take, by the estimate made from its spec at submission "
         "(larger jobs are refused with 422); default: half of the machine's memory.",
     )
+    worker_memory_limit_bytes: int | None = Field(
+        default=None,
+        ge=256 * 2**20,
+        description="Address space each job's worker process may map (RLIMIT_AS; torch alone "
+        "maps about 1 GiB): past it allocations fail and the job ends failed, naming the "
+        "limit. A job's memory_limit_mb may ask for less. Default: no limit.",
+    )
     trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
         default_factory=list,
         description="Experiment trackers on for every job (a job's spec turns others on); "

@@ -90,6 +90,9 @@ class _Job:
     step_durations: _Histogram = field(default_factory=lambda: _Histogram(STEP_BUCKETS))
     last_batch: tuple[float, float | None] | None = None  # (time, step) of the last batch end
     checkpoint_bytes: float | None = None
+    stalled: bool = False  # job_stalled came and its step has not moved since
+    stalled_step: float | None = None
+    stalls: int = 0
 
 
 def _number(value: Any) -> float | None:
@@ -118,7 +121,9 @@ class PrometheusExporter(Subscriber):
     - ``trainbus_job_epoch``, ``trainbus_job_step``, ``trainbus_job_train_loss``,
       ``trainbus_job_learning_rate``, ``trainbus_job_validation_metric{metric}``,
       ``trainbus_job_samples_total``, ``trainbus_job_step_duration_seconds`` (histogram),
-      ``trainbus_checkpoint_bytes`` (size of the job's last checkpoint);
+      ``trainbus_checkpoint_bytes`` (size of the job's last checkpoint),
+      ``trainbus_job_stalled`` (1 from ``job_stalled`` until the job's step moves, it pauses
+      or it ends) and ``trainbus_job_stalls_total`` (``job_stalled`` events);
     - ``trainbus_checkpoint_write_seconds`` (histogram over all jobs);
     - from ``bus.statistics()`` at scrape time: ``trainbus_events_published_total{type}``,
       ``trainbus_subscriber_buffered_events{subscriber}``,
@@ -248,6 +253,11 @@ class PrometheusExporter(Subscriber):
             job.ended_at = self._clock() if state in ENDED_STATES else None
             job.last_batch = None
         epoch, step = _number(data.get("epoch")), _number(data.get("step"))
+        if kind is EventType.JOB_STALLED:
+            job.stalled, job.stalled_step = True, step
+            job.stalls += 1
+        elif job.stalled and (state is not None or (step is not None and step != job.stalled_step)):
+            job.stalled = False  # it moved on, or paused or ended
         if epoch is not None:
             job.epoch = epoch
         if step is not None:
@@ -287,6 +297,7 @@ class PrometheusExporter(Subscriber):
         """
         first = next(events)
         job = self._job(first.job_id)
+        job.stalled = False  # it trains
         events = chain((first,), events)
         job_epoch, job_step, job_loss = job.epoch, job.step, job.train_loss
         job_lr, job_samples = job.learning_rate, job.samples
@@ -428,6 +439,19 @@ class PrometheusExporter(Subscriber):
             "Size of the job's latest checkpoint.",
             "checkpoint_bytes",
         )
+        stalled = GaugeMetricFamily(
+            "trainbus_job_stalled",
+            "1 while the job is stalled (job_stalled, and its step has not moved since), else 0.",
+            labels=["job_id"],
+        )
+        stalls = CounterMetricFamily(
+            "trainbus_job_stalls", "Times the job was reported stalled.", labels=["job_id"]
+        )
+        for job_id, job in self._jobs.items():
+            stalled.add_metric([job_id], float(job.stalled))
+            stalls.add_metric([job_id], job.stalls)
+        yield stalled
+        yield stalls
         validation = GaugeMetricFamily(
             "trainbus_job_validation_metric",
             "Latest validation metrics of the job.",

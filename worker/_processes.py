@@ -33,6 +33,9 @@ DEFAULT_PRELOAD = (
 )
 """Imported once in the fork server: every worker starts with them loaded."""
 
+FAST_EXIT = "trainbus.worker._fork_server"
+"""Always the fork server's last preload: it ends at once when its server is gone."""
+
 STDERR_TAIL_LINES = 20
 
 
@@ -42,6 +45,7 @@ class WorkerProcess:
     def __init__(self, process: multiprocessing.process.BaseProcess, setup: WorkerSetup) -> None:
         self._process = process
         self.setup = setup
+        self._oom_kills_at_start = oom_kills()
 
     @property
     def pid(self) -> int:
@@ -80,15 +84,59 @@ class WorkerProcess:
             except ValueError:
                 name = f"signal {-code}"
             hint = {
-                "SIGKILL": " (killed: by a person, or by the kernel for lack of memory)",
+                "SIGKILL": self._kill_hint(),
                 "SIGSEGV": " (a segmentation fault in native code)",
+                "SIGBUS": " (a bus error in native code: a bad memory access)",
+                "SIGABRT": " (aborted by native code, such as an allocation that failed)",
             }.get(name, "")
             return f"the worker process was killed by {name}{hint}"
         return f"the worker process exited with code {code}"
 
+    def _kill_hint(self) -> str:
+        now, before = oom_kills(), self._oom_kills_at_start
+        if now is not None and before is not None and now > before:
+            return (
+                ": the kernel's out-of-memory killer ended a process while it ran, most "
+                "likely this one (the machine, or its container, ran out of memory)"
+            )
+        return " (most likely for lack of memory, by the kernel's out-of-memory killer; or by hand)"
+
     def stderr_tail(self, lines: int = STDERR_TAIL_LINES) -> list[str]:
-        """The last lines the worker wrote to its stderr (its log)."""
-        return tail(self.setup.log_path, lines)
+        """The last lines the worker wrote to its stderr (its log), less faulthandler's list
+        of extension modules (one line of thousands of characters)."""
+        return [
+            line
+            for line in tail(self.setup.log_path, lines + 1)
+            if not line.startswith("Extension modules:")
+        ][-lines:]
+
+    def fatal_error(self) -> list[str]:
+        """faulthandler's report of the fatal error (a segmentation fault, an abort) that
+        ended the process: its first line and the stack of the thread it hit, innermost call
+        first (empty when the log holds none)."""
+        lines = tail(self.setup.log_path, 400)
+        starts = [i for i, line in enumerate(lines) if line.startswith("Fatal Python error:")]
+        if not starts:
+            return []
+        report: list[str] = []
+        for line in lines[starts[-1] :]:
+            if line.startswith(("Thread 0x", "Extension modules:")):
+                break  # the other threads' stacks
+            report.append(line)
+        return report[:40]
+
+
+def oom_kills() -> int | None:
+    """How many processes the kernel's out-of-memory killer has ended since boot (Linux's
+    ``/proc/vmstat``; None elsewhere)."""
+    try:
+        with open("/proc/vmstat") as vmstat:
+            for line in vmstat:
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def tail(path: Path, lines: int) -> list[str]:
@@ -108,7 +156,7 @@ class WorkerProcesses:
     """Starts worker processes from a fork server with ``preload`` imported."""
 
     def __init__(self, preload: Sequence[str] = DEFAULT_PRELOAD) -> None:
-        self.preload = tuple(preload)
+        self.preload = (*(name for name in preload if name != FAST_EXIT), FAST_EXIT)
         self._context: ForkServerContext = multiprocessing.get_context("forkserver")
         self._context.set_forkserver_preload(list(self.preload))
 

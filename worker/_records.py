@@ -52,12 +52,15 @@ where it paused) or fail."""
 
 class JobFailure(BaseModel):
     """Why a job failed: the exception's type and message; for a worker process that died,
-    its exit code (minus the signal that killed it) and the last lines of its log."""
+    its exit code (minus the signal that killed it) and the last lines of its log; for a
+    native crash, faulthandler's report; for a job past its memory limit, that limit."""
 
     type: str
     message: str
     exitcode: int | None = None
     stderr_tail: str | None = None
+    fatal_error: str | None = None
+    memory_limit_bytes: int | None = None
 
 
 class JobRecord(BaseModel):

@@ -380,3 +380,9 @@ class JobSpec(BaseModel):
         default="warn",
         description="What follows job_stalled: warn (it goes on) or fail (the worker is ended).",
     )
+    memory_limit_mb: Annotated[int, Field(ge=256, le=2**30), not_a_boolean] | None = Field(
+        default=None,
+        description="Address space the job's worker process may map, in MiB (torch alone "
+        "maps about 1 GiB); past it allocations fail and the job ends failed, naming the "
+        "limit. Never more than the server's worker_memory_limit_bytes (none: that setting).",
+    )

@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 BeforePublish = Callable[[str, EventType], None]
 
+_OUT_OF_MEMORY = ("MemoryError", "Cannot allocate memory", "std::bad_alloc")
+"""What a worker's last log lines hold when it died for want of memory under its limit."""
+
 
 @dataclass
 class ProcessRun:
@@ -176,7 +179,7 @@ class WorkerSupervisor:
             environment=dict(environment or {}),
             subscriber_factory=self.subscriber_factory,
             checkpoint_loader=self.checkpoint_loader,
-            memory_limit_bytes=self.memory_limit_bytes,
+            memory_limit_bytes=self._memory_limit(spec),
         )
         try:
             process = run.process = await anyio.to_thread.run_sync(self.processes.start, setup)
@@ -190,6 +193,12 @@ class WorkerSupervisor:
         finally:
             if self.runs.get(job_id) is run:
                 del self.runs[job_id]
+
+    def _memory_limit(self, spec: Mapping[str, Any]) -> int | None:
+        """The server's limit on a worker's address space, or the job's where it is lower."""
+        asked = spec.get("memory_limit_mb")
+        limits = [self.memory_limit_bytes, asked * 2**20 if isinstance(asked, int) else None]
+        return min((limit for limit in limits if limit is not None), default=None)
 
     # -- SDK runs: the process is the user's ------------------------------------------------
 
@@ -287,21 +296,21 @@ class WorkerSupervisor:
         if run.stop_requested.is_set():
             reason = f"stopped: {how} after it did not stop within the grace period"
             return RunResult(Outcome.STOPPED, stop_reason=reason, details={"exit": how}), {}
-        message = f"the job stalled and was ended: {how}" if run.stalled else how
         tail = process.stderr_tail()
+        error: dict[str, Any] = {"type": "WorkerDied", "exitcode": process.exitcode}
+        fatal = process.fatal_error() if (process.exitcode or 0) < 0 else []
+        frames = [line.strip() for line in fatal if line.lstrip().startswith("File ")]
+        if frames:  # where the native crash hit the Python code
+            how = f"{how}, at {frames[0]}"
+            error["fatal_error"] = "\n".join(fatal)
+        limit = process.setup.memory_limit_bytes
+        if limit is not None and any(word in line for line in tail for word in _OUT_OF_MEMORY):
+            how = f"the job exceeded its memory limit of {limit / 2**20:.0f} MiB: {how}"
+            error.update(type="MemoryLimitExceeded", memory_limit_bytes=limit)
+        message = f"the job stalled and was ended: {how}" if run.stalled else how
         logger.error("job %s: %s", run.job_id, message)
-        return (
-            RunResult(
-                Outcome.FAILED,
-                error={
-                    "type": "WorkerDied",
-                    "message": message,
-                    "exitcode": process.exitcode,
-                    "stderr_tail": "\n".join(tail),
-                },
-            ),
-            {},
-        )
+        error.update(message=message, stderr_tail="\n".join(tail))
+        return RunResult(Outcome.FAILED, error=error), {}
 
     async def _escalate_stop(self, run: ProcessRun) -> None:
         await run.stop_requested.wait()

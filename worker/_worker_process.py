@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import faulthandler
 import logging
 import os
+import re
 import resource
 import signal
 import sys
@@ -250,6 +252,8 @@ async def _train(
         with anyio.CancelScope(shield=True):
             for subscriber_handle in attached:
                 await subscriber_handle.detach()
+    if setup.memory_limit_bytes is not None:
+        result = _name_memory_limit(result, setup.memory_limit_bytes)
     trainer = handle.trainer
     if trainer is not None and started:
         final.update(
@@ -261,6 +265,30 @@ async def _train(
     trainer_box.clear()
     del trainer
     return result, final
+
+
+_OUT_OF_MEMORY = ("Cannot allocate memory", "can't allocate memory", "std::bad_alloc")
+_TORCH_CHECK = re.compile(r"^\[enforce fail at [^\]]*\][^.]*\.\s*")
+
+
+def _name_memory_limit(result: RunResult, limit: int) -> RunResult:
+    """A run that failed for want of memory under the worker's limit says so, and names the
+    limit; the allocator's own words follow."""
+    error = result.error
+    if result.outcome is not Outcome.FAILED or error is None:
+        return result
+    kind, message = str(error.get("type")), str(error.get("message"))
+    if kind != "MemoryError" and not any(words in message for words in _OUT_OF_MEMORY):
+        return result
+    detail = message.strip().splitlines()[0] if message.strip() else kind
+    detail = _TORCH_CHECK.sub("", detail)  # where in torch's C++ the check is, not the why
+    error = {
+        **error,
+        "type": "MemoryLimitExceeded",
+        "message": f"the job exceeded its memory limit of {limit / 2**20:.0f} MiB ({detail})",
+        "memory_limit_bytes": limit,
+    }
+    return dataclasses.replace(result, error=error)
 
 
 def _result_fields(result: RunResult) -> dict[str, Any]:
