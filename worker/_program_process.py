@@ -11,6 +11,7 @@ run ends interrupted; an exception ends it failed, with its traceback's last lin
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import select
@@ -31,8 +32,10 @@ __all__ = ["LOG_FILE_NAME", "run_program"]
 logger = logging.getLogger(__name__)
 
 LOG_FILE_NAME = "output.log"
-"""A program job's log file in its folder: every line the program wrote (``GET
-/jobs/{id}/log``)."""
+"""A program job's log file in its folder: every line the program wrote to its stdout and
+stderr (``GET /jobs/{id}/log``)."""
+STDOUT_FILE_NAME = "stdout.log"
+"""Where the program's fd 1 writes (its fd 2 writes to the worker's log)."""
 
 
 def run_program(setup: WorkerSetup, limits: LogLimits | None = None) -> int:
@@ -62,8 +65,13 @@ def run_program(setup: WorkerSetup, limits: LogLimits | None = None) -> int:
     except SDKError as error:
         print(f"trainbus worker: {error}", file=sys.stderr)
         return EXIT_REFUSED
+    # a crash's report (a segmentation fault in native code) gives the crashed thread's stack
+    # only, so that it fits the failure's stderr tail
+    crash_log = open(setup.log_path, "ab", buffering=0)  # noqa: SIM115 - for the process's life
+    faulthandler.enable(file=crash_log, all_threads=False)
     capture = OutputCapture(
         log_path=setup.job_dir / LOG_FILE_NAME,
+        stdout_path=setup.job_dir / STDOUT_FILE_NAME,
         stderr_path=setup.log_path,
         publish=run.log_output,
         limits=limits or LogLimits(),

@@ -86,3 +86,14 @@ def hang(run: Run, params: HangParams) -> None:
 
 
 HANG = ProgramEntry("hang", HangParams, hang, "Stands still after a few steps.")
+
+
+def crash(run: Run, params: NoParams) -> None:
+    """A segmentation fault in native code, after a line of output."""
+    import ctypes
+
+    print("reading address 0", file=sys.stderr, flush=True)
+    ctypes.string_at(0)
+
+
+CRASH = ProgramEntry("crash", NoParams, crash, "Crashes in native code.")

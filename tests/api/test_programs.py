@@ -62,6 +62,7 @@ def _install(site: Path, scratch: Path) -> None:
     (info / "entry_points.txt").write_text(
         "[trainbus.programs]\nflood = tests.api.programs:FLOOD\n"
         "fail = tests.api.programs:FAIL\nhang = tests.api.programs:HANG\n"
+        "crash = tests.api.programs:CRASH\n"
     )
 
 
@@ -219,7 +220,7 @@ def test_a_program_that_raises_fails_with_its_traceback(served: Served) -> None:
         (
             {"program": {"name": "nope"}},
             ["body", "program", "name"],
-            "unknown program 'nope'; available programs: digits_loop, fail, flood, hang",
+            "unknown program 'nope'; available programs: crash, digits_loop, fail, flood, hang",
         ),
         (
             {"program": {"name": "digits_loop", "params": {"epochs": 0}}},
@@ -263,7 +264,7 @@ def test_a_job_without_a_log_file_is_a_404_that_says_why(served: Served) -> None
 def test_a_program_that_stands_still_is_reported_stalled_and_failed(served: Served) -> None:
     spec = {
         "program": {"name": "hang", "params": {"after_steps": 3}},
-        "stall_timeout_seconds": 1.0,
+        "stall_timeout_seconds": 2.0,  # past a slow start (sklearn's import) under load
         "on_stall": "fail",
     }
     with served.client() as api:
@@ -292,3 +293,33 @@ def test_a_stop_the_program_does_not_reach_is_escalated(served: Served) -> None:
     assert waited >= STOP_GRACE_SECONDS
     assert record["state"] == "interrupted", record
     assert "SIGTERM" in (ended["data"]["reason"] or ""), ended
+
+
+def test_a_program_that_crashes_in_native_code_fails_with_how_it_died(served: Served) -> None:
+    with served.client() as api:
+        job = api.submit({"program": {"name": "crash"}})
+        record = api.wait(job["id"], timeout=60)
+    assert record["state"] == "failed", record
+    error = record["error"]
+    assert "SIGSEGV" in error["message"], error
+    # faulthandler's report, past the captured fd 2, with the crashed thread's stack
+    assert "Segmentation fault" in error["stderr_tail"], error
+    assert "in crash" in error["stderr_tail"], error
+    # written to fd 2 the moment before the crash: on disk, in the failure's tail
+    assert "reading address 0" in error["stderr_tail"], error
+
+
+def test_the_server_s_early_stopping_decides_on_a_program_s_epochs(served: Served) -> None:
+    spec = {
+        "program": {"name": "digits_loop", "params": {"epochs": 50}},
+        "early_stop": {"enabled": True, "monitor": "val_loss", "patience": 0, "min_delta": 10.0},
+    }
+    with served.client() as api:
+        job = api.submit(spec)
+        record = api.wait(job["id"], timeout=60)
+        events = _all_events(api, job["id"])
+    assert record["state"] == "completed", record
+    epochs = [e for e in events if e["type"] == "fit_epoch_end"]
+    assert len(epochs) == 2, epochs  # the second epoch did not improve by min_delta
+    decided = [e for e in events if e["type"] == "early_stop"]
+    assert len(decided) == 1 and decided[0]["data"]["monitor"] == "val_loss", decided
