@@ -305,6 +305,7 @@ def test_a_program_that_crashes_in_native_code_fails_with_how_it_died(served: Se
     # faulthandler's report, past the captured fd 2, with the crashed thread's stack
     assert "Segmentation fault" in error["stderr_tail"], error
     assert "in crash" in error["stderr_tail"], error
+    assert "in crash" in error["fatal_error"], error
     # written to fd 2 the moment before the crash: on disk, in the failure's tail
     assert "reading address 0" in error["stderr_tail"], error
 
