@@ -246,7 +246,8 @@ class Settings(BaseSettings):
         ge=256 * 2**20,
         description="Address space each job's worker process may map (RLIMIT_AS; torch alone "
         "maps about 1 GiB): past it allocations fail and the job ends failed, naming the "
-        "limit. A job's memory_limit_mb may ask for less. Default: no limit.",
+        "limit. A job's memory_limit_mb may ask for less. Not applied to CUDA jobs (the CUDA "
+        "driver reserves far more address space than it uses). Default: no limit.",
     )
     trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
         default_factory=list,

@@ -384,5 +384,6 @@ class JobSpec(BaseModel):
         default=None,
         description="Address space the job's worker process may map, in MiB (torch alone "
         "maps about 1 GiB); past it allocations fail and the job ends failed, naming the "
-        "limit. Never more than the server's worker_memory_limit_bytes (none: that setting).",
+        "limit. Never more than the server's worker_memory_limit_bytes (none: that setting). "
+        "Not applied to a CUDA job: the CUDA driver reserves far more than it uses.",
     )

@@ -179,7 +179,7 @@ class WorkerSupervisor:
             environment=dict(environment or {}),
             subscriber_factory=self.subscriber_factory,
             checkpoint_loader=self.checkpoint_loader,
-            memory_limit_bytes=self._memory_limit(spec),
+            memory_limit_bytes=self._memory_limit(job_id, spec, environment or {}),
         )
         try:
             process = run.process = await anyio.to_thread.run_sync(self.processes.start, setup)
@@ -194,11 +194,23 @@ class WorkerSupervisor:
             if self.runs.get(job_id) is run:
                 del self.runs[job_id]
 
-    def _memory_limit(self, spec: Mapping[str, Any]) -> int | None:
-        """The server's limit on a worker's address space, or the job's where it is lower."""
+    def _memory_limit(
+        self, job_id: str, spec: Mapping[str, Any], environment: Mapping[str, str]
+    ) -> int | None:
+        """The server's limit on a worker's address space, or the job's where it is lower;
+        none for a job that sees a CUDA device, whose driver reserves far more address space
+        than it uses and fails to start under such a limit."""
         asked = spec.get("memory_limit_mb")
         limits = [self.memory_limit_bytes, asked * 2**20 if isinstance(asked, int) else None]
-        return min((limit for limit in limits if limit is not None), default=None)
+        limit = min((limit for limit in limits if limit is not None), default=None)
+        cuda = environment.get("CUDA_VISIBLE_DEVICES") or str(spec.get("device")).startswith("cuda")
+        if limit is not None and cuda:
+            logger.warning(
+                "job %s runs on CUDA: its worker's address space is not limited (the CUDA "
+                "driver reserves far more than it uses)", job_id,
+            )  # fmt: skip
+            return None
+        return limit
 
     # -- SDK runs: the process is the user's ------------------------------------------------
 

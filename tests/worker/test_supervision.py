@@ -23,6 +23,7 @@ from tests.api.server import LiveServer, make_settings, run_server
 from tests.worker._faulty_models import install
 from tests.worker._served import Served, serve
 from trainbus.api import TrainbusClient, create_app
+from trainbus.api.client import HTTPStatusError
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -143,13 +144,14 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         max_running_jobs="2",
         resource_interval_seconds="60",
         worker_memory_limit_bytes=str(WORKER_LIMIT),
+        simulated_cuda_devices="1",  # a job on it sees a CUDA device, and trains on the CPU
     ) as server:
         yield server
 
 
 def _faulty(name: str, epochs: int = 50, **params: Any) -> dict[str, Any]:
     return {"model": {"name": name, "params": params}, "dataset": {"name": "iris"},
-            "epochs": epochs, "batch_size": 16, "torch_threads": 1}  # fmt: skip
+            "epochs": epochs, "batch_size": 16, "torch_threads": 1, "device": "cpu"}  # fmt: skip
 
 
 def _ended(client: TrainbusClient, job_id: str) -> dict[str, Any]:
@@ -199,9 +201,26 @@ def test_a_job_past_its_memory_limit_fails_naming_the_limit(served: Served) -> N
                 f"the job exceeded its memory limit of {mib} MiB (DefaultCPUAllocator"
             ), error["message"]
             assert error["memory_limit_bytes"] == mib * 2**20
+        too_small = {**_faulty("memory_hungry"), "memory_limit_mb": 100}
+        with pytest.raises(HTTPStatusError) as refused:
+            client.submit(too_small)
+        assert refused.value.status == 422 and "memory_limit_mb" in str(refused.value.detail)
         # a normal job under the same limit is not touched by it
         fine = client.submit(_faulty("memory_hungry", epochs=2, after_steps=10_000))["id"]
         assert _ended(client, fine)["state"] == "completed"
+
+
+def test_a_cuda_job_s_worker_has_no_address_space_limit(served: Served) -> None:
+    """The CUDA driver reserves far more address space than it uses: under a limit it would
+    not start. The job maps 3.5 GiB past its start, above the limit it asks for."""
+    spec = {**_faulty("memory_hungry", epochs=2, after_steps=2, mib_per_step=256),
+            "device": "auto", "memory_limit_mb": 3072}  # fmt: skip
+    with served.client() as client:
+        job_id = client.submit(spec)["id"]
+        record = _ended(client, job_id)
+        (started,) = client.events(job_id, types="job_started")
+    assert started["data"]["devices"] == ["cuda:0"], started
+    assert record["state"] == "completed", record
 
 
 def _stalled_metric(served: Served, job_id: str) -> tuple[float, float]:
