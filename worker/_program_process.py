@@ -59,6 +59,8 @@ def run_program(setup: WorkerSetup, limits: LogLimits | None = None) -> int:
         early_stop=spec.early_stop.model_dump(),
         lr_plateau=spec.lr_plateau.model_dump(),
         fit_epoch_end_timeout=setup.fit_epoch_end_timeout,
+        # a resumed program job runs train again from the start: its history is rewound
+        from_step=0 if setup.resumed else None,
     )
     try:
         run.start()

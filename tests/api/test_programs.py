@@ -159,6 +159,12 @@ def test_a_program_runs_as_a_job_steered_from_the_api(served: Served) -> None:
         assert record["state"] == "stopped", record
         assert record["step"] == stopping["data"]["step"]
 
+        api.resume(job["id"])  # the program runs again from its start; the history rewinds
+        again = _next(api.stream(job["id"], after_seq=ended["seq"]), "train_start")
+        assert again["data"]["resumed"] is True and again["data"]["from_step"] == 0
+        api.stop(job["id"])
+        assert api.wait(job["id"], timeout=30)["state"] == "stopped"
+
     log = served.get(f"/jobs/{job['id']}/log")
     assert log.status_code == 200, log.text
     assert log.headers["content-type"].startswith("text/plain")
