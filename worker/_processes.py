@@ -46,6 +46,7 @@ class WorkerProcess:
         self._process = process
         self.setup = setup
         self._oom_kills_at_start = oom_kills()
+        self._sent: set[int] = set()
 
     @property
     def pid(self) -> int:
@@ -70,6 +71,7 @@ class WorkerProcess:
     def signal(self, signum: int) -> None:
         """Send ``signum`` unless the process has ended."""
         if self._process.exitcode is None:
+            self._sent.add(signum)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signum)
 
@@ -83,6 +85,8 @@ class WorkerProcess:
                 name = signal.Signals(-code).name
             except ValueError:
                 name = f"signal {-code}"
+            if -code in self._sent:
+                return f"the worker process was ended by {name}, sent by the server"
             hint = {
                 "SIGKILL": self._kill_hint(),
                 "SIGSEGV": " (a segmentation fault in native code)",

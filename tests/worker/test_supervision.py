@@ -100,6 +100,8 @@ def test_a_stop_the_worker_does_not_answer_escalates_and_still_ends_stopped(
         elapsed = time.monotonic() - started
     assert record["state"] == "stopped", record
     assert "grace period" in (record["stop_reason"] or ""), record
+    # the server's own SIGKILL: no guess at the kernel's out-of-memory killer
+    assert "ended by SIGKILL, sent by the server" in record["stop_reason"], record
     # SIGTERM after 1 s of grace cannot run in a stopped process; SIGKILL after 1 s more
     assert elapsed < 10, elapsed
     deadline = time.monotonic() + 10
@@ -123,6 +125,7 @@ def test_a_stalled_job_is_reported_and_failed_with_on_stall_fail(tmp_path: Path)
         stalled = client.events(job_id, types="job_stalled")
     assert record["state"] == "failed", record
     assert "stalled" in record["error"]["message"], record["error"]
+    assert "sent by the server" in record["error"]["message"], record["error"]
     assert stalled and isinstance(stalled[0]["data"].get("step"), int), stalled
     # a stopped process cannot write its stack (faulthandler runs in it): the field is there,
     # empty; a process hung in Python code fills it
