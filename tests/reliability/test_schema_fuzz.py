@@ -108,6 +108,20 @@ def _needs_missing_hardware(case: Any) -> bool:
     return int(device.partition(":")[2] or 0) >= torch.cuda.device_count()
 
 
+def _asks_for_more_devices_than_lent(case: Any) -> bool:
+    """A job asks for at most the device slots the server lends of its kind (422 beyond): here
+    one CPU slot (``max_running_jobs``) and this machine's CUDA devices, a fact about the
+    server that no schema says."""
+    body = case.body if isinstance(case.body, dict) else {}
+    devices = _whole_number(body.get("devices", 1))
+    if devices is None:
+        return False
+    device = body.get("device", "auto")
+    cuda = torch.cuda.device_count()
+    lent = cuda if device == "cuda" or (device == "auto" and cuda) else 1
+    return devices > lent
+
+
 def _names_unknown_event_types(case: Any) -> bool:
     """``types`` is documented as free text so that an unknown name is answered with the list
     of valid names (422) rather than a bare pattern mismatch."""
@@ -169,6 +183,7 @@ def _outside_the_schema(case: Any) -> bool:
         or _over_dataset_budget(case)
         or _model_does_not_fit_the_dataset(case)
         or _needs_missing_hardware(case)
+        or _asks_for_more_devices_than_lent(case)
         or _names_unknown_event_types(case)
         or _names_a_missing_dataset_file(case)
     )
@@ -182,6 +197,8 @@ def _within_the_rules(case: Any) -> Any:
         params["n_samples"] = max(10, MAX_VALUES // size[1])
     if _needs_missing_hardware(case):
         case.body.update(device="cpu", precision="fp32")
+    if _asks_for_more_devices_than_lent(case):
+        case.body["devices"] = 1
     if _names_unknown_event_types(case):
         case.query["types"] = "fit_epoch_end"
     if _names_a_missing_dataset_file(case):
