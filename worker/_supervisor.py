@@ -338,9 +338,12 @@ class WorkerSupervisor:
 
     async def _watch_stall(self, run: ProcessRun, timeout: float, on_stall: str) -> None:
         link = run.link
+        # from now, when the worker has started: the wait for a fork server still importing
+        # torch (seconds, for a server's first jobs) is no stall
+        started = time.monotonic()
         while True:
             await anyio.sleep(min(0.5, timeout / 4))
-            quiet = time.monotonic() - link.last_progress
+            quiet = time.monotonic() - max(link.last_progress, started)
             if quiet < timeout:
                 run.stalled = False
                 continue

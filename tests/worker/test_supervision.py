@@ -293,11 +293,15 @@ def test_a_worker_hung_in_python_code_can_still_be_stopped(served: Served) -> No
 def test_no_worker_outlives_a_killed_server(tmp_path: Path) -> None:
     with serve(tmp_path / "data", max_running_jobs="2", resource_interval_seconds="60") as server:
         with server.client() as client:
-            jobs = [client.submit(LONG)["id"] for _ in range(2)]
+            # the first jobs of a server wait for its fork server to import torch (seconds):
+            # that is no stall, however short stall_timeout_seconds is
+            watched = {**LONG, "stall_timeout_seconds": 1.5, "on_stall": "fail"}
+            jobs = [client.submit(watched)["id"] for _ in range(2)]
             deadline = time.monotonic() + 60
             while min(client.job(job_id)["step"] for job_id in jobs) == 0:  # both train
-                assert time.monotonic() < deadline, "the jobs did not start training"
+                assert time.monotonic() < deadline, [client.job(job_id) for job_id in jobs]
                 time.sleep(0.05)  # polling interval, bounded by the deadline
+            assert not any(client.events(job_id, types="job_stalled") for job_id in jobs)
         # the fork server, its two workers, multiprocessing's resource tracker
         started_under_it = server.descendants()
         assert len(started_under_it) >= 3, [p.cmdline() for p in started_under_it]
