@@ -179,6 +179,9 @@ class DevicePool:
         """What a job spec (validated, as stored) asks for."""
         device = str(spec.get("device") or "auto")
         count = int(spec.get("devices") or 1)
+        distributed = spec.get("distributed")
+        if isinstance(distributed, Mapping):  # one slot for each rank
+            count = max(count, int(distributed.get("nproc_per_node") or 1))
         if device == "auto":
             return DeviceRequest("cuda" if self.of_kind("cuda") else "cpu", count)
         if device.startswith("cuda:"):

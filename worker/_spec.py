@@ -25,6 +25,7 @@ from ._registry import default_registry
 __all__ = [
     "CheckpointSpec",
     "DatasetSpec",
+    "DistributedSpec",
     "EarlyStopSpec",
     "JobSpec",
     "LRPlateauSpec",
@@ -286,6 +287,30 @@ class ResourcesSpec(BaseModel):
     interval_seconds: Float = Field(default=5.0, ge=0.1, le=3600)
 
 
+class DistributedSpec(BaseModel):
+    """Train as a distributed data-parallel job: ``nproc_per_node`` ranks on this server's
+    host, started by torch's elastic agent, each training on its shard (``docs/DISTRIBUTED.md``)."""
+
+    model_config = _STRICT
+    nproc_per_node: Int = Field(
+        ge=1, le=64, description="Ranks (processes) of the job; it holds one device slot for each."
+    )
+    nnodes: Int = Field(default=1, ge=1, description="Hosts of the job: 1 (this server's).")
+    backend: Literal["gloo", "nccl"] = Field(
+        default="gloo", description="gloo (CPU or CUDA) or nccl (CUDA, one device per rank)."
+    )
+
+    @field_validator("nnodes")
+    @classmethod
+    def _one_host(cls, nnodes: int) -> int:
+        if nnodes != 1:
+            raise ValueError(
+                f"nnodes is {nnodes}, but a distributed job runs on one host for now: set "
+                "nnodes to 1 (or leave it out) and the ranks with nproc_per_node"
+            )
+        return nnodes
+
+
 class TensorBoardSpec(BaseModel):
     """TensorBoard event files in the job's folder (or under the server's tensorboard_dir)."""
 
@@ -362,6 +387,10 @@ class JobSpec(BaseModel):
         "slots: its share of the cores; CUDA: the devices its worker sees): it waits until "
         "they are free. auto takes CUDA slots on a server that has them.",
     )
+    distributed: DistributedSpec | None = Field(
+        default=None,
+        description="Train with several ranks (torch.distributed); none: one process.",
+    )
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     batch_event_every: Int = Field(default=1, ge=1, le=1_000_000)
     nonfinite_loss: Literal["fail", "stop"] = "fail"
@@ -387,3 +416,23 @@ class JobSpec(BaseModel):
         "limit. Never more than the server's worker_memory_limit_bytes (none: that setting). "
         "Not applied to a CUDA job: the CUDA driver reserves far more than it uses.",
     )
+
+    @model_validator(mode="after")
+    def _distributed_fits(self) -> JobSpec:
+        distributed = self.distributed
+        if distributed is None:
+            return self
+        ranks = distributed.nproc_per_node
+        if self.devices not in (1, ranks):
+            raise ValueError(
+                f"a distributed job holds one device slot per rank ({ranks}), but devices is "
+                f"{self.devices}: leave devices out or set it to nproc_per_node"
+            )
+        if distributed.backend == "nccl" and self.device == "cpu":
+            raise ValueError("backend 'nccl' needs CUDA: use device 'cuda' or backend 'gloo'")
+        if ranks > 1 and self.device.startswith("cuda:"):
+            raise ValueError(
+                f"device {self.device!r} names one CUDA device, but the job has {ranks} ranks: "
+                "use device 'cuda' (one device per rank)"
+            )
+        return self

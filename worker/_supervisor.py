@@ -17,6 +17,7 @@ import anyio
 
 from trainbus.bus import ControlChannel, Event, EventBus, EventType
 
+from ._distributed import EXIT_RANK_FAILED, rank_failure
 from ._link import Durable, Item, WorkerLink
 from ._processes import WorkerProcess, WorkerProcesses
 from ._runs import CheckpointLoader
@@ -310,6 +311,9 @@ class WorkerSupervisor:
             return RunResult(Outcome.STOPPED, stop_reason=reason, details={"exit": how}), {}
         tail = process.stderr_tail()
         error: dict[str, Any] = {"type": "WorkerDied", "exitcode": process.exitcode}
+        if process.exitcode == EXIT_RANK_FAILED:  # a distributed job's agent: which rank
+            how = rank_failure(process.setup.job_dir) or how
+            error["type"] = "RankFailed"
         fatal = process.fatal_error() if (process.exitcode or 0) < 0 else []
         frames = [line.strip() for line in fatal if line.lstrip().startswith("File ")]
         if frames:  # where the native crash hit the Python code

@@ -144,7 +144,7 @@ class Trainer:
             nn.CrossEntropyLoss() if self.data.task == "classification" else nn.MSELoss()
         )
         self.optimizer = build_optimizer(spec.optimizer, self.model.parameters())
-        self.batches_per_epoch = math.ceil(len(self.data.y_train) / spec.batch_size)
+        self.batches_per_epoch = math.ceil(self._train_samples() / spec.batch_size)
         self.scheduler = build_scheduler(spec, self.optimizer, self.batches_per_epoch)
         self.scaler = torch.amp.GradScaler(
             "cuda", enabled=spec.precision == "fp16" and self.device.type == "cuda"
@@ -323,6 +323,16 @@ class Trainer:
             with contextlib.suppress(Exception):
                 self._emit(EventType.TEARDOWN, {"epoch": self.epoch, "step": self.step})
 
+    def _train_samples(self) -> int:
+        """How many training samples an epoch of this trainer draws (a rank of a distributed
+        job draws its shard)."""
+        return len(self.data.y_train)
+
+    def _reduce_epoch(self, totals: tuple[float, int, int]) -> tuple[float, int, int]:
+        """The epoch's summed loss, samples and samples trained in this run, over every rank
+        of a distributed job (here: this trainer's own)."""
+        return totals
+
     def _start_next_epoch(self) -> None:
         self.epoch += 1
         self.batch_index = 0
@@ -373,7 +383,7 @@ class Trainer:
         loss_value = math.nan
         x_train = self.x_train
         y_train = self.y_train
-        train_size = len(y_train)
+        train_size = len(order)
         callbacks = self.callbacks
         callbacks_version = -1
         inline = True
@@ -446,9 +456,12 @@ class Trainer:
         if not math.isfinite(loss_sum):  # CUDA: a non-finite loss in an unpublished batch
             self._non_finite(loss_sum)
         seconds = time.perf_counter() - started
-        train = {"train_loss": loss_sum / max(1, self._seen), "lr": self.lr}
+        loss_sum, seen, trained = self._reduce_epoch(
+            (loss_sum, self._seen, self._seen - samples_at_start)
+        )
+        train = {"train_loss": loss_sum / max(1, seen), "lr": self.lr}
         train["epoch_seconds"] = seconds
-        train["samples_per_s"] = (self._seen - samples_at_start) / seconds if seconds > 0 else 0.0
+        train["samples_per_s"] = trained / seconds if seconds > 0 else 0.0
         self.metrics.update(train)
         self._emit(
             EventType.TRAIN_EPOCH_END,

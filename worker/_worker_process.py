@@ -112,7 +112,11 @@ def worker_main(setup: WorkerSetup) -> None:
     os.environ.update(setup.environment)
     if setup.memory_limit_bytes is not None:
         resource.setrlimit(resource.RLIMIT_AS, (setup.memory_limit_bytes,) * 2)
-    if "program" in setup.spec:  # a registered program: the operator's code, with its run
+    if setup.spec.get("distributed"):  # the elastic agent of the job's ranks
+        from ._distributed import run_agent
+
+        code = run_agent(setup)
+    elif "program" in setup.spec:  # a registered program: the operator's code, with its run
         from ._program_process import run_program
 
         code = run_program(setup)
@@ -130,7 +134,7 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-async def _run(setup: WorkerSetup) -> int:
+async def _run(setup: WorkerSetup, trainer_type: Callable[..., Trainer] = Trainer) -> int:
     job_id = setup.job_id
     paused = [False]
     async with EventBus() as bus:
@@ -162,7 +166,7 @@ async def _run(setup: WorkerSetup) -> int:
                 group.start_soon(_on_signals, signals, control)
                 group.start_soon(_end_with_server, setup.server_pid)
                 bridge_handle = bus.attach(bridge)
-                result, final = await _train(setup, bus, handle, trainer_box)
+                result, final = await _train(setup, bus, handle, trainer_box, trainer_type)
                 await bridge_handle.detach()  # every event handed to the bridge
                 delivered = await bridge.finish(
                     {**final, **_result_fields(result)}, last=bus.last_seq(job_id)
@@ -209,7 +213,11 @@ def _alive(pid: int) -> bool:
 
 
 async def _train(
-    setup: WorkerSetup, bus: EventBus, handle: JobHandle, trainer_box: list[Trainer]
+    setup: WorkerSetup,
+    bus: EventBus,
+    handle: JobHandle,
+    trainer_box: list[Trainer],
+    trainer_type: Callable[..., Trainer] = Trainer,
 ) -> tuple[RunResult, dict[str, Any]]:
     """Build, restore and run the trainer with its subscribers; the result and the progress
     the job ended with (``epoch``, ``step``, ``metrics``; empty if it never started)."""
@@ -219,7 +227,7 @@ async def _train(
     try:
         spec = handle.spec
         handle.trainer = await anyio.to_thread.run_sync(
-            lambda: Trainer(
+            lambda: trainer_type(
                 job_id=handle.id,
                 spec=spec,
                 bus=bus,

@@ -1,0 +1,192 @@
+"""Distributed jobs through a real server: the job's worker process is torch's elastic agent
+with two gloo ranks on the CPU; rank 0 reports the job. A 2-rank job completes with figures
+over both ranks; a stop and a pause from the API take effect on both ranks at the same step;
+a rank killed fails the job naming it, and no process of the job is left."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from tests.api.server import LiveServer, make_settings, run_server
+from trainbus.api import TrainbusClient, create_app
+from trainbus.api.client import HTTPStatusError
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals, prctl")
+
+SPEC = {
+    "model": {"name": "mlp"},
+    "dataset": {"name": "digits"},
+    "epochs": 2,
+    "batch_size": 64,
+    "torch_threads": 2,
+    "distributed": {"nproc_per_node": 2, "backend": "gloo"},
+}
+ENDED = {"completed", "failed", "stopped", "interrupted"}
+
+
+LONG = {**SPEC, "epochs": 500, "batch_size": 16}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def server(data_dir: Path) -> Iterator[LiveServer]:
+    settings = make_settings(
+        data_dir,
+        run_jobs_in="process",
+        stop_grace_seconds=5.0,
+        devices=["cpu:2"],
+        resource_interval_seconds=60.0,
+    )
+    with run_server(create_app(settings), settings) as live:
+        yield live
+
+
+def _wait(
+    client: TrainbusClient, job_id: str, states: set[str], *, past_step: int = -1
+) -> dict[str, Any]:
+    deadline = time.monotonic() + 60
+    while (record := client.job(job_id))["state"] not in states or record["step"] <= past_step:
+        assert time.monotonic() < deadline, record
+        time.sleep(0.02)  # polling interval, bounded by the deadline
+    return record
+
+
+def _rank_records(data_dir: Path, job_id: str, rank: int) -> list[dict[str, Any]]:
+    path = data_dir / "jobs" / job_id / "ranks" / f"rank-{rank}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _agent(server: LiveServer, job_id: str) -> psutil.Process:
+    supervisor = server.services.jobs.manager.supervisor  # type: ignore[attr-defined]
+    return psutil.Process(supervisor.runs[job_id].process.pid)
+
+
+def _rank_process(data_dir: Path, job_id: str, rank: int) -> psutil.Process:
+    deadline = time.monotonic() + 30
+    while True:
+        with contextlib.suppress(OSError, IndexError):
+            return psutil.Process(_rank_records(data_dir, job_id, rank)[0]["pid"])
+        assert time.monotonic() < deadline, "the rank did not start"
+        time.sleep(0.02)  # polling interval, bounded by the deadline
+
+
+def test_a_two_rank_job_completes_with_figures_over_both_ranks(
+    server: LiveServer, data_dir: Path
+) -> None:
+    with TrainbusClient(server.url, server.token) as client:
+        job_id = client.submit(SPEC)["id"]
+        record = _wait(client, job_id, ENDED)
+        events = client.events(job_id)
+    assert record["state"] == "completed", record
+    train_samples = next(e for e in events if e["type"] == "pretrain_routine_end")["data"][
+        "train_samples"
+    ]
+    shard = -(-train_samples // 2)  # each rank trains on half, padded to the same length
+    assert record["step"] == 2 * -(-shard // SPEC["batch_size"])
+    ranks = [_rank_records(data_dir, job_id, rank) for rank in (0, 1)]
+    epochs = [[entry for entry in records if "loss_sum" in entry] for records in ranks]
+    assert [len(e) for e in epochs] == [2, 2]
+    assert all(entry["samples"] == shard for rank in epochs for entry in rank)
+    # fit_epoch_end reports the loss over both ranks' samples, not rank 0's alone
+    fit_ends = [e["data"] for e in events if e["type"] == "fit_epoch_end"]
+    for epoch, fit_end in enumerate(fit_ends):
+        parts = [rank[epoch] for rank in epochs]
+        overall = sum(p["loss_sum"] for p in parts) / sum(p["samples"] for p in parts)
+        assert fit_end["metrics"]["train_loss"] == pytest.approx(overall, rel=1e-9)
+        assert fit_end["metrics"]["train_loss"] != pytest.approx(
+            parts[0]["loss_sum"] / parts[0]["samples"], rel=1e-6
+        )
+    assert fit_ends[-1]["metrics"]["val_accuracy"] > 0.5
+
+
+def test_pause_resume_and_stop_take_effect_on_both_ranks_at_the_same_step(
+    server: LiveServer, data_dir: Path
+) -> None:
+    with TrainbusClient(server.url, server.token) as client:
+        job_id = client.submit(LONG)["id"]
+        _wait(client, job_id, {"running"}, past_step=3)
+        client.pause(job_id)
+        paused = _wait(client, job_id, {"paused"})
+        time.sleep(2.5)  # held past a few of the ranks' exchanges while paused
+        client.resume(job_id)
+        _wait(client, job_id, {"running"}, past_step=paused["step"] + 3)
+        client.stop(job_id)
+        record = _wait(client, job_id, ENDED)
+        events = client.events(job_id)
+    assert record["state"] == "stopped", record
+    applied = [
+        [(e["applied"], e["command_id"], e["step"]) for e in _rank_records(data_dir, job_id, r)
+         if "applied" in e]
+        for r in (0, 1)
+    ]  # fmt: skip
+    assert [kind for kind, _, _ in applied[0]] == ["pause", "resume", "stop"]
+    assert applied[0] == applied[1]
+    # the acknowledgements name the step every rank applied the command at
+    acknowledged = {
+        e["data"]["command_id"]: e["data"]["step"]
+        for e in events
+        if e["type"] in ("job_paused", "job_resumed", "job_stopping")
+    }
+    assert {command: step for _, command, step in applied[0]} == acknowledged
+    (_, _, paused_at), (_, _, resumed_at), (_, _, stopped_at) = applied[0]
+    assert resumed_at == paused_at  # no rank trained while paused
+    assert stopped_at == record["step"]
+
+
+def test_a_killed_rank_fails_the_job_naming_it_and_leaves_no_process(
+    server: LiveServer, data_dir: Path
+) -> None:
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with TrainbusClient(server.url, server.token) as client:
+        job_id = client.submit(LONG)["id"]
+        _wait(client, job_id, {"running"}, past_step=3)
+        agent = _agent(server, job_id)
+        ranks = [_rank_process(data_dir, job_id, rank) for rank in (0, 1)]
+        assert {rank.pid for rank in ranks} == {child.pid for child in agent.children()}
+        job_processes = [agent, *ranks]
+        os.kill(ranks[1].pid, signal.SIGKILL)
+        record = _wait(client, job_id, ENDED)
+    assert record["state"] == "failed", record
+    message = record["error"]["message"]
+    assert "rank 1 of 2" in message and "SIGKILL" in message, record["error"]
+    deadline = time.monotonic() + 10
+    while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in job_processes):
+        assert time.monotonic() < deadline, job_processes
+        time.sleep(0.05)  # polling interval, bounded by the deadline
+    after = {p.pid for p in psutil.Process().children(recursive=True)}
+    assert after <= before
+
+
+@pytest.mark.parametrize(
+    ("distributed", "extra", "says"),
+    [
+        ({"nproc_per_node": 2, "nnodes": 2}, {}, "one host for now: set nnodes to 1"),
+        ({"nproc_per_node": 2}, {"devices": 3}, "one device slot per rank (2)"),
+        ({"nproc_per_node": 2, "backend": "nccl"}, {"device": "cpu"}, "'nccl' needs CUDA"),
+        ({"nproc_per_node": 3}, {}, "asks for 3 cpu slots, but this server has 2"),
+        ({"nproc_per_node": 0}, {}, "greater than or equal to 1"),
+    ],
+)
+def test_a_distributed_section_the_server_cannot_run_is_refused_with_what_to_fix(
+    server: LiveServer, distributed: dict[str, Any], extra: dict[str, Any], says: str
+) -> None:
+    with TrainbusClient(server.url, server.token) as client:
+        with pytest.raises(HTTPStatusError) as refused:
+            client.submit({**SPEC, **extra, "distributed": distributed})
+    assert refused.value.status == 422
+    assert says in str(refused.value.detail)

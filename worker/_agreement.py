@@ -1,0 +1,212 @@
+"""How the ranks of a distributed job stay in step: the trainer of each rank trains on its
+shard of the trainer's own epoch order, averages gradients over the ranks, all-reduces its
+epoch figures, and takes commands only as rank 0 broadcasts them, so that every rank applies
+a command at the same step.
+
+At each batch boundary rank 0 broadcasts whether a command is pending (one integer); when one
+is, it broadcasts the commands themselves, and every rank applies them. A paused job holds
+every rank: rank 0 waits for commands at most :data:`PAUSE_POLL_SECONDS` at a time and
+broadcasts what it got (often nothing), so no collective waits longer than that while paused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from trainbus.bus import Command, ControlChannel
+
+from ._trainer import Outcome, RunResult, Trainer
+
+__all__ = [
+    "PAUSE_POLL_SECONDS",
+    "AgreedControl",
+    "DistributedTrainer",
+    "RanksLost",
+    "rank_record_path",
+]
+
+logger = logging.getLogger(__name__)
+
+PAUSE_POLL_SECONDS = 1.0
+"""How long rank 0 waits for a command while paused before the ranks exchange again."""
+
+PEER_GRACE_SECONDS = 10.0
+"""How long a rank whose collective failed waits for the agent to end it: the agent names the
+rank that failed first, which must not be this one."""
+
+
+class RanksLost(RuntimeError):
+    """Raised when a collective failed: another rank of the job is gone."""
+
+
+@contextmanager
+def _collective() -> Iterator[None]:
+    try:
+        yield
+    except RanksLost:
+        raise
+    except (RuntimeError, ValueError) as error:  # gloo and NCCL raise these for a lost peer
+        raise RanksLost(f"a collective across the job's ranks failed: {error}") from error
+
+
+def rank_record_path(job_dir: Path, rank: int) -> Path:
+    """Where rank ``rank`` records, as JSON lines, its process (``{"rank", "pid"}``), each
+    command it applied with its step (``{"applied": kind, "command_id", "step"}``) and its
+    own part of each epoch's figures (``{"epoch", "loss_sum", "samples"}``): what an operator
+    checks the ranks kept in step with."""
+    return job_dir / "ranks" / f"rank-{rank}.jsonl"
+
+
+def _append(path: Path, entry: dict[str, Any]) -> None:
+    with path.open("a") as record:
+        record.write(json.dumps(entry) + "\n")
+
+
+class AgreedControl:
+    """The control channel as a rank's trainer sees it: rank 0's commands, agreed by every
+    rank at the same batch boundary. Anything else (sending commands, as an inline callback
+    of rank 0 may) goes to the rank's own channel."""
+
+    def __init__(self, channel: ControlChannel, *, rank: int, job_dir: Path) -> None:
+        self._channel = channel
+        self._rank = rank
+        self._flag = torch.zeros(1, dtype=torch.int64)
+        self._closed = False
+        self.record = rank_record_path(job_dir, rank)
+        self.record.parent.mkdir(parents=True, exist_ok=True)
+        _append(self.record, {"rank": rank, "pid": os.getpid()})
+
+    @property
+    def channel(self) -> ControlChannel:
+        """The rank's own channel (rank 0's is the job's)."""
+        return self._channel
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._channel, name)
+
+    @property
+    def pending(self) -> bool:
+        """Whether rank 0 has commands: a collective, so every rank asks at the same step."""
+        flag = self._flag
+        flag[0] = int(self._rank == 0 and (self._channel.pending or self._channel.closed))
+        with _collective():
+            dist.broadcast(flag, src=0)
+        return bool(flag[0])
+
+    @property
+    def closed(self) -> bool:
+        """Whether rank 0's channel was closed when the ranks last exchanged commands."""
+        return self._closed
+
+    def take(self) -> list[Command]:
+        return self._exchange(self._channel.take() if self._rank == 0 else [])
+
+    def wait(self, timeout: float | None = None) -> list[Command]:
+        """Wait (rank 0) for commands at most :data:`PAUSE_POLL_SECONDS`; every rank gets
+        what it got, possibly nothing."""
+        waited = PAUSE_POLL_SECONDS if timeout is None else min(timeout, PAUSE_POLL_SECONDS)
+        return self._exchange(self._channel.wait(waited) if self._rank == 0 else [])
+
+    def _exchange(self, commands: list[Command]) -> list[Command]:
+        message: list[Any] = [(commands, self._channel.closed) if self._rank == 0 else None]
+        with _collective():
+            dist.broadcast_object_list(message, src=0)
+        agreed, self._closed = message[0]
+        return list(agreed)
+
+    def applied(self, command: Command, *, step: int, **data: Any) -> Any:
+        _append(
+            self.record, {"applied": command.kind.value, "command_id": command.id, "step": step}
+        )
+        if self._rank == 0:
+            return self._channel.applied(command, step=step, **data)
+        return None
+
+
+class DistributedTrainer(Trainer):
+    """The trainer of one rank of a distributed job (the process group is initialised)."""
+
+    def __init__(self, *, control: ControlChannel, job_dir: Path, **kwargs: Any) -> None:
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        agreed = AgreedControl(control, rank=self.rank, job_dir=job_dir)
+        self.agreed = agreed
+        super().__init__(control=agreed, **kwargs)  # type: ignore[arg-type]
+        self.end_requested = threading.Event()
+        """Set when the agent asks a rank other than 0 to end (SIGTERM)."""
+        for parameter in self.model.parameters():
+            if parameter.requires_grad:
+                parameter.register_post_accumulate_grad_hook(  # type: ignore[no-untyped-call]
+                    self._average_gradient
+                )
+        with _collective():  # every rank built: rank 0 may restore (and remove) the kept state
+            dist.barrier()
+
+    def _train_samples(self) -> int:
+        return -(-len(self.data.y_train) // dist.get_world_size())  # every rank: the same
+
+    def _epoch_order(self) -> torch.Tensor:
+        """The rank's shard of the epoch's order: every ``world_size``-th index from its
+        rank on, the order padded from its start to a multiple of the ranks (as
+        ``DistributedSampler`` splits it)."""
+        order = super()._epoch_order()
+        shard = self._train_samples()
+        padding = shard * self.world_size - len(order)
+        if padding:
+            order = torch.cat([order, order[:padding]])
+        return order[self.rank :: self.world_size]
+
+    def _average_gradient(self, parameter: torch.Tensor) -> None:
+        gradient = parameter.grad
+        assert gradient is not None
+        with _collective():
+            dist.all_reduce(gradient)
+        gradient.div_(self.world_size)
+
+    def _reduce_epoch(self, totals: tuple[float, int, int]) -> tuple[float, int, int]:
+        _append(
+            self.agreed.record, {"epoch": self.epoch, "loss_sum": totals[0], "samples": totals[1]}
+        )
+        summed = torch.tensor(totals, dtype=torch.float64)
+        with _collective():
+            dist.all_reduce(summed)
+        loss_sum, seen, trained = summed.tolist()
+        return loss_sum, int(seen), int(trained)
+
+    def share_weights(self) -> None:
+        """Give every rank rank 0's parameters and buffers (after a restore, before training)."""
+        with _collective(), torch.no_grad():
+            for tensor in self.model.state_dict().values():
+                dist.broadcast(tensor, src=0)
+
+    def run(self) -> RunResult:
+        try:
+            self.share_weights()
+        except RanksLost as error:
+            return self._lost(error)
+        result = super().run()
+        failure = result.error or {}
+        if result.outcome is Outcome.FAILED and failure.get("type") == RanksLost.__name__:
+            return self._lost(RanksLost(str(failure.get("message"))))
+        return result
+
+    def _lost(self, error: RanksLost) -> RunResult:
+        """Another rank is gone: wait for the agent to end this one (it names the rank that
+        failed first); if it does not, end without reporting a result of this rank's own."""
+        logger.error("rank %d: %s", self.rank, error)
+        deadline = time.monotonic() + PEER_GRACE_SECONDS
+        channel = self.agreed.channel
+        while time.monotonic() < deadline and not (channel.closed or self.end_requested.is_set()):
+            time.sleep(0.05)
+        os._exit(1)

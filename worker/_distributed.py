@@ -1,0 +1,182 @@
+"""A distributed job's processes: its worker process is torch's elastic agent (the launch API
+``torch.distributed.run`` uses), which forks the job's ranks on this host and tears them all
+down when one fails; rank 0 is the job's worker (it connects to the server with the job's
+credential and publishes the job's events), the other ranks publish nothing. How the ranks
+agree on commands and figures is ``worker/_agreement.py``; ``docs/DISTRIBUTED.md`` tells it
+whole.
+
+The supervisor supervises the agent as it does any worker: a signal to the agent reaches every
+rank (the agent forwards SIGTERM; a rank gets SIGKILL when the agent dies, whatever killed it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import functools
+import logging
+import os
+import signal
+import sys
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from trainbus.bus import ControlChannel, EventBus
+
+from ._agreement import DistributedTrainer
+from ._runs import RESUME_STATE_FILE, _load_kept_state
+from ._spec import JobSpec
+from ._worker_process import EXIT_INTERRUPTED, WorkerSetup, _run
+
+__all__ = ["EXIT_RANK_FAILED", "FAILURE_FILE", "rank_failure", "run_agent"]
+
+logger = logging.getLogger(__name__)
+
+EXIT_RANK_FAILED = 4
+"""The agent's exit code when a rank failed and the agent ended the others."""
+
+FAILURE_FILE = "ranks/failure.txt"
+"""Where the agent says, in the job's folder, which rank failed first and how."""
+
+RENDEZVOUS_ENDPOINT = "localhost:0"
+"""The ranks meet at the agent's own store on a free loopback port."""
+
+COLLECTIVE_TIMEOUT = timedelta(minutes=5)
+"""How long a collective may wait for a rank: longer than anything rank 0 does between two
+batches (a checkpoint, the controllers' decision at an epoch's end)."""
+
+_PR_SET_PDEATHSIG = 1
+
+
+def rank_failure(job_dir: Path) -> str | None:
+    """What the agent of the job's last run said about the rank that failed (None: none)."""
+    try:
+        return (job_dir / FAILURE_FILE).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def run_agent(setup: WorkerSetup) -> int:
+    """Run the job's ranks under torch's elastic agent until they end; the worker's exit
+    code (rank 0's, or :data:`EXIT_RANK_FAILED`)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    distributed = setup.spec["distributed"]
+    ranks = int(distributed["nproc_per_node"])
+    failure = setup.job_dir / FAILURE_FILE
+    failure.parent.mkdir(parents=True, exist_ok=True)
+    failure.unlink(missing_ok=True)
+    # the agent's and the ranks' temporary files (torchelastic_*) stay in the job's folder
+    temporary = setup.job_dir / "tmp"
+    temporary.mkdir(exist_ok=True)
+    os.environ["TMPDIR"] = str(temporary)
+    tempfile.tempdir = None
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=ranks,
+        run_id=setup.job_id,
+        rdzv_backend="c10d",
+        rdzv_endpoint=RENDEZVOUS_ENDPOINT,
+        max_restarts=0,
+        monitor_interval=0.1,
+        start_method="fork",  # the agent has torch and trainbus imported: ranks start at once
+        signals_to_handle="SIGTERM,SIGINT",
+    )
+    try:
+        returned = elastic_launch(config, _rank_main)(setup)
+    except ChildFailedError as error:
+        rank, first = error.get_first_failure()
+        if first.exitcode < 0:
+            how = f"was killed by {first.signal_name()}"
+        else:
+            how = f"exited with code {first.exitcode}"
+        message = f"rank {rank} of {ranks} (pid {first.pid}) {how}; the agent ended the other ranks"
+        logger.error("job %s: %s", setup.job_id, message)
+        failure.write_text(message + "\n")
+        return EXIT_RANK_FAILED
+    except SignalException as error:
+        logger.warning("job %s: the agent got signal %s", setup.job_id, error.sigval)
+        return EXIT_INTERRUPTED
+    code = returned.get(0)
+    return code if isinstance(code, int) else 0
+
+
+def _rank_main(setup: WorkerSetup) -> int:
+    """One rank: rank 0 runs as the job's worker, the others train alongside it."""
+    import torch.distributed as dist
+
+    _die_with_agent()
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    distributed = setup.spec["distributed"]
+    ranks = int(distributed["nproc_per_node"])
+    spec = dict(setup.spec)
+    threads = spec.get("torch_threads")
+    if isinstance(threads, int):  # the job's share of the cores, split between its ranks
+        spec["torch_threads"] = max(1, threads // ranks)
+    visible = [part for part in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if part]
+    if len(visible) >= ranks:  # one CUDA device for each rank
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible[local_rank]
+    setup = dataclasses.replace(setup, spec=spec)
+    if rank != 0:  # these ranks end through rank 0, or when the others are gone (below)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    dist.init_process_group(distributed["backend"], timeout=COLLECTIVE_TIMEOUT)
+    trainer_type = functools.partial(DistributedTrainer, job_dir=setup.job_dir)
+    if rank == 0:
+        return anyio.run(_run, setup, trainer_type)
+    return anyio.run(_follow, setup)
+
+
+async def _follow(setup: WorkerSetup) -> int:
+    """A rank other than 0: train with the job's spec, publishing nothing, and apply the
+    commands rank 0 broadcasts."""
+    spec = JobSpec.model_validate(setup.spec)
+    state = _resume_state(setup) if setup.resumed else None
+    async with EventBus() as bus:
+        channel = ControlChannel(setup.job_id)
+        trainer = await anyio.to_thread.run_sync(
+            lambda: DistributedTrainer(
+                job_id=setup.job_id,
+                spec=spec,
+                bus=bus,
+                control=channel,
+                job_dir=setup.job_dir,
+                data_dir=setup.data_dir,
+                fit_epoch_end_timeout=setup.fit_epoch_end_timeout,
+            )
+        )
+        # the agent's SIGTERM ends this rank only through rank 0 (a stop or an interrupt
+        # that every rank agrees on), or at once when the other ranks are gone
+        signal.signal(signal.SIGTERM, lambda *_: trainer.end_requested.set())
+        if state is not None:
+            trainer.load_state_dict(state)
+        result = await anyio.to_thread.run_sync(trainer.run)
+    logger.info("rank %d ended %s", trainer.rank, result.outcome.value)
+    return 0
+
+
+def _resume_state(setup: WorkerSetup) -> dict[str, Any] | None:
+    """The state rank 0 resumes from, read before rank 0 may remove it."""
+    state = _load_kept_state(setup.job_dir / RESUME_STATE_FILE)
+    if state is None and setup.checkpoint_loader is not None:
+        state = setup.checkpoint_loader(setup.job_id, setup.job_dir)
+    return state
+
+
+def _die_with_agent() -> None:
+    """Get SIGKILL when the agent dies, however it died: no rank outlives its job's agent."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the agent died before the request took hold
+        os._exit(1)
