@@ -352,6 +352,7 @@ async def default_runtime(settings: Settings, bus: EventBus) -> AsyncIterator[Ru
         checkpoint_loader=latest_valid_state,
         stop_grace_seconds=settings.stop_grace_seconds,
         memory_limit_bytes=settings.worker_memory_limit_bytes,
+        rendezvous=settings.distributed_rendezvous,
         durable=durable,
         mark_of=store.worker_mark,
     )

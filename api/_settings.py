@@ -218,6 +218,12 @@ class Settings(BaseSettings):
         description="Seconds a stopped job's worker may take to stop at a batch boundary "
         "before it gets SIGTERM, and then SIGKILL.",
     )
+    distributed_rendezvous: str = Field(
+        default="localhost:0",
+        pattern=r"^[A-Za-z0-9._-]+:[0-9]{1,5}$",
+        description="host:port where the ranks of a distributed job meet (the store of its "
+        "elastic agent); port 0: a free port for each job.",
+    )
     run_lost_seconds: float = Field(
         default=120.0,
         gt=0,

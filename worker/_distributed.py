@@ -31,6 +31,7 @@ from trainbus.bus import ControlChannel, EventBus
 from ._agreement import DistributedTrainer
 from ._runs import RESUME_STATE_FILE, _load_kept_state
 from ._spec import JobSpec
+from ._trainer import Outcome
 from ._worker_process import EXIT_INTERRUPTED, WorkerSetup, _run
 
 __all__ = ["EXIT_RANK_FAILED", "FAILURE_FILE", "rank_failure", "run_agent"]
@@ -42,9 +43,6 @@ EXIT_RANK_FAILED = 4
 
 FAILURE_FILE = "ranks/failure.txt"
 """Where the agent says, in the job's folder, which rank failed first and how."""
-
-RENDEZVOUS_ENDPOINT = "localhost:0"
-"""The ranks meet at the agent's own store on a free loopback port."""
 
 COLLECTIVE_TIMEOUT = timedelta(minutes=5)
 """How long a collective may wait for a rank: longer than anything rank 0 does between two
@@ -84,7 +82,7 @@ def run_agent(setup: WorkerSetup) -> int:
         nproc_per_node=ranks,
         run_id=setup.job_id,
         rdzv_backend="c10d",
-        rdzv_endpoint=RENDEZVOUS_ENDPOINT,
+        rdzv_endpoint=setup.rendezvous,
         max_restarts=0,
         monitor_interval=0.1,
         start_method="fork",  # the agent has torch and trainbus imported: ranks start at once
@@ -161,6 +159,11 @@ async def _follow(setup: WorkerSetup) -> int:
             trainer.load_state_dict(state)
         result = await anyio.to_thread.run_sync(trainer.run)
     logger.info("rank %d ended %s", trainer.rank, result.outcome.value)
+    if result.outcome is Outcome.FAILED:  # the agent names this rank and ends the others
+        error = result.error or {}
+        raise RuntimeError(
+            f"rank {trainer.rank} failed: {error.get('type')}: {error.get('message')}"
+        )
     return 0
 
 

@@ -384,6 +384,13 @@ class JobManager:
                 )
         else:
             check_runtime(spec)  # e.g. a CUDA device on a server without one: refused (422)
+            if spec.distributed is not None and (
+                self.supervisor is None or self.supervisor.processes is None
+            ):
+                raise SpecError(
+                    "a distributed job runs its ranks in worker processes, and this server "
+                    "runs jobs on threads (setting run_jobs_in: use 'process')"
+                )
             if self.memory_limit is not None:
                 await self._check_memory(spec, self.memory_limit)
         if self.devices is not None:  # more devices than the server has: refused now (422)

@@ -295,15 +295,15 @@ class DistributedSpec(BaseModel):
     nproc_per_node: Int = Field(
         ge=1, le=64, description="Ranks (processes) of the job; it holds one device slot for each."
     )
-    nnodes: Int = Field(default=1, ge=1, description="Hosts of the job: 1 (this server's).")
+    nnodes: Int = Field(default=1, ge=1, le=1, description="Hosts of the job: 1 (this server's).")
     backend: Literal["gloo", "nccl"] = Field(
         default="gloo", description="gloo (CPU or CUDA) or nccl (CUDA, one device per rank)."
     )
 
-    @field_validator("nnodes")
+    @field_validator("nnodes", mode="before")
     @classmethod
-    def _one_host(cls, nnodes: int) -> int:
-        if nnodes != 1:
+    def _one_host(cls, nnodes: Any) -> Any:
+        if isinstance(nnodes, int) and not isinstance(nnodes, bool) and nnodes > 1:
             raise ValueError(
                 f"nnodes is {nnodes}, but a distributed job runs on one host for now: set "
                 "nnodes to 1 (or leave it out) and the ranks with nproc_per_node"

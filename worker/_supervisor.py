@@ -61,6 +61,7 @@ class WorkerSupervisor:
         and SIGTERM before SIGKILL.
     :param processes: where worker processes come from (None: this supervisor only follows
         SDK runs, whose processes are the users').
+    :param rendezvous: ``host:port`` where a distributed job's ranks meet (port 0: a free one).
     :param durable: acknowledges a worker's events only once the event store holds them
         (see ``worker/_link.py``); ``mark_of`` reads back how far it holds a job's worker.
     """
@@ -80,7 +81,9 @@ class WorkerSupervisor:
         memory_limit_bytes: int | None = None,
         durable: Durable | None = None,
         mark_of: Callable[[str], tuple[str, int] | None] | None = None,
+        rendezvous: str = "localhost:0",
     ) -> None:
+        self.rendezvous = rendezvous
         self.bus = bus
         self.durable = durable
         self.mark_of = mark_of
@@ -180,6 +183,7 @@ class WorkerSupervisor:
             environment=dict(environment or {}),
             subscriber_factory=self.subscriber_factory,
             checkpoint_loader=self.checkpoint_loader,
+            rendezvous=self.rendezvous,
             memory_limit_bytes=self._memory_limit(job_id, spec, environment or {}),
         )
         try:

@@ -78,6 +78,8 @@ class WorkerSetup:
     """Set before the job starts (its devices: ``CUDA_VISIBLE_DEVICES``)."""
     subscriber_factory: WorkerFactory | None = None
     checkpoint_loader: CheckpointLoader | None = None
+    rendezvous: str = "localhost:0"
+    """Where a distributed job's ranks meet (``host:port``; port 0: a free one)."""
     memory_limit_bytes: int | None = None
     """The process's address-space limit (``RLIMIT_AS``); past it allocations fail."""
     server_pid: int = field(default_factory=os.getpid)

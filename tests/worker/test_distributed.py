@@ -17,6 +17,7 @@ from typing import Any
 
 import psutil
 import pytest
+import torch
 
 from tests.api.server import LiveServer, make_settings, run_server
 from trainbus.api import TrainbusClient, create_app
@@ -50,6 +51,7 @@ def server(data_dir: Path) -> Iterator[LiveServer]:
         run_jobs_in="process",
         stop_grace_seconds=5.0,
         devices=["cpu:2"],
+        distributed_rendezvous="127.0.0.1:0",
         resource_interval_seconds=60.0,
     )
     with run_server(create_app(settings), settings) as live:
@@ -148,6 +150,54 @@ def test_pause_resume_and_stop_take_effect_on_both_ranks_at_the_same_step(
     assert stopped_at == record["step"]
 
 
+def test_early_stopping_in_rank_0_ends_every_rank_at_the_same_step(
+    server: LiveServer, data_dir: Path
+) -> None:
+    spec = {
+        **SPEC,
+        "epochs": 5,
+        "early_stop": {"enabled": True, "monitor": "val_accuracy", "mode": "max",
+                       "stopping_threshold": 0.05},
+    }  # fmt: skip
+    with TrainbusClient(server.url, server.token) as client:
+        job_id = client.submit(spec)["id"]
+        record = _wait(client, job_id, ENDED)
+    assert record["state"] == "completed", record
+    assert "threshold" in (record["stop_reason"] or ""), record
+    stops = [
+        [(e["applied"], e["step"]) for e in _rank_records(data_dir, job_id, r) if "applied" in e]
+        for r in (0, 1)
+    ]
+    assert stops[0] == stops[1] == [("stop", record["step"])]
+    assert record["epoch"] == 1  # it ended after its first epoch
+
+
+def test_a_stopped_two_rank_job_resumed_ends_with_the_weights_of_one_never_stopped(
+    server: LiveServer, tmp_path: Path
+) -> None:
+    spec = {**SPEC, "epochs": 6, "batch_size": 16}
+    with TrainbusClient(server.url, server.token) as client:
+        straight = client.submit(spec)["id"]
+        interrupted = client.submit(spec)["id"]
+        _wait(client, interrupted, {"running"}, past_step=3)
+        client.stop(interrupted)
+        stopped = _wait(client, interrupted, ENDED)
+        assert stopped["state"] == "stopped", stopped
+        client.resume(interrupted)
+        records = [_wait(client, job, ENDED) for job in (straight, interrupted)]
+        assert [r["state"] for r in records] == ["completed", "completed"], records
+        assert 0 < stopped["step"] < records[1]["step"] == records[0]["step"]
+        weights = [
+            torch.load(
+                client.download_checkpoint(r["id"], r["checkpoint"], tmp_path / r["id"]),
+                weights_only=True,
+            )["model"]
+            for r in records
+        ]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
 def test_a_killed_rank_fails_the_job_naming_it_and_leaves_no_process(
     server: LiveServer, data_dir: Path
 ) -> None:
@@ -185,8 +235,22 @@ def test_a_killed_rank_fails_the_job_naming_it_and_leaves_no_process(
 def test_a_distributed_section_the_server_cannot_run_is_refused_with_what_to_fix(
     server: LiveServer, distributed: dict[str, Any], extra: dict[str, Any], says: str
 ) -> None:
-    with TrainbusClient(server.url, server.token) as client:
-        with pytest.raises(HTTPStatusError) as refused:
-            client.submit({**SPEC, **extra, "distributed": distributed})
+    with (
+        TrainbusClient(server.url, server.token) as client,
+        pytest.raises(HTTPStatusError) as refused,
+    ):
+        client.submit({**SPEC, **extra, "distributed": distributed})
     assert refused.value.status == 422
     assert says in str(refused.value.detail)
+
+
+def test_a_server_that_runs_jobs_on_threads_refuses_a_distributed_job(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "data", run_jobs_in="thread", devices=["cpu:2"])
+    with (
+        run_server(create_app(settings), settings) as live,
+        TrainbusClient(live.url, live.token) as client,
+        pytest.raises(HTTPStatusError) as refused,
+    ):
+        client.submit(SPEC)
+    assert refused.value.status == 422
+    assert "run_jobs_in: use 'process'" in str(refused.value.detail)
