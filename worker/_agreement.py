@@ -99,7 +99,7 @@ class AgreedControl:
     def pending(self) -> bool:
         """Whether rank 0 has commands: a collective, so every rank asks at the same step."""
         flag = self._flag
-        flag[0] = int(self._rank == 0 and (self._channel.pending or self._channel.closed))
+        flag[0] = int(self._rank == 0 and self._channel.pending)
         with _collective():
             dist.broadcast(flag, src=0)
         return bool(flag[0])

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import sys
 import time
@@ -198,8 +197,23 @@ def test_a_stopped_two_rank_job_resumed_ends_with_the_weights_of_one_never_stopp
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
 
 
-def test_a_killed_rank_fails_the_job_naming_it_and_leaves_no_process(
-    server: LiveServer, data_dir: Path
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.parametrize(
+    ("killed", "says"),
+    [
+        ("rank 1", "rank 1 of 2 (pid"),
+        ("rank 0", "rank 0 of 2 (pid"),  # the job's own worker
+        ("agent", "the worker process was killed by SIGKILL"),
+    ],
+)
+def test_a_killed_rank_or_agent_fails_the_job_naming_it_and_leaves_no_process(
+    server: LiveServer, data_dir: Path, killed: str, says: str
 ) -> None:
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     with TrainbusClient(server.url, server.token) as client:
@@ -209,13 +223,14 @@ def test_a_killed_rank_fails_the_job_naming_it_and_leaves_no_process(
         ranks = [_rank_process(data_dir, job_id, rank) for rank in (0, 1)]
         assert {rank.pid for rank in ranks} == {child.pid for child in agent.children()}
         job_processes = [agent, *ranks]
-        os.kill(ranks[1].pid, signal.SIGKILL)
+        victim = agent if killed == "agent" else ranks[int(killed[-1])]
+        victim.send_signal(signal.SIGKILL)
         record = _wait(client, job_id, ENDED)
     assert record["state"] == "failed", record
     message = record["error"]["message"]
-    assert "rank 1 of 2" in message and "SIGKILL" in message, record["error"]
+    assert says in message and "SIGKILL" in message, record["error"]
     deadline = time.monotonic() + 10
-    while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in job_processes):
+    while any(_alive(process) for process in job_processes):
         assert time.monotonic() < deadline, job_processes
         time.sleep(0.05)  # polling interval, bounded by the deadline
     after = {p.pid for p in psutil.Process().children(recursive=True)}
