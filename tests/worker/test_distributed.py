@@ -269,3 +269,36 @@ def test_a_server_that_runs_jobs_on_threads_refuses_a_distributed_job(tmp_path: 
         client.submit(SPEC)
     assert refused.value.status == 422
     assert "run_jobs_in: use 'process'" in str(refused.value.detail)
+
+
+def test_a_server_that_shuts_down_interrupts_a_distributed_job_which_resumes_after(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    spec = {**LONG, "epochs": 8}
+    settings = make_settings(data, run_jobs_in="process", devices=["cpu:2"])
+    with (
+        run_server(create_app(settings), settings) as live,
+        TrainbusClient(live.url, live.token) as client,
+    ):
+        job_id = client.submit(spec)["id"]
+        _wait(client, job_id, {"running"}, past_step=3)
+        agent = _agent(live, job_id)
+        job_processes = [agent, *(_rank_process(data, job_id, rank) for rank in (0, 1))]
+    # every rank saved and ended with the server: nothing of the job is left
+    assert not any(_alive(process) for process in job_processes)
+    shutdown = [
+        [(e["applied"], e["step"]) for e in _rank_records(data, job_id, r) if "applied" in e]
+        for r in (0, 1)
+    ]
+    assert shutdown[0] == shutdown[1] and [kind for kind, _ in shutdown[0]] == ["pause"]
+    settings = make_settings(data, run_jobs_in="process", devices=["cpu:2"])
+    with (
+        run_server(create_app(settings), settings) as live,
+        TrainbusClient(live.url, live.token) as client,
+    ):
+        assert client.job(job_id)["state"] == "interrupted"
+        client.resume(job_id)
+        record = _wait(client, job_id, ENDED)
+    assert record["state"] == "completed", record
+    assert record["epoch"] == spec["epochs"]
