@@ -1,7 +1,10 @@
 """Distributed jobs through a real server: the job's worker process is torch's elastic agent
 with two gloo ranks on the CPU; rank 0 reports the job. A 2-rank job completes with figures
-over both ranks; a stop and a pause from the API take effect on both ranks at the same step;
-a rank killed fails the job naming it, and no process of the job is left."""
+over both ranks; pause, resume, set_lr, save and stop from the API, and early stopping in rank
+0, take effect on both ranks at the same step; a stopped job resumed ends with the weights of
+one never stopped; a server that shuts down interrupts the job, which resumes after; a rank
+(or the agent) killed fails the job naming it, and no process of the job is left; a
+distributed section the server cannot run is refused with what to fix."""
 
 from __future__ import annotations
 
@@ -115,7 +118,7 @@ def test_a_two_rank_job_completes_with_figures_over_both_ranks(
     assert fit_ends[-1]["metrics"]["val_accuracy"] > 0.5
 
 
-def test_pause_resume_and_stop_take_effect_on_both_ranks_at_the_same_step(
+def test_commands_from_the_api_take_effect_on_both_ranks_at_the_same_step(
     server: LiveServer, data_dir: Path
 ) -> None:
     with TrainbusClient(server.url, server.token) as client:
@@ -125,7 +128,10 @@ def test_pause_resume_and_stop_take_effect_on_both_ranks_at_the_same_step(
         paused = _wait(client, job_id, {"paused"})
         time.sleep(2.5)  # held past a few of the ranks' exchanges while paused
         client.resume(job_id)
-        _wait(client, job_id, {"running"}, past_step=paused["step"] + 3)
+        running = _wait(client, job_id, {"running"}, past_step=paused["step"] + 3)
+        client.set_lr(job_id, 0.0005)
+        client.save(job_id)
+        _wait(client, job_id, {"running"}, past_step=running["step"] + 3)
         client.stop(job_id)
         record = _wait(client, job_id, ENDED)
         events = client.events(job_id)
@@ -135,16 +141,17 @@ def test_pause_resume_and_stop_take_effect_on_both_ranks_at_the_same_step(
          if "applied" in e]
         for r in (0, 1)
     ]  # fmt: skip
-    assert [kind for kind, _, _ in applied[0]] == ["pause", "resume", "stop"]
+    assert [kind for kind, _, _ in applied[0]] == ["pause", "resume", "set_lr", "save", "stop"]
     assert applied[0] == applied[1]
     # the acknowledgements name the step every rank applied the command at
     acknowledged = {
         e["data"]["command_id"]: e["data"]["step"]
         for e in events
-        if e["type"] in ("job_paused", "job_resumed", "job_stopping")
+        if e["type"] in ("job_paused", "job_resumed", "lr_changed", "model_save", "job_stopping")
+        and "command_id" in e["data"]
     }
     assert {command: step for _, command, step in applied[0]} == acknowledged
-    (_, _, paused_at), (_, _, resumed_at), (_, _, stopped_at) = applied[0]
+    (_, _, paused_at), (_, _, resumed_at), _, _, (_, _, stopped_at) = applied[0]
     assert resumed_at == paused_at  # no rank trained while paused
     assert stopped_at == record["step"]
 
