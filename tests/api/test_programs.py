@@ -6,42 +6,25 @@ job's downloadable log file."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import free_port, serve_command
+from tests.served import TOKEN, Served, serve
 from trainbus.api import TrainbusClient
 from trainbus.worker._output import LogLimits
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 EXAMPLE = REPOSITORY / "examples" / "trainbus-plugin-example"
-TOKEN = "programs-test-token-0123"
 LIMITS = LogLimits()
 STOP_GRACE_SECONDS = 1.5
-
-
-@dataclass
-class Served:
-    url: str
-    data_dir: Path
-
-    def client(self) -> TrainbusClient:
-        return TrainbusClient(self.url, TOKEN)
-
-    def get(self, path: str, token: str | None = TOKEN) -> httpx.Response:
-        headers = {} if token is None else {"Authorization": f"Bearer {token}"}
-        return httpx.get(self.url + path, headers=headers, timeout=10)
 
 
 def _install(site: Path, scratch: Path) -> None:
@@ -71,36 +54,14 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     scratch = tmp_path_factory.mktemp("programs")
     site = scratch / "site"
     _install(site, scratch)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINBUS_")}
-    env.update(
-        PYTHONPATH=os.pathsep.join([str(site), str(REPOSITORY)]),
-        TRAINBUS_RESOURCE_INTERVAL_SECONDS="60",
-        TRAINBUS_MAX_RUNNING_JOBS="4",
-        TRAINBUS_STOP_GRACE_SECONDS=str(STOP_GRACE_SECONDS),
-    )
-    port = free_port()
-    data_dir = scratch / "data"
-    server = subprocess.Popen(serve_command(port, data_dir, TOKEN), env=env, cwd=scratch)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert server.poll() is None, "the server exited"
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.1)  # polling interval while the server starts, bounded by deadline
-        yield Served(url, data_dir)
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+    with serve(
+        scratch / "data",
+        site,
+        resource_interval_seconds="60",
+        max_running_jobs="4",
+        stop_grace_seconds=str(STOP_GRACE_SECONDS),
+    ) as served:
+        yield served
 
 
 def _next(events: Iterator[dict[str, Any]], wanted: str, **data: Any) -> dict[str, Any]:

@@ -20,8 +20,8 @@ import psutil
 import pytest
 
 from tests.api.server import LiveServer, make_settings, run_server
+from tests.served import Served, serve
 from tests.worker._faulty_models import install
-from tests.worker._served import Served, serve
 from trainbus.api import TrainbusClient, create_app
 from trainbus.api.client import HTTPStatusError
 

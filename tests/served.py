@@ -20,7 +20,7 @@ import psutil
 from tests.conftest import free_port
 from trainbus.api import TrainbusClient
 
-ROOT = Path(__file__).parents[2]
+ROOT = Path(__file__).parents[1]
 TOKEN = "served-test-token-0123456789"
 
 
@@ -29,6 +29,7 @@ class Served:
     process: subprocess.Popen[bytes]
     url: str
     log: Path
+    data_dir: Path
 
     @property
     def pid(self) -> int:
@@ -40,6 +41,10 @@ class Served:
     @property
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {TOKEN}"}
+
+    def get(self, path: str, token: str | None = TOKEN) -> httpx.Response:
+        headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+        return httpx.get(self.url + path, headers=headers, timeout=10)
 
     def metrics(self) -> str:
         response = httpx.get(self.url + "/metrics", headers=self.headers, timeout=10)
@@ -71,7 +76,7 @@ def serve(data_dir: Path, site: Path | None = None, **settings: str) -> Iterator
              "--data-dir", str(data_dir), "--log-level", "warning"],
             env=environment, stdout=output, stderr=subprocess.STDOUT, cwd=ROOT,
         )  # fmt: skip
-    served = Served(process, f"http://127.0.0.1:{port}", log)
+    served = Served(process, f"http://127.0.0.1:{port}", log, data_dir)
     try:
         deadline = time.monotonic() + 90
         while True:
