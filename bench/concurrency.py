@@ -44,6 +44,7 @@ SPEC: dict[str, Any] = {
 
 BARE = """
 import sys, time, torch
+import torch._dynamo  # as the fork server has it: a process's first optimizer step imports it
 from trainbus.worker import JobSpec, default_registry
 spec = JobSpec.model_validate_json(sys.argv[1])
 torch.set_num_threads(1)
