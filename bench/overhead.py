@@ -49,9 +49,11 @@ from _server import serve
 
 TOKEN = "bench-overhead-token-0123456789"
 
+# each sized so that the bare run of the default 3 epochs takes a second or more on this
+# machine: a shorter one lets fixed costs (a checkpoint an epoch) pass for per-step ones
 WORKLOADS: dict[str, dict[str, int]] = {
-    "tiny": {"batch_size": 64, "hidden": 64, "samples": 20_000},
-    "typical": {"batch_size": 256, "hidden": 1024, "samples": 20_000},
+    "tiny": {"batch_size": 64, "hidden": 64, "samples": 160_000},
+    "typical": {"batch_size": 256, "hidden": 1024, "samples": 64_000},
     # epochs of about half a second or more, as real jobs have: the every-subscriber run
     # (a checkpoint each epoch) is the figure to read
     "realistic": {"batch_size": 256, "hidden": 1024, "samples": 128_000},
