@@ -111,11 +111,17 @@ def event_type_for(name: str | EventType) -> EventType:
     """
     if isinstance(name, EventType):
         return name
-    value = name[3:] if name.startswith("on_") else name
-    try:
-        return EventType(value)
-    except ValueError:
-        raise UnknownEventName(name, sorted(t.value for t in EventType)) from None
+    found = _BY_NAME.get(name) if isinstance(name, str) else None
+    if found is None:
+        raise UnknownEventName(name, sorted(t.value for t in EventType))
+    return found
+
+
+# a dict, not EventType(value): the server looks up every event a worker sends
+_BY_NAME: dict[str, EventType] = {
+    **{f"on_{event_type.value}": event_type for event_type in EventType},
+    **{event_type.value: event_type for event_type in EventType},
+}
 
 
 def event_types(names: Iterable[str | EventType] | None) -> frozenset[EventType] | None:

@@ -239,7 +239,7 @@ def _item(entry: Any) -> Item:
         raise ProtocolError(f"unknown event type {name!r}") from None
     if event_type in SERVER_EVENT_TYPES:
         raise ProtocolError(f"{event_type.value} is the server's to publish, not a worker's")
-    if not isinstance(when, int | float) or not math.isfinite(when):
+    if not isinstance(when, (int, float)) or not math.isfinite(when):
         raise ProtocolError("an event's time is a finite number of seconds")
     if not isinstance(data, dict):
         raise ProtocolError("an event's data is a JSON object")
