@@ -67,6 +67,7 @@ bench: $(INSTALLED)
 	$(BIN)/python bench/fanout.py
 	$(BIN)/python bench/interference.py
 	$(BIN)/python bench/dashboard.py
+	$(BIN)/python bench/distributed.py
 
 ## The reliability suite at soak size (more kills, reconnects, schemathesis cases); figures are
 ## appended to reliability-report.jsonl for docs/RELIABILITY.md.
