@@ -21,6 +21,11 @@ on and the events wait in memory (bounded: ``MAX_BACKLOG_EVENTS``, after which t
 at its next publish until the server is back, so that nothing is lost); the bridge reconnects
 for as long as the process runs, attaches again to a restarted server, and sends what the
 server does not have yet: the job's stream stays gap-free, with no duplicate.
+
+Under ``torchrun`` (``torch.distributed`` initialised, more than one process): rank 0
+attaches and publishes; the other ranks attach nothing and publish nothing, and every rank
+applies rank 0's commands at the same batch boundary (``sdk/_agreement.py``). A single
+process exchanges nothing.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ from trainbus.bus import (
     SubscriberHandle,
 )
 
+from ._agreement import AgreedControl, process_rank
 from ._attach import Attachment, ServerAddress, attach_run
 from ._batch_events import BatchEventBuffer
 from ._bridge import ServerBridge
@@ -179,7 +185,11 @@ class Run:
         self._bridge_task: Future[None] | None = None
         self._bridge_scope: anyio.CancelScope | None = None
         self._batches: BatchEventBuffer | None = None
-        self._control: ControlChannel | None = None
+        self._channel: ControlChannel | None = None
+        self._control: ControlChannel | AgreedControl | None = None
+        """What the loop takes commands from: the run's channel, or, under ``torchrun``,
+        rank 0's commands as every rank agrees on them."""
+        self._rank: int | None = None
         self._launched: Attachment | None = None
 
     @classmethod
@@ -222,11 +232,17 @@ class Run:
         :raises ServerUnreachable: if no server answered within ``connect_timeout``.
         :raises RunRefused: if the server refused the run.
         """
-        if self._portal is not None:
+        if self._portal is not None or self._control is not None:
             return self
         from_step = self._restore()
         if first_epoch is not None:
             self.epoch = self._first_epoch = first_epoch
+        self._rank = process_rank()
+        if self._follower:  # rank 0 reports the run; this rank follows its commands
+            assert self._rank is not None
+            self._control = AgreedControl(None, rank=self._rank)
+            atexit.register(self._at_exit)
+            return self
         request = {**self._request, **({} if from_step is None else {"from_step": from_step})}
         attachment = self._launched or attach_run(
             self.server, self.run_id, request, timeout=self.connect_timeout
@@ -295,7 +311,10 @@ class Run:
         bus = self._stack.enter_context(portal.wrap_async_context_manager(EventBus()))
         self._bus = bus
         job_id = attachment.job_id
-        self._control = ControlChannel(job_id, publish=self._publish_applied)
+        self._channel = ControlChannel(job_id, publish=self._publish_applied)
+        self._control = self._channel
+        if self._rank is not None:
+            self._control = AgreedControl(self._channel, rank=self._rank)
         bridge = portal.call(self._new_bridge, attachment)
         self._bridge = bridge
         self._bridge_task = portal.start_task_soon(self._run_bridge, bridge)
@@ -308,12 +327,12 @@ class Run:
             await bridge.run()
 
     def _new_bridge(self, attachment: Attachment) -> ServerBridge:
-        assert self._control is not None
+        assert self._channel is not None
         bridge = ServerBridge(
             job_id=attachment.job_id,
             url=self.server.worker_url(attachment.job_id),
             token=attachment.worker_token,
-            control=self._control,
+            control=self._channel,
             progress=lambda: {"step": self.step, "epoch": self.epoch, "paused": self.paused},
             first_connect_timeout=self.connect_timeout,
             # the user's process: keep trying while it runs (a launched one ends with its server)
@@ -338,8 +357,13 @@ class Run:
         logger.warning("run %s: %s; the run stops", self.run_id, bridge.refused)
         self.should_stop = True
         self.stop_reason = bridge.refused
-        if self._control is not None:
-            self._control.close()
+        if self._channel is not None:
+            self._channel.close()
+
+    @property
+    def _follower(self) -> bool:
+        """Whether this process is a rank other than 0 (it reports nothing)."""
+        return self._rank is not None and self._rank != 0
 
     def _device(self) -> str:
         if self.model is None:
@@ -392,7 +416,7 @@ class Run:
         self.step = self.step + 1 if step is None else step
         self._batch_in_epoch += 1
         self._batch_logged = True
-        if batch % self.batch_events_every:
+        if batch % self.batch_events_every or self._follower:
             return
         if loss is None:
             value = math.nan
@@ -432,9 +456,9 @@ class Run:
             EventType.FIT_EPOCH_END,
             {"epoch": self.epoch, "step": self.step, "metrics": dict(self.metrics)},
         )
-        if self._controlled:
+        if self._controlled and event is not None:
             self._wait_for_controllers(event)
-        self.check()
+        self.check()  # under torchrun every rank takes the controllers' decision here
         last = self.total_epochs is not None and self.epoch + 1 >= self.total_epochs
         if self.epoch_checkpoints and not last and not self.should_stop:
             self.save("epoch_end")
@@ -539,7 +563,7 @@ class Run:
             self._batches.flush()
         if self.on_save is not None:
             self.on_save(self.step, reason)
-        elif self.checkpoint_folder is not None:
+        elif self.checkpoint_folder is not None and not self._follower:
             state: dict[str, Any] = {
                 "model": self.model.state_dict(),
                 "epoch": self.epoch,
@@ -581,10 +605,16 @@ class Run:
         """End the run: ``completed`` (or ``stopped`` after a stop from the API), ``failed``
         with ``error``, or ``interrupted`` (resumable with the same run id). Waits up to
         ``finish_timeout`` for the server to have every event; whether it confirmed."""
-        if self._finished or self._portal is None:
+        if self._finished or (self._portal is None and not self._follower):
             return False
         self._finished = True
         atexit.unregister(self._at_exit)
+        if self._follower:
+            completed = (outcome or self._outcome()) == "completed"
+            if completed and self.epoch_checkpoints and self.on_save is not None:
+                # as rank 0 does: the user's hook may be a collective
+                self.on_save(self.step, "stop" if self.should_stop else "end")
+            return False
         try:
             outcome = outcome or self._outcome()
             details: dict[str, Any] = {}
@@ -660,7 +690,9 @@ class Run:
                     self._bridge_task.result(timeout=10)
         return delivered
 
-    def _emit(self, event_type: EventType, data: dict[str, Any]) -> Event:
+    def _emit(self, event_type: EventType, data: dict[str, Any]) -> Event | None:
+        if self._follower:
+            return None
         bus, job_id = self._bus, self.job_id
         assert bus is not None and job_id is not None, "start the run first"
         if self._batches is not None:
@@ -670,7 +702,9 @@ class Run:
     def _publish_applied(
         self, job_id: str, event_type: EventType, data: Mapping[str, Any]
     ) -> Event:
-        return self._emit(event_type, dict(data))
+        event = self._emit(event_type, dict(data))
+        assert event is not None  # rank 0 or a single process: the only ones with a channel
+        return event
 
     def __enter__(self) -> Run:
         return self.start()

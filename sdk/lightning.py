@@ -16,8 +16,11 @@ after the batch), pause holds the fit after the batch until resume, save calls
 optimizer. Lightning keeps its own checkpoints (``ModelCheckpoint``); to continue a run,
 ``fit(..., ckpt_path=...)`` with the same run id: the job continues from Lightning's step.
 
-Only rank 0 reports (``trainer.is_global_zero``). Imported only when asked for: ``import
-trainbus.sdk`` does not load Lightning.
+With ``strategy="ddp"`` (Lightning's own processes or ``torchrun``) the callback runs on
+every rank: rank 0 (``trainer.is_global_zero``) reports, and every rank applies rank 0's
+commands at the same batch boundary, so ``trainer.should_stop`` is set on all ranks at the
+same step and a save calls ``trainer.save_checkpoint`` on all of them. Imported only when
+asked for: ``import trainbus.sdk`` does not load Lightning.
 """
 
 from __future__ import annotations
@@ -55,8 +58,6 @@ class TrainbusCallback(pl.Callback):
         self._trainer: pl.Trainer | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
         self._trainer = trainer
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None

@@ -3,10 +3,11 @@ shard of the trainer's own epoch order, averages gradients over the ranks, all-r
 epoch figures, and takes commands only as rank 0 broadcasts them, so that every rank applies
 a command at the same step.
 
-At each batch boundary rank 0 broadcasts whether a command is pending (one integer); when one
-is, it broadcasts the commands themselves, and every rank applies them. A paused job holds
-every rank: rank 0 waits for commands at most :data:`PAUSE_POLL_SECONDS` at a time and
-broadcasts what it got (often nothing), so no collective waits longer than that while paused.
+The agreement on commands is the SDK's (``sdk/_agreement.py``, shared with runs of users' own
+code under ``torchrun``): at each batch boundary rank 0 broadcasts whether a command is
+pending (one integer); when one is, it broadcasts the commands themselves. A paused job holds
+every rank: rank 0 waits for commands at most :data:`PAUSE_POLL_SECONDS` at a time, so no
+collective waits longer than that while paused. Each rank also records what it applied.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,9 @@ import torch
 import torch.distributed as dist
 
 from trainbus.bus import Command, ControlChannel
+from trainbus.sdk._agreement import PAUSE_POLL_SECONDS, RanksLost
+from trainbus.sdk._agreement import AgreedControl as _SharedAgreement
+from trainbus.sdk._agreement import collective as _collective
 
 from ._trainer import Outcome, RunResult, Trainer
 
@@ -38,26 +40,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PAUSE_POLL_SECONDS = 1.0
-"""How long rank 0 waits for a command while paused before the ranks exchange again."""
-
 PEER_GRACE_SECONDS = 10.0
 """How long a rank whose collective failed waits for the agent to end it: the agent names the
 rank that failed first, which must not be this one."""
-
-
-class RanksLost(RuntimeError):
-    """Raised when a collective failed: another rank of the job is gone."""
-
-
-@contextmanager
-def _collective() -> Iterator[None]:
-    try:
-        yield
-    except RanksLost:
-        raise
-    except (RuntimeError, ValueError) as error:  # gloo and NCCL raise these for a lost peer
-        raise RanksLost(f"a collective across the job's ranks failed: {error}") from error
 
 
 def rank_record_path(job_dir: Path, rank: int) -> Path:
@@ -73,16 +58,15 @@ def _append(path: Path, entry: dict[str, Any]) -> None:
         record.write(json.dumps(entry) + "\n")
 
 
-class AgreedControl:
+class AgreedControl(_SharedAgreement):
     """The control channel as a rank's trainer sees it: rank 0's commands, agreed by every
-    rank at the same batch boundary. Anything else (sending commands, as an inline callback
-    of rank 0 may) goes to the rank's own channel."""
+    rank at the same batch boundary, each applied one recorded in the rank's record.
+    Anything else (sending commands, as an inline callback of rank 0 may) goes to the rank's
+    own channel."""
 
     def __init__(self, channel: ControlChannel, *, rank: int, job_dir: Path) -> None:
-        self._channel = channel
-        self._rank = rank
-        self._flag = torch.zeros(1, dtype=torch.int64)
-        self._closed = False
+        super().__init__(channel, rank=rank)
+        self._own = channel
         self.record = rank_record_path(job_dir, rank)
         self.record.parent.mkdir(parents=True, exist_ok=True)
         _append(self.record, {"rank": rank, "pid": os.getpid()})
@@ -90,48 +74,16 @@ class AgreedControl:
     @property
     def channel(self) -> ControlChannel:
         """The rank's own channel (rank 0's is the job's)."""
-        return self._channel
+        return self._own
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._channel, name)
-
-    @property
-    def pending(self) -> bool:
-        """Whether rank 0 has commands: a collective, so every rank asks at the same step."""
-        flag = self._flag
-        flag[0] = int(self._rank == 0 and self._channel.pending)
-        with _collective():
-            dist.broadcast(flag, src=0)
-        return bool(flag[0])
-
-    @property
-    def closed(self) -> bool:
-        """Whether rank 0's channel was closed when the ranks last exchanged commands."""
-        return self._closed
-
-    def take(self) -> list[Command]:
-        return self._exchange(self._channel.take() if self._rank == 0 else [])
-
-    def wait(self, timeout: float | None = None) -> list[Command]:
-        """Wait (rank 0) for commands at most :data:`PAUSE_POLL_SECONDS`; every rank gets
-        what it got, possibly nothing."""
-        waited = PAUSE_POLL_SECONDS if timeout is None else min(timeout, PAUSE_POLL_SECONDS)
-        return self._exchange(self._channel.wait(waited) if self._rank == 0 else [])
-
-    def _exchange(self, commands: list[Command]) -> list[Command]:
-        message: list[Any] = [(commands, self._channel.closed) if self._rank == 0 else None]
-        with _collective():
-            dist.broadcast_object_list(message, src=0)
-        agreed, self._closed = message[0]
-        return list(agreed)
+        return getattr(self._own, name)
 
     def applied(self, command: Command, *, step: int, **data: Any) -> Any:
         _append(
             self.record, {"applied": command.kind.value, "command_id": command.id, "step": step}
         )
-        if self._rank == 0:
-            return self._channel.applied(command, step=step, **data)
-        return None
+        return super().applied(command, step=step, **data)
 
 
 class DistributedTrainer(Trainer):
