@@ -178,6 +178,29 @@ def test_early_stopping_in_rank_0_ends_every_rank_at_the_same_step(
     assert record["epoch"] == 1  # it ended after its first epoch
 
 
+def test_two_ranks_train_as_one_process_on_batches_twice_as_large(
+    server: LiveServer, tmp_path: Path
+) -> None:
+    # rank r's batch k is every other sample of the one-process batch k of twice the size, so
+    # averaging the ranks' gradients gives the one-process gradient (1,438 samples: no padding)
+    spec = {**SPEC, "optimizer": {"name": "sgd", "lr": 0.05}, "batch_size": 32}
+    alone = {key: value for key, value in spec.items() if key != "distributed"}
+    with TrainbusClient(server.url, server.token) as client:
+        ids = [client.submit(spec)["id"], client.submit({**alone, "batch_size": 64})["id"]]
+        records = [_wait(client, job_id, ENDED) for job_id in ids]
+        assert [r["state"] for r in records] == ["completed", "completed"], records
+        weights = [
+            torch.load(
+                client.download_checkpoint(r["id"], r["checkpoint"], tmp_path / r["id"]),
+                weights_only=True,
+            )["model"]
+            for r in records
+        ]
+    assert records[0]["step"] == records[1]["step"]
+    for name, tensor in weights[1].items():
+        assert torch.allclose(weights[0][name], tensor, atol=1e-5), name
+
+
 def test_a_stopped_two_rank_job_resumed_ends_with_the_weights_of_one_never_stopped(
     server: LiveServer, tmp_path: Path
 ) -> None:
