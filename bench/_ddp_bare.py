@@ -4,10 +4,11 @@ built-in model and dataset by name, so both sides train the same network on the 
 and how the ranks exchange gradients:
 
 - ``ddp`` (the default): torch's ``DistributedDataParallel``, as a user writes it;
-- ``per-parameter``: trainbus's own exchange without the rest of trainbus: each parameter's
-  gradient all-reduced as soon as backward has accumulated it, and a one-integer broadcast
-  from rank 0 at each batch boundary (``worker/_agreement.py``);
-- ``coalesced``: every gradient in one flat all-reduce after backward, and the same broadcast.
+- ``coalesced``: trainbus's own exchange without the rest of trainbus (``worker/_agreement.py``,
+  for a model under its 25 MiB bucket): every gradient in one flat all-reduce after backward,
+  and a one-integer broadcast from rank 0 at each batch boundary;
+- ``per-parameter``: each parameter's gradient all-reduced as soon as backward has
+  accumulated it, and the same broadcast.
 
 Each rank trains on its shard of the seeded epoch order (padded from its start to a multiple
 of the ranks, every ``world_size``-th index from the rank on, as ``DistributedSampler``
@@ -19,6 +20,7 @@ as JSON, the training loop's wall time (process start, imports, data and model e
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import time
@@ -32,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from trainbus.worker import JobSpec, default_registry
 
-EXCHANGES = ("ddp", "per-parameter", "coalesced")
+EXCHANGES = ("ddp", "coalesced", "per-parameter")
 
 
 def _average_each(model: nn.Module, world_size: int) -> None:
@@ -130,7 +132,9 @@ def main() -> None:
     seconds = time.perf_counter() - started
     if rank == 0:
         print(json.dumps({"seconds": seconds, "train_loss": float(totals[0] / totals[1])}))
-    dist.destroy_process_group()
+    sys.stdout.flush()
+    # gloo's process group at interpreter exit now and then left both ranks waiting for good
+    os._exit(0)
 
 
 if __name__ == "__main__":
