@@ -9,10 +9,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
-__all__ = ["free_port", "serve"]
+__all__ = ["free_port", "serve", "train_job"]
 
 
 def free_port() -> int:
@@ -45,3 +46,21 @@ def serve(
         if time.monotonic() > deadline or process.poll() is not None:
             raise SystemExit("trainbus serve did not start")
         time.sleep(0.05)  # polling interval while the server starts, bounded by the deadline
+
+
+def train_job(client: httpx.Client, body: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+    """Train ``body`` as a job through the server until it completes: the seconds from its
+    ``train_start`` to its ``train_end``, and its ``train_start`` event."""
+    job_id = client.post("/jobs", json=body).raise_for_status().json()["id"]
+    deadline = time.monotonic() + 600
+    while (record := client.get(f"/jobs/{job_id}").json())["state"] not in (
+        "completed", "failed", "stopped", "interrupted"
+    ):  # fmt: skip
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the job did not end: {record}")
+        time.sleep(0.25)  # polling faster would only load the server under measurement
+    if record["state"] != "completed":
+        raise SystemExit(f"the job did not complete: {record}")
+    events = client.get(f"/jobs/{job_id}/events", params={"types": "train_start,train_end"}).json()
+    times = {event["type"]: event["time"] for event in events}
+    return float(times["train_end"] - times["train_start"]), events[0]

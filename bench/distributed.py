@@ -42,14 +42,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 sys.path.append(str(Path(__file__).resolve().parent))
-from _server import serve
+from _server import serve, train_job
 
 TOKEN = "bench-distributed-token-0123456789"
 RANKS = 2
@@ -76,22 +75,9 @@ def make_spec(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def job_run(client: httpx.Client, body: dict[str, Any]) -> tuple[float, int]:
-    """Train ``body`` as a job through the server: its ``train_start`` to its ``train_end``,
-    and its optimizer steps."""
-    job_id = client.post("/jobs", json=body).raise_for_status().json()["id"]
-    deadline = time.monotonic() + 600
-    while (record := client.get(f"/jobs/{job_id}").json())["state"] not in (
-        "completed", "failed", "stopped", "interrupted"
-    ):  # fmt: skip
-        if time.monotonic() > deadline:
-            raise SystemExit(f"the job did not end: {record}")
-        time.sleep(0.25)  # polling faster would only load the server under measurement
-    if record["state"] != "completed":
-        raise SystemExit(f"the job did not complete: {record}")
-    events = client.get(f"/jobs/{job_id}/events", params={"types": "train_start,train_end"}).json()
-    times = {event["type"]: event["time"] for event in events}
-    steps = events[0]["data"]["batches_per_epoch"] * body["epochs"]
-    return float(times["train_end"] - times["train_start"]), int(steps)
+    """Train ``body`` as a job through the server: its training seconds and optimizer steps."""
+    seconds, started = train_job(client, body)
+    return seconds, int(started["data"]["batches_per_epoch"] * body["epochs"])
 
 
 def bare_run(body: dict[str, Any], exchange: str = "ddp") -> float:

@@ -45,7 +45,7 @@ from trainbus.worker import JobSpec, Trainer, default_registry
 
 sys.path.append(str(Path(__file__).resolve().parent))  # last: ``bus`` is imported already
 from _all_subscribers import PARTS, TRACKER_PARTS, all_subscribers_run
-from _server import serve
+from _server import serve, train_job
 
 TOKEN = "bench-overhead-token-0123456789"
 
@@ -174,21 +174,7 @@ def whole_path_spec(spec: JobSpec, threads: int) -> dict[str, Any]:
 
 def job_run(client: httpx.Client, body: dict[str, Any]) -> float:
     """Train ``body`` as a job through the server: its ``train_start`` to its ``train_end``."""
-    job_id = client.post("/jobs", json=body).raise_for_status().json()["id"]
-    deadline = time.monotonic() + 600
-    while (record := client.get(f"/jobs/{job_id}").json())["state"] not in (
-        "completed", "failed", "stopped", "interrupted"
-    ):  # fmt: skip
-        if time.monotonic() > deadline:
-            raise SystemExit(f"the job did not end: {record}")
-        time.sleep(0.25)  # polling faster would only load the server under measurement
-    if record["state"] != "completed":
-        raise SystemExit(f"the job did not complete: {record}")
-    events = client.get(
-        f"/jobs/{job_id}/events", params={"types": "train_start,train_end"}
-    ).json()
-    times = {event["type"]: event["time"] for event in events}
-    return float(times["train_end"] - times["train_start"])
+    return train_job(client, body)[0]
 
 
 def bare_process(spec: JobSpec, threads: int) -> float:

@@ -13,29 +13,17 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from tests.api.server import LiveServer, make_settings, run_server
-from trainbus.api import TrainbusClient, create_app
+from tests.api.server import LiveServer
+from trainbus.api import TrainbusClient
 
 from .examples import EXAMPLES, job_of, wait_state
 
 LIGHTNING_DDP = Path(__file__).with_name("lightning_ddp.py")
 STOP_AT_ACCURACY = 0.8
 """A validation accuracy both models reach within a few epochs."""
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    settings = make_settings(
-        tmp_path_factory.mktemp("data"), run_jobs_in="thread", resource_interval_seconds=60.0
-    )
-    with run_server(create_app(settings), settings) as live:
-        yield live
 
 
 def _launch(server: LiveServer, tmp_path: Path, command: list[str]) -> subprocess.Popen[str]:

@@ -8,13 +8,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.api.server import LiveServer, make_settings, run_server
-from trainbus.api import TrainbusClient, create_app
+from tests.api.server import LiveServer
+from trainbus.api import TrainbusClient
 
 from .examples import job_of as _job_of
 from .examples import start_example
@@ -28,15 +27,6 @@ EXAMPLES = {
 STOP_AT_ACCURACY = {"plain": 0.8, "lightning": 0.8, "huggingface": 0.3}
 """A validation accuracy each example's model reaches within a few epochs (the tiny BERT
 learns the digits slowly)."""
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    settings = make_settings(
-        tmp_path_factory.mktemp("data"), run_jobs_in="thread", resource_interval_seconds=60.0
-    )
-    with run_server(create_app(settings), settings) as live:
-        yield live
 
 
 def _start(server: LiveServer, example: str, cwd: Path, *args: str) -> subprocess.Popen[str]:

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.api.server import LiveServer, make_settings, run_server
-from trainbus.api import TrainbusClient, create_app
+from tests.api.server import LiveServer
+from trainbus.api import TrainbusClient
 from trainbus.sdk.ultralytics import _metric_name
 
 from .examples import ROOT, job_of, start_example, wait_state, wait_step
@@ -54,15 +53,6 @@ def test_ultralytics_metrics_take_the_names_early_stopping_monitors(
     """Detection, segmentation (M), pose (P) and classification keys as Ultralytics' metrics
     classes name them; the learning rate is reported on its own."""
     assert _metric_name(key) == name
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    settings = make_settings(
-        tmp_path_factory.mktemp("data"), run_jobs_in="thread", resource_interval_seconds=60.0
-    )
-    with run_server(create_app(settings), settings) as live:
-        yield live
 
 
 def _assert_epochs_are_real(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
