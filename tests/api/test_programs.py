@@ -160,7 +160,8 @@ def test_a_flood_of_output_is_rate_limited_and_counted(served: Served) -> None:
         f"flood line {index}" for index in range(lines)
     ]
     for line in ("written at the fd level", "from a subprocess", "its stderr", "the last line"):
-        assert line in text
+        # two processes write the same fds: a line may follow another's unended bytes
+        assert any(line in row for row in text), line
     assert "x" * 50_000 in text  # the file keeps the whole line; its event was cut
 
 

@@ -144,7 +144,8 @@ def test_each_worker_is_sampled_and_exported_by_job(server: LiveServer) -> None:
             after = max(0, bus.last_seq("_server") - 3)
             for event in reversed(client.events("_server", after_seq=after)):
                 workers = {w["job_id"]: w for w in event["data"].get("workers", [])}
-                if set(jobs) <= set(workers):
+                # a sample taken as a worker was forked may see no CPU time yet: a later one
+                if set(jobs) <= set(workers) and all(workers[j]["cpu_seconds"] > 0 for j in jobs):
                     return workers
             return None
 
