@@ -48,6 +48,7 @@ from typing import Any
 import httpx
 
 sys.path.append(str(Path(__file__).resolve().parent))
+import overhead
 from _server import serve, train_job
 
 TOKEN = "bench-distributed-token-0123456789"
@@ -58,20 +59,10 @@ BARE_SCRIPT = Path(__file__).resolve().parent / "_ddp_bare.py"
 def make_spec(args: argparse.Namespace) -> dict[str, Any]:
     """The realistic workload of ``bench/overhead.py`` (MLP 32-1024-10, batch 256), its
     samples split between the ranks."""
-    return {
-        "model": {"name": "mlp", "params": {"hidden_sizes": [args.hidden]}},
-        "dataset": {
-            "name": "synthetic_classification",
-            "params": {"n_samples": args.samples, "n_features": 32, "n_classes": 10},
-        },
-        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "seed": 1,
-        "checkpoint": {"enabled": False},
-        "torch_threads": RANKS,  # split between the ranks: one each
-        "distributed": {"nproc_per_node": RANKS, "backend": "gloo"},
-    }
+    body = overhead.make_spec(args).model_dump(mode="json")
+    body["torch_threads"] = RANKS  # split between the ranks: one each
+    body["distributed"] = {"nproc_per_node": RANKS, "backend": "gloo"}
+    return body
 
 
 def job_run(client: httpx.Client, body: dict[str, Any]) -> tuple[float, int]:

@@ -19,7 +19,14 @@ from pydantic_core.core_schema import ValidatorFunctionWrapHandler
 
 from ._errors import SpecError
 from ._registry import default_registry
-from ._spec import EarlyStopSpec, JobSpec, LRPlateauSpec, StallSeconds, _validate_params
+from ._spec import (
+    EarlyStopSpec,
+    JobSpec,
+    LRPlateauSpec,
+    StallSeconds,
+    _registered_entries_schema,
+    _validate_params,
+)
 
 __all__ = ["JobRequest", "ProgramCall", "ProgramSpec", "is_program_spec", "parse_job_spec"]
 
@@ -32,28 +39,11 @@ def _program_params(name: str) -> type[BaseModel]:
         raise ValueError(str(error)) from None
 
 
-def _registered_programs_schema(schema: dict[str, Any]) -> None:
-    """The program names the registry holds, and each one's parameters (``oneOf`` by name)."""
-    programs = default_registry().programs
-    schema["properties"]["name"]["enum"] = sorted(programs)
-    choices = []
-    for name in sorted(programs):
-        params = programs[name].params.model_json_schema()
-        if "$defs" in params:  # a reference would dangle here: keep the generic object
-            params = {"type": "object"}
-        choice: dict[str, Any] = {"properties": {"name": {"const": name}, "params": params}}
-        if params.get("required"):
-            choice["required"] = ["params"]
-        choices.append(choice)
-    if choices:
-        schema["oneOf"] = choices
-
-
 class ProgramCall(BaseModel):
     """A registered program and its parameters (validated against the program's own model)."""
 
     model_config = ConfigDict(
-        extra="forbid", allow_inf_nan=False, json_schema_extra=_registered_programs_schema
+        extra="forbid", allow_inf_nan=False, json_schema_extra=_registered_entries_schema("program")
     )
     name: str = Field(max_length=64, examples=["digits_loop"])
     params: dict[str, Any] = Field(default_factory=dict, validate_default=True)

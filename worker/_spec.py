@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -90,14 +91,18 @@ def _entry_params_valid(
     return _validate_params(_entry_params(kind, name), params)
 
 
-def _registered_entries_schema(kind: Literal["model", "dataset"]) -> Any:
-    """Make the JSON schema of a model or dataset spec say which names the registry holds and
-    which parameters each takes (``oneOf`` by name), so that OpenAPI clients and generated
-    requests see the same rules the validators apply."""
+def _registered_entries_schema(kind: Literal["model", "dataset", "program"]) -> Any:
+    """Make the JSON schema of a model, dataset or program spec say which names the registry
+    holds and which parameters each takes (``oneOf`` by name), so that OpenAPI clients and
+    generated requests see the same rules the validators apply."""
 
     def extra(schema: dict[str, Any]) -> None:
         registry = default_registry()
-        entries = registry.models if kind == "model" else registry.datasets
+        entries: Mapping[str, Any] = (
+            registry.models if kind == "model"
+            else registry.datasets if kind == "dataset"
+            else registry.programs
+        )  # fmt: skip
         schema["properties"]["name"]["enum"] = sorted(entries)
         choices = []
         for name in sorted(entries):
@@ -108,7 +113,8 @@ def _registered_entries_schema(kind: Literal["model", "dataset"]) -> Any:
             if params.get("required"):  # its default, {}, would not do
                 choice["required"] = ["params"]
             choices.append(choice)
-        schema["oneOf"] = choices
+        if choices:  # a server may have no programs
+            schema["oneOf"] = choices
 
     return extra
 
