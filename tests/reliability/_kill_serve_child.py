@@ -7,6 +7,9 @@ D``) it forks a child that runs ``trainbus`` (``trainbus.api.cli.main``) with al
 prints ``started PID``; it prints ``exited PID STATUS`` when a child is gone. Several children
 may run at once. When stdin closes it kills the children still running and exits. Nothing
 runs in the zygote beyond imports, so each child starts as a fresh ``trainbus serve`` would.
+
+A line may start with ``--store-delay SECONDS``: each of that server's event store writes waits
+that long first, which widens the window in which events streamed live are not stored yet.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import os
 import select
 import signal
 import sys
+import time
+from typing import Any
 
 # The built-in datasets load from sklearn; the first optimizer a process builds imports
 # torch._dynamo (seconds); the rest is the service.
@@ -40,6 +45,9 @@ def _fork_server(arguments: list[str]) -> int:
         return pid
     status = 1
     try:
+        if arguments[:1] == ["--store-delay"]:
+            _delay_store_writes(float(arguments[1]))
+            arguments = arguments[2:]
         # The test reads the zygote's stdout and writes its stdin: the server keeps off both.
         devnull = os.open(os.devnull, os.O_RDWR)
         os.dup2(devnull, 0)
@@ -56,6 +64,18 @@ def _reap(children: set[int]) -> None:
             return
         children.discard(pid)
         _say(f"exited {pid} {status}")
+
+
+def _delay_store_writes(seconds: float) -> None:
+    from trainbus.subscribers._store import EventStore
+
+    write = EventStore.write
+
+    def delayed(self: EventStore, events: Any) -> int:
+        time.sleep(seconds)  # on the store's writer thread: the event loop goes on
+        return write(self, events)
+
+    EventStore.write = delayed  # type: ignore[method-assign]
 
 
 def main() -> int:

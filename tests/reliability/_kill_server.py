@@ -89,13 +89,18 @@ class ServerZygote:
         """Wait until the zygote has imported the service (call once, first)."""
         self._expect("warm", timeout)
 
-    def serve(self, data_dir: Path, timeout: float = 60.0) -> Server:
-        """Fork a server on ``data_dir`` and a free port; wait until ``/readyz`` says ready."""
+    def serve(self, data_dir: Path, timeout: float = 60.0, *, store_delay: float = 0.0) -> Server:
+        """Fork a server on ``data_dir`` and a free port; wait until ``/readyz`` says ready.
+
+        ``store_delay``: seconds each of its event store's writes waits first."""
         started = time.monotonic()
         port = free_port()
         stdin = self._process.stdin
         assert stdin is not None
-        stdin.write(f"serve --port {port} --data-dir {data_dir} --log-level warning\n".encode())
+        delay = f"--store-delay {store_delay} " if store_delay else ""
+        stdin.write(
+            f"{delay}serve --port {port} --data-dir {data_dir} --log-level warning\n".encode()
+        )
         stdin.flush()
         pid = int(self._expect("started ", timeout).split()[1])
         self._running.add(pid)

@@ -23,6 +23,9 @@ TOKEN = "seq-after-kill-token-0123456789"
 KILLS = 3
 MAX_KILLS = 8  # more if the first KILLS happened to find every live event stored already
 LIVE_EVENTS = 400  # events followed live before each kill
+# Each store write waits this long first (a real one commits in about a millisecond): the
+# newest events streamed live are then seldom stored when the server dies.
+STORE_DELAY = 0.05
 SPEC: dict[str, Any] = {
     "name": "numbered-through-crashes",
     "model": {"name": "mlp", "params": {"hidden_sizes": [32]}},
@@ -66,7 +69,7 @@ def test_seqs_sent_live_are_never_reused_after_a_sigkill(tmp_path: Path) -> None
     lost_per_kill = []
     try:
         zygote.wait_warm()
-        server = zygote.serve(data_dir)
+        server = zygote.serve(data_dir, store_delay=STORE_DELAY)
         with server.client() as client:
             job_id = client.submit(SPEC)["id"]
         for kill in range(MAX_KILLS):
@@ -83,9 +86,9 @@ def test_seqs_sent_live_are_never_reused_after_a_sigkill(tmp_path: Path) -> None
                         followed += 1
                     if followed >= LIVE_EVENTS:
                         break
-                zygote.kill(server)  # at once: the newest events are rarely stored yet
+                zygote.kill(server)  # at once, while the store lags behind the stream
                 stream.close()
-            server = zygote.serve(data_dir)
+            server = zygote.serve(data_dir, store_delay=STORE_DELAY)
             with server.client() as client:
                 assert client.job(job_id)["state"] == "interrupted"
                 lost, gaps = _check_against_history(sent, all_events(client, job_id))
