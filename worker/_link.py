@@ -154,6 +154,11 @@ class WorkerLink:
                         raise Replaced("a newer connection of this run took over")
                     await self._handle(connection, message)
                 group.cancel_scope.cancel()
+        except BaseExceptionGroup as errors:
+            # the caller handles one error, not the task group's wrapping of it
+            if len(errors.exceptions) == 1:
+                raise errors.exceptions[0] from None
+            raise
         finally:
             if self._generation == generation:
                 self.connected = False

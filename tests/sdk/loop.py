@@ -32,8 +32,7 @@ def digits(seed: int = 0) -> Digits:
     x_all, y_all = x_all[order], y_all[order]
     split = int(0.8 * len(y_all))
     batches = [
-        (x_all[i : i + BATCH_SIZE], y_all[i : i + BATCH_SIZE])
-        for i in range(0, split, BATCH_SIZE)
+        (x_all[i : i + BATCH_SIZE], y_all[i : i + BATCH_SIZE]) for i in range(0, split, BATCH_SIZE)
     ]
     return Digits(batches, x_all[split:], y_all[split:])
 

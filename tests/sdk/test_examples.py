@@ -76,9 +76,7 @@ def test_an_example_is_watched_paused_resumed_and_stopped(
     for expected in ("train_batch_end", "job_paused", "job_resumed", "job_stopping",
                      "fit_epoch_end", "job_stopped"):  # fmt: skip
         assert expected in watched, expected
-    assert watched.index("job_paused") < watched.index("job_resumed") < watched.index(
-        "job_stopped"
-    )
+    assert watched.index("job_paused") < watched.index("job_resumed") < watched.index("job_stopped")
 
 
 @pytest.mark.parametrize("example", sorted(EXAMPLES))

@@ -3,6 +3,7 @@ and by the server's controllers, and continues across its own restarts."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -13,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+from websockets.exceptions import ConnectionClosed
 
 from tests.api.server import LiveServer, make_settings, run_server
 from trainbus.api import TrainbusClient, create_app
@@ -329,3 +331,42 @@ def test_an_attached_run_takes_no_running_slot_of_the_server(server: LiveServer)
         job_id = client.submit(spec)["id"]
     record = _wait(server, job_id, lambda r: r["state"] in ENDED, "the built-in job to end")
     assert record["state"] == "completed", record
+
+
+def test_a_second_connection_of_a_run_replaces_the_first_which_is_told_so(
+    server: LiveServer,
+) -> None:
+    """A process that reconnects (its first connection hung) takes over the run: the server
+    closes the old connection with the code that says so, not an internal error."""
+    from websockets.sync.client import connect
+
+    from trainbus.sdk import CLOSE_REPLACED
+    from trainbus.sdk._attach import ServerAddress, attach_run
+    from trainbus.sdk._protocol import PROTOCOL_VERSION
+
+    address = ServerAddress(server.url, server.token)
+    attachment = attach_run(
+        address, "taken-over", {"name": "taken over", "config": {}, "epochs": 1}, timeout=10
+    )
+    hello = json.dumps(
+        {
+            "type": "hello",
+            "protocol": PROTOCOL_VERSION,
+            "job_id": attachment.job_id,
+            "session": "one-process",
+            "next": None,
+        }
+    )
+    headers = {"Authorization": f"Bearer {attachment.worker_token}"}
+    url = address.worker_url(attachment.job_id)
+    with connect(url, additional_headers=headers, open_timeout=10) as first:
+        first.send(hello)
+        assert json.loads(first.recv(timeout=10))["type"] == "welcome"
+        with connect(url, additional_headers=headers, open_timeout=10) as second:
+            second.send(hello)
+            assert json.loads(second.recv(timeout=10))["type"] == "welcome"
+            first.send(json.dumps({"type": "heartbeat", "step": 0, "epoch": 0}))
+            with pytest.raises(ConnectionClosed):
+                first.recv(timeout=10)  # a heartbeat has no answer: the next frame is the close
+            assert first.close_code == CLOSE_REPLACED, (first.close_code, first.close_reason)
+            assert "newer connection" in (first.close_reason or "")
