@@ -12,6 +12,7 @@ Built-in distributed jobs (the worker's trainer of each rank) and the SDK's runs
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -21,7 +22,14 @@ import torch.distributed as dist
 
 from trainbus.bus import Command, ControlChannel
 
-__all__ = ["PAUSE_POLL_SECONDS", "AgreedControl", "RanksLost", "collective", "process_rank"]
+__all__ = [
+    "PAUSE_POLL_SECONDS",
+    "AgreedControl",
+    "RanksLost",
+    "collective",
+    "process_rank",
+    "waiting_since",
+]
 
 PAUSE_POLL_SECONDS = 1.0
 """How long rank 0 waits for a command while paused before the ranks exchange again."""
@@ -31,15 +39,28 @@ class RanksLost(RuntimeError):
     """Raised when a collective failed: another rank of the process group is gone."""
 
 
+_waiting_since: float | None = None
+
+
+def waiting_since() -> float | None:
+    """When (``time.monotonic()``) this process entered the collective it waits in, or the
+    one that failed; None while it is in none."""
+    return _waiting_since
+
+
 @contextmanager
 def collective() -> Iterator[None]:
-    """Turn the error of a failed collective into :class:`RanksLost`."""
+    """Turn the error of a failed collective into :class:`RanksLost`, and keep when this
+    process began to wait in it (:func:`waiting_since`: which rank stalled the others)."""
+    global _waiting_since
+    _waiting_since = time.monotonic()
     try:
         yield
     except RanksLost:
         raise
     except (RuntimeError, ValueError) as error:  # gloo and NCCL raise these for a lost peer
         raise RanksLost(f"a collective across the job's ranks failed: {error}") from error
+    _waiting_since = None  # a failed one stays: the rank was left waiting for the others
 
 
 def process_rank() -> int | None:

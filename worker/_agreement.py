@@ -29,6 +29,7 @@ from trainbus.sdk._agreement import PAUSE_POLL_SECONDS, RanksLost
 from trainbus.sdk._agreement import AgreedControl as _SharedAgreement
 from trainbus.sdk._agreement import collective as _collective
 
+from ._rank_progress import ProgressReporter
 from ._trainer import Outcome, RunResult, Trainer
 
 __all__ = [
@@ -98,6 +99,7 @@ class DistributedTrainer(Trainer):
         self.world_size = dist.get_world_size()
         agreed = AgreedControl(control, rank=self.rank, job_dir=job_dir)
         self.agreed = agreed
+        self.progress = ProgressReporter(job_dir, self.rank, lambda: self.step)
         super().__init__(control=agreed, **kwargs)  # type: ignore[arg-type]
         self.end_requested = threading.Event()
         """Set when the agent asks a rank other than 0 to end (SIGTERM)."""
@@ -174,6 +176,13 @@ class DistributedTrainer(Trainer):
                 dist.broadcast(tensor, src=0)
 
     def run(self) -> RunResult:
+        self.progress.start()
+        try:
+            return self._train()
+        finally:
+            self.progress.stop()
+
+    def _train(self) -> RunResult:
         try:
             self.share_weights()
         except RanksLost as error:

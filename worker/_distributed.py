@@ -15,20 +15,25 @@ import contextlib
 import ctypes
 import dataclasses
 import functools
+import json
 import logging
 import os
 import signal
 import sys
 import tempfile
+import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import anyio
+import psutil
 
 from trainbus.bus import ControlChannel, EventBus
 
-from ._agreement import DistributedTrainer
+from ._agreement import DistributedTrainer, rank_record_path
+from ._rank_progress import clear_progress
 from ._runs import RESUME_STATE_FILE, _load_kept_state
 from ._spec import JobSpec
 from ._trainer import Outcome
@@ -44,9 +49,6 @@ EXIT_RANK_FAILED = 4
 FAILURE_FILE = "ranks/failure.txt"
 """Where the agent says, in the job's folder, which rank failed first and how."""
 
-COLLECTIVE_TIMEOUT = timedelta(minutes=5)
-"""How long a collective may wait for a rank: longer than anything rank 0 does between two
-batches (a checkpoint, the controllers' decision at an epoch's end)."""
 
 _PR_SET_PDEATHSIG = 1
 
@@ -71,6 +73,7 @@ def run_agent(setup: WorkerSetup) -> int:
     failure = setup.job_dir / FAILURE_FILE
     failure.parent.mkdir(parents=True, exist_ok=True)
     failure.unlink(missing_ok=True)
+    clear_progress(setup.job_dir)
     # the agent's and the ranks' temporary files (torchelastic_*) stay in the job's folder
     temporary = setup.job_dir / "tmp"
     temporary.mkdir(exist_ok=True)
@@ -127,7 +130,10 @@ def _rank_main(setup: WorkerSetup) -> int:
     if rank != 0:  # these ranks end through rank 0, or when the others are gone (below)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    dist.init_process_group(distributed["backend"], timeout=COLLECTIVE_TIMEOUT)
+    section = JobSpec.model_validate(setup.spec).distributed
+    assert section is not None
+    timeout = timedelta(seconds=section.collective_timeout_seconds)
+    dist.init_process_group(section.backend, timeout=timeout)
     trainer_type = functools.partial(DistributedTrainer, job_dir=setup.job_dir)
     if rank == 0:
         return anyio.run(_run, setup, trainer_type)
@@ -154,7 +160,7 @@ async def _follow(setup: WorkerSetup) -> int:
         )
         # the agent's SIGTERM ends this rank only through rank 0 (a stop or an interrupt
         # that every rank agrees on), or at once when the other ranks are gone
-        signal.signal(signal.SIGTERM, lambda *_: trainer.end_requested.set())
+        signal.signal(signal.SIGTERM, lambda *_: _asked_to_end(trainer, setup.job_dir))
         if state is not None:
             trainer.load_state_dict(state)
         result = await anyio.to_thread.run_sync(trainer.run)
@@ -165,6 +171,31 @@ async def _follow(setup: WorkerSetup) -> int:
             f"rank {trainer.rank} failed: {error.get('type')}: {error.get('message')}"
         )
     return 0
+
+
+def _asked_to_end(trainer: DistributedTrainer, job_dir: Path) -> None:
+    if trainer.end_requested.is_set():
+        return
+    trainer.end_requested.set()
+    threading.Thread(target=_exit_once_rank_0_is_gone, args=(job_dir,), daemon=True).start()
+
+
+def _exit_once_rank_0_is_gone(job_dir: Path) -> None:
+    """A rank hung in its own code cannot end through rank 0: exit once rank 0 is gone (the
+    agent would otherwise wait half a minute for it before its SIGKILL)."""
+    try:
+        lines = rank_record_path(job_dir, 0).read_text().splitlines()
+        starts = [entry for entry in map(json.loads, lines) if "pid" in entry]
+        rank_0 = psutil.Process(int(starts[-1]["pid"]))  # this run's: a resumed job appends
+    except (OSError, ValueError, KeyError, IndexError, psutil.Error):
+        os._exit(1)
+    while True:
+        try:
+            if rank_0.status() == psutil.STATUS_ZOMBIE:
+                os._exit(1)
+        except psutil.Error:
+            os._exit(1)
+        time.sleep(0.1)  # the agent reaps rank 0 at its own pace: poll
 
 
 def _resume_state(setup: WorkerSetup) -> dict[str, Any] | None:

@@ -305,6 +305,17 @@ class DistributedSpec(BaseModel):
     backend: Literal["gloo", "nccl"] = Field(
         default="gloo", description="gloo (CPU or CUDA) or nccl (CUDA, one device per rank)."
     )
+    collective_timeout_seconds: float = Field(
+        default=300.0,
+        ge=5.0,
+        le=86400.0,
+        allow_inf_nan=False,
+        description=(
+            "How long a collective waits for a rank before the job fails naming the rank that "
+            "stalled: longer than anything rank 0 does between two batches (a checkpoint, the "
+            "controllers' decision at an epoch's end)."
+        ),
+    )
 
     @field_validator("nnodes", mode="before")
     @classmethod

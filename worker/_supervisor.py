@@ -20,6 +20,7 @@ from trainbus.bus import ControlChannel, Event, EventBus, EventType
 from ._distributed import EXIT_RANK_FAILED, rank_failure
 from ._link import Durable, Item, WorkerLink
 from ._processes import WorkerProcess, WorkerProcesses
+from ._rank_progress import stalled_ranks
 from ._runs import CheckpointLoader
 from ._trainer import Outcome, RunResult
 from ._worker_process import EXIT_INTERRUPTED, WorkerFactory, WorkerSetup
@@ -45,6 +46,8 @@ class ProcessRun:
     escalated: str | None = None
     """The signal the supervisor sent to end a stop that did not end in time."""
     stalled: bool = False
+    stalled_ranks: str | None = None
+    """Of a distributed job that stalled: which rank held the others up, and how."""
     sdk: bool = False
     """An SDK run: its process is the user's, not the supervisor's."""
     released: anyio.Event = field(default_factory=anyio.Event)
@@ -318,6 +321,10 @@ class WorkerSupervisor:
         if process.exitcode == EXIT_RANK_FAILED:  # a distributed job's agent: which rank
             how = rank_failure(process.setup.job_dir) or how
             error["type"] = "RankFailed"
+            behind = run.stalled_ranks or stalled_ranks(process.setup.job_dir)
+            if behind:  # the rank that failed first may only have waited for this one
+                how = f"{how}; {behind}"
+                error["stalled_ranks"] = behind
         fatal = process.fatal_error() if (process.exitcode or 0) < 0 else []
         frames = [line.strip() for line in fatal if line.lstrip().startswith("File ")]
         if frames:  # where the native crash hit the Python code
@@ -327,9 +334,11 @@ class WorkerSupervisor:
         if limit is not None and any(word in line for line in tail for word in _OUT_OF_MEMORY):
             how = f"the job exceeded its memory limit of {limit / 2**20:.0f} MiB: {how}"
             error.update(type="MemoryLimitExceeded", memory_limit_bytes=limit)
-        message = f"the job stalled and was ended: {how}" if run.stalled else how
-        logger.error("job %s: %s", run.job_id, message)
-        error.update(message=message, stderr_tail="\n".join(tail))
+        if run.stalled:
+            behind = f" ({run.stalled_ranks})" if run.stalled_ranks else ""
+            how = f"the job stalled and was ended{behind}: {how}"
+        logger.error("job %s: %s", run.job_id, how)
+        error.update(message=how, stderr_tail="\n".join(tail))
         return RunResult(Outcome.FAILED, error=error), {}
 
     async def _escalate_stop(self, run: ProcessRun) -> None:
@@ -358,6 +367,9 @@ class WorkerSupervisor:
             if run.stalled:
                 continue
             run.stalled = True
+            assert run.process is not None
+            if run.process.setup.spec.get("distributed"):
+                run.stalled_ranks = stalled_ranks(run.process.setup.job_dir)
             stack = await self._stack_of(run)
             await self._publish_stall(run, quiet, stack, on_stall)
             if on_stall == "fail":
@@ -392,7 +404,11 @@ class WorkerSupervisor:
             "stack": stack,
             "action": on_stall,
         }
+        if run.stalled_ranks:
+            data["ranks"] = run.stalled_ranks
         logger.warning(
-            "job %s stalled at step %d for %.0f s (%s)", run.job_id, link.step, quiet, on_stall
-        )
+            "job %s stalled at step %d for %.0f s (%s)%s",
+            run.job_id, link.step, quiet, on_stall,
+            f": {run.stalled_ranks}" if run.stalled_ranks else "",
+        )  # fmt: skip
         await self.bus.publish_async(run.job_id, EventType.JOB_STALLED, data)

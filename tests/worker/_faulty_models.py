@@ -7,6 +7,7 @@ one hangs in a Python loop for a while. :func:`install` makes it an installed di
 from __future__ import annotations
 
 import ctypes
+import os
 import time
 from pathlib import Path
 
@@ -27,6 +28,8 @@ class FaultParams(BaseModel):
     """``memory_hungry``: what each faulty step allocates and keeps."""
     hang_seconds: float = Field(default=3.0, ge=0)
     """``hanging``: how long the faulty step hangs."""
+    only_rank: int | None = Field(default=None, ge=0)
+    """``hanging``, in a distributed job: the one rank that hangs."""
 
 
 class _Faulty(nn.Module):
@@ -61,6 +64,9 @@ class _MemoryHungry(_Faulty):
 
 class _Hanging(_Faulty):
     def fault(self) -> None:
+        rank = self.params.only_rank
+        if rank is not None and os.environ.get("RANK") != str(rank):
+            return
         if self.steps == self.params.after_steps + 1:
             spin_in_python_code(self.params.hang_seconds)
 

@@ -275,6 +275,8 @@ def test_a_killed_rank_or_agent_fails_the_job_naming_it_and_leaves_no_process(
         ({"nproc_per_node": 2, "backend": "nccl"}, {"device": "cpu"}, "'nccl' needs CUDA"),
         ({"nproc_per_node": 3}, {}, "asks for 3 cpu slots, but this server has 2"),
         ({"nproc_per_node": 0}, {}, "greater than or equal to 1"),
+        # shorter than a checkpoint may take between two batches
+        ({"nproc_per_node": 2, "collective_timeout_seconds": 1}, {}, "greater than or equal to 5"),
     ],
 )
 def test_a_distributed_section_the_server_cannot_run_is_refused_with_what_to_fix(
