@@ -70,6 +70,7 @@ def main() -> None:
     ended = {"rank": rank, "step": run.step, "epoch": run.epoch, "stopped": run.should_stop,
              "lr": optimizer.param_groups[0]["lr"]}  # fmt: skip
     print(json.dumps(ended), flush=True)
+    dist.barrier()  # no rank tears its gloo pair down while another still uses it
     dist.destroy_process_group()
 
 

@@ -63,7 +63,8 @@ def test_an_sdk_run_survives_a_server_sigkill_with_its_stream_whole(tmp_path: Pa
 
     def loop() -> None:
         with run:
-            outcome["trained"] = train(run, model, optimizer, data, batch_seconds=0.01)
+            # 9 s in all: the restart, with the server's imports, lands well inside it
+            outcome["trained"] = train(run, model, optimizer, data, batch_seconds=0.02)
 
     thread = threading.Thread(target=loop)
     thread.start()
