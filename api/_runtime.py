@@ -385,6 +385,7 @@ async def default_runtime(settings: Settings, bus: EventBus) -> AsyncIterator[Ru
         bus=bus,
         interval_seconds=settings.resource_interval_seconds,
         workers=partial(_worker_pids, supervisor),
+        ranks=supervisor.rank_pids,
     )
     try:
         async with manager, anyio.create_task_group() as group:

@@ -46,7 +46,6 @@ TEMP_PREFIX = ".tmp-"
 _ALIASES = {"latest": LATEST_POINTER, "last": LATEST_POINTER, "best": BEST_POINTER}
 
 
-
 @dataclass(frozen=True, slots=True)
 class CheckpointInfo:
     """What a checkpoint's manifest says about it.

@@ -142,7 +142,10 @@ class PrometheusExporter(Subscriber):
     - from the ``workers`` of ``resource_sample`` events, per job's worker process (label
       ``job_id``; a job's series go when its worker is no longer listed):
       ``trainbus_job_cpu_seconds_total`` (user + system), ``trainbus_job_resident_memory_bytes``
-      and ``trainbus_job_gpu_memory_bytes{gpu}`` (NVML's figure for the worker's pid);
+      and ``trainbus_job_gpu_memory_bytes{gpu}`` (NVML's figure for the worker's pid); for a
+      distributed job, each rank as well (labels ``job_id`` and ``rank``):
+      ``trainbus_job_rank_cpu_seconds_total``, ``trainbus_job_rank_resident_memory_bytes`` and
+      ``trainbus_job_rank_gpu_memory_bytes{gpu}``;
     - ``process_cpu_seconds_total``, ``process_resident_memory_bytes`` and the rest of
       prometheus-client's process collector.
 
@@ -521,19 +524,48 @@ class PrometheusExporter(Subscriber):
             "GPU memory the job's worker process holds (NVML, matched by pid).",
             labels=["job_id", "gpu"],
         )
+        rank_cpu = CounterMetricFamily(
+            "trainbus_job_rank_cpu_seconds",
+            "CPU time (user + system) of each rank of a distributed job.",
+            labels=["job_id", "rank"],
+        )
+        rank_rss = GaugeMetricFamily(
+            "trainbus_job_rank_resident_memory_bytes",
+            "Resident memory of each rank of a distributed job.",
+            labels=["job_id", "rank"],
+        )
+        rank_gpu_memory = GaugeMetricFamily(
+            "trainbus_job_rank_gpu_memory_bytes",
+            "GPU memory each rank of a distributed job holds (NVML, matched by pid).",
+            labels=["job_id", "rank", "gpu"],
+        )
         for job_id, worker in sorted(self._workers.items()):
-            for family, key in ((cpu, "cpu_seconds"), (rss, "rss_bytes")):
-                value = _number(worker.get(key))
-                if value is not None and math.isfinite(value):
-                    family.add_metric([job_id], value)
-            gpus = worker.get("gpus")
-            for gpu in gpus if isinstance(gpus, list) else ():
-                used = _number(gpu.get("memory_used_bytes")) if isinstance(gpu, Mapping) else None
-                if used is not None and math.isfinite(used):
-                    gpu_memory.add_metric([job_id, str(gpu.get("index"))], used)
-        yield cpu
-        yield rss
-        yield gpu_memory
+            _add_process(worker, [job_id], cpu, rss, gpu_memory)
+            ranks = worker.get("ranks")
+            for rank in ranks if isinstance(ranks, list) else ():
+                if isinstance(rank, Mapping) and isinstance(rank.get("rank"), int):
+                    labels = [job_id, str(rank["rank"])]
+                    _add_process(rank, labels, rank_cpu, rank_rss, rank_gpu_memory)
+        yield from (cpu, rss, gpu_memory, rank_cpu, rank_rss, rank_gpu_memory)
+
+
+def _add_process(
+    figures: Mapping[str, Any],
+    labels: list[str],
+    cpu: CounterMetricFamily,
+    rss: GaugeMetricFamily,
+    gpu_memory: GaugeMetricFamily,
+) -> None:
+    """One process's figures of a resource sample into the families, under ``labels``."""
+    for family, key in ((cpu, "cpu_seconds"), (rss, "rss_bytes")):
+        value = _number(figures.get(key))
+        if value is not None and math.isfinite(value):
+            family.add_metric(labels, value)
+    gpus = figures.get("gpus")
+    for gpu in gpus if isinstance(gpus, list) else ():
+        used = _number(gpu.get("memory_used_bytes")) if isinstance(gpu, Mapping) else None
+        if used is not None and math.isfinite(used):
+            gpu_memory.add_metric([*labels, str(gpu.get("index"))], used)
 
 
 class _Collector(Collector):

@@ -21,6 +21,8 @@ __all__ = ["ResourceMonitor"]
 logger = logging.getLogger(__name__)
 
 WorkerPids = Callable[[], Mapping[str, int]]
+RankPids = Callable[[], Mapping[str, Mapping[int, int]]]
+"""``job_id -> rank -> pid`` of the ranks of each running distributed job."""
 """``job_id -> pid`` of each job's running worker process (the API wires the supervisor's)."""
 
 SERVER_JOB_ID = "_server"
@@ -58,7 +60,9 @@ class ResourceMonitor:
                       "rss_bytes": 1200000000,    # resident memory
                       "gpu_memory_bytes": 3221225472,   # on all GPUs, NVML's figure for its
                                                         # pid (None: no NVML, or none given)
-                      "gpus": [{"index": 0, "memory_used_bytes": 3221225472}]}]}
+                      "gpus": [{"index": 0, "memory_used_bytes": 3221225472}],
+                      "ranks": [{"rank": 0, "pid": 4250, ...}]}]}  # a distributed job's:
+                                  # each rank's figures as its worker's (the elastic agent)
 
     A worker's GPU memory is matched by pid in ``nvmlDeviceGetComputeRunningProcesses``
     (``None`` without NVML, or where the driver cannot say); NVML lists the host's pids, so a
@@ -83,6 +87,8 @@ class ResourceMonitor:
     :param nvml: an NVML module to use instead of importing ``pynvml`` (for tests).
     :param workers: ``job_id -> pid`` of the running worker processes, sampled each time
         (None: the server's figures only).
+    :param ranks: ``job_id -> rank -> pid`` of each distributed job's ranks, sampled each
+        time as well (a distributed job's worker is the agent that started them).
     """
 
     def __init__(
@@ -93,6 +99,7 @@ class ResourceMonitor:
         job_id: str = SERVER_JOB_ID,
         nvml: ModuleType | None = None,
         workers: WorkerPids | None = None,
+        ranks: RankPids | None = None,
     ) -> None:
         if interval_seconds <= 0:
             raise ValueError(f"interval_seconds must be positive, got {interval_seconds}")
@@ -103,6 +110,7 @@ class ResourceMonitor:
         self._nvml: ModuleType | None = None
         self._nvml_tried = False
         self._workers = workers
+        self._ranks = ranks
         self._worker_cpu: dict[tuple[int, float], tuple[float, float]] = {}
         """(pid, start time) -> (CPU seconds, wall clock) at a worker's last sample."""
         self.failures = 0
@@ -154,38 +162,54 @@ class ResourceMonitor:
     ) -> list[dict[str, Any]]:
         samples = []
         seen: set[tuple[int, float]] = set()
+        ranks_of = dict(self._ranks()) if self._ranks is not None else {}
         for job_id, pid in sorted(pids.items()):
             try:
-                process = psutil.Process(pid)
-                with process.oneshot():
-                    times = process.cpu_times()
-                    rss = process.memory_info().rss
-                    started = process.create_time()
+                sample = self._sample_process(psutil.Process(pid), gpu_memory, seen)
             except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
                 continue  # it ended (or was never ours) since the listing
-            cpu_seconds = float(times.user + times.system)
-            now = time.time()
-            key = (pid, started)
-            seen.add(key)
-            before_cpu, before_at = self._worker_cpu.get(key, (0.0, started))
-            self._worker_cpu[key] = (cpu_seconds, now)
-            elapsed = now - before_at
-            cpu_percent = 100.0 * (cpu_seconds - before_cpu) / elapsed if elapsed > 0 else None
-            on_gpus = None if gpu_memory is None else gpu_memory.get(pid, [])
-            samples.append(
-                {
-                    "job_id": job_id,
-                    "pid": pid,
-                    "cpu_seconds": cpu_seconds,
-                    "cpu_percent": cpu_percent,
-                    "rss_bytes": int(rss),
-                    "gpu_memory_bytes": _total_gpu_memory(on_gpus),
-                    "gpus": on_gpus or [],
-                }
-            )
+            ranks = ranks_of.get(job_id)
+            if ranks:  # a distributed job's agent: each rank on its own too
+                sample["ranks"] = []
+                for rank, rank_pid in sorted(ranks.items()):
+                    try:
+                        process = psutil.Process(rank_pid)
+                        figures = self._sample_process(process, gpu_memory, seen)
+                    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+                        continue
+                    sample["ranks"].append({"rank": rank, **figures})
+            samples.append({"job_id": job_id, **sample})
         for key in set(self._worker_cpu) - seen:
-            del self._worker_cpu[key]  # that worker has ended
+            del self._worker_cpu[key]  # that process has ended
         return samples
+
+    def _sample_process(
+        self,
+        process: psutil.Process,
+        gpu_memory: Mapping[int, list[dict[str, Any]]] | None,
+        seen: set[tuple[int, float]],
+    ) -> dict[str, Any]:
+        with process.oneshot():
+            times = process.cpu_times()
+            rss = process.memory_info().rss
+            started = process.create_time()
+        cpu_seconds = float(times.user + times.system)
+        now = time.time()
+        key = (process.pid, started)
+        seen.add(key)
+        before_cpu, before_at = self._worker_cpu.get(key, (0.0, started))
+        self._worker_cpu[key] = (cpu_seconds, now)
+        elapsed = now - before_at
+        cpu_percent = 100.0 * (cpu_seconds - before_cpu) / elapsed if elapsed > 0 else None
+        on_gpus = None if gpu_memory is None else gpu_memory.get(process.pid, [])
+        return {
+            "pid": process.pid,
+            "cpu_seconds": cpu_seconds,
+            "cpu_percent": cpu_percent,
+            "rss_bytes": int(rss),
+            "gpu_memory_bytes": _total_gpu_memory(on_gpus),
+            "gpus": on_gpus or [],
+        }
 
     def _gpus(
         self, pids: set[int] | None = None
@@ -202,7 +226,7 @@ class ResourceMonitor:
             if pids:
                 for running in _try(nvml.nvmlDeviceGetComputeRunningProcesses, handle) or ():
                     pid = getattr(running, "pid", None)
-                    if pid in pids:
+                    if pid is not None:  # a worker's or one of its ranks
                         used = getattr(running, "usedGpuMemory", None)
                         by_pid.setdefault(pid, []).append(
                             {

@@ -22,7 +22,13 @@ from typing import Any
 
 from trainbus.sdk._agreement import waiting_since
 
-__all__ = ["PROGRESS_INTERVAL", "ProgressReporter", "clear_progress", "stalled_ranks"]
+__all__ = [
+    "PROGRESS_INTERVAL",
+    "ProgressReporter",
+    "clear_progress",
+    "rank_pids",
+    "stalled_ranks",
+]
 
 PROGRESS_INTERVAL = 1.0
 """Seconds between two writes of a rank's progress."""
@@ -88,6 +94,11 @@ def _read(job_dir: Path) -> list[dict[str, Any]]:
         with contextlib.suppress(OSError, ValueError):
             ranks.append(json.loads(path.read_text()))
     return ranks
+
+
+def rank_pids(job_dir: Path) -> dict[int, int]:
+    """``rank -> pid`` of the ranks of the job's current run (each has reported once)."""
+    return {int(rank["rank"]): int(rank["pid"]) for rank in _read(job_dir)}
 
 
 def stalled_ranks(job_dir: Path) -> str | None:

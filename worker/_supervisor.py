@@ -20,7 +20,7 @@ from trainbus.bus import ControlChannel, Event, EventBus, EventType
 from ._distributed import EXIT_RANK_FAILED, rank_failure
 from ._link import Durable, Item, WorkerLink
 from ._processes import WorkerProcess, WorkerProcesses
-from ._rank_progress import stalled_ranks
+from ._rank_progress import rank_pids, stalled_ranks
 from ._runs import CheckpointLoader
 from ._trainer import Outcome, RunResult
 from ._worker_process import EXIT_INTERRUPTED, WorkerFactory, WorkerSetup
@@ -392,6 +392,16 @@ class WorkerSupervisor:
             if text.strip():
                 return text[-8000:]
         return ""
+
+    def rank_pids(self) -> dict[str, dict[int, int]]:
+        """``job_id -> rank -> pid`` of the ranks of each running distributed job (blocking:
+        it reads the ranks' progress files)."""
+        ranks = {}
+        for job_id, run in list(self.runs.items()):
+            process = run.process
+            if process is not None and process.setup.spec.get("distributed"):
+                ranks[job_id] = rank_pids(process.setup.job_dir)
+        return ranks
 
     async def _publish_stall(
         self, run: ProcessRun, quiet: float, stack: str, on_stall: str

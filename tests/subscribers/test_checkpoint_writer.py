@@ -97,6 +97,7 @@ def test_essential_requests_are_never_dropped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import trainbus.subscribers._checkpoint_writer as module
+
     gate = threading.Event()
     entered = threading.Event()
     real_write = module.write_checkpoint
@@ -199,6 +200,7 @@ def test_serials_keep_rising_across_a_write_that_failed_after_its_rename(
     # place already, and the next checkpoint must still come after it (and a new writer after
     # both): the newest is what an interrupted job resumes from
     import trainbus.subscribers._checkpoint_files as files
+
     trainer = ToyTrainer()
     writer = _writer(tmp_path, keep_last=5)
     writer.bind(trainer)

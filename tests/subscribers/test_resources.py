@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -257,3 +258,75 @@ def test_the_exporter_labels_each_workers_figures_by_job() -> None:
     exporter.observe([Event("_server", 2, EventType.RESOURCE_SAMPLE, 2.0, later)])
     text = exporter.render().decode()
     assert 'job_id="a"' not in text and 'trainbus_job_cpu_seconds_total{job_id="b"} 2.0' in text
+
+
+_AGENT = """
+import subprocess, sys, time
+ranks = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in "01"]
+print(" ".join(str(rank.pid) for rank in ranks), flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.fixture
+def agent() -> Iterator[tuple[int, list[int]]]:
+    """A process that starts two ranks, as torch's elastic agent does: its pid and theirs."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", _AGENT], stdout=subprocess.PIPE, start_new_session=True
+    )
+    assert process.stdout is not None
+    ranks = [int(pid) for pid in process.stdout.readline().split()]
+    yield process.pid, ranks
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    process.stdout.close()
+
+
+def test_a_distributed_job_s_ranks_are_sampled_each_by_rank(
+    monkeypatch: pytest.MonkeyPatch, agent: tuple[int, list[int]]
+) -> None:
+    agent_pid, (rank_0, rank_1) = agent
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNVMLWithProcesses(rank_1))
+    monitor = ResourceMonitor(
+        bus=EventBus(),
+        workers=lambda: {"job-d": agent_pid},
+        ranks=lambda: {"job-d": {1: rank_1, 0: rank_0, 2: _ended_pid()}},
+    )
+    (worker,) = monitor.sample()["workers"]
+    assert worker["pid"] == agent_pid
+    ranks = worker["ranks"]
+    # in rank order; a rank that has ended is left out
+    assert [(r["rank"], r["pid"]) for r in ranks] == [(0, rank_0), (1, rank_1)]
+    assert all(r["rss_bytes"] > 1_000_000 and r["cpu_seconds"] >= 0 for r in ranks)
+    assert ranks[0]["gpu_memory_bytes"] == 0 and ranks[0]["gpus"] == []
+    assert ranks[1]["gpus"] == [{"index": 1, "memory_used_bytes": 2**30}]
+
+
+def test_a_job_that_is_not_distributed_has_no_ranks(child: subprocess.Popen[bytes]) -> None:
+    monitor = ResourceMonitor(
+        bus=EventBus(), nvml=_no_gpu(), workers=lambda: {"j": child.pid}, ranks=dict
+    )
+    (worker,) = monitor.sample()["workers"]
+    assert "ranks" not in worker
+
+
+def test_the_exporter_labels_each_rank_s_figures_by_job_and_rank() -> None:
+    exporter = PrometheusExporter(process_metrics=False)
+    rank_1 = {"rank": 1, "pid": 21, "cpu_seconds": 40.0, "cpu_percent": 99.0,
+              "rss_bytes": 700_000_000, "gpu_memory_bytes": 2**30,
+              "gpus": [{"index": 1, "memory_used_bytes": 2**30}]}  # fmt: skip
+    worker = {"job_id": "d", "pid": 20, "cpu_seconds": 1.0, "cpu_percent": 1.0,
+              "rss_bytes": 200_000_000, "gpu_memory_bytes": None, "gpus": [],
+              "ranks": [{**rank_1, "rank": 0, "pid": 22, "gpus": []}, rank_1]}  # fmt: skip
+    sample = {"system_cpu_percent": 50.0, "gpus": [], "workers": [worker]}
+    exporter.observe([Event("_server", 1, EventType.RESOURCE_SAMPLE, 1.0, sample)])
+    text = exporter.render().decode()
+    assert 'trainbus_job_cpu_seconds_total{job_id="d"} 1.0' in text
+    assert 'trainbus_job_rank_cpu_seconds_total{job_id="d",rank="1"} 40.0' in text
+    assert 'trainbus_job_rank_resident_memory_bytes{job_id="d",rank="0"} 7e+08' in text
+    assert 'trainbus_job_rank_gpu_memory_bytes{gpu="1",job_id="d",rank="1"}' in text
+    assert 'trainbus_job_rank_gpu_memory_bytes{gpu="1",job_id="d",rank="0"}' not in text
+    exporter.observe(
+        [Event("_server", 2, EventType.RESOURCE_SAMPLE, 2.0, {**sample, "workers": []})]
+    )
+    assert 'rank="' not in exporter.render().decode()  # the job ended: its ranks' series go

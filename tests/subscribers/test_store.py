@@ -157,6 +157,7 @@ def test_nan_none_and_odd_values_read_back_as_json_would(
     data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import trainbus.subscribers._store as module
+
     data = {"loss": math.nan, "inf": -math.inf, "none": None, "tuple": (1, 2), 3: "int key"}
     expected = json.loads(json.dumps(data))
     for fast in (True, False):

@@ -54,7 +54,7 @@ def server(data_dir: Path) -> Iterator[LiveServer]:
         stop_grace_seconds=5.0,
         devices=["cpu:2"],
         distributed_rendezvous="127.0.0.1:0",
-        resource_interval_seconds=60.0,
+        resource_interval_seconds=0.5,
     )
     with run_server(create_app(settings), settings) as live:
         yield live
@@ -78,6 +78,20 @@ def _rank_records(data_dir: Path, job_id: str, rank: int) -> list[dict[str, Any]
 def _agent(server: LiveServer, job_id: str) -> psutil.Process:
     supervisor = server.services.jobs.manager.supervisor  # type: ignore[attr-defined]
     return psutil.Process(supervisor.runs[job_id].process.pid)
+
+
+def _wait_rank_metrics(client: TrainbusClient, job_id: str) -> None:
+    """/metrics shows each rank's CPU time and memory, labelled by rank."""
+    names = ("cpu_seconds_total", "resident_memory_bytes")
+    wanted = [
+        f'trainbus_job_rank_{name}{{job_id="{job_id}",rank="{rank}"}}'
+        for name in names
+        for rank in (0, 1)
+    ]
+    deadline = time.monotonic() + 10
+    while not all(series in (text := client.metrics()) for series in wanted):
+        assert time.monotonic() < deadline, [s for s in wanted if s not in text]
+        time.sleep(0.1)  # polling interval, bounded by the deadline
 
 
 def _rank_process(data_dir: Path, job_id: str, rank: int) -> psutil.Process:
@@ -252,6 +266,7 @@ def test_a_killed_rank_or_agent_fails_the_job_naming_it_and_leaves_no_process(
         agent = _agent(server, job_id)
         ranks = [_rank_process(data_dir, job_id, rank) for rank in (0, 1)]
         assert {rank.pid for rank in ranks} == {child.pid for child in agent.children()}
+        _wait_rank_metrics(client, job_id)
         job_processes = [agent, *ranks]
         victim = agent if killed == "agent" else ranks[int(killed[-1])]
         victim.send_signal(signal.SIGKILL)

@@ -113,9 +113,10 @@ def test_a_stop_the_worker_does_not_answer_escalates_and_still_ends_stopped(
 def test_a_stalled_job_is_reported_and_failed_with_on_stall_fail(tmp_path: Path) -> None:
     settings = make_settings(tmp_path / "data", run_jobs_in="process",
                              resource_interval_seconds=60.0)  # fmt: skip
-    with run_server(create_app(settings), settings) as server, TrainbusClient(
-        server.url, server.token
-    ) as client:
+    with (
+        run_server(create_app(settings), settings) as server,
+        TrainbusClient(server.url, server.token) as client,
+    ):
         spec = {**LONG, "stall_timeout_seconds": 1.0, "on_stall": "fail"}
         job_id = client.submit(spec)["id"]
         _wait(client, job_id, {"running"})
