@@ -1,7 +1,8 @@
 """Commands agreed across the ranks of a distributed process group, so that every rank
 applies a command at the same step.
 
-At each batch boundary rank 0 broadcasts whether a command is pending (one integer); when one
+At each batch boundary rank 0 broadcasts whether a command is pending (one integer), unless a
+collective since the last boundary carried that answer (:meth:`AgreedControl.carry`); when one
 is, it broadcasts the commands themselves, and every rank applies them. A paused run holds
 every rank: rank 0 waits for commands at most :data:`PAUSE_POLL_SECONDS` at a time and
 broadcasts what it got (often nothing), so no collective waits longer than that while paused.
@@ -82,6 +83,7 @@ class AgreedControl:
         self._channel = channel
         self._rank = rank
         self._flag = torch.zeros(1, dtype=torch.int64)
+        self._carried: bool | None = None
         self._closed = False
 
     @property
@@ -90,12 +92,27 @@ class AgreedControl:
 
     @property
     def pending(self) -> bool:
-        """Whether rank 0 has commands: a collective, so every rank asks at the same step."""
+        """Whether rank 0 has commands: a collective, so every rank asks at the same step
+        (none when a collective since the last ask carried the answer, :meth:`carry`)."""
+        carried = self._carried
+        if carried is not None:
+            self._carried = None
+            return carried
         flag = self._flag
-        flag[0] = int(self._channel is not None and self._rank == 0 and self._channel.pending)
+        flag[0] = int(self.local_flag())
         with collective():
             dist.broadcast(flag, src=0)
         return bool(flag[0])
+
+    def local_flag(self) -> float:
+        """What this rank adds to a collective that carries the pending flag: 1 on rank 0
+        with commands pending, else 0 (summed over the ranks, the flag is rank 0's)."""
+        return float(self._channel is not None and self._rank == 0 and self._channel.pending)
+
+    def carry(self, summed: float) -> None:
+        """The pending flag came summed in a collective every rank took part in (a training
+        step's gradient all-reduce): the next :attr:`pending` answers with it, no broadcast."""
+        self._carried = summed > 0
 
     @property
     def closed(self) -> bool:
