@@ -9,27 +9,15 @@ from __future__ import annotations
 
 import atexit
 import os
-import sys
-from types import FrameType
+
+from ._fork_server_signals import imported_by_the_fork_server
 
 __all__: list[str] = []
-
-
-def _imported_by_the_fork_server() -> bool:
-    frame: FrameType | None = sys._getframe(1)
-    while frame is not None:
-        if (
-            frame.f_code.co_name == "main"
-            and frame.f_globals.get("__name__") == "multiprocessing.forkserver"
-        ):
-            return True
-        frame = frame.f_back
-    return False
 
 
 def _exit_now() -> None:
     os._exit(0)  # the fork server exits only when its server has gone
 
 
-if _imported_by_the_fork_server():
+if imported_by_the_fork_server():
     atexit.register(_exit_now)  # the last preload: its handler runs first

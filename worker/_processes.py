@@ -36,6 +36,9 @@ DEFAULT_PRELOAD = (
 FAST_EXIT = "trainbus.worker._fork_server"
 """Always the fork server's last preload: it ends at once when its server is gone."""
 
+NO_SIGTERM = "trainbus.worker._fork_server_signals"
+"""Always the fork server's first preload: a SIGTERM does not end it."""
+
 STDERR_TAIL_LINES = 20
 
 
@@ -160,7 +163,8 @@ class WorkerProcesses:
     """Starts worker processes from a fork server with ``preload`` imported."""
 
     def __init__(self, preload: Sequence[str] = DEFAULT_PRELOAD) -> None:
-        self.preload = (*(name for name in preload if name != FAST_EXIT), FAST_EXIT)
+        own = (NO_SIGTERM, FAST_EXIT)
+        self.preload = (NO_SIGTERM, *(name for name in preload if name not in own), FAST_EXIT)
         self._context: ForkServerContext = multiprocessing.get_context("forkserver")
         self._context.set_forkserver_preload(list(self.preload))
 

@@ -100,6 +100,7 @@ class WorkerSetup:
 
 def worker_main(setup: WorkerSetup) -> None:
     """The process's entry point: run the job, then exit (0 once the server has the result)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the fork server ignores it, not a worker
     setup.job_dir.mkdir(parents=True, exist_ok=True)
     log = open(setup.log_path, "ab", buffering=0)  # noqa: SIM115 - open for the process's life
     os.dup2(log.fileno(), 2)

@@ -31,6 +31,7 @@ def serve(data_dir: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
         env={**os.environ, "TRAINBUS_TOKEN": TOKEN},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its process group is its own: the test may signal it all
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -56,7 +57,10 @@ def serve(data_dir: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
             process.wait(timeout=30)
 
 
-def test_sigterm_checkpoints_and_interrupts_running_jobs(data_dir: Path) -> None:
+@pytest.mark.parametrize("to", ["server", "process group"])
+def test_sigterm_checkpoints_and_interrupts_running_jobs(data_dir: Path, to: str) -> None:
+    """Whether the server alone gets SIGTERM (``docker stop``) or every process of the
+    service does (systemd's stop, ``timeout``), a running job ends ``interrupted``."""
     spec = {
         "model": {"name": "mlp"},
         "dataset": {"name": "digits"},
@@ -67,12 +71,19 @@ def test_sigterm_checkpoints_and_interrupts_running_jobs(data_dir: Path) -> None
         with TrainbusClient(url, TOKEN) as client:
             job = client.submit(spec)
             client.wait(job["id"], {"running"}, timeout=60)
-        process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 60
+            while client.job(job["id"])["step"] == 0:  # its worker trains
+                assert time.monotonic() < deadline, "the job did not train"
+                time.sleep(0.05)  # polling interval, bounded by the deadline
+        if to == "server":
+            process.send_signal(signal.SIGTERM)
+        else:  # the server, its fork server and the job's worker at once
+            os.killpg(process.pid, signal.SIGTERM)
         # uvicorn shuts down gracefully, then re-raises the signal it caught
         assert process.wait(timeout=60) in (0, -signal.SIGTERM)
     with serve(data_dir) as (_process, url), TrainbusClient(url, TOKEN) as client:
         record = client.job(job["id"])
-        assert record["state"] == "interrupted"
+        assert record["state"] == "interrupted", record.get("error")
         assert client.events(job["id"], types="job_interrupted")
         client.resume(job["id"])
         client.wait(job["id"], {"running"}, timeout=60)
