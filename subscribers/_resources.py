@@ -21,9 +21,9 @@ __all__ = ["ResourceMonitor"]
 logger = logging.getLogger(__name__)
 
 WorkerPids = Callable[[], Mapping[str, int]]
+"""``job_id -> pid`` of each job's running worker process (the API wires the supervisor's)."""
 RankPids = Callable[[], Mapping[str, Mapping[int, int]]]
 """``job_id -> rank -> pid`` of the ranks of each running distributed job."""
-"""``job_id -> pid`` of each job's running worker process (the API wires the supervisor's)."""
 
 SERVER_JOB_ID = "_server"
 MAX_BACKOFF_SECONDS = 300.0

@@ -100,8 +100,9 @@ class DistributedTrainer(Trainer):
         self.world_size = dist.get_world_size()
         agreed = AgreedControl(control, rank=self.rank, job_dir=job_dir)
         self.agreed = agreed
-        self.progress = ProgressReporter(job_dir, self.rank, lambda: self.step)
         super().__init__(control=agreed, **kwargs)  # type: ignore[arg-type]
+        # before the barrier: once every rank is built, each one's pid and step are on disk
+        self.progress = ProgressReporter(job_dir, self.rank, lambda: self.step).start()
         self.end_requested = threading.Event()
         """Set when the agent asks a rank other than 0 to end (SIGTERM)."""
         self._averaging_queued = False
@@ -187,7 +188,6 @@ class DistributedTrainer(Trainer):
                 dist.broadcast(tensor, src=0)
 
     def run(self) -> RunResult:
-        self.progress.start()
         try:
             return self._train()
         finally:

@@ -15,7 +15,6 @@ import contextlib
 import ctypes
 import dataclasses
 import functools
-import json
 import logging
 import os
 import signal
@@ -32,8 +31,8 @@ import psutil
 
 from trainbus.bus import ControlChannel, EventBus
 
-from ._agreement import DistributedTrainer, rank_record_path
-from ._rank_progress import clear_progress
+from ._agreement import DistributedTrainer
+from ._rank_progress import clear_progress, rank_pids
 from ._runs import RESUME_STATE_FILE, _load_kept_state
 from ._spec import JobSpec
 from ._trainer import Outcome
@@ -184,10 +183,8 @@ def _exit_once_rank_0_is_gone(job_dir: Path) -> None:
     """A rank hung in its own code cannot end through rank 0: exit once rank 0 is gone (the
     agent would otherwise wait half a minute for it before its SIGKILL)."""
     try:
-        lines = rank_record_path(job_dir, 0).read_text().splitlines()
-        starts = [entry for entry in map(json.loads, lines) if "pid" in entry]
-        rank_0 = psutil.Process(int(starts[-1]["pid"]))  # this run's: a resumed job appends
-    except (OSError, ValueError, KeyError, IndexError, psutil.Error):
+        rank_0 = psutil.Process(rank_pids(job_dir)[0])  # this run's: each run clears them
+    except (KeyError, psutil.Error):
         os._exit(1)
     while True:
         try:

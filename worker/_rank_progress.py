@@ -59,7 +59,9 @@ class ProgressReporter:
         self._thread.daemon = True  # a rank that hangs must still be able to exit
 
     def start(self) -> ProgressReporter:
+        """Write the rank's progress now, then once a second until :meth:`stop`."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._write()
         self._thread.start()
         return self
 
@@ -68,10 +70,8 @@ class ProgressReporter:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        while True:
+        while not self._ended.wait(PROGRESS_INTERVAL):
             self._write()
-            if self._ended.wait(PROGRESS_INTERVAL):
-                return
 
     def _write(self) -> None:
         since = waiting_since()

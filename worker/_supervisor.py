@@ -373,7 +373,6 @@ class WorkerSupervisor:
             stack = await self._stack_of(run)
             await self._publish_stall(run, quiet, stack, on_stall)
             if on_stall == "fail":
-                assert run.process is not None
                 run.process.signal(signal.SIGKILL)
                 return
 

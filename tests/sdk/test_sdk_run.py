@@ -353,7 +353,7 @@ def test_a_second_connection_of_a_run_replaces_the_first_which_is_told_so(
             "type": "hello",
             "protocol": PROTOCOL_VERSION,
             "job_id": attachment.job_id,
-            "session": "one-process",
+            "session": "the-reconnecting-process",
             "next": None,
         }
     )

@@ -15,11 +15,8 @@ import pytest
 
 from tests.served import Served, serve
 from tests.worker._faulty_models import install
-from trainbus.api import TrainbusClient
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals, prctl")
-
-ENDED = {"completed", "failed", "stopped", "interrupted"}
 
 
 @pytest.fixture(scope="module")
@@ -48,20 +45,12 @@ def _failed(served: Served, spec: dict[str, Any], within: float) -> dict[str, An
     with served.client() as client:
         job_id = client.submit(spec)["id"]
         started = time.monotonic()
-        record = _wait_ended(client, job_id, within)
+        record = client.wait(job_id, timeout=within + 30, interval=0.05)
     assert record["state"] == "failed", record
     assert time.monotonic() - started < within
     deadline = time.monotonic() + 10
     while {process.pid for process in served.descendants()} - before:
         assert time.monotonic() < deadline, "a process of the job is left"
-        time.sleep(0.05)  # polling interval, bounded by the deadline
-    return record
-
-
-def _wait_ended(client: TrainbusClient, job_id: str, within: float) -> dict[str, Any]:
-    deadline = time.monotonic() + within + 30
-    while (record := client.job(job_id))["state"] not in ENDED:
-        assert time.monotonic() < deadline, record
         time.sleep(0.05)  # polling interval, bounded by the deadline
     return record
 
