@@ -126,6 +126,12 @@ class JobRecord(BaseModel):
         "its worker sees only the CUDA devices among them",
         examples=[["cuda:0"]],
     )
+    rendezvous: str | None = Field(
+        None,
+        description="For a running job on several hosts (distributed.nnodes > 1), the "
+        "host:port where `trainbus agent` on each other host joins it",
+        examples=["10.0.0.5:41873"],
+    )
 
 
 class JobList(BaseModel):

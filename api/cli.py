@@ -9,6 +9,7 @@
     trainbus pause JOB | resume JOB | stop JOB | delete JOB
     trainbus checkpoints JOB | download JOB [NAME|latest|best] | predict JOB FILE.csv
     trainbus models | datasets
+    trainbus agent JOB [--node-rank N]  # this host's ranks of a job on several hosts
 
 Client commands find the server with ``--url`` and the token with ``--token`` (both also
 accepted after the command) or ``TRAINBUS_TOKEN``; else in the server's data folder
@@ -24,6 +25,7 @@ import csv
 import json
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -119,6 +121,24 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("csv", type=Path, help="CSV file with a header row")
     predict.add_argument(
         "--checkpoint", default="best", help="checkpoint name, latest or best (default best)"
+    )
+    agent = _client_command(
+        commands,
+        "agent",
+        help="run this host's ranks of a distributed job on several hosts (nnodes > 1)",
+    )
+    agent.add_argument("job", help="job id")
+    agent.add_argument(
+        "--node-rank",
+        type=int,
+        default=1,
+        help="this host's number among the job's hosts, 1 to nnodes - 1 (the server's is 0)",
+    )
+    agent.add_argument(
+        "--wait",
+        type=float,
+        default=600.0,
+        help="seconds to wait for the job to start running (default 600)",
     )
     _client_command(commands, "models", help="list the models a spec may name")
     _client_command(commands, "datasets", help="list the datasets a spec may name")
@@ -266,6 +286,8 @@ def _run(args: argparse.Namespace, settings: Settings, console: Console) -> int:
     location = _locate(settings, args)
     try:
         with TrainbusClient(location.url, location.token) as client:
+            if command == "agent":  # its files go to this host's data folder
+                return _agent(client, args, args.data_dir or settings.data_dir, console)
             return _client_command_run(command, args, client, console)
     except ClientError as error:
         if error.status == 401:
@@ -337,6 +359,58 @@ def _client_command_run(
         print_registry(console, client.registry()[command])
         return 0
     raise ValueError(f"unknown command {command!r}")
+
+
+_ENDED = ("completed", "failed", "stopped", "interrupted")
+
+
+def _agent(
+    client: TrainbusClient, args: argparse.Namespace, data_dir: Path, console: Console
+) -> int:
+    """Wait until the job runs, then run this host's ranks with the server's until the job's
+    training ends on every rank."""
+    deadline = time.monotonic() + args.wait
+    while True:
+        record = client.job(args.job)
+        distributed = record["spec"].get("distributed") or {}
+        nnodes = int(distributed.get("nnodes", 1))
+        if nnodes < 2:
+            raise UsageError(
+                f"job {args.job} runs on the server's host alone (distributed.nnodes is "
+                f"{nnodes}): it has no other host to run"
+            )
+        if not 1 <= args.node_rank < nnodes:
+            raise UsageError(
+                f"job {args.job} has {nnodes} hosts: --node-rank must be 1 to {nnodes - 1} "
+                f"(the server's host is 0), got {args.node_rank}"
+            )
+        if record.get("rendezvous"):
+            break
+        if record["state"] in _ENDED:
+            console.print(f"trainbus: job {args.job} is {record['state']}: nothing to join")
+            return 1
+        if time.monotonic() >= deadline:
+            console.print(
+                f"trainbus: job {args.job} did not start within {args.wait:g} s "
+                f"(it is {record['state']}: {record.get('waiting_for') or 'waiting'})"
+            )
+            return 1
+        time.sleep(0.2)  # polling the job's record, bounded by the deadline
+    from trainbus.worker import run_node_agent  # torch: only this command needs it
+
+    console.print(
+        f"joining job {args.job} at {record['rendezvous']} as host {args.node_rank} of "
+        f"{nnodes} ({distributed['nproc_per_node']} ranks here)"
+    )
+    code, failure = run_node_agent(
+        args.job, record["spec"], record["rendezvous"], args.node_rank, Path(data_dir)
+    )
+    if code == 0:
+        console.print(f"host {args.node_rank}'s ranks of job {args.job} ended")
+    else:
+        why = failure or f"the agent exited with code {code}"
+        console.print(f"trainbus: host {args.node_rank}'s ranks of job {args.job}: {why}")
+    return code
 
 
 EVENTS_PAGE = 1000

@@ -10,6 +10,7 @@ from ._datasets import split_and_standardise as split_and_standardise
 from ._devices import DevicePool as DevicePool
 from ._devices import DeviceSlot as DeviceSlot
 from ._devices import device_slots as device_slots
+from ._distributed import run_node_agent as run_node_agent
 from ._errors import DatasetError as DatasetError
 from ._errors import IllegalTransition as IllegalTransition
 from ._errors import JobError as JobError
@@ -103,5 +104,6 @@ __all__ = [
     "load_model",
     "parse_job_spec",
     "resolve_dataset_file",
+    "run_node_agent",
     "split_and_standardise",
 ]

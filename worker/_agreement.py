@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 import torch.distributed as dist
 from torch.autograd import Variable
@@ -30,7 +31,7 @@ from trainbus.sdk._agreement import PAUSE_POLL_SECONDS, RanksLost
 from trainbus.sdk._agreement import AgreedControl as _SharedAgreement
 from trainbus.sdk._agreement import collective as _collective
 
-from ._rank_progress import ProgressReporter
+from ._rank_progress import ProgressReporter, rank_pids
 from ._trainer import Outcome, RunResult, Trainer
 
 __all__ = [
@@ -38,6 +39,8 @@ __all__ = [
     "AgreedControl",
     "DistributedTrainer",
     "RanksLost",
+    "clear_lost_peers",
+    "lost_peer_path",
     "rank_record_path",
 ]
 
@@ -57,6 +60,18 @@ def rank_record_path(job_dir: Path, rank: int) -> Path:
     own part of each epoch's figures (``{"epoch", "loss_sum", "samples"}``): what an operator
     checks the ranks kept in step with."""
     return job_dir / "ranks" / f"rank-{rank}.jsonl"
+
+
+def lost_peer_path(job_dir: Path, rank: int) -> Path:
+    """Where rank ``rank`` says that a rank of another host is gone (its agent cannot see
+    ranks of other hosts, so the rank tells it why it ended)."""
+    return job_dir / "ranks" / f"lost-{rank}.txt"
+
+
+def clear_lost_peers(job_dir: Path) -> None:
+    """Forget what the ranks of the job's previous run said (a new run starts)."""
+    for rank_said in lost_peer_path(job_dir, 0).parent.glob("lost-*.txt"):
+        rank_said.unlink(missing_ok=True)
 
 
 def _append(path: Path, entry: dict[str, Any]) -> None:
@@ -100,6 +115,7 @@ class DistributedTrainer(Trainer):
         self.world_size = dist.get_world_size()
         agreed = AgreedControl(control, rank=self.rank, job_dir=job_dir)
         self.agreed = agreed
+        self.job_dir = job_dir
         super().__init__(control=agreed, **kwargs)  # type: ignore[arg-type]
         # before the barrier: once every rank is built, each one's pid and step are on disk
         self.progress = ProgressReporter(job_dir, self.rank, lambda: self.step).start()
@@ -187,6 +203,19 @@ class DistributedTrainer(Trainer):
             for tensor in self.model.state_dict().values():
                 dist.broadcast(tensor, src=0)
 
+    @property
+    def _several_hosts(self) -> bool:
+        return int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size)) < self.world_size
+
+    def share_state(self) -> None:
+        """Give every rank rank 0's whole state (weights, optimizer, position, random
+        streams): the ranks of a job's other hosts have none of its files to resume from."""
+        shared: list[Any] = [self.state_dict() if self.rank == 0 else None]
+        with _collective():
+            dist.broadcast_object_list(shared, src=0)
+        if self.rank != 0:
+            self.load_state_dict(shared[0])
+
     def run(self) -> RunResult:
         try:
             return self._train()
@@ -195,6 +224,8 @@ class DistributedTrainer(Trainer):
 
     def _train(self) -> RunResult:
         try:
+            if self._several_hosts:
+                self.share_state()
             self.share_weights()
         except RanksLost as error:
             return self._lost(error)
@@ -204,12 +235,30 @@ class DistributedTrainer(Trainer):
             return self._lost(RanksLost(str(failure.get("message"))))
         return result
 
+    def _other_host_lost(self) -> bool:
+        """Of a job on several hosts: whether every rank of this host still runs, so that
+        the rank gone is another host's, which this host's agent will never name."""
+        if not self._several_hosts:
+            return False
+        for rank, pid in rank_pids(self.job_dir).items():
+            try:
+                if rank != self.rank and psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                    return False
+            except psutil.Error:
+                return False
+        return True
+
     def _lost(self, error: RanksLost) -> RunResult:
         """Another rank is gone: wait for the agent to end this one (it names the rank that
         failed first); if it does not, end without reporting a result of this rank's own. A
         collective that timed out ends this rank at once (the rank that hangs fails nothing)."""
         logger.error("rank %d: %s", self.rank, error)
         if "timed out" in str(error).lower():  # another rank hangs: none fails before this one
+            os._exit(1)
+        if self._other_host_lost():
+            lost_peer_path(self.job_dir, self.rank).write_text(
+                f"a rank of another host is gone ({error})"
+            )
             os._exit(1)
         deadline = time.monotonic() + PEER_GRACE_SECONDS
         channel = self.agreed.channel

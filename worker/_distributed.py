@@ -1,9 +1,10 @@
 """A distributed job's processes: its worker process is torch's elastic agent (the launch API
 ``torch.distributed.run`` uses), which forks the job's ranks on this host and tears them all
 down when one fails; rank 0 is the job's worker (it connects to the server with the job's
-credential and publishes the job's events), the other ranks publish nothing. How the ranks
-agree on commands and figures is ``worker/_agreement.py``; ``docs/DISTRIBUTED.md`` tells it
-whole.
+credential and publishes the job's events), the other ranks publish nothing. A job on several
+hosts has one agent on each: the server's is node 0, the others are ``trainbus agent``
+commands (:func:`run_node_agent`) that meet it at the job's rendezvous. How the ranks agree on
+commands and figures is ``worker/_agreement.py``; ``docs/DISTRIBUTED.md`` tells it whole.
 
 The supervisor supervises the agent as it does any worker: a signal to the agent reaches every
 rank (the agent forwards SIGTERM; a rank gets SIGKILL when the agent dies, whatever killed it).
@@ -18,10 +19,12 @@ import functools
 import logging
 import os
 import signal
+import socket
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -31,19 +34,30 @@ import psutil
 
 from trainbus.bus import ControlChannel, EventBus
 
-from ._agreement import DistributedTrainer
+from ._agreement import DistributedTrainer, clear_lost_peers, lost_peer_path
 from ._rank_progress import clear_progress, rank_pids
 from ._runs import RESUME_STATE_FILE, _load_kept_state
 from ._spec import JobSpec
 from ._trainer import Outcome
 from ._worker_process import EXIT_INTERRUPTED, WorkerSetup, _run
 
-__all__ = ["EXIT_RANK_FAILED", "FAILURE_FILE", "rank_failure", "run_agent"]
+__all__ = [
+    "EXIT_HOSTS_MISSING",
+    "EXIT_RANK_FAILED",
+    "FAILURE_FILE",
+    "hosts_rendezvous",
+    "rank_failure",
+    "run_agent",
+    "run_node_agent",
+]
 
 logger = logging.getLogger(__name__)
 
 EXIT_RANK_FAILED = 4
 """The agent's exit code when a rank failed and the agent ended the others."""
+
+EXIT_HOSTS_MISSING = 5
+"""The agent's exit code when the agents of the job's other hosts did not all join in time."""
 
 FAILURE_FILE = "ranks/failure.txt"
 """Where the agent says, in the job's folder, which rank failed first and how."""
@@ -60,53 +74,134 @@ def rank_failure(job_dir: Path) -> str | None:
         return None
 
 
+def hosts_rendezvous(spec: Mapping[str, Any], configured: str) -> str | None:
+    """Where the agents of a job on several hosts meet: the configured ``host:port``, with a
+    free port of that host when its port is 0 (None: a job on one host, whose agent takes a
+    free port itself)."""
+    distributed = spec.get("distributed") or {}
+    if int(distributed.get("nnodes", 1)) <= 1:
+        return None
+    host, _, port = configured.rpartition(":")
+    if port != "0":
+        return configured
+    with socket.create_server((host, 0)) as probe:  # the agent binds it a moment later
+        return f"{host}:{probe.getsockname()[1]}"
+
+
 def run_agent(setup: WorkerSetup) -> int:
-    """Run the job's ranks under torch's elastic agent until they end; the worker's exit
-    code (rank 0's, or :data:`EXIT_RANK_FAILED`)."""
+    """Run the job's ranks of this host under torch's elastic agent until they end; the
+    worker's exit code (rank 0's, :data:`EXIT_RANK_FAILED` or :data:`EXIT_HOSTS_MISSING`)."""
+    return _launch(setup, node_rank=0)
+
+
+def run_node_agent(
+    job_id: str, spec: Mapping[str, Any], rendezvous: str, node_rank: int, data_dir: Path
+) -> tuple[int, str | None]:
+    """Run the ranks of host ``node_rank`` (1 or more) of a job on several hosts: they meet
+    the server's agent at ``rendezvous`` and train with rank 0, publishing nothing. Returns
+    the agent's exit code (0 once the job's training ended on every rank) and, for another,
+    what failed. The ranks' records
+    and the agent's temporary files go to ``<data_dir>/nodes/<job_id>``; a CSV dataset is
+    read from ``data_dir`` as on the server."""
+    setup = WorkerSetup(
+        job_id=job_id,
+        spec=dict(spec),
+        job_dir=data_dir / "nodes" / job_id,
+        data_dir=data_dir,
+        url="",
+        token="",
+        rendezvous=rendezvous,
+    )
+    setup.job_dir.mkdir(parents=True, exist_ok=True)
+    code = _launch(setup, node_rank=node_rank)
+    return code, None if code == 0 else rank_failure(setup.job_dir)
+
+
+def _launch(setup: WorkerSetup, *, node_rank: int) -> int:
+    from torch.distributed import DistStoreError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    from torch.distributed.launcher.api import elastic_launch
 
-    distributed = setup.spec["distributed"]
-    ranks = int(distributed["nproc_per_node"])
+    section = JobSpec.model_validate(setup.spec).distributed
+    assert section is not None
     failure = setup.job_dir / FAILURE_FILE
     failure.parent.mkdir(parents=True, exist_ok=True)
     failure.unlink(missing_ok=True)
+    clear_lost_peers(setup.job_dir)
     clear_progress(setup.job_dir)
     # the agent's and the ranks' temporary files (torchelastic_*) stay in the job's folder
     temporary = setup.job_dir / "tmp"
     temporary.mkdir(exist_ok=True)
     os.environ["TMPDIR"] = str(temporary)
     tempfile.tempdir = None
-    config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=ranks,
-        run_id=setup.job_id,
-        rdzv_backend="c10d",
-        rdzv_endpoint=setup.rendezvous,
-        max_restarts=0,
-        monitor_interval=0.1,
-        start_method="fork",  # the agent has torch and trainbus imported: ranks start at once
-        signals_to_handle="SIGTERM,SIGINT",
-    )
+    ranks = section.nproc_per_node * section.nnodes
     try:
-        returned = elastic_launch(config, _rank_main)(setup)
+        returned = elastic_launch(_launch_config(setup, node_rank), _rank_main)(setup)
     except ChildFailedError as error:
         rank, first = error.get_first_failure()
         if first.exitcode < 0:
             how = f"was killed by {first.signal_name()}"
         else:
             how = f"exited with code {first.exitcode}"
-        message = f"rank {rank} of {ranks} (pid {first.pid}) {how}; the agent ended the other ranks"
+        lost = lost_peer_path(setup.job_dir, rank)
+        if lost.exists():  # it ended because a rank of another host was gone
+            message = f"rank {rank} of {ranks} (pid {first.pid}) {how}: {lost.read_text()}"
+        else:
+            message = (
+                f"rank {rank} of {ranks} (pid {first.pid}) {how}; the agent ended the other ranks"
+            )
+            if section.nnodes > 1:
+                message = f"{message} of host {node_rank}"
         logger.error("job %s: %s", setup.job_id, message)
         failure.write_text(message + "\n")
         return EXIT_RANK_FAILED
     except SignalException as error:
         logger.warning("job %s: the agent got signal %s", setup.job_id, error.sigval)
         return EXIT_INTERRUPTED
-    code = returned.get(0)
+    except DistStoreError as error:  # the static rendezvous's store: a host never came
+        waited = section.join_timeout_seconds
+        if node_rank == 0:
+            message = (
+                f"the agents of the job's other hosts did not all join within {waited} s "
+                f"({error}): start `trainbus agent {setup.job_id} --node-rank N` on each "
+                f"other host, N from 1 to {section.nnodes - 1}, while the job runs"
+            )
+        else:
+            message = f"could not join the job's rendezvous at {setup.rendezvous}: {error}"
+        logger.error("job %s: %s", setup.job_id, message)
+        failure.write_text(message + "\n")
+        return EXIT_HOSTS_MISSING
+    code = returned.get(node_rank * section.nproc_per_node)
     return code if isinstance(code, int) else 0
+
+
+def _launch_config(setup: WorkerSetup, node_rank: int) -> Any:
+    """The elastic agent's configuration: on one host a c10d rendezvous on a free port;
+    across hosts torch's static rendezvous (``torchrun --node-rank``), whose node 0, the
+    server's host, runs ranks 0 to ``nproc_per_node - 1``: c10d's rendezvous numbers hosts in
+    the order of their names, and rank 0 must be on the server's host, where the job's
+    credential, checkpoints and records are."""
+    from torch.distributed.launcher.api import LaunchConfig
+
+    section = JobSpec.model_validate(setup.spec).distributed
+    assert section is not None
+    several = section.nnodes > 1
+    return LaunchConfig(
+        min_nodes=section.nnodes,
+        max_nodes=section.nnodes,
+        nproc_per_node=section.nproc_per_node,
+        run_id=setup.job_id,
+        rdzv_backend="static" if several else "c10d",
+        rdzv_endpoint=setup.rendezvous,
+        rdzv_configs=(
+            {"rank": node_rank, "timeout": section.join_timeout_seconds} if several else {}
+        ),
+        max_restarts=0,
+        monitor_interval=0.1,
+        start_method="fork",  # the agent has torch and trainbus imported: ranks start at once
+        signals_to_handle="SIGTERM,SIGINT",
+    )
 
 
 def _rank_main(setup: WorkerSetup) -> int:

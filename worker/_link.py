@@ -109,6 +109,11 @@ class WorkerLink:
         self._sent: list[Command] = []  # sent on a connection that may have dropped them
         self._generation = 0
 
+    @property
+    def ever_connected(self) -> bool:
+        """Whether a worker of this run has connected (said hello) since the run started."""
+        return self._generation > 0
+
     def accepts(self, token: str) -> bool:
         """Whether ``token`` is this run's credential (compared in constant time)."""
         return hmac.compare_digest(token.encode(), self._token.encode())

@@ -288,9 +288,13 @@ class JobManager:
     def _with_wait(self, record: JobRecord) -> JobRecord:
         """A queued job's record says what it waits for: a slot, or a server that restarts;
         a running or paused one which devices it holds."""
-        if record.state in _LIVE_STATES and self.devices is not None:
-            held = self.devices.held_by_job(record.id)
-            return record.model_copy(update={"devices": [slot.name for slot in held]})
+        if record.state in _LIVE_STATES:
+            update: dict[str, Any] = {}
+            if self.devices is not None:
+                update["devices"] = [slot.name for slot in self.devices.held_by_job(record.id)]
+            if self.supervisor is not None:
+                update["rendezvous"] = self.supervisor.rendezvous_of(record.id)
+            return record.model_copy(update=update)
         if record.state is not JobState.QUEUED:
             return record
         devices = None

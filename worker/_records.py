@@ -86,6 +86,11 @@ class JobRecord(BaseModel):
         default=None,
         description="For a running or paused job, the device slots it holds (never stored).",
     )
+    rendezvous: str | None = Field(
+        default=None,
+        description="For a running job on several hosts, where the agents of its other hosts "
+        "join (never stored).",
+    )
 
 
 _COLUMNS = (

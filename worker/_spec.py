@@ -294,14 +294,24 @@ class ResourcesSpec(BaseModel):
 
 
 class DistributedSpec(BaseModel):
-    """Train as a distributed data-parallel job: ``nproc_per_node`` ranks on this server's
-    host, started by torch's elastic agent, each training on its shard (``docs/DISTRIBUTED.md``)."""
+    """Train as a distributed data-parallel job: ``nproc_per_node`` ranks on each of
+    ``nnodes`` hosts, started by torch's elastic agent, each training on its shard
+    (``docs/DISTRIBUTED.md``)."""
 
     model_config = _STRICT
     nproc_per_node: Int = Field(
-        ge=1, le=64, description="Ranks (processes) of the job; it holds one device slot for each."
+        ge=1,
+        le=64,
+        description="Ranks (processes) on each host; on the server's host the job holds one "
+        "device slot for each.",
     )
-    nnodes: Int = Field(default=1, ge=1, le=1, description="Hosts of the job: 1 (this server's).")
+    nnodes: Int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Hosts of the job: the server's, and one `trainbus agent` for each other "
+        "host (docs/DISTRIBUTED.md, Several hosts).",
+    )
     backend: Literal["gloo", "nccl"] = Field(
         default="gloo", description="gloo (CPU or CUDA) or nccl (CUDA, one device per rank)."
     )
@@ -316,16 +326,13 @@ class DistributedSpec(BaseModel):
             "controllers' decision at an epoch's end)."
         ),
     )
-
-    @field_validator("nnodes", mode="before")
-    @classmethod
-    def _one_host(cls, nnodes: Any) -> Any:
-        if isinstance(nnodes, int) and not isinstance(nnodes, bool) and nnodes > 1:
-            raise ValueError(
-                f"nnodes is {nnodes}, but a distributed job runs on one host for now: set "
-                "nnodes to 1 (or leave it out) and the ranks with nproc_per_node"
-            )
-        return nnodes
+    join_timeout_seconds: Int = Field(
+        default=600,
+        ge=5,
+        le=86400,
+        description="With several hosts: how long the job waits for the agents of its other "
+        "hosts to join before it fails saying which did not.",
+    )
 
 
 class TensorBoardSpec(BaseModel):

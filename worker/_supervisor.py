@@ -17,7 +17,7 @@ import anyio
 
 from trainbus.bus import ControlChannel, Event, EventBus, EventType
 
-from ._distributed import EXIT_RANK_FAILED, rank_failure
+from ._distributed import EXIT_HOSTS_MISSING, EXIT_RANK_FAILED, hosts_rendezvous, rank_failure
 from ._link import Durable, Item, WorkerLink
 from ._processes import WorkerProcess, WorkerProcesses
 from ._rank_progress import rank_pids, stalled_ranks
@@ -52,6 +52,10 @@ class ProcessRun:
     """An SDK run: its process is the user's, not the supervisor's."""
     released: anyio.Event = field(default_factory=anyio.Event)
     """An SDK run let go by a server that shuts down: its process goes on and attaches again."""
+    rendezvous: str | None = None
+    """Of a distributed job on several hosts: where the other hosts' agents join."""
+    stopped_unjoined: bool = False
+    """Stopped while still waiting for its other hosts: its agent was killed at once."""
 
 
 class WorkerSupervisor:
@@ -174,6 +178,7 @@ class WorkerSupervisor:
             raise RuntimeError("this server starts no worker processes (run_jobs_in: thread)")
         link, token = self._new_link(job_id, control)
         run = self.runs[job_id] = ProcessRun(job_id, link)
+        run.rendezvous = hosts_rendezvous(spec, self.rendezvous)
         setup = WorkerSetup(
             job_id=job_id,
             spec=dict(spec),
@@ -186,7 +191,7 @@ class WorkerSupervisor:
             environment=dict(environment or {}),
             subscriber_factory=self.subscriber_factory,
             checkpoint_loader=self.checkpoint_loader,
-            rendezvous=self.rendezvous,
+            rendezvous=run.rendezvous or self.rendezvous,
             memory_limit_bytes=self._memory_limit(job_id, spec, environment or {}),
         )
         try:
@@ -313,11 +318,17 @@ class WorkerSupervisor:
         if process.exitcode == EXIT_INTERRUPTED:
             reason = "the worker lost the server and ended the run with its state kept"
             return RunResult(Outcome.INTERRUPTED, stop_reason=reason), {}
+        if run.stopped_unjoined:
+            reason = "stopped before the agents of the job's other hosts had all joined"
+            return RunResult(Outcome.STOPPED, stop_reason=reason, details={"exit": how}), {}
         if run.stop_requested.is_set():
             reason = f"stopped: {how} after it did not stop within the grace period"
             return RunResult(Outcome.STOPPED, stop_reason=reason, details={"exit": how}), {}
         tail = process.stderr_tail()
         error: dict[str, Any] = {"type": "WorkerDied", "exitcode": process.exitcode}
+        if process.exitcode == EXIT_HOSTS_MISSING:  # a job on several hosts: who is missing
+            how = rank_failure(process.setup.job_dir) or how
+            error["type"] = "HostsMissing"
         if process.exitcode == EXIT_RANK_FAILED:  # a distributed job's agent: which rank
             how = rank_failure(process.setup.job_dir) or how
             error["type"] = "RankFailed"
@@ -343,6 +354,13 @@ class WorkerSupervisor:
 
     async def _escalate_stop(self, run: ProcessRun) -> None:
         await run.stop_requested.wait()
+        if run.rendezvous is not None and not run.link.ever_connected:
+            # a job on several hosts still waiting for them has no step to stop at, and its
+            # agent, blocked in the rendezvous, takes no SIGTERM until the join times out
+            assert run.process is not None
+            run.stopped_unjoined = True
+            run.process.signal(signal.SIGKILL)
+            return
         for signum in (signal.SIGTERM, signal.SIGKILL):
             await anyio.sleep(self.stop_grace_seconds)
             assert run.process is not None
@@ -369,7 +387,11 @@ class WorkerSupervisor:
             run.stalled = True
             assert run.process is not None
             if run.process.setup.spec.get("distributed"):
-                run.stalled_ranks = stalled_ranks(run.process.setup.job_dir)
+                for _ in range(5):  # the ranks write their progress once a second
+                    run.stalled_ranks = stalled_ranks(run.process.setup.job_dir)
+                    if run.stalled_ranks:
+                        break
+                    await anyio.sleep(0.5)
             stack = await self._stack_of(run)
             await self._publish_stall(run, quiet, stack, on_stall)
             if on_stall == "fail":
@@ -391,6 +413,12 @@ class WorkerSupervisor:
             if text.strip():
                 return text[-8000:]
         return ""
+
+    def rendezvous_of(self, job_id: str) -> str | None:
+        """Where the other hosts' agents of ``job_id``'s current run join (None: it runs on
+        one host, or not now)."""
+        run = self.runs.get(job_id)
+        return None if run is None else run.rendezvous
 
     def rank_pids(self) -> dict[str, dict[int, int]]:
         """``job_id -> rank -> pid`` of the ranks of each running distributed job (blocking:

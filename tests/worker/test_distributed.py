@@ -285,7 +285,8 @@ def test_a_killed_rank_or_agent_fails_the_job_naming_it_and_leaves_no_process(
 @pytest.mark.parametrize(
     ("distributed", "extra", "says"),
     [
-        ({"nproc_per_node": 2, "nnodes": 2}, {}, "one host for now: set nnodes to 1"),
+        # too short for a host's agent to start
+        ({"nproc_per_node": 1, "nnodes": 2, "join_timeout_seconds": 1}, {}, "greater than or"),
         ({"nproc_per_node": 2}, {"devices": 3}, "one device slot per rank (2)"),
         ({"nproc_per_node": 2, "backend": "nccl"}, {"device": "cpu"}, "'nccl' needs CUDA"),
         ({"nproc_per_node": 3}, {}, "asks for 3 cpu slots, but this server has 2"),
