@@ -162,7 +162,7 @@ def test_a_killed_agent_of_the_other_host_fails_the_job_and_leaves_no_process(
     assert record["error"]["type"] == "RankFailed", record["error"]
     assert "rank 0 of 2" in record["error"]["message"], record["error"]
     assert "a rank of another host is gone" in record["error"]["message"], record["error"]
-    assert failed_within < 5, failed_within
+    assert failed_within < 10, failed_within
     deadline = time.monotonic() + 10
     while {p.pid for p in psutil.Process().children(recursive=True)} - before:
         assert time.monotonic() < deadline, psutil.Process().children(recursive=True)
