@@ -33,10 +33,15 @@ __all__ = [
 ]
 
 KEEP_ALIVE_SECONDS = 75  # nginx's default
-PRELOADED = ("torch._dynamo", "sklearn.datasets")
-"""Modules a job imports lazily (the first optimizer a process builds imports torch._dynamo,
-~120,000 objects; the bundled datasets load through sklearn.datasets, ~60,000), imported
-before the heap is frozen so that they are frozen too."""
+PRELOADED = ("torch._dynamo",)
+"""Modules the server imports lazily (a job's memory estimate at its submission, like the first
+optimizer a process builds, imports torch._dynamo: ~120,000 objects), imported before the heap
+is frozen so that they are frozen too."""
+PRELOADED_FOR_JOBS = ("sklearn.datasets",)
+"""Modules a job imports lazily (the bundled datasets load through sklearn.datasets, ~60,000
+objects), imported with :data:`PRELOADED` where jobs train on the server's own threads
+(``run_jobs_in`` = thread). A server whose jobs run in worker processes never imports them (its
+fork server does): they would cost each of its starts a second of CPU."""
 
 
 class WebSocketProtocol(WebSocketsSansIOProtocol):
@@ -170,7 +175,7 @@ def bind_then_write_token(
     return sock
 
 
-def freeze_heap() -> None:
+def freeze_heap(settings: Settings) -> None:
     """Move every object alive now (the service's modules: torch, numpy, pydantic, FastAPI,
     some 330,000 objects) out of the cyclic garbage collector's reach (``gc.freeze``).
 
@@ -180,7 +185,8 @@ def freeze_heap() -> None:
     running job whole epochs' worth of pauses (and a third of the server's CPU per handshake).
     With the heap frozen a full collection walks only what was allocated since.
     """
-    for name in PRELOADED:
+    jobs = PRELOADED_FOR_JOBS if settings.run_jobs_in == "thread" else ()
+    for name in (*PRELOADED, *jobs):
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
     # The young generations only: a full collection here found nothing to free and cost a
@@ -200,8 +206,9 @@ def serve(settings: Settings) -> None:
     app = create_app(settings)
     config = uvicorn_config(app, settings)
     server = TrainbusServer(config)
-    freeze_heap()
+    # the port and the token file first: a server that cannot serve says so at once
     sock = bind_then_write_token(config, settings, generated=generated)
+    freeze_heap(settings)
     write_server_url(settings.data_dir, bound_url(sock))  # where local CLI commands look
     if generated and settings.token is not None:
         announce_generated_token(token_file(settings.data_dir))
