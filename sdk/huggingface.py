@@ -13,12 +13,24 @@ The Trainer's events map onto the built-in vocabulary: ``on_epoch_begin`` ->
 ``train_epoch_start``, ``on_step_end`` -> the batch events (with the loss of the latest
 ``on_log``: set ``logging_steps=1`` for every step's), the epoch's end -> ``train_epoch_end``,
 ``val_end`` and ``fit_epoch_end`` (``eval_*`` metrics are reported as ``val_*``, ``loss`` as
-``train_loss``; with ``eval_strategy="epoch"`` the epoch ends at its evaluation). Commands:
-stop sets ``control.should_training_stop``, pause holds training at the next step, save sets
-``control.should_save`` (the Trainer writes its checkpoint at that step's end), set_lr sets the
-optimizer's learning rate and rescales the schedule with it.
+``train_loss``; with ``eval_strategy="epoch"`` the epoch ends at its evaluation). Commands
+take effect at a step's end (``on_step_end``, after the optimizer step), and the
+acknowledgement names that step: stop sets ``control.should_training_stop`` (the training ends
+after that step), pause holds training there until resume, save sets ``control.should_save``
+(the Trainer writes ``checkpoint-<step>`` before the next step; a pause's checkpoint, at the
+paused step, once training continues), set_lr sets the optimizer's learning rate and rescales
+the schedule with it.
 
-Only the main process reports (``state.is_world_process_zero``). Imported only when asked for.
+Under ``torchrun`` (the Trainer's DDP, ``torch.distributed`` initialised with more than one
+process) the callback runs on every rank: rank 0 (``state.is_world_process_zero``) reports,
+the other ranks publish nothing, and every rank applies rank 0's commands at the same step
+(``sdk/_agreement.py``: one broadcast at each step's end). A DDP step is an all-reduce every
+rank takes part in, so ``control.should_training_stop`` is set on every rank at the same
+step; a pause holds every rank there, a save sets ``control.should_save`` on every rank (the
+Trainer's checkpoint can take collectives: a sharded model's state, a barrier), a set_lr
+reaches every rank's optimizer, and the early-stop and LR-plateau decisions the server takes
+on an epoch are agreed at the epoch's end, before the next one starts. A single process
+exchanges nothing. Imported only when asked for.
 """
 
 from __future__ import annotations
@@ -54,8 +66,6 @@ class TrainbusCallback(TrainerCallback):
         control: TrainerControl,
         **kwargs: Any,
     ) -> None:
-        if not state.is_world_process_zero:
-            return
         self._scheduler = kwargs.get("lr_scheduler")
         self._by_evaluation = str(getattr(args.eval_strategy, "value", args.eval_strategy)) == (
             "epoch"
@@ -79,23 +89,18 @@ class TrainbusCallback(TrainerCallback):
         if self.run is not None:
             self.run.begin_epoch(round(state.epoch or 0))
 
-    def on_step_begin(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
-    ) -> None:
-        if self.run is not None and self.run.check():  # a pause holds here
-            control.should_training_stop = True
-
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
     ) -> None:
         if self.run is None:
             return
         self.run.log_batch(self._loss, step=state.global_step)
-        if self._save_requested:
-            control.should_save = True
-            self._save_requested = False
-        if self.run.should_stop:
+        # the step's one boundary: every rank takes rank 0's commands here (a pause holds here)
+        if self.run.check():
             control.should_training_stop = True
+        if self._save_requested:
+            control.should_save = True  # the Trainer writes it before the next step
+            self._save_requested = False
 
     def on_log(
         self,
@@ -134,9 +139,13 @@ class TrainbusCallback(TrainerCallback):
         }
         if self._train_loss is not None:
             values["train_loss"] = self._train_loss
-        self.run.end_epoch(**values)  # the server's controllers decide on it first
+        # the server's controllers decide on it first; every rank takes their decision here
+        self.run.end_epoch(**values)
         if self.run.should_stop:
             control.should_training_stop = True
+        if self._save_requested:
+            control.should_save = True
+            self._save_requested = False
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
