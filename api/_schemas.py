@@ -97,6 +97,15 @@ class JobFailureBody(BaseModel):
     )
 
 
+class Rendezvous(BaseModel):
+    """Where the agents of a job's other hosts join its current run."""
+
+    endpoint: str = Field(
+        description="host:port of the run's rendezvous store", examples=["10.0.0.5:41873"]
+    )
+    run: str = Field(description="the run's key: each run of the job has its own")
+
+
 class JobRecord(BaseModel):
     """A job: its spec, state and progress (non-finite metrics are ``null``)."""
 
@@ -126,11 +135,10 @@ class JobRecord(BaseModel):
         "its worker sees only the CUDA devices among them",
         examples=[["cuda:0"]],
     )
-    rendezvous: str | None = Field(
+    rendezvous: Rendezvous | None = Field(
         None,
-        description="For a running job on several hosts (distributed.nnodes > 1), the "
-        "host:port where `trainbus agent` on each other host joins it",
-        examples=["10.0.0.5:41873"],
+        description="For a running job on several hosts (distributed.nnodes > 1), where "
+        "`trainbus agent` on each other host joins its current run",
     )
 
 

@@ -9,7 +9,7 @@
     trainbus pause JOB | resume JOB | stop JOB | delete JOB
     trainbus checkpoints JOB | download JOB [NAME|latest|best] | predict JOB FILE.csv
     trainbus models | datasets
-    trainbus agent JOB [--node-rank N]  # this host's ranks of a job on several hosts
+    trainbus agent JOB [--node-rank N] [--once]  # this host's ranks of a job on several hosts
 
 Client commands find the server with ``--url`` and the token with ``--token`` (both also
 accepted after the command) or ``TRAINBUS_TOKEN``; else in the server's data folder
@@ -25,7 +25,6 @@ import csv
 import json
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from ._cli_output import (
 )
 from ._demo import DEMO_SPEC, run_demo
 from ._local import ServerLocation, find_server
+from ._node_agent import AgentRefused, follow_job
 from ._settings import Settings
 from ._watch import ProgressView, format_metrics
 from .client import ClientError, HTTPStatusError, StreamClosed, TrainbusClient
@@ -138,7 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--wait",
         type=float,
         default=600.0,
-        help="seconds to wait for the job to start running (default 600)",
+        help="seconds to wait for a run of the job to join (default 600)",
+    )
+    agent.add_argument(
+        "--once",
+        action="store_true",
+        help="join one run, then exit (default: join each run until the job completes)",
     )
     _client_command(commands, "models", help="list the models a spec may name")
     _client_command(commands, "datasets", help="list the datasets a spec may name")
@@ -265,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except httpx.TransportError as error:
         console.print(f"trainbus: cannot reach the server: {error}", style="red")
         return 1
-    except (UsageError, ValueError) as error:
+    except (UsageError, AgentRefused, ValueError) as error:
         console.print(f"trainbus: {error}", style="red")
         return 2
     except KeyboardInterrupt:  # Ctrl+C in watch: the job goes on
@@ -287,7 +292,15 @@ def _run(args: argparse.Namespace, settings: Settings, console: Console) -> int:
     try:
         with TrainbusClient(location.url, location.token) as client:
             if command == "agent":  # its files go to this host's data folder
-                return _agent(client, args, args.data_dir or settings.data_dir, console)
+                return follow_job(
+                    client,
+                    args.job,
+                    node_rank=args.node_rank,
+                    wait=args.wait,
+                    once=args.once,
+                    data_dir=Path(args.data_dir or settings.data_dir),
+                    console=console,
+                )
             return _client_command_run(command, args, client, console)
     except ClientError as error:
         if error.status == 401:
@@ -359,58 +372,6 @@ def _client_command_run(
         print_registry(console, client.registry()[command])
         return 0
     raise ValueError(f"unknown command {command!r}")
-
-
-_ENDED = ("completed", "failed", "stopped", "interrupted")
-
-
-def _agent(
-    client: TrainbusClient, args: argparse.Namespace, data_dir: Path, console: Console
-) -> int:
-    """Wait until the job runs, then run this host's ranks with the server's until the job's
-    training ends on every rank."""
-    deadline = time.monotonic() + args.wait
-    while True:
-        record = client.job(args.job)
-        distributed = record["spec"].get("distributed") or {}
-        nnodes = int(distributed.get("nnodes", 1))
-        if nnodes < 2:
-            raise UsageError(
-                f"job {args.job} runs on the server's host alone (distributed.nnodes is "
-                f"{nnodes}): it has no other host to run"
-            )
-        if not 1 <= args.node_rank < nnodes:
-            raise UsageError(
-                f"job {args.job} has {nnodes} hosts: --node-rank must be 1 to {nnodes - 1} "
-                f"(the server's host is 0), got {args.node_rank}"
-            )
-        if record.get("rendezvous"):
-            break
-        if record["state"] in _ENDED:
-            console.print(f"trainbus: job {args.job} is {record['state']}: nothing to join")
-            return 1
-        if time.monotonic() >= deadline:
-            console.print(
-                f"trainbus: job {args.job} did not start within {args.wait:g} s "
-                f"(it is {record['state']}: {record.get('waiting_for') or 'waiting'})"
-            )
-            return 1
-        time.sleep(0.2)  # polling the job's record, bounded by the deadline
-    from trainbus.worker import run_node_agent  # torch: only this command needs it
-
-    console.print(
-        f"joining job {args.job} at {record['rendezvous']} as host {args.node_rank} of "
-        f"{nnodes} ({distributed['nproc_per_node']} ranks here)"
-    )
-    code, failure = run_node_agent(
-        args.job, record["spec"], record["rendezvous"], args.node_rank, Path(data_dir)
-    )
-    if code == 0:
-        console.print(f"host {args.node_rank}'s ranks of job {args.job} ended")
-    else:
-        why = failure or f"the agent exited with code {code}"
-        console.print(f"trainbus: host {args.node_rank}'s ranks of job {args.job}: {why}")
-    return code
 
 
 EVENTS_PAGE = 1000

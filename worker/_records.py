@@ -86,10 +86,10 @@ class JobRecord(BaseModel):
         default=None,
         description="For a running or paused job, the device slots it holds (never stored).",
     )
-    rendezvous: str | None = Field(
+    rendezvous: dict[str, str] | None = Field(
         default=None,
         description="For a running job on several hosts, where the agents of its other hosts "
-        "join (never stored).",
+        "join: endpoint (host:port) and run (this run's key) (never stored).",
     )
 
 

@@ -54,6 +54,8 @@ class ProcessRun:
     """An SDK run let go by a server that shuts down: its process goes on and attaches again."""
     rendezvous: str | None = None
     """Of a distributed job on several hosts: where the other hosts' agents join."""
+    run_key: str = field(default_factory=lambda: secrets.token_hex(6))
+    """Tells this run from the job's other runs (an agent joins each run once)."""
     stopped_unjoined: bool = False
     """Stopped while still waiting for its other hosts: its agent was killed at once."""
 
@@ -414,11 +416,13 @@ class WorkerSupervisor:
                 return text[-8000:]
         return ""
 
-    def rendezvous_of(self, job_id: str) -> str | None:
-        """Where the other hosts' agents of ``job_id``'s current run join (None: it runs on
-        one host, or not now)."""
+    def rendezvous_of(self, job_id: str) -> dict[str, str] | None:
+        """Where the other hosts' agents of ``job_id``'s current run join, ``{"endpoint":
+        "host:port", "run": key}`` (None: it runs on one host, or not now)."""
         run = self.runs.get(job_id)
-        return None if run is None else run.rendezvous
+        if run is None or run.rendezvous is None:
+            return None
+        return {"endpoint": run.rendezvous, "run": run.run_key}
 
     def rank_pids(self) -> dict[str, dict[int, int]]:
         """``job_id -> rank -> pid`` of the ranks of each running distributed job (blocking:
