@@ -18,15 +18,12 @@ from typing import Any
 
 import anyio
 
-from trainbus.bus import ControlChannel, EventBus, Subscriber
+from trainbus.bus import EventBus
 from trainbus.sdk import finite
 from trainbus.subscribers import (
     CheckpointInfo,
     CheckpointNotFound,
-    CheckpointWriter,
-    EarlyStopController,
     EventStore,
-    LRPlateauController,
     PrometheusExporter,
     ResourceMonitor,
     checkpoint_path,
@@ -37,7 +34,6 @@ from trainbus.subscribers import (
 from trainbus.worker import (
     DEFAULT_PRELOAD,
     DevicePool,
-    JobHandle,
     JobManager,
     JobNotFound,
     JobSpec,
@@ -53,6 +49,7 @@ from trainbus.worker import (
 from ._app import Runtime
 from ._errors import Conflict, NotFound
 from ._history import EventHistory
+from ._job_subscribers import job_subscribers, run_subscribers, worker_subscribers
 from ._local import read_server_url
 from ._settings import Settings, device_entries
 from ._tracking import check_trackers, tracker_subscribers
@@ -60,76 +57,6 @@ from ._tracking import check_trackers, tracker_subscribers
 __all__ = ["ManagerJobs", "default_runtime", "job_subscribers"]
 
 logger = logging.getLogger(__name__)
-
-
-def job_subscribers(handle: JobHandle, bus: EventBus) -> list[Subscriber]:
-    """The per-job subscribers a spec asks for, bound to the job's trainer."""
-    spec = handle.spec
-    trainer = handle.trainer
-    if trainer is None:  # the manager builds the trainer before it asks for subscribers
-        raise RuntimeError(f"job {handle.id} has no trainer yet")
-    built: list[Subscriber] = []
-    if spec.checkpoint.enabled:
-        writer = CheckpointWriter(
-            job_id=handle.id,
-            job_dir=handle.job_dir,
-            bus=bus,
-            **spec.checkpoint.model_dump(exclude={"enabled"}),
-        )
-        writer.bind(trainer)
-        built.append(writer)
-    for controller in _controllers(handle.id, spec, handle.control, bus, restore_best=True):
-        controller.bind(trainer)
-        built.append(controller)
-    return built
-
-
-def run_subscribers(
-    job_id: str, spec: RunSpec | ProgramSpec, control: ControlChannel, *, bus: EventBus
-) -> list[Subscriber]:
-    """The server-side subscribers of an SDK run or a registered program: its controllers
-    (the training code is the user's or the operator's; they decide on the server, and the
-    run waits for them at each epoch's end)."""
-    return list(_controllers(job_id, spec, control, bus, restore_best=False))
-
-
-def _controllers(
-    job_id: str,
-    spec: JobSpec | RunSpec | ProgramSpec,
-    control: ControlChannel,
-    bus: EventBus,
-    *,
-    restore_best: bool,
-) -> list[EarlyStopController | LRPlateauController]:
-    """The early-stop and LR-plateau controllers ``spec`` turns on (``restore_best`` needs
-    the trainer's weights, which only a built-in job has here)."""
-    built: list[EarlyStopController | LRPlateauController] = []
-    if spec.early_stop.enabled:
-        excluded = {"enabled"} if restore_best else {"enabled", "restore_best"}
-        built.append(
-            EarlyStopController(
-                job_id=job_id,
-                channel=control,
-                bus=bus,
-                **spec.early_stop.model_dump(exclude=excluded),
-            )
-        )
-    if spec.lr_plateau.enabled:
-        built.append(
-            LRPlateauController(
-                job_id=job_id,
-                channel=control,
-                bus=bus,
-                **spec.lr_plateau.model_dump(exclude={"enabled"}),
-            )
-        )
-    return built
-
-
-def worker_subscribers(handle: JobHandle, bus: EventBus, *, settings: Settings) -> list[Subscriber]:
-    """The trainer-side subscribers of a run in a worker process: checkpoints, controllers,
-    trackers (a module-level function: the worker process gets it by reference)."""
-    return [*job_subscribers(handle, bus), *tracker_subscribers(handle, bus, settings)]
 
 
 def worker_url(settings: Settings, job_id: str) -> str:
@@ -339,8 +266,8 @@ async def default_runtime(settings: Settings, bus: EventBus) -> AsyncIterator[Ru
 
     supervisor = WorkerSupervisor(
         bus=bus,
-        # this module too: the workers' subscriber factory is found in it by reference
-        processes=WorkerProcesses(preload=(*DEFAULT_PRELOAD, __name__))
+        # the module of the workers' subscriber factory too: they find it by reference
+        processes=WorkerProcesses(preload=(*DEFAULT_PRELOAD, worker_subscribers.__module__))
         if settings.run_jobs_in == "process"
         else None,
         url_for=partial(worker_url, settings),
