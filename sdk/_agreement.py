@@ -28,6 +28,7 @@ __all__ = [
     "AgreedControl",
     "RanksLost",
     "collective",
+    "collective_device",
     "process_rank",
     "waiting_since",
 ]
@@ -47,6 +48,14 @@ def waiting_since() -> float | None:
     """When (``time.monotonic()``) this process entered the collective it waits in, or the
     one that failed; None while it is in none."""
     return _waiting_since
+
+
+def collective_device() -> torch.device:
+    """Where the tensors of this process's collectives live: its current CUDA device under
+    nccl, which takes no CPU tensor; the CPU otherwise (gloo)."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 @contextmanager
@@ -82,7 +91,7 @@ class AgreedControl:
             raise ValueError("rank 0 needs the run's control channel")
         self._channel = channel
         self._rank = rank
-        self._flag = torch.zeros(1, dtype=torch.int64)
+        self._flag: torch.Tensor | None = None  # made at the first ask, on the group's device
         self._carried: bool | None = None
         self._closed = False
 
@@ -99,6 +108,8 @@ class AgreedControl:
             self._carried = None
             return carried
         flag = self._flag
+        if flag is None:
+            flag = self._flag = torch.zeros(1, dtype=torch.int64, device=collective_device())
         flag[0] = int(self.local_flag())
         with collective():
             dist.broadcast(flag, src=0)

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.autograd import Variable
 
 from trainbus.bus import Command, ControlChannel
-from trainbus.sdk._agreement import PAUSE_POLL_SECONDS, RanksLost
+from trainbus.sdk._agreement import PAUSE_POLL_SECONDS, RanksLost, collective_device
 from trainbus.sdk._agreement import AgreedControl as _SharedAgreement
 from trainbus.sdk._agreement import collective as _collective
 
@@ -175,7 +175,8 @@ class DistributedTrainer(Trainer):
     def _average_bucket(self, gradients: list[torch.Tensor], *, carry_flag: bool = False) -> None:
         parts = [gradient.reshape(-1) for gradient in gradients]
         if carry_flag:
-            parts.append(torch.full((1,), self.agreed.local_flag(), dtype=parts[0].dtype))
+            flag = self.agreed.local_flag()
+            parts.append(torch.full((1,), flag, dtype=parts[0].dtype, device=parts[0].device))
         flat = torch.cat(parts)
         with _collective():
             dist.all_reduce(flat)
@@ -191,7 +192,7 @@ class DistributedTrainer(Trainer):
         _append(
             self.agreed.record, {"epoch": self.epoch, "loss_sum": totals[0], "samples": totals[1]}
         )
-        summed = torch.tensor(totals, dtype=torch.float64)
+        summed = torch.tensor(totals, dtype=torch.float64, device=collective_device())
         with _collective():
             dist.all_reduce(summed)
         loss_sum, seen, trained = summed.tolist()
