@@ -117,8 +117,12 @@ class AgreedControl:
 
     def local_flag(self) -> float:
         """What this rank adds to a collective that carries the pending flag: 1 on rank 0
-        with commands pending, else 0 (summed over the ranks, the flag is rank 0's)."""
-        return float(self._channel is not None and self._rank == 0 and self._channel.pending)
+        with commands pending or its channel closed (the server let its run go: every rank
+        must learn it at the same step), else 0 (summed over the ranks, the flag is rank 0's)."""
+        channel = self._channel
+        if channel is None or self._rank != 0:
+            return 0.0
+        return float(channel.pending or channel.closed)
 
     def carry(self, summed: float) -> None:
         """The pending flag came summed in a collective every rank took part in (a training

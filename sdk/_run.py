@@ -484,6 +484,9 @@ class Run:
         control = self._control
         if control is not None and control.pending:
             self._apply(control.take())
+            if control.closed and not self.should_stop:  # rank 0's run was let go: all stop
+                self.should_stop = True
+                self.stop_reason = "the server let rank 0's run go"
         return self.should_stop
 
     def _apply(self, commands: list[Command]) -> None:
