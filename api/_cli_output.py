@@ -63,6 +63,7 @@ def print_job(console: Console, record: dict[str, Any]) -> None:
         "error",
         "waiting_for",
         "devices",
+        "rendezvous",
         "checkpoint",
         "created_at",
         "started_at",
@@ -75,6 +76,8 @@ def print_job(console: Console, record: dict[str, Any]) -> None:
             value = readable_time(value)
         elif key == "error" and isinstance(value, dict):
             value = f"{value.get('type', 'error')}: {value.get('message', '')}"
+        elif key == "rendezvous" and isinstance(value, dict):  # where other hosts join
+            value = f"{value.get('endpoint')} (run {value.get('run')})"
         elif isinstance(value, list):
             value = ", ".join(str(item) for item in value)
         table.add_row(Text(key), Text(str(value)))
