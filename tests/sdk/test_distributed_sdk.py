@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from tests.api.server import LiveServer
 from trainbus.api import TrainbusClient
 
@@ -57,7 +59,13 @@ def _end(process: subprocess.Popen[str], timeout: float) -> str:
     try:
         output = process.communicate(timeout=timeout)[0]
     finally:
-        with contextlib.suppress(ProcessLookupError):  # anything of the session still there
+        # anything still there: the session, and the ranks, which torch's agent starts in
+        # sessions of their own
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process(process.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    child.kill()
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         if process.poll() is None:
             process.communicate()
