@@ -21,6 +21,7 @@ from .client import HTTPStatusError, TrainbusClient
 __all__ = ["AgentRefused", "follow_job"]
 
 _POLL_SECONDS = 0.2
+_LOOPBACK = ("localhost", "127.0.0.1", "::1", "ip6-localhost")
 
 
 class AgentRefused(Exception):
@@ -114,6 +115,12 @@ def _join(record: dict[str, Any], node_rank: int, data_dir: Path, console: Conso
         f"{distributed['nnodes']} ({distributed['nproc_per_node']} ranks here)"
     )
     endpoint = record["rendezvous"]["endpoint"]
+    if endpoint.rpartition(":")[0] in _LOOPBACK:
+        console.print(
+            f"note: the job's rendezvous {endpoint} is a loopback address, which only an agent "
+            "on the server's own host reaches: for other hosts, set the server's "
+            "distributed_rendezvous to an address they reach"
+        )
     code, failure = run_node_agent(job_id, spec, endpoint, node_rank, data_dir)
     if code == 0:
         console.print(f"host {node_rank}'s ranks of job {job_id} ended")
