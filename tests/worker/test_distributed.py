@@ -25,6 +25,8 @@ from tests.api.server import LiveServer, make_settings, run_server
 from trainbus.api import TrainbusClient, create_app
 from trainbus.api.client import HTTPStatusError
 
+from .distributed_server import ENDED, distributed_server, wait_job
+
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals, prctl")
 
 SPEC = {
@@ -35,7 +37,6 @@ SPEC = {
     "torch_threads": 2,
     "distributed": {"nproc_per_node": 2, "backend": "gloo"},
 }
-ENDED = {"completed", "failed", "stopped", "interrupted"}
 
 
 LONG = {**SPEC, "epochs": 500, "batch_size": 16}
@@ -48,26 +49,8 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(data_dir: Path) -> Iterator[LiveServer]:
-    settings = make_settings(
-        data_dir,
-        run_jobs_in="process",
-        stop_grace_seconds=5.0,
-        devices=["cpu:2"],
-        distributed_rendezvous="127.0.0.1:0",
-        resource_interval_seconds=0.5,
-    )
-    with run_server(create_app(settings), settings) as live:
+    with distributed_server(data_dir) as live:
         yield live
-
-
-def _wait(
-    client: TrainbusClient, job_id: str, states: set[str], *, past_step: int = -1
-) -> dict[str, Any]:
-    deadline = time.monotonic() + 60
-    while (record := client.job(job_id))["state"] not in states or record["step"] <= past_step:
-        assert time.monotonic() < deadline, record
-        time.sleep(0.02)  # polling interval, bounded by the deadline
-    return record
 
 
 def _rank_records(data_dir: Path, job_id: str, rank: int) -> list[dict[str, Any]]:
@@ -108,7 +91,7 @@ def test_a_two_rank_job_completes_with_figures_over_both_ranks(
 ) -> None:
     with TrainbusClient(server.url, server.token) as client:
         job_id = client.submit(SPEC)["id"]
-        record = _wait(client, job_id, ENDED)
+        record = wait_job(client, job_id, ENDED)
         events = client.events(job_id)
     assert record["state"] == "completed", record
     train_samples = next(e for e in events if e["type"] == "pretrain_routine_end")["data"][
@@ -137,17 +120,17 @@ def test_commands_from_the_api_take_effect_on_both_ranks_at_the_same_step(
 ) -> None:
     with TrainbusClient(server.url, server.token) as client:
         job_id = client.submit(LONG)["id"]
-        _wait(client, job_id, {"running"}, past_step=3)
+        wait_job(client, job_id, {"running"}, past_step=3)
         client.pause(job_id)
-        paused = _wait(client, job_id, {"paused"})
+        paused = wait_job(client, job_id, {"paused"})
         time.sleep(2.5)  # held past a few of the ranks' exchanges while paused
         client.resume(job_id)
-        running = _wait(client, job_id, {"running"}, past_step=paused["step"] + 3)
+        running = wait_job(client, job_id, {"running"}, past_step=paused["step"] + 3)
         client.set_lr(job_id, 0.0005)
         client.save(job_id)
-        _wait(client, job_id, {"running"}, past_step=running["step"] + 3)
+        wait_job(client, job_id, {"running"}, past_step=running["step"] + 3)
         client.stop(job_id)
-        record = _wait(client, job_id, ENDED)
+        record = wait_job(client, job_id, ENDED)
         events = client.events(job_id)
     assert record["state"] == "stopped", record
     applied = [
@@ -181,7 +164,7 @@ def test_early_stopping_in_rank_0_ends_every_rank_at_the_same_step(
     }  # fmt: skip
     with TrainbusClient(server.url, server.token) as client:
         job_id = client.submit(spec)["id"]
-        record = _wait(client, job_id, ENDED)
+        record = wait_job(client, job_id, ENDED)
     assert record["state"] == "completed", record
     assert "threshold" in (record["stop_reason"] or ""), record
     stops = [
@@ -201,7 +184,7 @@ def test_two_ranks_train_as_one_process_on_batches_twice_as_large(
     alone = {key: value for key, value in spec.items() if key != "distributed"}
     with TrainbusClient(server.url, server.token) as client:
         ids = [client.submit(spec)["id"], client.submit({**alone, "batch_size": 64})["id"]]
-        records = [_wait(client, job_id, ENDED) for job_id in ids]
+        records = [wait_job(client, job_id, ENDED) for job_id in ids]
         assert [r["state"] for r in records] == ["completed", "completed"], records
         weights = [
             torch.load(
@@ -222,12 +205,12 @@ def test_a_stopped_two_rank_job_resumed_ends_with_the_weights_of_one_never_stopp
     with TrainbusClient(server.url, server.token) as client:
         straight = client.submit(spec)["id"]
         interrupted = client.submit(spec)["id"]
-        _wait(client, interrupted, {"running"}, past_step=3)
+        wait_job(client, interrupted, {"running"}, past_step=3)
         client.stop(interrupted)
-        stopped = _wait(client, interrupted, ENDED)
+        stopped = wait_job(client, interrupted, ENDED)
         assert stopped["state"] == "stopped", stopped
         client.resume(interrupted)
-        records = [_wait(client, job, ENDED) for job in (straight, interrupted)]
+        records = [wait_job(client, job, ENDED) for job in (straight, interrupted)]
         assert [r["state"] for r in records] == ["completed", "completed"], records
         assert 0 < stopped["step"] < records[1]["step"] == records[0]["step"]
         weights = [
@@ -262,7 +245,7 @@ def test_a_killed_rank_or_agent_fails_the_job_naming_it_and_leaves_no_process(
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     with TrainbusClient(server.url, server.token) as client:
         job_id = client.submit(LONG)["id"]
-        _wait(client, job_id, {"running"}, past_step=3)
+        wait_job(client, job_id, {"running"}, past_step=3)
         agent = _agent(server, job_id)
         ranks = [_rank_process(data_dir, job_id, rank) for rank in (0, 1)]
         assert {rank.pid for rank in ranks} == {child.pid for child in agent.children()}
@@ -270,7 +253,7 @@ def test_a_killed_rank_or_agent_fails_the_job_naming_it_and_leaves_no_process(
         job_processes = [agent, *ranks]
         victim = agent if killed == "agent" else ranks[int(killed[-1])]
         victim.send_signal(signal.SIGKILL)
-        record = _wait(client, job_id, ENDED)
+        record = wait_job(client, job_id, ENDED)
     assert record["state"] == "failed", record
     message = record["error"]["message"]
     assert says in message and "SIGKILL" in message, record["error"]
@@ -330,7 +313,7 @@ def test_a_server_that_shuts_down_interrupts_a_distributed_job_which_resumes_aft
         TrainbusClient(live.url, live.token) as client,
     ):
         job_id = client.submit(spec)["id"]
-        _wait(client, job_id, {"running"}, past_step=3)
+        wait_job(client, job_id, {"running"}, past_step=3)
         agent = _agent(live, job_id)
         job_processes = [agent, *(_rank_process(data, job_id, rank) for rank in (0, 1))]
     # every rank saved and ended with the server: nothing of the job is left
@@ -347,6 +330,6 @@ def test_a_server_that_shuts_down_interrupts_a_distributed_job_which_resumes_aft
     ):
         assert client.job(job_id)["state"] == "interrupted"
         client.resume(job_id)
-        record = _wait(client, job_id, ENDED)
+        record = wait_job(client, job_id, ENDED)
     assert record["state"] == "completed", record
     assert record["epoch"] == spec["epochs"]

@@ -20,8 +20,10 @@ import psutil
 import pytest
 import torch
 
-from tests.api.server import LiveServer, make_settings, run_server
-from trainbus.api import TrainbusClient, create_app
+from tests.api.server import LiveServer
+from trainbus.api import TrainbusClient
+
+from .distributed_server import ENDED, distributed_server, wait_job
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals, prctl")
 
@@ -33,7 +35,6 @@ SPEC = {
     "torch_threads": 1,
     "distributed": {"nproc_per_node": 1, "nnodes": 2, "backend": "gloo"},
 }
-ENDED = {"completed", "failed", "stopped", "interrupted"}
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +44,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(data_dir: Path) -> Iterator[LiveServer]:
-    settings = make_settings(
-        data_dir,
-        run_jobs_in="process",
-        stop_grace_seconds=5.0,
-        devices=["cpu:2"],
-        distributed_rendezvous="127.0.0.1:0",
-    )
-    with run_server(create_app(settings), settings) as live:
+    with distributed_server(data_dir) as live:
         yield live
 
 
@@ -64,16 +58,6 @@ def _agent(server: LiveServer, job_id: str, data: Path, *options: str) -> subpro
     return subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment
     )
-
-
-def _wait(
-    client: TrainbusClient, job_id: str, states: set[str], *, past_step: int = -1
-) -> dict[str, Any]:
-    deadline = time.monotonic() + 60
-    while (record := client.job(job_id))["state"] not in states or record["step"] <= past_step:
-        assert time.monotonic() < deadline, record
-        time.sleep(0.02)  # polling interval, bounded by the deadline
-    return record
 
 
 def _applied(job_dir: Path, rank: int) -> list[tuple[str, int]]:
@@ -101,14 +85,14 @@ def test_a_job_on_two_hosts_is_steered_on_both_and_resumes_exactly(
     with TrainbusClient(server.url, server.token) as client:
         job_id = client.submit(SPEC)["id"]
         agent = _agent(server, job_id, other_host)
-        running = _wait(client, job_id, {"running"}, past_step=3)
+        running = wait_job(client, job_id, {"running"}, past_step=3)
         assert running["rendezvous"]["endpoint"].startswith("127.0.0.1:"), running
         client.pause(job_id)
-        paused = _wait(client, job_id, {"paused"})
+        paused = wait_job(client, job_id, {"paused"})
         client.resume(job_id)
-        _wait(client, job_id, {"running"}, past_step=paused["step"] + 3)
+        wait_job(client, job_id, {"running"}, past_step=paused["step"] + 3)
         client.stop(job_id)
-        stopped = _wait(client, job_id, ENDED)
+        stopped = wait_job(client, job_id, ENDED)
         assert stopped["state"] == "stopped", stopped
         server_side, host_1 = data_dir / "jobs" / job_id, other_host / "nodes" / job_id
         applied = _applied(server_side, 0)
@@ -118,14 +102,14 @@ def test_a_job_on_two_hosts_is_steered_on_both_and_resumes_exactly(
         # resumed, the agent joining its next run: the weights of a one-host job with the
         # same ranks that never stopped
         client.resume(job_id)
-        resumed = _wait(client, job_id, ENDED)
+        resumed = wait_job(client, job_id, ENDED)
         assert resumed["state"] == "completed", resumed
         code, output = _ended(agent)
         assert code == 0, output
         assert output.count(f"host 1's ranks of job {job_id} ended") == 2, output
         assert f"job {job_id} is completed: host 1 is done" in output
         one_host = {**SPEC, "distributed": {"nproc_per_node": 2}}
-        straight = _wait(client, client.submit(one_host)["id"], ENDED)
+        straight = wait_job(client, client.submit(one_host)["id"], ENDED)
         assert straight["state"] == "completed", straight
         assert 0 < stopped["step"] < resumed["step"] == straight["step"]
         weights = [_weights(client, record, tmp_path) for record in (resumed, straight)]
@@ -138,7 +122,7 @@ def test_a_host_that_never_joins_fails_the_job_saying_what_to_start(server: Live
     spec = {**SPEC, "distributed": {**SPEC["distributed"], "join_timeout_seconds": 5}}
     with TrainbusClient(server.url, server.token) as client:
         job_id = client.submit(spec)["id"]
-        record = _wait(client, job_id, ENDED)
+        record = wait_job(client, job_id, ENDED)
     assert record["state"] == "failed", record
     assert record["error"]["type"] == "HostsMissing", record["error"]
     assert f"trainbus agent {job_id} --node-rank N" in record["error"]["message"]
@@ -151,11 +135,11 @@ def test_a_killed_agent_of_the_other_host_fails_the_job_and_leaves_no_process(
     with TrainbusClient(server.url, server.token) as client:
         job_id = client.submit({**SPEC, "epochs": 500})["id"]
         agent = _agent(server, job_id, tmp_path / "other-host")
-        _wait(client, job_id, {"running"}, past_step=3)
+        wait_job(client, job_id, {"running"}, past_step=3)
         psutil.Process(agent.pid).send_signal(signal.SIGKILL)
         assert _ended(agent)[0] == -signal.SIGKILL
         started = time.monotonic()
-        record = _wait(client, job_id, ENDED)
+        record = wait_job(client, job_id, ENDED)
         failed_within = time.monotonic() - started
     assert record["state"] == "failed", record
     assert record["error"]["type"] == "RankFailed", record["error"]
@@ -182,7 +166,7 @@ def test_the_agent_command_refuses_a_job_or_host_it_cannot_run(
         job_id = client.submit(spec)["id"]
         code, output = _ended(_agent(server, job_id, tmp_path, *options))
         client.stop(job_id)
-        stopped = _wait(client, job_id, ENDED)
+        stopped = wait_job(client, job_id, ENDED)
     assert code == 2, output
     assert stopped["state"] == "stopped", stopped
     assert says in output, output
