@@ -22,10 +22,10 @@ import sys
 import time
 from typing import Any
 
-# The built-in datasets load from sklearn; the first optimizer a process builds imports
-# torch._dynamo (seconds); the rest is the service.
+# What ``trainbus serve`` imports before it serves: the service, and torch._dynamo (seconds),
+# which a job's memory estimate imports. Jobs train in worker processes, whose fork server
+# imports the rest (the built-in datasets' sklearn).
 _PRELOADED = (
-    "sklearn.datasets",
     "torch._dynamo",
     "trainbus.api._app",
     "trainbus.api._runtime",
