@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 import signal
 import sys
 import time
@@ -153,6 +154,49 @@ def test_commands_from_the_api_take_effect_on_both_ranks_at_the_same_step(
     assert stopped_at == record["step"]
 
 
+def test_commands_sent_at_random_moments_take_effect_on_both_ranks_at_the_same_step(
+    server: LiveServer, data_dir: Path
+) -> None:
+    seed = random.randrange(2**32)
+    draw = random.Random(seed)
+    sent = []
+    with TrainbusClient(server.url, server.token) as client:
+        job_id = client.submit(LONG)["id"]
+        wait_job(client, job_id, {"running"}, past_step=3)
+        paused = False
+        for _ in range(8):
+            time.sleep(draw.uniform(0.0, 0.3))  # a random moment between two commands
+            kind = draw.choice(
+                ["resume", "save", "set_lr"] if paused else ["pause", "save", "set_lr"]
+            )
+            if kind == "set_lr":
+                client.set_lr(job_id, draw.choice([1e-3, 5e-4, 2e-4]))
+            else:
+                getattr(client, kind)(job_id)
+            if kind in ("pause", "resume"):
+                paused = kind == "pause"
+                wait_job(client, job_id, {"paused" if paused else "running"})
+            sent.append(kind)
+        time.sleep(draw.uniform(0.0, 0.3))
+        client.stop(job_id)
+        record = wait_job(client, job_id, ENDED)
+    assert record["state"] == "stopped", (seed, record)
+    applied = [
+        [(e["applied"], e["command_id"], e["step"]) for e in _rank_records(data_dir, job_id, r)
+         if "applied" in e]
+        for r in (0, 1)
+    ]  # fmt: skip
+    assert [kind for kind, _, _ in applied[0]] == [*sent, "stop"], (seed, applied[0])
+    assert applied[0] == applied[1], seed  # every command, at the same step on both ranks
+    assert applied[0][-1][2] == record["step"], seed
+    # and no rank is left waiting in a collective
+    ranks = [_rank_records(data_dir, job_id, r)[0]["pid"] for r in (0, 1)]
+    deadline = time.monotonic() + 10
+    while any(_running(pid) for pid in ranks):
+        assert time.monotonic() < deadline, (seed, ranks)
+        time.sleep(0.05)  # polling interval, bounded by the deadline
+
+
 def test_early_stopping_in_rank_0_ends_every_rank_at_the_same_step(
     server: LiveServer, data_dir: Path
 ) -> None:
@@ -222,6 +266,13 @@ def test_a_stopped_two_rank_job_resumed_ends_with_the_weights_of_one_never_stopp
         ]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
+def _running(pid: int) -> bool:
+    try:
+        return _alive(psutil.Process(pid))
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _alive(process: psutil.Process) -> bool:
