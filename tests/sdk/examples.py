@@ -19,10 +19,18 @@ EXAMPLES = ROOT / "examples"
 def start_example(
     server: LiveServer, python: str | Path, script: str, cwd: Path, *args: str
 ) -> subprocess.Popen[str]:
-    """``python examples/<script> args`` in ``cwd``, pointed at ``server``."""
+    """``python examples/<script> args`` in ``cwd``, pointed at ``server``, with one torch
+    thread: on a busy two-core machine (the server in this process, other tests) the spin-waits
+    of two threads that keep losing their core made an epoch of the tiny BERT take 4-28 s
+    instead of 0.5-2."""
     return subprocess.Popen(
         [str(python), str(EXAMPLES / script), *args],
-        env={**os.environ, "TRAINBUS_URL": server.url, "TRAINBUS_TOKEN": server.token},
+        env={
+            **os.environ,
+            "TRAINBUS_URL": server.url,
+            "TRAINBUS_TOKEN": server.token,
+            "OMP_NUM_THREADS": "1",
+        },
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
