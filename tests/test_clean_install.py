@@ -64,11 +64,9 @@ def _copy_source(destination: Path) -> Path:
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("wheel")
     source = _copy_source(base / "source")
-    # The build backend is the one pyproject.toml names (setuptools); the dev venv holds it, so
-    # pip need not install it into an isolated build environment first.
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check",
-         "--no-deps", "--no-build-isolation", "--wheel-dir", str(base / "dist"), str(source)],
+         "--no-deps", "--wheel-dir", str(base / "dist"), str(source)],
         check=True,
         cwd=base,
         timeout=300,
