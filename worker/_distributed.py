@@ -37,7 +37,7 @@ from trainbus.bus import ControlChannel, EventBus
 from ._agreement import DistributedTrainer, clear_lost_peers, lost_peer_path
 from ._rank_progress import clear_progress, rank_pids
 from ._runs import RESUME_STATE_FILE, _load_kept_state
-from ._spec import JobSpec
+from ._spec import DistributedSpec, JobSpec
 from ._trainer import Outcome
 from ._worker_process import EXIT_INTERRUPTED, WorkerSetup, _run
 
@@ -100,9 +100,8 @@ def run_node_agent(
     """Run the ranks of host ``node_rank`` (1 or more) of a job on several hosts: they meet
     the server's agent at ``rendezvous`` and train with rank 0, publishing nothing. Returns
     the agent's exit code (0 once the job's training ended on every rank) and, for another,
-    what failed. The ranks' records
-    and the agent's temporary files go to ``<data_dir>/nodes/<job_id>``; a CSV dataset is
-    read from ``data_dir`` as on the server."""
+    what failed. The ranks' records and the agent's temporary files go to
+    ``<data_dir>/nodes/<job_id>``; a CSV dataset is read from ``data_dir`` as on the server."""
     setup = WorkerSetup(
         job_id=job_id,
         spec=dict(spec),
@@ -149,7 +148,7 @@ def _launch(setup: WorkerSetup, *, node_rank: int) -> int:
     tempfile.tempdir = None
     ranks = section.nproc_per_node * section.nnodes
     try:
-        returned = elastic_launch(_launch_config(setup, node_rank), _rank_main)(setup)
+        returned = elastic_launch(_launch_config(setup, section, node_rank), _rank_main)(setup)
     except ChildFailedError as error:
         rank, first = error.get_first_failure()
         if first.exitcode < 0:
@@ -188,7 +187,7 @@ def _launch(setup: WorkerSetup, *, node_rank: int) -> int:
     return code if isinstance(code, int) else 0
 
 
-def _launch_config(setup: WorkerSetup, node_rank: int) -> Any:
+def _launch_config(setup: WorkerSetup, section: DistributedSpec, node_rank: int) -> Any:
     """The elastic agent's configuration: on one host a c10d rendezvous on a free port;
     across hosts torch's static rendezvous (``torchrun --node-rank``), whose node 0, the
     server's host, runs ranks 0 to ``nproc_per_node - 1``: c10d's rendezvous numbers hosts in
@@ -196,8 +195,6 @@ def _launch_config(setup: WorkerSetup, node_rank: int) -> Any:
     credential, checkpoints and records are."""
     from torch.distributed.launcher.api import LaunchConfig
 
-    section = JobSpec.model_validate(setup.spec).distributed
-    assert section is not None
     several = section.nnodes > 1
     return LaunchConfig(
         min_nodes=section.nnodes,

@@ -59,8 +59,8 @@ def _end(process: subprocess.Popen[str], timeout: float) -> str:
     try:
         output = process.communicate(timeout=timeout)[0]
     finally:
-        # anything still there: the session, and the ranks, which torch's agent starts in
-        # sessions of their own
+        # anything still running: the launcher's process group, and the ranks, which torch's
+        # agent starts outside that group
         with contextlib.suppress(psutil.Error):
             for child in psutil.Process(process.pid).children(recursive=True):
                 with contextlib.suppress(psutil.Error):
