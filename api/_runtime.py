@@ -26,6 +26,7 @@ from trainbus.subscribers import (
     EventStore,
     PrometheusExporter,
     ResourceMonitor,
+    adopt_newest_checkpoint,
     checkpoint_path,
     latest_valid_state,
     list_checkpoints,
@@ -85,12 +86,9 @@ def _worker_pids(supervisor: WorkerSupervisor) -> dict[str, int]:
 
 
 def _latest_checkpoint(job_id: str, job_dir: Path) -> str | None:
-    """The checkpoint ``latest`` names, else the newest complete one (None: it has none)."""
-    try:
-        return checkpoint_path(job_dir, "latest").name
-    except CheckpointNotFound:
-        listed = list_checkpoints(job_dir)
-        return listed[0].name if listed else None
+    """At start-up: the job's newest valid checkpoint, which ``latest`` names from then on
+    (None: it has none)."""
+    return adopt_newest_checkpoint(job_dir)
 
 
 def _pointed(job_dir: Path, alias: str) -> str | None:

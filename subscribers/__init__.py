@@ -15,6 +15,7 @@ from ._checkpoint_files import clean_orphans as clean_orphans
 from ._checkpoint_layout import CheckpointInfo as CheckpointInfo
 from ._checkpoint_layout import checkpoint_path as checkpoint_path
 from ._checkpoint_layout import list_checkpoints as list_checkpoints
+from ._checkpoint_loading import adopt_newest_checkpoint as adopt_newest_checkpoint
 from ._checkpoint_loading import latest_valid_state as latest_valid_state
 from ._checkpoint_loading import load_checkpoint as load_checkpoint
 from ._checkpoint_loading import verify_checkpoint as verify_checkpoint
@@ -68,6 +69,7 @@ __all__ = [
     "TrainerLike",
     "UnsafeCheckpoint",
     "WandbExporter",
+    "adopt_newest_checkpoint",
     "checkpoint_path",
     "clean_orphans",
     "latest_valid_state",

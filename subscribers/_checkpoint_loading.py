@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ._checkpoint_files import write_pointer
 from ._checkpoint_layout import (
     FORMAT_VERSION,
     STATE_FILE,
@@ -25,7 +26,7 @@ from ._checkpoint_layout import (
 )
 from ._errors import CheckpointCorrupt, CheckpointNotFound, UnsafeCheckpoint
 
-__all__ = ["latest_valid_state", "load_checkpoint", "verify_checkpoint"]
+__all__ = ["adopt_newest_checkpoint", "latest_valid_state", "load_checkpoint", "verify_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,30 @@ def _candidates(job_dir: Path) -> list[Path]:
             paths.remove(target)
             paths.insert(0, target)
     return paths
+
+
+def adopt_newest_checkpoint(job_dir: Path) -> str | None:
+    """Point ``latest`` at the job's newest checkpoint that verifies, when it names an older
+    one or none; the name ``latest`` then names (None: the job has no valid checkpoint).
+
+    A process killed between renaming a finished checkpoint into place and moving the pointer
+    leaves a complete checkpoint that ``latest`` does not name; call this at recovery, before
+    any writer of the job runs, so that the pointer, the job's record and its resume agree.
+    Costs one listing and one pointer read when they already agree.
+    """
+    pointed = read_pointer(job_dir, "latest")
+    for info in list_checkpoints(job_dir):  # newest first
+        if info.name == pointed:
+            return pointed
+        try:
+            verify_checkpoint(job_dir, info.name)
+        except CheckpointCorrupt as error:
+            logger.warning("skipping checkpoint: %s", error)
+            continue
+        write_pointer(job_dir, "latest", info)
+        logger.info("checkpoint %s is the newest complete one: latest now names it", info.name)
+        return info.name
+    return pointed
 
 
 def latest_valid_state(job_id: str, job_dir: Path) -> dict[str, Any] | None:

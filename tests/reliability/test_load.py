@@ -26,7 +26,7 @@ from trainbus.api import create_app
 from .conftest import record, sized
 
 MAX_RUNNING = 2
-SUBMISSIONS = sized(120, 1000)
+SUBMISSIONS = sized(64, 1000)
 SEQUENTIAL = sized(10, 20)  # sent one after another once the burst is answered
 TINY_JOB: dict[str, Any] = {
     "model": {"name": "mlp", "params": {"hidden_sizes": [8]}},

@@ -20,7 +20,7 @@ from .conftest import record
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
 TOKEN = "seq-after-kill-token-0123456789"
-KILLS = 2
+KILLS = 1
 MAX_KILLS = 8  # more if the first KILLS happened to find every live event stored already
 LIVE_EVENTS = 400  # events followed live before each kill
 # Each store write waits this long first (a real one commits in about a millisecond): the

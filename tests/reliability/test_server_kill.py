@@ -33,7 +33,7 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
 TOKEN = "server-kill-token-0123456789"
 SEED = int(os.environ.get("TRAINBUS_KILL_SEED", "20261130"))  # printed and recorded
-KILLS = sized(6, 50)
+KILLS = sized(4, 50)
 MOMENTS = ("batch", "epoch_end", "checkpoint_write")
 LIVE = "train_start,fit_epoch_end,job_completed"  # what the test follows on the live stream
 SPEC: dict[str, Any] = {

@@ -14,6 +14,7 @@ from trainbus.subscribers import (
     CheckpointCorrupt,
     CheckpointNotFound,
     UnsafeCheckpoint,
+    adopt_newest_checkpoint,
     checkpoint_path,
     clean_orphans,
     latest_valid_state,
@@ -91,6 +92,49 @@ def test_corrupt_newest_falls_back_to_newest_valid(tmp_path: Path) -> None:
         load_checkpoint(tmp_path, bad)
     assert load_checkpoint(tmp_path)["epoch"] == 2
     assert verify_checkpoint(tmp_path, good).epoch == 2
+
+
+def _save_unpointed(job_dir: Path, value: float) -> str:
+    """A checkpoint renamed into place by a process killed before it moved ``latest``."""
+    info = write_checkpoint(
+        job_dir,
+        _state(value),
+        epoch=int(value),
+        step=int(value) * 10,
+        reason="epoch_end",
+        metrics={"val_loss": value},
+        monitor="val_loss",
+    )
+    return info.name
+
+
+def test_recovery_points_latest_at_a_complete_checkpoint_a_crash_left_unnamed(
+    tmp_path: Path,
+) -> None:
+    assert adopt_newest_checkpoint(tmp_path) is None  # no checkpoints: nothing to name
+    first = _save(tmp_path, 1.0)
+    pointer = tmp_path / "checkpoints" / "latest.json"
+    written = pointer.stat().st_mtime_ns
+    assert adopt_newest_checkpoint(tmp_path) == first
+    assert pointer.stat().st_mtime_ns == written  # they agreed: nothing was written
+    missed = _save_unpointed(tmp_path, 2.0)
+    corrupt = _save_unpointed(tmp_path, 3.0)
+    state_file = tmp_path / "checkpoints" / corrupt / "state.pt"
+    state_file.write_bytes(state_file.read_bytes()[:-8])
+    assert checkpoint_path(tmp_path, "latest").name == first
+    assert adopt_newest_checkpoint(tmp_path) == missed  # the newest that verifies
+    assert checkpoint_path(tmp_path, "latest").name == missed
+    assert load_checkpoint(tmp_path)["epoch"] == 2
+
+
+def test_recovery_names_a_first_checkpoint_whose_pointer_was_never_written(
+    tmp_path: Path,
+) -> None:
+    only = _save_unpointed(tmp_path, 1.0)
+    with pytest.raises(CheckpointNotFound):
+        checkpoint_path(tmp_path, "latest")
+    assert adopt_newest_checkpoint(tmp_path) == only
+    assert checkpoint_path(tmp_path, "latest").name == only
 
 
 def test_truncated_and_missing_files(tmp_path: Path) -> None:
