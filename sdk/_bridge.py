@@ -16,7 +16,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import anyio
@@ -133,12 +133,13 @@ class ServerBridge(Subscriber):
         while self._in_flight >= WINDOW_EVENTS and not self.server_gone.is_set():
             self._room = anyio.Event()
             await self._room.wait()
-        if self.server_gone.is_set():
-            return  # the run is being interrupted; its state is kept on disk, not sent
+        if self.refused is not None:
+            return  # no server will take them
+        # once the server is gone, the run's last events are kept for :meth:`unconfirmed`
         self._unacked.append((first, len(events), text))
         self._in_flight += len(events)
         connection = self._connection
-        if connection is not None:
+        if connection is not None and not self.server_gone.is_set():
             await self._send(connection, text)
 
     @staticmethod
@@ -203,6 +204,25 @@ class ServerBridge(Subscriber):
                 self._gone()
                 return
             await anyio.sleep(0.1)
+
+    def lose_server(self) -> None:
+        """The server's process is gone (its pid says so): stop connecting, and run
+        :attr:`on_server_gone` now rather than after ``reconnect_timeout``."""
+        self._gone()
+
+    def unconfirmed(self, progress: Mapping[str, Any] | None = None) -> list[str]:
+        """What a next server must be given: a header naming this process's session and its
+        run's progress (``progress``, else the one heartbeats send), then the ``events``
+        messages it has not acknowledged, in order (``worker/_unconfirmed.py``)."""
+        header = {
+            "type": "unconfirmed",
+            "protocol": PROTOCOL_VERSION,
+            "job_id": self.job_id,
+            "session": self.session,
+        }
+        ended = self.progress() if progress is None else progress
+        header.update({k: ended[k] for k in ("step", "epoch") if k in ended})
+        return [encode(header), *(text for _, _, text in self._unacked)]
 
     def _gone(self) -> None:
         if self.server_gone.is_set():

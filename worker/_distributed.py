@@ -239,7 +239,7 @@ def _rank_main(setup: WorkerSetup) -> int:
     dist.init_process_group(section.backend, timeout=timeout)
     trainer_type = functools.partial(DistributedTrainer, job_dir=setup.job_dir)
     if rank == 0:
-        return anyio.run(_run, setup, trainer_type)
+        return anyio.run(functools.partial(_run, setup, trainer_type, save_when_server_gone=False))
     return anyio.run(_follow, setup)
 
 

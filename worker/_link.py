@@ -26,7 +26,15 @@ from trainbus.bus import (
 )
 from trainbus.sdk import PROTOCOL_VERSION, ProtocolError, decode, encode
 
-__all__ = ["SERVER_EVENT_TYPES", "Durable", "Replaced", "Steered", "WorkerConnection", "WorkerLink"]
+__all__ = [
+    "SERVER_EVENT_TYPES",
+    "Durable",
+    "Replaced",
+    "Steered",
+    "WorkerConnection",
+    "WorkerLink",
+    "checked_item",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +209,7 @@ class WorkerLink:
         if first > self.acked + 1:
             raise ProtocolError(f"events from {first} but {self.acked + 1} is the next expected")
         skip = self.acked + 1 - first  # already published (sent again after a reconnect)
-        items = [_item(entry) for entry in raw[skip:]]
+        items = [checked_item(entry) for entry in raw[skip:]]
         if items:
             published = await self._publish(self.job_id, items)
             last = first + len(raw) - 1
@@ -238,7 +246,7 @@ class WorkerLink:
             await connection.send_text(encode(message))
 
 
-def _item(entry: Any) -> Item:
+def checked_item(entry: Any) -> Item:
     """One ``[type, time, data]`` entry of an events message, checked."""
     if not isinstance(entry, list) or len(entry) != 3:
         raise ProtocolError("each event is a [type, time, data] list")

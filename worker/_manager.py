@@ -198,6 +198,15 @@ class JobManager:
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
         await self._task_group.start(self._follow_events)
+        if self.supervisor is not None:
+            # what a worker that outlived the previous server kept: before the checkpoint
+            # names are put right, since that worker may still be saving its state
+            for job_id in self._store.ids_in_states(JobState.RUNNING, JobState.PAUSED):
+                kept = await self.supervisor.take_unconfirmed(job_id, self._job_dir(job_id))
+                record = self._store.get(job_id)
+                # the record knew the step of the last epoch's end only
+                if record is not None and int(kept.get("step", 0)) > record.step:
+                    self._store.update(job_id, step=int(kept["step"]))
         if self.latest_checkpoint is not None:
             await anyio.to_thread.run_sync(self._correct_checkpoint_names)
         for job_id in self._store.ids_in_states(JobState.RUNNING, JobState.PAUSED):

@@ -16,14 +16,16 @@ from typing import Any
 import anyio
 
 from trainbus.bus import ControlChannel, Event, EventBus, EventType
+from trainbus.sdk import ProtocolError, decode
 
 from ._distributed import EXIT_HOSTS_MISSING, EXIT_RANK_FAILED, hosts_rendezvous, rank_failure
-from ._link import Durable, Item, WorkerLink
+from ._link import Durable, Item, WorkerLink, checked_item
 from ._processes import WorkerProcess, WorkerProcesses
 from ._rank_progress import rank_pids, stalled_ranks
 from ._runs import CheckpointLoader
 from ._trainer import Outcome, RunResult
-from ._worker_process import EXIT_INTERRUPTED, WorkerFactory, WorkerSetup
+from ._unconfirmed import read_unconfirmed, set_aside_unconfirmed, wait_worker_gone
+from ._worker_process import EXIT_INTERRUPTED, SERVER_GONE_GRACE, WorkerFactory, WorkerSetup
 
 __all__ = ["ProcessRun", "WorkerSupervisor"]
 
@@ -144,6 +146,50 @@ class WorkerSupervisor:
         # server holds the worker back
         return await anyio.to_thread.run_sync(self.bus.publish_many, job_id, items)
 
+    async def take_unconfirmed(self, job_id: str, job_dir: Path) -> dict[str, Any]:
+        """Publish the events a worker that lost its server kept in the job's folder
+        (``worker/_unconfirmed.py``), once that worker has ended, skipping what the store
+        holds already; the progress the worker's run ended with (``{"step": ...}``; empty
+        when it kept nothing). Call it before the job's next run starts."""
+        # the worker ends within its grace period; a second more for a slow disk
+        if not await anyio.to_thread.run_sync(wait_worker_gone, job_dir, SERVER_GONE_GRACE + 1):
+            logger.warning("job %s: a worker of an earlier run still holds its lock", job_id)
+            return {}
+        lines = await anyio.to_thread.run_sync(read_unconfirmed, job_dir)
+        if not lines:
+            return {}
+        published = 0
+        try:
+            header = decode(lines[0])
+            session = header.get("session")
+            if header.get("type") != "unconfirmed" or header.get("job_id") != job_id:
+                raise ProtocolError("the file's header names no session of this job")
+            mark = self.mark_of(job_id) if self.mark_of is not None else None
+            stored = mark[1] if mark is not None and mark[0] == session else 0
+            for line in lines[1:]:
+                message = decode(line)
+                first, raw = message.get("first"), message.get("events")
+                if not isinstance(first, int) or not isinstance(raw, list) or first < 1:
+                    raise ProtocolError("a line is no events message")
+                items = [checked_item(entry) for entry in raw[max(0, stored + 1 - first) :]]
+                if not items:
+                    continue
+                events = await self._publish(job_id, items)
+                stored = first + len(raw) - 1
+                if self.durable is not None:
+                    await self.durable(job_id, events[-1].seq, str(session), stored)
+                published += len(items)
+        except ProtocolError as error:
+            logger.warning("job %s: its unconfirmed events are unreadable: %s", job_id, error)
+            await anyio.to_thread.run_sync(lambda: set_aside_unconfirmed(job_dir, unreadable=True))
+            return {}
+        await anyio.to_thread.run_sync(set_aside_unconfirmed, job_dir)
+        logger.info(
+            "job %s: %d events its worker kept without a server are stored", job_id, published
+        )
+        step = header.get("step")
+        return {"step": step} if isinstance(step, int) else {}
+
     async def _steered(self, event: Event) -> None:
         await anyio.to_thread.run_sync(
             lambda: self.bus.wait_processed(event, self.fit_epoch_end_timeout, steering_only=True)
@@ -204,7 +250,11 @@ class WorkerSupervisor:
                     group.start_soon(self._watch_stall, run, stall_timeout, on_stall)
                 await process.wait()
                 group.cancel_scope.cancel()
-            return self._ended(run)
+            kept: dict[str, Any] = {}
+            if process.exitcode == EXIT_INTERRUPTED and link.result is None:
+                kept = await self.take_unconfirmed(job_id, job_dir)  # it lost its link
+            result, final = self._ended(run)
+            return result, {**kept, **final}
         finally:
             if self.runs.get(job_id) is run:
                 del self.runs[job_id]

@@ -40,6 +40,7 @@ from ._manager import JobHandle
 from ._runs import CheckpointLoader, restore_state, run_and_keep_state
 from ._spec import JobSpec
 from ._trainer import Outcome, RunResult, Trainer
+from ._unconfirmed import hold_worker_lock, write_unconfirmed
 
 __all__ = ["EXIT_INTERRUPTED", "WorkerFactory", "WorkerSetup", "worker_main"]
 
@@ -58,6 +59,10 @@ EXIT_UNDELIVERED = 2
 """The run ended but the server did not take its result."""
 EXIT_REFUSED = 3
 """The server refused the worker (credential, protocol version) or never answered."""
+
+SERVER_GONE_GRACE = 1.5
+"""Seconds a worker whose server is gone gives its run to end at a batch boundary with its
+state saved; then it ends regardless (a step or a checkpoint that long loses what it did)."""
 
 
 @dataclass(frozen=True)
@@ -137,9 +142,21 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-async def _run(setup: WorkerSetup, trainer_type: Callable[..., Trainer] = Trainer) -> int:
+async def _run(
+    setup: WorkerSetup,
+    trainer_type: Callable[..., Trainer] = Trainer,
+    *,
+    save_when_server_gone: bool = True,
+) -> int:
+    """Run the job with a bridge to the server. When the server's process is gone the run
+    ends at its next batch boundary with its state saved and its unconfirmed events kept for
+    the next server (``worker/_unconfirmed.py``); with ``save_when_server_gone`` False the
+    process ends at once (a distributed job's rank 0: its elastic agent ends the others)."""
     job_id = setup.job_id
     paused = [False]
+    if save_when_server_gone:
+        # held until the process ends: the next server reads what it keeps only after that
+        hold_worker_lock(setup.job_dir)
     async with EventBus() as bus:
 
         def publish_applied(job: str, event_type: EventType, data: Mapping[str, Any]) -> Event:
@@ -167,7 +184,12 @@ async def _run(setup: WorkerSetup, trainer_type: Callable[..., Trainer] = Traine
             async with anyio.create_task_group() as group:
                 await group.start(bridge.run)
                 group.start_soon(_on_signals, signals, control)
-                group.start_soon(_end_with_server, setup.server_pid)
+                group.start_soon(
+                    _end_with_server,
+                    setup.server_pid,
+                    bridge if save_when_server_gone else None,
+                    setup.job_dir,
+                )
                 bridge_handle = bus.attach(bridge)
                 result, final = await _train(setup, bus, handle, trainer_box, trainer_type)
                 await bridge_handle.detach()  # every event handed to the bridge
@@ -178,15 +200,20 @@ async def _run(setup: WorkerSetup, trainer_type: Callable[..., Trainer] = Traine
     if bridge.refused is not None:
         print(f"trainbus worker: {bridge.refused}", file=sys.stderr)
         return EXIT_REFUSED
+    if bridge.server_gone.is_set() and save_when_server_gone:
+        write_unconfirmed(setup.job_dir, bridge.unconfirmed(final))
+        return EXIT_INTERRUPTED
     if not delivered and result.outcome is Outcome.INTERRUPTED:
         return EXIT_INTERRUPTED
     return 0 if delivered else EXIT_UNDELIVERED
 
 
-async def _end_with_server(pid: int) -> None:
-    """Exit at once when the server's process is gone (killed, crashed): no worker outlives
-    the server, and none trains on past the newest checkpoint the restarted server will find.
-    A server that shuts down in order ends its workers itself first."""
+async def _end_with_server(pid: int, bridge: ServerBridge | None, job_dir: Path) -> None:
+    """When the server's process is gone (killed, crashed): with a ``bridge``, end the run at
+    its next batch boundary with its state saved, within :data:`SERVER_GONE_GRACE`; without,
+    or past that, exit at once. No worker outlives its server for long, and none trains on
+    past the state the restarted server will find. A server that shuts down in order ends
+    its workers itself first."""
     try:
         watch = os.pidfd_open(pid)
     except (AttributeError, OSError):
@@ -200,7 +227,19 @@ async def _end_with_server(pid: int) -> None:
     finally:
         if watch is not None:
             os.close(watch)
-    print(f"trainbus worker: the server (pid {pid}) is gone; the worker ends", file=sys.stderr)
+    if bridge is not None:
+        print(
+            f"trainbus worker: the server (pid {pid}) is gone; the worker ends the run at its "
+            "next batch, its state and unconfirmed events kept",
+            file=sys.stderr,
+        )
+        sys.stderr.flush()
+        bridge.lose_server()  # interrupts the run (its on_server_gone)
+        await anyio.sleep(SERVER_GONE_GRACE)  # cancelled when the run ends in time
+        write_unconfirmed(job_dir, bridge.unconfirmed())
+        print(f"trainbus worker: the run did not end within {SERVER_GONE_GRACE} s", file=sys.stderr)
+    else:
+        print(f"trainbus worker: the server (pid {pid}) is gone; the worker ends", file=sys.stderr)
     sys.stderr.flush()
     os._exit(EXIT_INTERRUPTED)
 

@@ -207,6 +207,13 @@ def test_sigkill_at_random_moments_loses_nothing_durable_and_resumes_exactly(
                 if len(epochs) >= 2:
                     epoch_seconds = (epochs[-1]["time"] - epochs[0]["time"]) / (len(epochs) - 1)
                 resume_step = _assert_pointers_complete(job_dir, kill)
+                # no completed step is lost: the worker saved its state at its last step and
+                # the restarted server stored the events no server had confirmed
+                trained = [e["data"]["step"] for e in events if e["type"] == "train_batch_end"]
+                assert trained == list(range(1, len(trained) + 1)), f"kill {kill}: steps differ"
+                assert not trained or trained[-1] == resume_step, (
+                    f"kill {kill}: steps {resume_step + 1}..{trained[-1]} were trained and lost"
+                )
                 client.resume(job_id)
                 run_after = interrupted["seq"]
             happened.update(kill=kill, events=len(events), resume_step=resume_step)

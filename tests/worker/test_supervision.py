@@ -20,10 +20,13 @@ import psutil
 import pytest
 
 from tests.api.server import LiveServer, make_settings, run_server
+from tests.reliability._kill_server import all_events
 from tests.served import Served, serve
 from tests.worker._faulty_models import install
 from trainbus.api import TrainbusClient, create_app
 from trainbus.api.client import HTTPStatusError
+from trainbus.subscribers import verify_checkpoint
+from trainbus.worker._unconfirmed import UNCONFIRMED_FILE
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -314,6 +317,38 @@ def test_no_worker_outlives_a_killed_server(tmp_path: Path) -> None:
             time.sleep(0.02)  # polling interval, bounded by the deadline
     logs = [(tmp_path / "data" / "jobs" / job_id / "worker.log").read_text() for job_id in jobs]
     assert all("the server (pid" in log and "is gone; the worker ends" in log for log in logs)
+    # No completed step is lost: each worker ended its run at a batch boundary with its state
+    # saved, and the next server stores the events no server had confirmed before it marks
+    # the job interrupted; the resume starts at the step the stream ends with.
+    with (
+        serve(tmp_path / "data", resource_interval_seconds="60") as server,
+        server.client() as client,
+    ):
+        for job_id in jobs:
+            job_dir = tmp_path / "data" / "jobs" / job_id
+            assert not (job_dir / UNCONFIRMED_FILE).exists()
+            record = client.job(job_id)
+            assert record["state"] == "interrupted", record
+            events = all_events(client, job_id)
+            for before, event in zip([{"seq": 0}, *events], events, strict=False):
+                if event["seq"] != before["seq"] + 1:  # only seqs the crash left unused
+                    assert event["type"] == "gap", f"seqs from {before['seq'] + 1} are missing"
+            steps = [e["data"]["step"] for e in events if e["type"] == "train_batch_end"]
+            assert steps == list(range(1, len(steps) + 1)), "a step is missing or repeated"
+            assert events[-1]["type"] == "job_interrupted"
+            assert verify_checkpoint(job_dir, "latest").step == steps[-1] == record["step"]
+        resumed = jobs[0]
+        history = all_events(client, resumed)
+        ended_at = [e["data"]["step"] for e in history if e["type"] == "train_batch_end"][-1]
+        client.resume(resumed)
+        deadline = time.monotonic() + 60
+        after = history[-1]["seq"]
+        while not (starts := client.events(resumed, after_seq=after, types="train_start")):
+            assert time.monotonic() < deadline, client.job(resumed)
+            time.sleep(0.05)  # polling interval, bounded by the deadline
+        assert starts[0]["data"]["step"] == ended_at
+        client.stop(resumed)
+        assert client.wait(resumed, timeout=60)["state"] == "stopped"
 
 
 def _running(process: psutil.Process) -> bool:
