@@ -113,7 +113,7 @@ def jobs(client: httpx.Client, spec: dict[str, Any], count: int) -> tuple[float,
             break
         if time.monotonic() > deadline:
             raise SystemExit(f"jobs did not end: {records}")
-        time.sleep(0.5)  # the times come from the records: polling faster only loads the server
+        time.sleep(1.0)  # the times come from the records: each poll only loads the server
     if any(r["state"] != "completed" for r in records):
         raise SystemExit(f"a job did not complete: {records}")
     startups = []
