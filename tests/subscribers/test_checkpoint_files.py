@@ -31,7 +31,9 @@ def _state(value: float) -> dict[str, Any]:
     return {"weights": torch.full((4,), value), "epoch": int(value), "nested": [1, (2, "x")]}
 
 
-def _save(job_dir: Path, value: float, **kwargs: Any) -> str:
+def _save(job_dir: Path, value: float, *, pointed: bool = True, **kwargs: Any) -> str:
+    """Write a checkpoint; ``pointed`` False: as a process killed before it moved ``latest``
+    leaves it (renamed into place, unnamed)."""
     info = write_checkpoint(
         job_dir,
         _state(value),
@@ -42,7 +44,8 @@ def _save(job_dir: Path, value: float, **kwargs: Any) -> str:
         monitor="val_loss",
         **kwargs,
     )
-    write_pointer(job_dir, "latest", info)
+    if pointed:
+        write_pointer(job_dir, "latest", info)
     return info.name
 
 
@@ -94,20 +97,6 @@ def test_corrupt_newest_falls_back_to_newest_valid(tmp_path: Path) -> None:
     assert verify_checkpoint(tmp_path, good).epoch == 2
 
 
-def _save_unpointed(job_dir: Path, value: float) -> str:
-    """A checkpoint renamed into place by a process killed before it moved ``latest``."""
-    info = write_checkpoint(
-        job_dir,
-        _state(value),
-        epoch=int(value),
-        step=int(value) * 10,
-        reason="epoch_end",
-        metrics={"val_loss": value},
-        monitor="val_loss",
-    )
-    return info.name
-
-
 def test_recovery_points_latest_at_a_complete_checkpoint_a_crash_left_unnamed(
     tmp_path: Path,
 ) -> None:
@@ -117,8 +106,8 @@ def test_recovery_points_latest_at_a_complete_checkpoint_a_crash_left_unnamed(
     written = pointer.stat().st_mtime_ns
     assert adopt_newest_checkpoint(tmp_path) == first
     assert pointer.stat().st_mtime_ns == written  # they agreed: nothing was written
-    missed = _save_unpointed(tmp_path, 2.0)
-    corrupt = _save_unpointed(tmp_path, 3.0)
+    missed = _save(tmp_path, 2.0, pointed=False)
+    corrupt = _save(tmp_path, 3.0, pointed=False)
     state_file = tmp_path / "checkpoints" / corrupt / "state.pt"
     state_file.write_bytes(state_file.read_bytes()[:-8])
     assert checkpoint_path(tmp_path, "latest").name == first
@@ -130,7 +119,7 @@ def test_recovery_points_latest_at_a_complete_checkpoint_a_crash_left_unnamed(
 def test_recovery_names_a_first_checkpoint_whose_pointer_was_never_written(
     tmp_path: Path,
 ) -> None:
-    only = _save_unpointed(tmp_path, 1.0)
+    only = _save(tmp_path, 1.0, pointed=False)
     with pytest.raises(CheckpointNotFound):
         checkpoint_path(tmp_path, "latest")
     assert adopt_newest_checkpoint(tmp_path) == only
