@@ -106,7 +106,8 @@ def run_program(setup: WorkerSetup, limits: LogLimits | None = None) -> int:
 
 
 def _end_with_server(pid: int) -> None:
-    """Exit at once when the server's process is gone, as a built-in job's worker does."""
+    """Exit at once when the server's process is gone: the program keeps its own state (a
+    resumed program job runs its ``train`` again), so there is none to save here."""
 
     def watch() -> None:
         try:
