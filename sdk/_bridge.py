@@ -211,14 +211,14 @@ class ServerBridge(Subscriber):
         self._gone()
 
     def unconfirmed(self, progress: Mapping[str, Any] | None = None) -> list[str]:
-        """What a next server must be given: a header naming this process's session and its
-        run's progress (``progress``, else the one heartbeats send), then the ``events``
-        messages it has not acknowledged, in order (``worker/_unconfirmed.py``)."""
+        """What a next server must be given: a header naming this process (as its ``hello``
+        does) and its run's progress (``progress``, else the one heartbeats send), then the
+        ``events`` messages it has not acknowledged, in order (``worker/_unconfirmed.py``)."""
         header = {
             "type": "unconfirmed",
             "protocol": PROTOCOL_VERSION,
             "job_id": self.job_id,
-            "session": self.session,
+            "worker": self.session,
         }
         ended = self.progress() if progress is None else progress
         header.update({k: ended[k] for k in ("step", "epoch") if k in ended})

@@ -161,11 +161,11 @@ class WorkerSupervisor:
         published = 0
         try:
             header = decode(lines[0])
-            session = header.get("session")
+            worker = header.get("worker")
             if header.get("type") != "unconfirmed" or header.get("job_id") != job_id:
-                raise ProtocolError("the file's header names no session of this job")
+                raise ProtocolError("the file's header names no worker process of this job")
             mark = self.mark_of(job_id) if self.mark_of is not None else None
-            stored = mark[1] if mark is not None and mark[0] == session else 0
+            stored = mark[1] if mark is not None and mark[0] == worker else 0
             for line in lines[1:]:
                 message = decode(line)
                 first, raw = message.get("first"), message.get("events")
@@ -177,7 +177,7 @@ class WorkerSupervisor:
                 events = await self._publish(job_id, items)
                 stored = first + len(raw) - 1
                 if self.durable is not None:
-                    await self.durable(job_id, events[-1].seq, str(session), stored)
+                    await self.durable(job_id, events[-1].seq, str(worker), stored)
                 published += len(items)
         except ProtocolError as error:
             logger.warning("job %s: its unconfirmed events are unreadable: %s", job_id, error)

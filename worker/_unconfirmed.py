@@ -4,10 +4,11 @@ for the next server.
 A built-in job's worker whose server dies ends its run at the next batch boundary with its
 state saved, so that the resume loses no completed step; the events of the steps since the
 server's last acknowledgement never reached a store. The worker writes them to
-``<job_dir>/unconfirmed-events.jsonl``: a header line naming its session, then the worker
-protocol's ``events`` messages it had not had acknowledged, in order. The next server publishes
-them before it marks the job interrupted, skipping what its store already holds (the store's
-mark of that session), so that the job's stream has every step once.
+``<job_dir>/unconfirmed-events.jsonl``: a header line naming the worker process (the id its
+``hello`` carried), then the worker protocol's ``events`` messages it had not had
+acknowledged, in order. The next server publishes them before it marks the job interrupted,
+skipping what its store already holds (the store's mark of that worker process), so that the
+job's stream has every step once.
 
 While a worker runs it holds an exclusive lock on ``<job_dir>/worker.lock``, which the kernel
 releases however the process ends: the next server takes the lock before it reads the file,

@@ -154,9 +154,9 @@ async def _run(
     process ends at once (a distributed job's rank 0: its elastic agent ends the others)."""
     job_id = setup.job_id
     paused = [False]
-    if save_when_server_gone:
-        # held until the process ends: the next server reads what it keeps only after that
-        hold_worker_lock(setup.job_dir)
+    # held until the process ends: the next server reads what it keeps only after that
+    if save_when_server_gone and hold_worker_lock(setup.job_dir) is None:
+        logger.warning("job %s: a worker of an earlier run still holds its lock", job_id)
     async with EventBus() as bus:
 
         def publish_applied(job: str, event_type: EventType, data: Mapping[str, Any]) -> Event:

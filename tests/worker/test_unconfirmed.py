@@ -24,7 +24,7 @@ from trainbus.worker._unconfirmed import (
 pytestmark = pytest.mark.anyio
 
 JOB = "job-kept"
-SESSION = "0123456789abcdef"
+WORKER = "0123456789abcdef"
 
 
 def _batch(step: int) -> list[Any]:
@@ -36,7 +36,7 @@ def _batch(step: int) -> list[Any]:
 
 
 def _kept(first: int, steps: list[int], **progress: int) -> list[str]:
-    header = {"type": "unconfirmed", "protocol": 1, "job_id": JOB, "session": SESSION, **progress}
+    header = {"type": "unconfirmed", "protocol": 1, "job_id": JOB, "worker": WORKER, **progress}
     events = {"type": "events", "first": first, "events": [_batch(step) for step in steps]}
     return [encode(header), encode(events)]
 
@@ -61,7 +61,7 @@ async def test_kept_events_are_stored_once_after_what_the_store_holds(tmp_path: 
         # not acknowledged them: the worker kept all four
         held = bus.publish_many(JOB, [(EventType.TRAIN_BATCH_END, _batch(s)[2]) for s in (1, 2)])
         await anyio.to_thread.run_sync(bus.wait_processed, held[-1], 10)
-        await anyio.to_thread.run_sync(store.mark_worker, JOB, held[-1].seq, SESSION, 2)
+        await anyio.to_thread.run_sync(store.mark_worker, JOB, held[-1].seq, WORKER, 2)
         write_unconfirmed(job_dir, _kept(1, [1, 2, 3, 4], step=4, epoch=0))
 
         assert await supervisor.take_unconfirmed(JOB, job_dir) == {"step": 4}
