@@ -129,7 +129,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--jobs", type=int, default=2, help="N")
     parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     spec = {**SPEC, "epochs": args.epochs}
     times: dict[str, list[float]] = {"one": [], "many": [], "bare_one": [], "bare_many": []}
