@@ -242,8 +242,9 @@ def _stalled_metric(served: Served, job_id: str) -> tuple[float, float]:
 def test_a_worker_hung_in_python_code_is_reported_with_its_stack_and_goes_on(
     served: Served,
 ) -> None:
-    # the worker reports its step once a second: a stall is seen a second or two late
-    spec = {**_faulty("hanging", epochs=500, after_steps=3, hang_seconds=5.0),
+    # the worker reports its step once a second: a stall is seen a second or two late, and
+    # the hang lasts long enough for the exporter's gauge to be seen up on a loaded machine
+    spec = {**_faulty("hanging", epochs=500, after_steps=3, hang_seconds=7.0),
             "stall_timeout_seconds": 1.5, "on_stall": "warn"}  # fmt: skip
     with served.client() as client:
         job_id = client.submit(spec)["id"]
