@@ -112,8 +112,9 @@ class ServerBridge(Subscriber):
         self._room = anyio.Event()
         self._connected = anyio.Event()
         self._seen_commands: set[str] = set()
-        self.session = secrets.token_hex(8)
-        """This process's session: the server numbers its events apart from an earlier one's."""
+        self.worker_id = secrets.token_hex(8)
+        """This worker process's identity, sent in its ``hello``: the server numbers its events
+        apart from an earlier process's."""
         self._result_acked = anyio.Event()
         self.server_gone = anyio.Event()
         self.refused: str | None = None
@@ -218,7 +219,7 @@ class ServerBridge(Subscriber):
             "type": "unconfirmed",
             "protocol": PROTOCOL_VERSION,
             "job_id": self.job_id,
-            "worker": self.session,
+            "worker": self.worker_id,
         }
         ended = self.progress() if progress is None else progress
         header.update({k: ended[k] for k in ("step", "epoch") if k in ended})
@@ -237,7 +238,7 @@ class ServerBridge(Subscriber):
             "type": "hello",
             "protocol": PROTOCOL_VERSION,
             "job_id": self.job_id,
-            "session": self.session,
+            "session": self.worker_id,
             "next": self._unacked[0][0] if self._unacked else None,
         }
         await connection.send(encode(hello))

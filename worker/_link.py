@@ -33,7 +33,7 @@ __all__ = [
     "Steered",
     "WorkerConnection",
     "WorkerLink",
-    "checked_item",
+    "events_after",
 ]
 
 logger = logging.getLogger(__name__)
@@ -203,16 +203,12 @@ class WorkerLink:
             self.last_progress = time.monotonic()  # a paused job is not stalled
 
     async def _events(self, connection: WorkerConnection, message: dict[str, Any]) -> None:
-        first, raw = message.get("first"), message.get("events")
-        if not isinstance(first, int) or not isinstance(raw, list) or first < 1:
-            raise ProtocolError("an events message needs an int 'first' >= 1 and a list 'events'")
-        if first > self.acked + 1:
+        first = message.get("first")
+        if isinstance(first, int) and first > self.acked + 1:
             raise ProtocolError(f"events from {first} but {self.acked + 1} is the next expected")
-        skip = self.acked + 1 - first  # already published (sent again after a reconnect)
-        items = [checked_item(entry) for entry in raw[skip:]]
+        items, last = events_after(message, self.acked)
         if items:
             published = await self._publish(self.job_id, items)
-            last = first + len(raw) - 1
             if self._durable is not None:
                 await self._durable(self.job_id, published[-1].seq, self.session, last)
             self.acked = last
@@ -246,7 +242,18 @@ class WorkerLink:
             await connection.send_text(encode(message))
 
 
-def checked_item(entry: Any) -> Item:
+def events_after(message: Mapping[str, Any], acked: int) -> tuple[list[Item], int]:
+    """The checked events of an ``events`` message numbered after ``acked`` (the ones before
+    were published already: a worker sends them again after a reconnect), and the number of
+    the message's last event."""
+    first, raw = message.get("first"), message.get("events")
+    if not isinstance(first, int) or not isinstance(raw, list) or first < 1:
+        raise ProtocolError("an events message needs an int 'first' >= 1 and a list 'events'")
+    items = [_checked_item(entry) for entry in raw[max(0, acked + 1 - first) :]]
+    return items, first + len(raw) - 1
+
+
+def _checked_item(entry: Any) -> Item:
     """One ``[type, time, data]`` entry of an events message, checked."""
     if not isinstance(entry, list) or len(entry) != 3:
         raise ProtocolError("each event is a [type, time, data] list")

@@ -19,7 +19,7 @@ from trainbus.bus import ControlChannel, Event, EventBus, EventType
 from trainbus.sdk import ProtocolError, decode
 
 from ._distributed import EXIT_HOSTS_MISSING, EXIT_RANK_FAILED, hosts_rendezvous, rank_failure
-from ._link import Durable, Item, WorkerLink, checked_item
+from ._link import Durable, Item, WorkerLink, events_after
 from ._processes import WorkerProcess, WorkerProcesses
 from ._rank_progress import rank_pids, stalled_ranks
 from ._runs import CheckpointLoader
@@ -167,15 +167,11 @@ class WorkerSupervisor:
             mark = self.mark_of(job_id) if self.mark_of is not None else None
             stored = mark[1] if mark is not None and mark[0] == worker else 0
             for line in lines[1:]:
-                message = decode(line)
-                first, raw = message.get("first"), message.get("events")
-                if not isinstance(first, int) or not isinstance(raw, list) or first < 1:
-                    raise ProtocolError("a line is no events message")
-                items = [checked_item(entry) for entry in raw[max(0, stored + 1 - first) :]]
+                items, last = events_after(decode(line), stored)
                 if not items:
                     continue
                 events = await self._publish(job_id, items)
-                stored = first + len(raw) - 1
+                stored = last
                 if self.durable is not None:
                     await self.durable(job_id, events[-1].seq, str(worker), stored)
                 published += len(items)

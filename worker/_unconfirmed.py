@@ -84,14 +84,10 @@ def write_unconfirmed(job_dir: Path, lines: list[str]) -> None:
     """Write ``lines`` durably as the job's unconfirmed events (temporary file, fsync,
     rename, fsync of the folder): the next server finds all of them or none."""
     temp = job_dir / f".{UNCONFIRMED_FILE}.{secrets.token_hex(4)}"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        data = memoryview("".join(line + "\n" for line in lines).encode())
-        while data:
-            data = data[os.write(fd, data) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with temp.open("x") as file:
+        file.writelines(line + "\n" for line in lines)
+        file.flush()
+        os.fsync(file.fileno())
     os.replace(temp, job_dir / UNCONFIRMED_FILE)
     folder = os.open(job_dir, os.O_RDONLY | os.O_DIRECTORY)
     try:
